@@ -1,0 +1,25 @@
+"""Exception types. Every user-facing failure is one of these, with a message naming the file/key/tensor."""
+
+
+class LevanteError(Exception):
+    """Base class of levante's own errors."""
+
+
+class ConfigError(LevanteError, ValueError):
+    """A model configuration is missing, unreadable or describes something levante cannot run."""
+
+
+class MissingConfigError(ConfigError, FileNotFoundError):
+    """No config.json / params.json (or equivalent) where one is required."""
+
+
+class WeightsError(LevanteError, ValueError):
+    """A weight file is corrupt or truncated, or a tensor is missing or has the wrong shape."""
+
+
+class UnsupportedQuantError(WeightsError):
+    """A tensor is stored in a quantization type levante cannot compute with."""
+
+
+class ContextLengthError(LevanteError, ValueError):
+    """A prompt (plus requested tokens) does not fit in the context window."""

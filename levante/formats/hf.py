@@ -1,0 +1,110 @@
+"""Hugging Face model directories: config.json + model.safetensors (single or sharded)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig, read_json
+from ..errors import WeightsError
+from . import Checkpoint
+from .safetensors import SafetensorsFile
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_LAYER_MAP = {
+    "input_layernorm.weight": "attn_norm",
+    "post_attention_layernorm.weight": "ffn_norm",
+    "self_attn.q_proj.weight": "attn.wq",
+    "self_attn.k_proj.weight": "attn.wk",
+    "self_attn.v_proj.weight": "attn.wv",
+    "self_attn.o_proj.weight": "attn.wo",
+    "mlp.gate_proj.weight": "ffn.w1",
+    "mlp.up_proj.weight": "ffn.w3",
+    "mlp.down_proj.weight": "ffn.w2",
+    "block_sparse_moe.gate.weight": "ffn.gate",
+    "mlp.gate.weight": "ffn.gate",  # transformers >= 5 in-memory naming
+}
+_EXPERT = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+_TOP = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head",
+        "score.weight": "score"}
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias$)")
+
+
+def hf_name(name: str) -> str | None:
+    """Canonical name for a Hugging Face tensor name (None for fused tensors handled separately)."""
+    if name in _TOP:
+        return _TOP[name]
+    m = _LAYER.match(name)
+    if not m:
+        return None
+    layer, rest = m.groups()
+    if rest in _LAYER_MAP:
+        return f"layers.{layer}.{_LAYER_MAP[rest]}"
+    e = _EXPERT.match(rest)
+    if e:
+        return f"layers.{layer}.ffn.experts.{e.group(1)}.{e.group(2)}"
+    return None
+
+
+def shard_files(directory: Path) -> list[Path]:
+    """The safetensors files of a HF directory, following model.safetensors.index.json when present."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        data = read_json(index, "safetensors index")
+        wm = data.get("weight_map")
+        if not isinstance(wm, dict):
+            raise WeightsError(f"{index}: missing 'weight_map'")
+        files = sorted({directory / f for f in wm.values()})
+        for f in files:
+            if not f.is_file():
+                raise WeightsError(f"{index} lists shard {f.name}, which does not exist")
+        return files
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{directory}: no *.safetensors weights found (.bin checkpoints are not supported)")
+    return files
+
+
+def read_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
+    """Read a HF directory (model_type mixtral / mistral / llama) into a Checkpoint."""
+    directory = Path(directory)
+    raw_cfg = read_json(directory / "config.json", "config.json")
+    cfg = ModelConfig.from_hf_dict(raw_cfg, str(directory / "config.json"))
+    weights: dict[str, Tensor] = {}
+    sources: dict[str, str] = {}
+    file_dtypes: set[str] = set()
+    for path in shard_files(directory):
+        st = SafetensorsFile(path)
+        for name in st.keys():
+            file_dtypes.add(st.dtype(name))
+            canon = hf_name(name)
+            if canon is not None:
+                weights[canon] = st.get(name)
+                sources[canon] = f"{path.name}:{name}"
+                continue
+            fused = re.match(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
+            if fused:
+                _split_fused(weights, sources, cfg, int(fused.group(1)), fused.group(2), st.get(name), path.name)
+            elif not _IGNORED.search(name):
+                raise WeightsError(f"{path.name}: unexpected tensor {name!r} for model_type {cfg.model_type}")
+    info = {"files": [p.name for p in shard_files(directory)], "file_dtypes": sorted(file_dtypes)}
+    return Checkpoint(cfg, weights, "hf-safetensors", sources=sources, info=info)
+
+
+def _split_fused(weights, sources, cfg: ModelConfig, layer: int, kind: str, t: Tensor, fname: str) -> None:
+    """transformers-5 style fused experts: gate_up_proj [E, 2*ff, H], down_proj [E, H, ff]."""
+    p = f"layers.{layer}.ffn.experts."
+    for e in range(t.shape[0]):
+        if kind == "gate_up_proj":
+            ff = t.shape[1] // 2
+            weights[f"{p}{e}.w1"], weights[f"{p}{e}.w3"] = t[e, :ff], t[e, ff:]
+            sources[f"{p}{e}.w1"] = sources[f"{p}{e}.w3"] = f"{fname}:{kind}"
+        else:
+            weights[f"{p}{e}.w2"] = t[e]
+            sources[f"{p}{e}.w2"] = f"{fname}:{kind}"

@@ -1,0 +1,470 @@
+"""Mixtral / Mistral / Llama in plain PyTorch.
+
+One decoder for all three: RMSNorm, rotary embeddings (rotate-half layout, as in Hugging Face
+checkpoints), grouped-query attention with an optional sliding window, and either a dense SwiGLU
+MLP or a sparse mixture of SwiGLU experts. Linear layers are `QuantWeight`s, so the model does not
+know (or care) how its weights are stored.
+
+Weights are addressed by canonical names (see `expected_shapes`); loaders translate their file's
+names into these and `build_model` assembles the modules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .errors import ContextLengthError, WeightsError
+from .quant.base import QuantWeight, as_weight
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: Tensor, eps: float) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (rotate-half convention), with optional llama3 / linear scaling."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        dim = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        sc = cfg.rope_scaling or {}
+        rtype = sc.get("rope_type", sc.get("type"))
+        if rtype == "linear":
+            inv_freq = inv_freq / float(sc["factor"])
+        elif rtype == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, sc)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos/sin of shape [B, 1, T, head_dim] for integer positions [B, T]."""
+        freqs = positions.clamp(min=0).float()[..., None] * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _llama3_inv_freq(inv_freq: Tensor, sc: dict) -> Tensor:
+    factor = float(sc["factor"])
+    low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+    old_ctx = float(sc.get("original_max_position_embeddings", 8192))
+    low_wl, high_wl = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    out = torch.where(wavelen > low_wl, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return torch.where(medium, smoothed, out)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated key/value cache for a batch of sequences.
+
+    Slots are written in step order, shared by all rows of the batch (rows are left-padded, so a
+    step is the same moment for every row). Each slot remembers the absolute position of the token
+    it holds (-1 = empty or padding); the attention mask is built from those positions, so a
+    sliding-window model can use a rolling buffer of `window` slots: slot = step % window.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_tokens: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.window = cfg.sliding_window
+        self.max_tokens = max_tokens
+        self.capacity = min(max_tokens, self.window) if self.window else max_tokens
+        self.rolling = self.window is not None and self.window < max_tokens
+        shape = (batch_size, cfg.num_kv_heads, self.capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.pos = torch.full((batch_size, self.capacity), -1, dtype=torch.long, device=device)
+        self.step = 0  # slots written so far (including padding)
+
+    @property
+    def batch_size(self) -> int:
+        return self.pos.shape[0]
+
+    def reset(self) -> None:
+        self.pos.fill_(-1)
+        self.step = 0
+
+    def truncate(self, n_steps: int) -> None:
+        """Forget everything after the first `n_steps` steps (prefix reuse). Non-rolling caches only."""
+        if self.rolling and n_steps < self.step and self.step > self.capacity:
+            raise ValueError("cannot truncate a rolling cache that has wrapped around")
+        self.pos[:, n_steps:] = -1
+        self.step = min(self.step, n_steps)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class _Plan:
+    """How one forward chunk interacts with the cache (computed once, shared by every layer)."""
+
+    def __init__(self, cache: KVCache | None, positions: Tensor, window: int | None) -> None:
+        self.cache = cache
+        B, T = positions.shape
+        if cache is None:
+            self.mode = "none"
+            kpos = positions
+        else:
+            if not cache.rolling and cache.step + T > cache.capacity:
+                raise ContextLengthError(
+                    f"context overflow: {cache.step} cached + {T} new tokens > n_ctx {cache.capacity}"
+                )
+            steps = torch.arange(cache.step, cache.step + T, device=positions.device)
+            n_old = min(cache.step, cache.capacity)
+            if T == 1 or cache.step + T <= cache.capacity:
+                # Safe to write first: nothing this chunk still needs is overwritten.
+                self.mode = "write_first"
+                self.write_src = slice(0, T)
+                self.slots = steps % cache.capacity
+                self.n_keys = min(cache.step + T, cache.capacity)
+                new_pos = cache.pos.clone()
+                new_pos[:, self.slots] = positions
+                kpos = new_pos[:, : self.n_keys]
+                self.new_pos = new_pos
+            else:
+                # Rolling buffer, multi-token chunk: attend over old cache + new keys, then keep
+                # only the newest `capacity` tokens.
+                self.mode = "concat"
+                self.n_old = n_old
+                keep = min(T, cache.capacity)
+                self.write_src = slice(T - keep, T)
+                self.slots = steps[T - keep :] % cache.capacity
+                kpos = torch.cat([cache.pos[:, :n_old], positions], dim=1)
+                new_pos = cache.pos.clone()
+                new_pos[:, self.slots] = positions[:, T - keep :]
+                self.new_pos = new_pos
+        q = positions[:, :, None]
+        k = kpos[:, None, :]
+        mask = (k >= 0) & (k <= q)
+        if window is not None:
+            mask &= (q - k) < window
+        # Padding queries see nothing; let them see everything instead of producing NaNs.
+        empty = ~mask.any(-1, keepdim=True)
+        self.mask = (mask | empty)[:, None]  # [B, 1, T, K]
+
+    def finish(self) -> None:
+        if self.cache is not None:
+            self.cache.pos = self.new_pos
+            self.cache.step += self.mask.shape[2]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, wq: QuantWeight, wk: QuantWeight, wv: QuantWeight, wo: QuantWeight):
+        super().__init__()
+        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, plan: _Plan, layer: int) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cache = plan.cache
+        if plan.mode == "write_first":
+            cache.k[layer][:, :, plan.slots] = k
+            cache.v[layer][:, :, plan.slots] = v
+            k = cache.k[layer][:, :, : plan.n_keys]
+            v = cache.v[layer][:, :, : plan.n_keys]
+        elif plan.mode == "concat":
+            ck, cv = cache.k[layer], cache.v[layer]
+            k_all = torch.cat([ck[:, :, : plan.n_old], k], dim=2)
+            v_all = torch.cat([cv[:, :, : plan.n_old], v], dim=2)
+            ck[:, :, plan.slots] = k[:, :, plan.write_src]
+            cv[:, :, plan.slots] = v[:, :, plan.write_src]
+            k, v = k_all, v_all
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). w1 = gate_proj, w3 = up_proj, w2 = down_proj."""
+
+    def __init__(self, w1: QuantWeight, w2: QuantWeight, w3: QuantWeight) -> None:
+        super().__init__()
+        self.w1, self.w2, self.w3 = w1, w2, w3
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Sparse mixture of SwiGLU experts: softmax router over all experts, top-k, renormalised.
+
+    Tokens are grouped by expert (one matmul per active expert); inactive experts are not touched.
+    """
+
+    def __init__(self, gate: QuantWeight, experts: list[MLP], top_k: int) -> None:
+        super().__init__()
+        self.gate = gate
+        self.experts = nn.ModuleList(experts)
+        self.top_k = top_k
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        flat = chosen.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        token_of = order // self.top_k
+        w_sorted = weights.reshape(-1)[order, None]
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            idx = token_of[start : start + n]
+            y = self.experts[e](x[idx]) * w_sorted[start : start + n]
+            out.index_add_(0, idx, y)
+            start += n
+        return out.reshape(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, ffn: nn.Module) -> None:
+        super().__init__()
+        self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, plan: _Plan, layer: int) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, plan, layer)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder body: embeddings -> blocks -> final norm. Returns hidden states [B, T, H]."""
+
+    def __init__(self, cfg: ModelConfig, embed: QuantWeight, layers: list[Block], norm: RMSNorm) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = embed
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.rotary = Rotary(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """tokens [B, T]; positions [B, T] absolute positions, -1 for padding (default: cache.step + arange)."""
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        B, T = tokens.shape
+        if positions is None:
+            start = cache.step if cache is not None else 0
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"token id out of range 0..{self.cfg.vocab_size - 1}")
+        plan = _Plan(cache, positions, self.cfg.sliding_window)
+        x = self.embed.rows(tokens, self.dtype)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, plan, i)
+        plan.finish()
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """Transformer + language-model head."""
+
+    def __init__(self, model: Transformer, lm_head: QuantWeight) -> None:
+        super().__init__()
+        self.model = model
+        self.lm_head = lm_head
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Next-token logits [B, T, vocab] (float32), or [B, 1, vocab] with last_only."""
+        h = self.model(tokens, positions, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h).float()
+
+    def new_cache(self, batch_size: int, max_tokens: int) -> KVCache:
+        return KVCache(self.cfg, batch_size, max_tokens, self.model.dtype, self.model.device)
+
+
+def _last_non_pad(tokens: Tensor, pad_id: int | None) -> Tensor:
+    """Index of the rightmost non-padding token per row (transformers' rule); last index without pad_id."""
+    if pad_id is None:
+        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
+    non_pad = (tokens != pad_id).long()
+    idx = torch.arange(tokens.shape[1], device=tokens.device)
+    return (idx * non_pad).argmax(-1)
+
+
+class SequenceClassifier(nn.Module):
+    """Score of the last non-padding token, like MixtralForSequenceClassification."""
+
+    def __init__(self, model: Transformer, score: QuantWeight) -> None:
+        super().__init__()
+        self.model, self.score = model, score
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        logits = self.score(self.model(tokens, positions)).float()
+        last = _last_non_pad(tokens, self.model.cfg.pad_token_id)
+        return logits[torch.arange(tokens.shape[0], device=tokens.device), last]
+
+
+class TokenClassifier(nn.Module):
+    """Per-token scores, like MixtralForTokenClassification (dropout is a no-op at inference)."""
+
+    def __init__(self, model: Transformer, score: QuantWeight) -> None:
+        super().__init__()
+        self.model, self.score = model, score
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        return self.score(self.model(tokens, positions)).float()
+
+
+# ---------------------------------------------------------------------------------------- assembly
+HEADS = ("causal_lm", "sequence_classification", "token_classification")
+
+
+def expected_shapes(cfg: ModelConfig, head: str = "causal_lm") -> dict[str, tuple[int, ...]]:
+    """Canonical tensor names and shapes. `lm_head` may be absent when embeddings are tied."""
+    H, hd = cfg.hidden_size, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"embed": (cfg.vocab_size, H), "norm": (H,)}
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        shapes[p + "attn_norm"] = (H,)
+        shapes[p + "ffn_norm"] = (H,)
+        shapes[p + "attn.wq"] = (cfg.num_heads * hd, H)
+        shapes[p + "attn.wk"] = (cfg.num_kv_heads * hd, H)
+        shapes[p + "attn.wv"] = (cfg.num_kv_heads * hd, H)
+        shapes[p + "attn.wo"] = (H, cfg.num_heads * hd)
+        ffns = [p + "ffn."]
+        if cfg.is_moe:
+            shapes[p + "ffn.gate"] = (cfg.num_experts, H)
+            ffns = [p + f"ffn.experts.{e}." for e in range(cfg.num_experts)]
+        for f in ffns:
+            shapes[f + "w1"] = (cfg.intermediate_size, H)
+            shapes[f + "w3"] = (cfg.intermediate_size, H)
+            shapes[f + "w2"] = (H, cfg.intermediate_size)
+    if head == "causal_lm":
+        shapes["lm_head"] = (cfg.vocab_size, H)
+    elif head in ("sequence_classification", "token_classification"):
+        shapes["score"] = (cfg.num_labels, H)
+    else:
+        raise ValueError(f"unknown head {head!r}; choose from {HEADS}")
+    return shapes
+
+
+def build_model(
+    cfg: ModelConfig,
+    weights: Mapping[str, Tensor | QuantWeight],
+    dtype: torch.dtype = torch.float32,
+    head: str = "causal_lm",
+    sources: Mapping[str, str] | None = None,
+) -> nn.Module:
+    """Assemble a model from canonical-named weights (float tensors or QuantWeights).
+
+    Raises WeightsError naming the tensor (and its source in the file, when `sources` says) for a
+    missing or mis-shaped weight.
+    """
+    shapes = expected_shapes(cfg, head)
+    sources = sources or {}
+    tied = "lm_head" in shapes and "lm_head" not in weights
+    if tied:
+        shapes.pop("lm_head")
+
+    def get(name: str) -> Tensor | QuantWeight:
+        if name not in weights:
+            raise WeightsError(f"missing tensor {name!r} ({_describe(name)})")
+        w = weights[name]
+        got = tuple(w.shape)
+        if got != shapes[name]:
+            src = f" (from {sources[name]})" if name in sources else ""
+            raise WeightsError(f"tensor {name!r}{src} has shape {got}, expected {shapes[name]}")
+        return w
+
+    def lin(name: str) -> QuantWeight:
+        return as_weight(get(name), dtype)
+
+    def norm(name: str) -> RMSNorm:
+        w = get(name)
+        if isinstance(w, QuantWeight):
+            w = w.dequantize(torch.float32)
+        return RMSNorm(w.to(dtype), cfg.rms_norm_eps)
+
+    blocks = []
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        attn = Attention(cfg, lin(p + "attn.wq"), lin(p + "attn.wk"), lin(p + "attn.wv"), lin(p + "attn.wo"))
+        if cfg.is_moe:
+            experts = [
+                MLP(lin(f"{p}ffn.experts.{e}.w1"), lin(f"{p}ffn.experts.{e}.w2"), lin(f"{p}ffn.experts.{e}.w3"))
+                for e in range(cfg.num_experts)
+            ]
+            # Router stays float32: its softmax decides which experts run.
+            gate = get(p + "ffn.gate")
+            ffn: nn.Module = MoE(as_weight(gate, torch.float32), experts, cfg.num_experts_per_tok)
+        else:
+            ffn = MLP(lin(p + "ffn.w1"), lin(p + "ffn.w2"), lin(p + "ffn.w3"))
+        blocks.append(Block(norm(p + "attn_norm"), attn, norm(p + "ffn_norm"), ffn))
+    embed = lin("embed")
+    body = Transformer(cfg, embed, blocks, norm("norm"))
+    extra = set(weights) - set(shapes) - {"lm_head"}
+    if extra:
+        raise WeightsError(f"unexpected tensors: {sorted(extra)[:5]}{' ...' if len(extra) > 5 else ''}")
+    if head == "causal_lm":
+        return CausalLM(body, embed if tied else lin("lm_head"))
+    cls = SequenceClassifier if head == "sequence_classification" else TokenClassifier
+    return cls(body, lin("score"))
+
+
+def _describe(name: str) -> str:
+    return "the language-model head" if name == "lm_head" else "required by the config"

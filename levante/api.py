@@ -1,0 +1,279 @@
+"""`LLM`: the llama-cpp-python-style Python API (OpenAI-shaped completion and chat dicts)."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .chat import apply_chat
+from .errors import ContextLengthError
+from .generate import TokenEvent, generate_stream
+from .loader import LoadedModel, load
+from .sampling import SamplingParams
+
+DEFAULT_N_CTX = 4096
+
+
+def physical_cores() -> int:
+    """Physical core count (what llama.cpp uses by default), falling back to the usable CPU count."""
+    try:
+        cores = set()
+        for cpu in os.sched_getaffinity(0):
+            topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+            cores.add((topo / "physical_package_id").read_text().strip() + ":" + (topo / "core_id").read_text().strip())
+        return max(1, len(cores))
+    except (OSError, AttributeError):
+        return max(1, os.cpu_count() or 1)
+
+
+class LLM:
+    """A loaded causal language model with text in, text out.
+
+    >>> llm = LLM()                      # the embedded default model (SmolLM2-135M-Instruct)
+    >>> llm("The capital of France is", max_tokens=8)["choices"][0]["text"]
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        dtype: str | torch.dtype | None = None,
+        n_batch: int = 512,
+        seed: int | None = None,
+        verbose: bool = False,
+        model_alias: str | None = None,
+        _loaded: LoadedModel | None = None,
+    ) -> None:
+        torch.set_num_threads(n_threads or physical_cores())
+        self.loaded = _loaded or load(model_path, dtype=dtype, progress=verbose)
+        self.model = self.loaded.model
+        self.config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        if self.tokenizer is None:
+            raise FileNotFoundError(f"{self.loaded.path}: no tokenizer found next to the model")
+        limit = self.config.max_position_embeddings
+        self.n_ctx = int(n_ctx) if n_ctx else min(limit, DEFAULT_N_CTX)
+        if self.n_ctx < 2:
+            raise ValueError(f"n_ctx must be >= 2, got {self.n_ctx}")
+        self.n_batch = n_batch
+        self.seed = seed
+        self.model_name = model_alias or self.loaded.path.name
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ tokens
+    def tokenize(self, text: str | bytes, add_bos: bool | None = None, special: bool = False) -> list[int]:
+        """Token ids of `text` (BOS added by the tokenizer's default unless add_bos says otherwise)."""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self.tokenizer.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special=skip_special)
+
+    def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Next-token logits for every position of `ids`: float32 tensor [len(ids), vocab]."""
+        t = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long)
+        if t.ndim != 1 or t.numel() == 0:
+            raise ValueError("logits() takes a non-empty 1-D sequence of token ids")
+        if t.numel() > self.n_ctx:
+            raise ContextLengthError(f"{t.numel()} tokens exceed the context window n_ctx={self.n_ctx}")
+        device = self.model.model.device
+        out = []
+        with torch.inference_mode():
+            cache = self.model.new_cache(1, t.numel())
+            for s in range(0, t.numel(), self.n_batch):
+                out.append(self.model(t[None, s : s + self.n_batch].to(device), cache=cache)[0].cpu())
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ completion
+    def _params(self, temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
+                presence_penalty, logit_bias, seed) -> SamplingParams:
+        bias = {int(k): float(v) for k, v in logit_bias.items()} if logit_bias else None
+        return SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, logit_bias=bias, seed=self.seed if seed is None else seed,
+        )
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt, special=True)
+        ids = [int(t) for t in prompt]
+        return ids
+
+    def create_completion(
+        self,
+        prompt: str | list[int] | list[str] | list[list[int]],
+        max_tokens: int | None = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        repeat_penalty: float = 1.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        stream: bool = False,
+        echo: bool = False,
+        logprobs: int | None = None,
+        _fresh_text: bool = False,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """OpenAI-style text completion. A list of prompts runs as one batch (one choice each)."""
+        prompts = prompt if _is_batch(prompt) else [prompt]
+        ids = [self._prompt_ids(p) for p in prompts]
+        texts = [p if isinstance(p, str) else self.detokenize(i) for p, i in zip(prompts, ids)]
+        params = self._params(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
+                              presence_penalty, logit_bias, seed)
+        longest = max(len(i) for i in ids)
+        if longest >= self.n_ctx:
+            raise ContextLengthError(
+                f"prompt has {longest} tokens, which does not fit in the context window n_ctx={self.n_ctx}"
+            )
+        n = self.n_ctx - longest if max_tokens is None or max_tokens <= 0 else max_tokens
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        events = generate_stream(self.model, self.tokenizer, ids, n, params, stops, None, logprobs,
+                                 self.n_ctx, self.n_batch, _fresh_text)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+        if stream:
+            return self._stream_completion(events, meta, texts if echo else None, logprobs)
+        return self._collect_completion(events, meta, ids, texts if echo else None, logprobs)
+
+    __call__ = create_completion
+
+    def _lp_dict(self, evs: list[TokenEvent], offset: int) -> dict[str, Any]:
+        toks = [self._token_str(e.token) for e in evs]
+        offsets, pos = [], offset
+        for t in toks:
+            offsets.append(pos)
+            pos += len(t)
+        return {
+            "tokens": toks,
+            "text_offset": offsets,
+            "token_logprobs": [e.logprob for e in evs],
+            "top_logprobs": [
+                {self._token_str(i): lp for i, lp in (e.top_logprobs or [])} for e in evs
+            ],
+        }
+
+    def _token_str(self, token: int) -> str:
+        return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+
+    def _collect_completion(self, events, meta, ids, echo_texts, logprobs) -> dict[str, Any]:
+        per_row: list[list[TokenEvent]] = [[] for _ in ids]
+        for ev in events:
+            per_row[ev.row].append(ev)
+        choices = []
+        n_out = 0
+        for i, evs in enumerate(per_row):
+            text = "".join(e.text for e in evs)
+            counted = [e for e in evs if not (e.finish_reason == "stop" and e.token in self.tokenizer.eos_ids)]
+            n_out += len(counted)
+            prefix = echo_texts[i] if echo_texts else ""
+            choices.append({
+                "text": prefix + text,
+                "index": i,
+                "logprobs": self._lp_dict(counted, len(prefix)) if logprobs is not None else None,
+                "finish_reason": evs[-1].finish_reason if evs else "length",
+            })
+        n_in = sum(len(i) for i in ids)
+        return {**meta, "object": "text_completion", "choices": choices,
+                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
+
+    def _stream_completion(self, events, meta, echo_texts, logprobs) -> Iterator[dict[str, Any]]:
+        if echo_texts:
+            for i, t in enumerate(echo_texts):
+                yield {**meta, "object": "text_completion",
+                       "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": None}]}
+        for ev in events:
+            if not ev.text and ev.finish_reason is None:
+                continue
+            lp = self._lp_dict([ev], 0) if logprobs is not None and ev.text else None
+            yield {**meta, "object": "text_completion",
+                   "choices": [{"text": ev.text, "index": ev.row, "logprobs": lp,
+                                "finish_reason": ev.finish_reason}]}
+
+    # ------------------------------------------------------------------ chat
+    def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation in the model's chat format (template or Mistral instruct)."""
+        return apply_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+
+    def create_chat_completion(
+        self,
+        messages: list[dict[str, Any]],
+        max_tokens: int | None = None,
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        repeat_penalty: float = 1.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        stream: bool = False,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """OpenAI-style chat completion for one conversation."""
+        ids = self.chat_prompt(messages)
+        n_lp = (top_logprobs or 0) if logprobs else None
+        completion = self.create_completion(
+            ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            typical_p=typical_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, logit_bias=logit_bias, seed=seed, stop=stop, stream=stream,
+            logprobs=n_lp, _fresh_text=True,
+        )
+        if stream:
+            return self._stream_chat(completion)
+        choice = completion["choices"][0]
+        return {
+            "id": "chat" + completion["id"], "object": "chat.completion", "created": completion["created"],
+            "model": completion["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": choice["text"]},
+                         "logprobs": _chat_logprobs(choice["logprobs"]), "finish_reason": choice["finish_reason"]}],
+            "usage": completion["usage"],
+        }
+
+    def _stream_chat(self, chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        first = True
+        for c in chunks:
+            base = {"id": "chat" + c["id"], "object": "chat.completion.chunk", "created": c["created"],
+                    "model": c["model"]}
+            if first:
+                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
+                                            "finish_reason": None}]}
+                first = False
+            ch = c["choices"][0]
+            if ch["text"]:
+                yield {**base, "choices": [{"index": 0, "delta": {"content": ch["text"]},
+                                            "logprobs": _chat_logprobs(ch["logprobs"]), "finish_reason": None}]}
+            if ch["finish_reason"]:
+                yield {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                            "finish_reason": ch["finish_reason"]}]}
+
+
+def _is_batch(prompt: Any) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+
+
+def _chat_logprobs(lp: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Completion-style logprobs -> the chat API's {"content": [{token, logprob, top_logprobs}]} shape."""
+    if lp is None:
+        return None
+    return {"content": [
+        {"token": t, "logprob": l, "bytes": list(t.encode("utf-8")),
+         "top_logprobs": [{"token": k, "logprob": v, "bytes": list(k.encode("utf-8"))} for k, v in top.items()]}
+        for t, l, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])
+    ]}

@@ -1,0 +1,239 @@
+"""The `levante` command line: run, chat, info, quantize (more subcommands arrive with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from .errors import LevanteError
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None,
+                   help="model: GGUF file, HF or Mistral directory, or HF repo id "
+                        "(default: the embedded SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="context window in tokens (default: min(model, 4096))")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype for float weights (auto: bfloat16 for bf16 checkpoints, else float32)")
+    p.add_argument("-b", "--n-batch", type=int, default=512, help="prompt tokens per forward pass (prefill chunk)")
+
+
+def _add_sampling(p: argparse.ArgumentParser, temp: float) -> None:
+    p.add_argument("-n", "--n-predict", type=int, default=256, help="tokens to generate (default: 256)")
+    p.add_argument("--temp", type=float, default=temp, help=f"temperature, 0 = greedy (default: {temp})")
+    p.add_argument("--top-k", type=int, default=40, help="top-k filter, 0 = off (default: 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p (nucleus) filter (default: 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="min-p filter (default: 0.05)")
+    p.add_argument("--typical-p", type=float, default=1.0, help="locally typical sampling, 1 = off")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off (default: 1.0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("-s", "--seed", type=int, default=None, help="random seed (same seed -> same output)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="levante",
+        description="levante: run Mixtral, Mistral and Llama-architecture models (GGUF, safetensors, consolidated).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="complete a prompt, streaming the output",
+                       description="Complete PROMPT with the model and stream the text to stdout.")
+    _add_model(p)
+    p.add_argument("-p", "--prompt", default=None, help="the prompt (default: read from stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    _add_sampling(p, 0.8)
+
+    p = sub.add_parser("chat", help="interactive chat in the model's chat format",
+                       description="Interactive chat. Type a message, Enter to send; /reset clears, /exit quits.")
+    _add_model(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling(p, 0.2)
+
+    p = sub.add_parser("info", help="print architecture, sizes, quant types and tokenizer facts",
+                       description="Describe a model file or directory without running it.")
+    p.add_argument("model", nargs="?", default=None, help="model path or repo id (default: the embedded model)")
+
+    p = sub.add_parser("quantize", help="write a GGUF file in a quantization type",
+                       description="Convert a HF / Mistral directory or a GGUF file to GGUF of type TYPE.")
+    p.add_argument("input", help="HF safetensors dir, Mistral consolidated dir, or GGUF file")
+    p.add_argument("output", help="output .gguf path")
+    p.add_argument("--type", required=True, help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K")
+    p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    return parser
+
+
+def _llm(args):
+    from .api import LLM
+
+    return LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads, dtype=args.dtype, n_batch=args.n_batch,
+               verbose=True)
+
+
+def _sampling_kwargs(args) -> dict:
+    return dict(
+        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, typical_p=args.typical_p,
+        repeat_penalty=args.repeat_penalty, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty, seed=args.seed, stop=args.stop,
+    )
+
+
+def cmd_run(args) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    llm = _llm(args)
+    kw = _sampling_kwargs(args)
+    t0 = time.perf_counter()
+    n = 0
+    if args.chat:
+        stream = llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=args.n_predict,
+                                            stream=True, **kw)
+        pieces = (c["choices"][0]["delta"].get("content", "") for c in stream)
+    else:
+        stream = llm.create_completion(prompt, max_tokens=args.n_predict, stream=True, echo=args.echo, **kw)
+        pieces = (c["choices"][0]["text"] for c in stream)
+    for piece in pieces:
+        n += 1
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    dt = time.perf_counter() - t0
+    print(f"[{n} chunks in {dt:.2f}s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm = _llm(args)
+    kw = _sampling_kwargs(args)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"levante chat with {llm.model_name}. /reset clears the conversation, /exit or Ctrl-D quits.",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for c in llm.create_chat_completion(messages, max_tokens=args.n_predict, stream=True, **kw):
+                piece = c["choices"][0]["delta"].get("content", "")
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except LevanteError as e:  # e.g. the conversation outgrew the context: say so, keep the REPL
+            print(f"\nerror: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_info(args) -> int:
+    from .loader import read_checkpoint, resolve_path
+    from .model import expected_shapes
+    from .quant.base import QuantWeight
+
+    path = resolve_path(args.model)
+    ck = read_checkpoint(path)
+    cfg = ck.config
+    types: Counter[str] = Counter()
+    n_params = 0
+    for w in ck.weights.values():
+        types[w.qtype if isinstance(w, QuantWeight) else str(w.dtype).replace("torch.", "")] += 1
+        n_params += w.shape[0] * (w.shape[1] if len(w.shape) > 1 else 1)
+    size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir()) if f.is_file())
+    active = n_params
+    if cfg.is_moe:
+        per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
+        active -= cfg.num_layers * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+    lines = [
+        ("path", str(path)),
+        ("format", ck.format),
+        ("architecture", f"{cfg.model_type}{' (MoE)' if cfg.is_moe else ''}"),
+        ("parameters", f"{n_params / 1e9:.3f} B" + (f" ({active / 1e9:.3f} B active per token)" if cfg.is_moe else "")),
+        ("size on disk", f"{size / 2**20:.1f} MiB"),
+        ("layers", cfg.num_layers),
+        ("hidden / ffn", f"{cfg.hidden_size} / {cfg.intermediate_size}"),
+        ("heads / kv heads / head_dim", f"{cfg.num_heads} / {cfg.num_kv_heads} / {cfg.head_dim}"),
+        ("experts", f"{cfg.num_experts} (top-{cfg.num_experts_per_tok})" if cfg.is_moe else "dense"),
+        ("context", cfg.max_position_embeddings),
+        ("sliding window", cfg.sliding_window or "none"),
+        ("rope theta", cfg.rope_theta),
+        ("rms norm eps", cfg.rms_norm_eps),
+        ("tied embeddings", "lm_head" not in ck.weights),
+        ("vocab size", cfg.vocab_size),
+        ("tensor types", ", ".join(f"{k}: {v}" for k, v in sorted(types.items()))),
+    ]
+    for k, v in ck.info.items():
+        if k not in ("files",) and not isinstance(v, (dict, list)):
+            lines.append((k, v))
+    tok = ck.tokenizer
+    if tok is None:
+        from .tokenizer import load_tokenizer
+
+        try:
+            tok = load_tokenizer(path if path.is_dir() else path.parent)
+        except (FileNotFoundError, ValueError):
+            tok = None
+    if tok is not None:
+        lines += [
+            ("tokenizer", type(tok).__name__),
+            ("bos / eos", f"{tok.bos_id} {tok.bos_token!r} / {tok.eos_id} {tok.eos_token!r}"),
+            ("stop ids", sorted(tok.eos_ids)),
+            ("chat format", "template" if tok.chat_template else "built-in (Mistral instruct / ChatML)"),
+        ]
+    else:
+        lines.append(("tokenizer", "none found"))
+    missing = set(expected_shapes(cfg)) - set(ck.weights) - {"lm_head"}
+    if missing:
+        lines.append(("missing tensors", ", ".join(sorted(missing)[:5])))
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .quantize import quantize_model
+
+    out = quantize_model(args.input, args.output, args.type, force=args.force, progress=True)
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "quantize": cmd_quantize}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except (LevanteError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"levante {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Batched text generation: left-padded prefill in chunks, one decode step per token, streaming.
+
+Several prompts run together in one batch sharing one `KVCache`. Prompts are left-padded to the
+longest one; padding tokens get position -1 and each row's positions start at 0 at its first real
+token, so a row computes exactly what it would compute alone. The prompt is fed in chunks of
+`prefill_chunk` tokens, then every unfinished row advances by one token per model call. When rows
+finish, the batch (and its cache) is compacted to the rows still running.
+
+Text is streamed through the tokenizer's `StreamDecoder` (never splits a UTF-8 character) and then
+through a stop-string filter that holds back any tail that could still become a stop string, so
+no part of a stop string is ever emitted, even when it is split across tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ContextLengthError
+from .sampling import SamplingParams, make_generator, sample, token_logprobs
+
+__all__ = ["TokenEvent", "GenerationResult", "generate_stream", "generate"]
+
+
+@dataclass
+class TokenEvent:
+    """One sampled token of one row (`row` indexes the `prompts` list)."""
+
+    row: int
+    token: int
+    text: str  # newly completed text of this row (may be "")
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # None, "stop" or "length"
+
+
+@dataclass
+class GenerationResult:
+    """A finished row. `tokens` holds every sampled token except a terminating stop token id."""
+
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    events: list[TokenEvent] = field(default_factory=list, repr=False)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def _new_stream_decoder(tokenizer, at_start: bool = False):
+    from .tokenizer import StreamDecoder
+
+    return StreamDecoder(tokenizer, skip_special=True, at_start=at_start)
+
+
+class _StopFilter:
+    """Holds back text that could be the beginning of a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """Add text; return what can be emitted. Sets `stopped` when a stop string appears."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            cut = min(hits)
+            out, self.pending = self.pending[:cut], ""
+            self.stopped = True
+            return out
+        hold = 0
+        n = len(self.pending)
+        for s in self.stops:
+            for k in range(min(len(s) - 1, n), hold, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = k
+                    break
+        out, self.pending = self.pending[: n - hold], self.pending[n - hold :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
+class _Row:
+    def __init__(self, index: int, prompt: list[int], params: SamplingParams, limit: int, tokenizer,
+                 stops: Sequence[str], at_start: bool = False) -> None:
+        self.index = index
+        self.prompt = prompt
+        self.params = params
+        self.limit = limit  # max new tokens for this row
+        self.history = list(prompt)
+        self.n_new = 0
+        self.decoder = _new_stream_decoder(tokenizer, at_start)
+        self.stop = _StopFilter(stops)
+        self.generator = None if params.is_greedy else make_generator(params.seed)
+
+
+def _prefill_positions(prompts: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B = len(prompts)
+    tokens = torch.zeros((B, length), dtype=torch.long)
+    positions = torch.full((B, length), -1, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        pad = length - len(p)
+        tokens[i, pad:] = torch.tensor(p, dtype=torch.long)
+        positions[i, pad:] = torch.arange(len(p))
+    return tokens, positions
+
+
+def _compact_cache(cache, keep: torch.Tensor) -> None:
+    cache.k = [t.index_select(0, keep) for t in cache.k]
+    cache.v = [t.index_select(0, keep) for t in cache.v]
+    cache.pos = cache.pos.index_select(0, keep)
+
+
+def generate_stream(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_tokens: int,
+    params: SamplingParams | list[SamplingParams] | None = None,
+    stop: list[str] | None = None,
+    stop_token_ids: set[int] | None = None,
+    logprobs: int | None = None,
+    n_ctx: int | None = None,
+    prefill_chunk: int = 512,
+    fresh_text: bool = False,
+) -> Iterator[TokenEvent]:
+    """Generate for several prompts at once, yielding a `TokenEvent` per sampled token.
+
+    Every row ends with exactly one event whose `finish_reason` is "stop" (stop token id or stop
+    string) or "length" (`max_tokens`, or the context window). A stop token's own text is not
+    emitted; a stop string and everything after it are not emitted.
+
+    Raises ValueError for an empty prompt / bad arguments and `ContextLengthError` (before any
+    computation) for a prompt that leaves no room in `n_ctx` (default
+    `model.cfg.max_position_embeddings`); a prompt that fits but leaves fewer than `max_tokens`
+    slots has its budget capped and finishes with "length".
+
+    `fresh_text=True` decodes the output as a text of its own (a chat reply: SentencePiece's leading
+    dummy-prefix space is dropped); by default it continues the prompt's text and keeps it.
+    """
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise ValueError("prompts must be a list of token-id lists")
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        raise ValueError("prompts is empty")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    if logprobs is not None and logprobs < 0:
+        raise ValueError(f"logprobs must be >= 0, got {logprobs}")
+    if params is None:
+        params = SamplingParams()
+    plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(plist) != len(prompts):
+        raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+    cfg = model.cfg
+    if n_ctx is None:
+        n_ctx = cfg.max_position_embeddings
+    vocab = cfg.vocab_size
+    for i, p in enumerate(prompts):
+        if len(p) >= n_ctx:
+            raise ContextLengthError(
+                f"prompt {i} has {len(p)} tokens, which leaves no room for generation in the "
+                f"context window n_ctx={n_ctx} (requested {len(p)} + {max_tokens} = "
+                f"{len(p) + max_tokens} tokens)"
+            )
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} out of range 0..{vocab - 1}")
+    if stop_token_ids is None:
+        stop_token_ids = set(getattr(tokenizer, "eos_ids", None) or ())
+    stop_ids = {int(t) for t in stop_token_ids}
+    stops = [s for s in (stop or []) if s]
+
+    rows = [
+        _Row(i, p, plist[i], min(max_tokens, n_ctx - len(p)), tokenizer, stops, fresh_text)
+        for i, p in enumerate(prompts)
+    ]
+    length = max(len(p) for p in prompts)
+    total_steps = length + max(r.limit for r in rows)
+
+    with torch.inference_mode():
+        device = model.model.device if hasattr(model, "model") else torch.device("cpu")
+        cache = model.new_cache(len(rows), total_steps)
+        tokens, positions = _prefill_positions(prompts, length)
+        tokens, positions = tokens.to(device), positions.to(device)
+        logits = None
+        for s in range(0, length, prefill_chunk):
+            e = min(s + prefill_chunk, length)
+            logits = model(tokens[:, s:e], positions[:, s:e], cache, last_only=True)
+        logits = logits[:, -1]
+
+        active = rows
+        while True:
+            chosen = sample(
+                logits,
+                [r.params for r in active],
+                [r.generator for r in active],
+                history=[r.history for r in active],
+            )
+            chosen_list = chosen.tolist()
+            if logprobs is not None:
+                lps, tops = token_logprobs(logits, chosen, logprobs)
+            still: list[int] = []
+            for j, r in enumerate(active):
+                tok = chosen_list[j]
+                r.n_new += 1
+                r.history.append(tok)
+                finish = None
+                if tok in stop_ids:
+                    text = r.stop.push(r.decoder.flush())
+                    text += r.stop.flush()
+                    finish = "stop"
+                else:
+                    text = r.stop.push(r.decoder.push(tok))
+                    if r.stop.stopped:
+                        finish = "stop"
+                    elif r.n_new >= r.limit:
+                        text += r.stop.push(r.decoder.flush())
+                        finish = "stop" if r.stop.stopped else "length"
+                        text += r.stop.flush()
+                    else:
+                        still.append(j)
+                yield TokenEvent(
+                    row=r.index,
+                    token=tok,
+                    text=text,
+                    logprob=lps[j] if logprobs is not None else None,
+                    top_logprobs=tops[j] if logprobs is not None else None,
+                    finish_reason=finish,
+                )
+            if not still:
+                return
+            if len(still) < len(active):
+                keep = torch.tensor(still, dtype=torch.long, device=device)
+                _compact_cache(cache, keep)
+                chosen = chosen.index_select(0, keep.to(chosen.device))
+                active = [active[j] for j in still]
+            step_pos = torch.tensor([len(r.history) - 1 for r in active], dtype=torch.long, device=device)
+            logits = model(chosen.to(device)[:, None], step_pos[:, None], cache, last_only=True)[:, -1]
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_tokens: int,
+    params: SamplingParams | list[SamplingParams] | None = None,
+    stop: list[str] | None = None,
+    stop_token_ids: set[int] | None = None,
+    logprobs: int | None = None,
+    n_ctx: int | None = None,
+    prefill_chunk: int = 512,
+    fresh_text: bool = False,
+) -> list[GenerationResult]:
+    """Non-streaming `generate_stream`: one `GenerationResult` per prompt, in prompt order."""
+    results = [
+        GenerationResult(tokens=[], text="", finish_reason="", prompt_tokens=len(p),
+                         logprobs=[] if logprobs is not None else None,
+                         top_logprobs=[] if logprobs is not None else None)
+        for p in prompts
+    ]
+    texts: list[list[str]] = [[] for _ in prompts]
+    stop_ids = None if stop_token_ids is None else set(stop_token_ids)
+    if stop_ids is None:
+        stop_ids = set(getattr(tokenizer, "eos_ids", None) or ())
+    for ev in generate_stream(model, tokenizer, prompts, max_tokens, params, stop, stop_ids, logprobs,
+                              n_ctx, prefill_chunk, fresh_text):
+        res = results[ev.row]
+        res.events.append(ev)
+        texts[ev.row].append(ev.text)
+        terminal_stop_token = ev.finish_reason == "stop" and ev.token in stop_ids
+        if not terminal_stop_token:
+            res.tokens.append(ev.token)
+            if logprobs is not None:
+                res.logprobs.append(ev.logprob)
+                res.top_logprobs.append(ev.top_logprobs)
+        if ev.finish_reason is not None:
+            res.finish_reason = ev.finish_reason
+    for res, parts in zip(results, texts):
+        res.text = "".join(parts)
+    return results

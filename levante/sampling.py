@@ -1,0 +1,357 @@
+"""Token sampling: penalties, logit bias, truncation filters, temperature, seeded draws.
+
+The sampler chain follows llama.cpp's default order::
+
+    penalties -> logit_bias -> top_k -> typical -> top_p -> min_p -> temperature -> sample
+
+Every filter works on float32 logits ``[B, V]`` and masks removed tokens with ``-inf``, so the
+next filter's softmax renormalises over the survivors. Filters always keep at least one token.
+With ``temperature == 0`` the chain reduces to ``argmax`` of the penalised/biased logits (the
+truncation filters never remove the argmax) and no random numbers are drawn.
+
+Penalties (llama.cpp semantics): all three are computed over the same window, the last
+``repeat_last_n`` tokens of the row's history (prompt + generated so far; ``-1`` = whole
+history, ``0`` = penalties off). ``repeat_penalty`` divides positive and multiplies negative
+logits of every token in the window; then ``logit -= count * frequency_penalty +
+(count > 0) * presence_penalty`` with ``count`` = occurrences in the window.
+
+Each row may have its own `SamplingParams` and its own ``torch.Generator``; rows are drawn one at
+a time from their own generator, so a seeded row gives the same tokens whatever else is in the
+batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SamplingParams",
+    "apply_penalties",
+    "apply_logit_bias",
+    "top_k_filter",
+    "top_p_filter",
+    "min_p_filter",
+    "typical_filter",
+    "apply_temperature",
+    "sample",
+    "token_logprobs",
+    "make_generator",
+]
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings for one sequence (defaults follow llama.cpp)."""
+
+    temperature: float = 0.8  # 0 -> greedy
+    top_k: int = 40  # 0 or -1 -> off
+    top_p: float = 0.95  # 1.0 -> off
+    min_p: float = 0.05  # 0.0 -> off
+    typical_p: float = 1.0  # 1.0 -> off
+    repeat_penalty: float = 1.1  # 1.0 -> off
+    repeat_last_n: int = 64  # penalty window; -1 = whole history, 0 = off
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"{name} {getattr(self, name)!r} is invalid: {why}")
+
+        for name in ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty",
+                     "frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v):
+                raise bad(name, "must be a finite number")
+        for name in ("top_k", "repeat_last_n"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(name, "must be an integer")
+        if self.temperature < 0:
+            raise bad("temperature", "must be >= 0 (0 = greedy)")
+        if self.top_k < -1:
+            raise bad("top_k", "must be >= -1 (0 or -1 = off)")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            raise bad("min_p", "must be in [0, 1]")
+        if not 0 < self.typical_p <= 1:
+            raise bad("typical_p", "must be in (0, 1]")
+        if self.repeat_penalty <= 0:
+            raise bad("repeat_penalty", "must be > 0 (1 = off)")
+        if self.repeat_last_n < -1:
+            raise bad("repeat_last_n", "must be >= -1 (-1 = whole history, 0 = off)")
+        if not -2 <= self.frequency_penalty <= 2:
+            raise bad("frequency_penalty", "must be in [-2, 2]")
+        if not -2 <= self.presence_penalty <= 2:
+            raise bad("presence_penalty", "must be in [-2, 2]")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise bad("logit_bias", "must be a dict {token_id: bias}")
+            clean: dict[int, float] = {}
+            for k, v in self.logit_bias.items():
+                try:
+                    tid = int(k)
+                    b = float(v)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"logit_bias entry {k!r}: {v!r} is invalid: {e}") from None
+                if tid < 0 or math.isnan(b):
+                    raise ValueError(f"logit_bias entry {k!r}: {v!r} is invalid")
+                clean[tid] = b
+            self.logit_bias = clean
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise bad("seed", "must be an integer or None")
+
+    @classmethod
+    def greedy(cls, **overrides) -> SamplingParams:
+        """Deterministic argmax decoding with no penalties (override any field via kwargs)."""
+        kw = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, repeat_penalty=1.0,
+                  frequency_penalty=0.0, presence_penalty=0.0)
+        kw.update(overrides)
+        return cls(**kw)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# ----------------------------------------------------------------------------- helpers
+def _rows(params: SamplingParams | Sequence[SamplingParams], batch: int) -> list[SamplingParams]:
+    if isinstance(params, SamplingParams):
+        return [params] * batch
+    params = list(params)
+    if len(params) != batch:
+        raise ValueError(f"got {len(params)} SamplingParams for a batch of {batch}")
+    return params
+
+
+def _per_row(value, batch: int, device, dtype) -> Tensor:
+    """A scalar or per-row sequence/tensor -> tensor [B, 1]."""
+    if isinstance(value, Tensor):
+        t = value.to(device=device, dtype=dtype).reshape(-1)
+    elif isinstance(value, (int, float)):
+        t = torch.full((batch,), value, dtype=dtype, device=device)
+    else:
+        t = torch.tensor(list(value), dtype=dtype, device=device)
+    if t.numel() == 1 and batch != 1:
+        t = t.expand(batch)
+    if t.numel() != batch:
+        raise ValueError(f"got {t.numel()} per-row values for a batch of {batch}")
+    return t[:, None]
+
+
+def _check(logits: Tensor) -> Tensor:
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape [B, V], got {tuple(logits.shape)}")
+    return logits.float()
+
+
+def _mask_sorted(logits: Tensor, order: Tensor, remove_sorted: Tensor) -> Tensor:
+    """Set to -inf the tokens whose sorted position (per `order`) is flagged in remove_sorted."""
+    remove_sorted[:, 0] = False  # always keep the first one
+    remove = torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+# ----------------------------------------------------------------------------- chain stages
+def apply_penalties(
+    logits: Tensor,
+    history: Sequence[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams],
+) -> Tensor:
+    """Repeat / frequency / presence penalties over each row's last `repeat_last_n` history tokens."""
+    logits = _check(logits).clone()
+    B, V = logits.shape
+    if len(history) != B:
+        raise ValueError(f"got {len(history)} histories for a batch of {B}")
+    for i, p in enumerate(_rows(params, B)):
+        if p.repeat_last_n == 0:
+            continue
+        if p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0:
+            continue
+        hist = list(history[i])
+        window = hist if p.repeat_last_n == -1 else hist[-p.repeat_last_n:]
+        if not window:
+            continue
+        ids = torch.tensor(window, dtype=torch.long, device=logits.device)
+        ids = ids[(ids >= 0) & (ids < V)]
+        counts = torch.bincount(ids, minlength=V)[:V].to(logits.dtype)
+        seen = counts > 0
+        row = logits[i]
+        if p.repeat_penalty != 1.0:
+            penalised = torch.where(row > 0, row / p.repeat_penalty, row * p.repeat_penalty)
+            row = torch.where(seen, penalised, row)
+        row = row - counts * p.frequency_penalty - seen.to(row.dtype) * p.presence_penalty
+        logits[i] = row
+    return logits
+
+
+def apply_logit_bias(logits: Tensor, params: SamplingParams | Sequence[SamplingParams]) -> Tensor:
+    """Add each row's `logit_bias` ({token id: bias}; -inf bans a token)."""
+    logits = _check(logits).clone()
+    B, V = logits.shape
+    for i, p in enumerate(_rows(params, B)):
+        if not p.logit_bias:
+            continue
+        ids = list(p.logit_bias)
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is out of range 0..{V - 1}")
+        vals = torch.tensor([p.logit_bias[t] for t in ids], dtype=logits.dtype, device=logits.device)
+        logits[i, ids] += vals
+    if not torch.isfinite(logits).any(-1).all():
+        raise ValueError("logit_bias removed every token of a row")
+    return logits
+
+
+def top_k_filter(logits: Tensor, k) -> Tensor:
+    """Keep exactly the k largest logits per row (k <= 0 or k >= V: keep all). k: int or per row."""
+    logits = _check(logits)
+    B, V = logits.shape
+    kt = _per_row(k, B, logits.device, torch.long)
+    kt = torch.where(kt <= 0, torch.full_like(kt, V), kt).clamp(1, V)
+    if bool((kt >= V).all()):
+        return logits
+    order = logits.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(V, device=logits.device)[None]
+    return _mask_sorted(logits, order, rank >= kt)
+
+
+def top_p_filter(logits: Tensor, p) -> Tensor:
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p (p >= 1: off)."""
+    logits = _check(logits)
+    B, V = logits.shape
+    pt = _per_row(p, B, logits.device, torch.float32)
+    off = pt >= 1.0
+    if bool(off.all()):
+        return logits
+    probs, order = torch.softmax(logits, -1).sort(dim=-1, descending=True, stable=True)
+    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above
+    remove = (before >= pt) & ~off
+    return _mask_sorted(logits, order, remove)
+
+
+def min_p_filter(logits: Tensor, min_p) -> Tensor:
+    """Drop tokens with probability < min_p * (probability of the most likely token) (0: off)."""
+    logits = _check(logits)
+    B, V = logits.shape
+    mt = _per_row(min_p, B, logits.device, torch.float32)
+    if bool((mt <= 0).all()):
+        return logits
+    top = logits.max(-1, keepdim=True).values
+    thresh = top + torch.log(mt.clamp(min=1e-30))
+    remove = (logits < thresh) & (mt > 0)
+    return logits.masked_fill(remove, NEG_INF)  # the max always survives (min_p <= 1)
+
+
+def typical_filter(logits: Tensor, p) -> Tensor:
+    """Locally typical sampling (llama.cpp): rank tokens by |-log p - entropy| and keep the
+    smallest such prefix whose probability reaches p (p >= 1: off)."""
+    logits = _check(logits)
+    B, V = logits.shape
+    pt = _per_row(p, B, logits.device, torch.float32)
+    off = pt >= 1.0
+    if bool(off.all()):
+        return logits
+    logp = torch.log_softmax(logits, -1)
+    probs = logp.exp()
+    plogp = torch.where(probs > 0, probs * logp, torch.zeros_like(probs))
+    entropy = -plogp.sum(-1, keepdim=True)
+    shift = (-logp - entropy).abs()  # inf for removed tokens -> sorted last
+    order = shift.argsort(dim=-1, stable=True)
+    sp = probs.gather(1, order)
+    before = sp.cumsum(-1) - sp
+    remove = (before >= pt) & ~off
+    return _mask_sorted(logits, order, remove)
+
+
+def apply_temperature(logits: Tensor, temperature) -> Tensor:
+    """Divide by temperature (rows with temperature 0 are left as they are: they are argmaxed)."""
+    logits = _check(logits)
+    B, _ = logits.shape
+    t = _per_row(temperature, B, logits.device, torch.float32)
+    return logits / torch.where(t > 0, t, torch.ones_like(t))
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator seeded with `seed`, or with a fresh seed drawn from torch's global RNG."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def sample(
+    logits: Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None] | torch.Generator | None = None,
+    history: Sequence[Sequence[int]] | None = None,
+) -> Tensor:
+    """Run the sampler chain on logits [B, V] and return the chosen token ids [B] (long).
+
+    `history` (prompt + generated ids per row) feeds the penalties; without it they are skipped.
+    `generators`: one per row (None entries / None = torch's global RNG).
+    """
+    logits = _check(logits)
+    B, V = logits.shape
+    rows = _rows(params, B)
+    if history is not None:
+        logits = apply_penalties(logits, history, rows)
+    else:
+        logits = logits.clone()
+    if any(p.logit_bias for p in rows):
+        logits = apply_logit_bias(logits, rows)
+    if isinstance(generators, torch.Generator) or generators is None:
+        gens = [generators] * B
+    else:
+        gens = list(generators)
+        if len(gens) != B:
+            raise ValueError(f"got {len(gens)} generators for a batch of {B}")
+
+    out = logits.argmax(-1)
+    rnd = [i for i, p in enumerate(rows) if not p.is_greedy]
+    if not rnd:
+        return out
+    idx = torch.tensor(rnd, device=logits.device)
+    sub = logits[idx]
+    rp = [rows[i] for i in rnd]
+    sub = top_k_filter(sub, [p.top_k for p in rp])
+    sub = typical_filter(sub, [p.typical_p for p in rp])
+    sub = top_p_filter(sub, [p.top_p for p in rp])
+    sub = min_p_filter(sub, [p.min_p for p in rp])
+    sub = apply_temperature(sub, [p.temperature for p in rp])
+    probs = torch.softmax(sub.double(), -1)
+    for j, i in enumerate(rnd):
+        out[i] = torch.multinomial(probs[j], 1, generator=gens[i])[0]
+    return out
+
+
+def token_logprobs(logits: Tensor, chosen, top_n: int = 0):
+    """Log-probabilities from log_softmax of the raw (unfiltered, untempered) logits.
+
+    logits [B, V] and chosen [B] -> (list of B floats, list of B lists of (id, logprob), best first).
+    logits [V] and an int -> (float, list of (id, logprob)).
+    """
+    single = logits.ndim == 1
+    lg = logits[None] if single else logits
+    lp = torch.log_softmax(lg.float(), -1)
+    ch = torch.as_tensor(chosen, device=lp.device, dtype=torch.long).reshape(-1)
+    if ch.numel() != lp.shape[0]:
+        raise ValueError(f"got {ch.numel()} chosen ids for a batch of {lp.shape[0]}")
+    chosen_lp = lp.gather(1, ch[:, None])[:, 0].tolist()
+    n = max(0, min(int(top_n or 0), lp.shape[1]))
+    if n:
+        vals, ids = lp.topk(n, dim=-1)
+        tops = [list(zip(r_ids, r_vals)) for r_ids, r_vals in zip(ids.tolist(), vals.tolist())]
+    else:
+        tops = [[] for _ in range(lp.shape[0])]
+    if single:
+        return chosen_lp[0], tops[0]
+    return chosen_lp, tops

@@ -1,0 +1,201 @@
+import math
+
+import pytest
+import torch
+
+from levante.sampling import (
+    SamplingParams,
+    apply_logit_bias,
+    apply_penalties,
+    apply_temperature,
+    make_generator,
+    min_p_filter,
+    sample,
+    token_logprobs,
+    top_k_filter,
+    top_p_filter,
+    typical_filter,
+)
+
+
+def kept(logits: torch.Tensor) -> list[set[int]]:
+    return [set(torch.nonzero(torch.isfinite(r)).flatten().tolist()) for r in logits]
+
+
+def test_top_k_keeps_exactly_k_largest():
+    lg = torch.tensor([[0.1, 3.0, 2.0, -1.0, 2.5], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    assert kept(top_k_filter(lg, 2)) == [{1, 4}, {0, 1}]
+    assert kept(top_k_filter(lg, [1, 3])) == [{1}, {0, 1, 2}]
+    # ties: still exactly k
+    assert len(kept(top_k_filter(torch.zeros(1, 10), 3))[0]) == 3
+    # off
+    for k in (0, -1, 99):
+        assert torch.equal(top_k_filter(lg, k), lg)
+
+
+def test_top_p_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
+    lg = probs.log()
+    assert kept(top_p_filter(lg, 0.5)) == [{0}]
+    assert kept(top_p_filter(lg, 0.6)) == [{0, 1}]
+    assert kept(top_p_filter(lg, 0.7)) == [{0, 1}]
+    assert kept(top_p_filter(lg, 0.71)) == [{0, 1, 2}]
+    assert kept(top_p_filter(lg, 0.01)) == [{0}]
+    assert kept(top_p_filter(lg, 1.0)) == [set(range(5))]
+    # per-row values
+    assert kept(top_p_filter(lg.repeat(2, 1), [0.6, 0.9])) == [{0, 1}, {0, 1, 2, 3}]
+
+
+def test_min_p_relative_to_max():
+    probs = torch.tensor([[0.4, 0.3, 0.19, 0.1, 0.01]])
+    lg = probs.log() + 7.0  # shift must not matter
+    assert kept(min_p_filter(lg, 0.5)) == [{0, 1}]
+    assert kept(min_p_filter(lg, 0.25)) == [{0, 1, 2, 3}]
+    assert kept(min_p_filter(lg, 1.0)) == [{0}]
+    assert kept(min_p_filter(lg, 0.0)) == [set(range(5))]
+
+
+def test_typical_filter_matches_definition():
+    probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    lg = probs.log()[None]
+    ent = -(probs * probs.log()).sum()
+    shift = (-probs.log() - ent).abs()
+    order = shift.argsort().tolist()
+    for p in (0.2, 0.5, 0.8, 0.93):
+        exp, cum = set(), 0.0
+        for i in order:
+            exp.add(i)
+            cum += probs[i].item()
+            if cum >= p:
+                break
+        assert kept(typical_filter(lg, p)) == [exp], p
+    assert kept(typical_filter(lg, 1.0)) == [set(range(5))]
+    assert len(kept(typical_filter(lg, 1e-6))[0]) == 1
+
+
+def test_filters_keep_at_least_one_token():
+    lg = torch.randn(3, 50)
+    for out in (top_k_filter(lg, 1), top_p_filter(lg, 1e-9), min_p_filter(lg, 1.0), typical_filter(lg, 1e-9)):
+        assert all(len(s) >= 1 for s in kept(out))
+        assert torch.equal(out.argmax(-1), lg.argmax(-1)) or out is not lg
+
+
+def test_repeat_penalty_llama_cpp_semantics():
+    lg = torch.tensor([[2.0, -2.0, 1.0, -1.0, 0.5]])
+    p = SamplingParams(repeat_penalty=2.0, repeat_last_n=3)
+    # window = last 3 tokens: [0, 1, 0] (token 2 and 3 are outside)
+    out = apply_penalties(lg, [[2, 3, 0, 1, 0]], p)
+    assert torch.allclose(out, torch.tensor([[1.0, -4.0, 1.0, -1.0, 0.5]]))
+    assert torch.equal(lg, torch.tensor([[2.0, -2.0, 1.0, -1.0, 0.5]]))  # input untouched
+    # whole history with -1, none with 0
+    out = apply_penalties(lg, [[2, 3]], SamplingParams(repeat_penalty=2.0, repeat_last_n=-1))
+    assert torch.allclose(out, torch.tensor([[2.0, -2.0, 0.5, -2.0, 0.5]]))
+    out = apply_penalties(lg, [[0, 1]], SamplingParams(repeat_penalty=2.0, repeat_last_n=0))
+    assert torch.equal(out, lg)
+
+
+def test_frequency_presence_penalties():
+    lg = torch.zeros(2, 4)
+    p = SamplingParams(repeat_penalty=1.0, frequency_penalty=0.5, presence_penalty=0.25)
+    out = apply_penalties(lg, [[1, 1, 1, 3], []], p)
+    assert torch.allclose(out[0], torch.tensor([0.0, -(3 * 0.5 + 0.25), 0.0, -(0.5 + 0.25)]))
+    assert torch.equal(out[1], torch.zeros(4))
+
+
+def test_logit_bias():
+    lg = torch.zeros(2, 5)
+    ps = [SamplingParams(logit_bias={1: 2.5, 3: float("-inf")}), SamplingParams()]
+    out = apply_logit_bias(lg, ps)
+    assert out[0].tolist() == [0.0, 2.5, 0.0, float("-inf"), 0.0]
+    assert out[1].tolist() == [0.0] * 5
+    with pytest.raises(ValueError, match="logit_bias"):
+        apply_logit_bias(lg, SamplingParams(logit_bias={7: 1.0}))
+    # bias forces the choice, even when greedy
+    g = SamplingParams.greedy(logit_bias={4: 100.0})
+    assert sample(torch.randn(3, 5), g).tolist() == [4, 4, 4]
+
+
+def test_greedy_is_argmax_and_uses_penalties():
+    lg = torch.randn(4, 30)
+    assert torch.equal(sample(lg, SamplingParams.greedy()), lg.argmax(-1))
+    assert torch.equal(sample(lg, SamplingParams(temperature=0.0)), lg.argmax(-1))
+    # a heavy penalty on the argmax changes the pick
+    top = lg[0].argmax().item()
+    p = SamplingParams.greedy(presence_penalty=2.0, frequency_penalty=2.0)
+    lg2 = lg[:1].clone()
+    lg2[0, top] = lg2[0].max() + 1.0
+    assert sample(lg2, p, history=[[top, top]]).item() != top
+
+
+def test_temperature():
+    lg = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
+    assert torch.allclose(apply_temperature(lg, [0.5, 0.0]), torch.tensor([[2.0, 4.0], [1.0, 2.0]]))
+
+
+def test_seeded_sampling_reproducible_and_batch_independent():
+    flat = torch.zeros(1, 1000)
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+
+    def draw(seed, n=8):
+        g = make_generator(seed)
+        return [sample(flat, p, [g]).item() for _ in range(n)]
+
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+    # same seed in a batch next to other rows -> same draws
+    g_rows = [make_generator(1), make_generator(99), make_generator(5)]
+    params = [p, SamplingParams(temperature=1.5, top_k=3), SamplingParams.greedy()]
+    batch = torch.zeros(3, 1000)
+    got = [sample(batch, params, g_rows)[0].item() for _ in range(8)]
+    assert got == draw(1)
+
+
+def test_sampling_distribution_respects_filters():
+    lg = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    p = SamplingParams(temperature=1.0, top_k=2, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+    g = make_generator(0)
+    seen = {sample(lg, p, [g]).item() for _ in range(200)}
+    assert seen == {3, 4}
+
+
+def test_token_logprobs():
+    lg = torch.randn(2, 20)
+    chosen = torch.tensor([3, 7])
+    lps, tops = token_logprobs(lg, chosen, 4)
+    ref = torch.log_softmax(lg, -1)
+    assert math.isclose(lps[0], ref[0, 3].item(), rel_tol=1e-6)
+    assert math.isclose(lps[1], ref[1, 7].item(), rel_tol=1e-6)
+    assert [len(t) for t in tops] == [4, 4]
+    assert tops[0][0][0] == lg[0].argmax().item()
+    assert all(a[1] >= b[1] for a, b in zip(tops[1], tops[1][1:]))
+    lp, top = token_logprobs(lg[0], 3, 0)
+    assert math.isclose(lp, ref[0, 3].item(), rel_tol=1e-6) and top == []
+
+
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(min_p=-0.1), "min_p"),
+        (dict(min_p=1.1), "min_p"),
+        (dict(typical_p=0.0), "typical_p"),
+        (dict(repeat_penalty=0.0), "repeat_penalty"),
+        (dict(repeat_last_n=-5), "repeat_last_n"),
+        (dict(frequency_penalty=3.0), "frequency_penalty"),
+        (dict(presence_penalty=float("nan")), "presence_penalty"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(seed="x"), "seed"),
+        (dict(logit_bias={-1: 1.0}), "logit_bias"),
+    ],
+)
+def test_invalid_params_raise(kw, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kw)
+
+
+def test_greedy_helper():
+    g = SamplingParams.greedy(seed=3)
+    assert g.temperature == 0 and g.is_greedy and g.repeat_penalty == 1.0 and g.seed == 3

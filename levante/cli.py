@@ -31,8 +31,10 @@ def _add_sampling(p: argparse.ArgumentParser, temp: float) -> None:
     p.add_argument("--min-p", type=float, default=0.05, help="min-p filter (default: 0.05)")
     p.add_argument("--typical-p", type=float, default=1.0, help="locally typical sampling, 1 = off")
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off (default: 1.0)")
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract count * value from the logits of recent tokens (default: 0)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract value from the logits of tokens seen recently (default: 0)")
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed (same seed -> same output)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 

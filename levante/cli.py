@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print architecture, sizes, quant types and tokenizer facts",
                        description="Describe a model file or directory without running it.")
     p.add_argument("model", nargs="?", default=None, help="model path or repo id (default: the embedded model)")
+    p.add_argument("-m", "--model", dest="model_opt", default=None, help="same as the positional MODEL")
 
     p = sub.add_parser("quantize", help="write a GGUF file in a quantization type",
                        description="Convert a HF / Mistral directory or a GGUF file to GGUF of type TYPE.")
@@ -151,7 +152,7 @@ def cmd_info(args) -> int:
     from .model import expected_shapes
     from .quant.base import QuantWeight
 
-    path = resolve_path(args.model)
+    path = resolve_path(args.model_opt or args.model)
     ck = read_checkpoint(path)
     cfg = ck.config
     types: Counter[str] = Counter()

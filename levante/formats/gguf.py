@@ -1,0 +1,515 @@
+"""GGUF reader (llama.cpp's file format), architecture `llama` (Llama, Mistral, Mixtral).
+
+The file is memory-mapped (copy-on-write, so nothing is ever written back); quantized tensors
+become `GGMLWeight`s whose packed bytes are zero-copy views of the mapping. Only small tensors are
+copied: norms and the MoE router (dequantized to float32) and wq / wk, whose rows are put back
+from llama.cpp's interleaved rotary layout into the rotate-half layout (a permutation of whole
+rows, so quantized blocks are moved, never re-rounded).
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import re
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..errors import ConfigError, LevanteError, UnsupportedQuantError, WeightsError
+from ..model import expected_shapes
+from ..quant.base import QuantWeight
+from ..quant.ggml import FLOAT_TYPES, GGMLWeight, check_qtype, dequantize
+from . import Checkpoint
+
+SUPPORTED_VERSIONS = (2, 3)
+_ARRAY = 9  # GGUFValueType.ARRAY
+_STRING = 8  # GGUFValueType.STRING
+
+
+# ------------------------------------------------------------------------------------ the reader
+def _make_reader_class():
+    from gguf import GGUFReader
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+    class _Reader(GGUFReader):
+        """GGUFReader with fast array metadata and tensor-extent checks.
+
+        Arrays of scalars are kept as one numpy view (parts[data[0]] holds all elements); arrays of
+        strings are decoded at once into a numpy object array. `gguf_fields` understands both this
+        and the stock per-element layout.
+        """
+
+        def _get_field_parts(self, orig_offs: int, raw_type: int):
+            if raw_type != GGUFValueType.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            if len(raw_itype) != 1 or len(alen) != 1:
+                raise ValueError(f"metadata array header at offset {orig_offs} is cut off")
+            n = int(alen[0])
+            sub = GGUFValueType(int(raw_itype[0]))
+            offs = orig_offs + 12
+            nptype = self.gguf_scalar_to_np.get(sub)
+            if nptype is not None:
+                arr = self._get(offs, nptype, n)
+                if len(arr) != n:
+                    raise ValueError(f"metadata array at offset {orig_offs} runs past the end of the file")
+                return 12 + int(arr.nbytes), [raw_itype, alen, arr], [2], [GGUFValueType.ARRAY, sub]
+            if sub == GGUFValueType.STRING and self.byte_order == "I":
+                strs, end = _decode_strings(self.data, offs, n)
+                return end - orig_offs, [raw_itype, alen, strs], [2], [GGUFValueType.ARRAY, sub]
+            return super()._get_field_parts(orig_offs, raw_type)
+
+        def _build_tensors(self, start_offs: int, fields) -> None:
+            size = len(self.data)
+            for field in fields:
+                _nl, name_data, _nd, dims, raw_dtype, offset_tensor = field.parts
+                name = bytes(name_data).decode("utf-8", "replace")
+                try:
+                    qt = GGMLQuantizationType(int(raw_dtype[0]))
+                except ValueError:
+                    raise UnsupportedQuantError(f"tensor {name}: unknown GGML type id {int(raw_dtype[0])}") from None
+                bs, ts = GGML_QUANT_SIZES[qt]
+                n_el = math.prod(int(d) for d in dims)
+                if dims.size and int(dims[0]) % bs:
+                    raise WeightsError(
+                        f"tensor {name}: row length {int(dims[0])} is not a multiple of the {qt.name} block size {bs}"
+                    )
+                start = start_offs + int(offset_tensor[0])
+                end = start + n_el * ts // bs
+                if end > size:
+                    raise WeightsError(
+                        f"truncated file: tensor {name} ({qt.name}, {[int(d) for d in dims]}) needs bytes "
+                        f"{start}..{end} but the file has only {size} bytes"
+                    )
+            super()._build_tensors(start_offs, fields)
+
+    return _Reader
+
+
+_READER_CLS = None
+
+
+def _reader_class():
+    global _READER_CLS
+    if _READER_CLS is None:
+        _READER_CLS = _make_reader_class()
+    return _READER_CLS
+
+
+def _decode_strings(buf: np.ndarray, offs: int, n: int) -> tuple[np.ndarray, int]:
+    """n GGUF strings (u64 length + utf-8 bytes) from offset offs -> (object array, end offset)."""
+    mv = memoryview(buf)
+    size = len(mv)
+    out = np.empty(n, dtype=object)
+    unpack = struct.Struct("<Q").unpack_from
+    dec = codecs.utf_8_decode
+    p = offs
+    for i in range(n):
+        if p + 8 > size:
+            raise ValueError(f"string array at offset {offs} runs past the end of the file")
+        (ln,) = unpack(mv, p)
+        p += 8
+        if p + ln > size:
+            raise ValueError(f"string array at offset {offs} runs past the end of the file")
+        chunk = mv[p : p + ln]
+        try:
+            out[i] = dec(chunk, "strict", True)[0]
+        except UnicodeDecodeError:
+            out[i] = dec(chunk, "replace", True)[0]
+        p += ln
+    return out, p
+
+
+def gguf_fields(reader: Any) -> dict[str, Any]:
+    """All metadata of a GGUFReader as plain Python values (str, int, float, bool, lists)."""
+    out: dict[str, Any] = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        out[key] = _field_value(f)
+    return out
+
+
+def _field_value(f: Any) -> Any:
+    types = [int(t) for t in f.types]
+    if not types:
+        return None
+    if types[0] == _ARRAY:
+        if len(types) > 2:  # nested arrays: rare, take the slow generic path
+            return f.contents()
+        if not f.data:
+            return []
+        sub = types[-1] if len(types) > 1 else None
+        first = f.parts[f.data[0]]
+        if sub == _STRING:
+            if first.dtype == object:
+                return first.tolist()
+            return [_utf8(f.parts[i]) for i in f.data]
+        if len(f.data) == 1:
+            return first.tolist()
+        return np.concatenate([f.parts[i] for i in f.data]).tolist()
+    if types[0] == _STRING:
+        return _utf8(f.parts[-1])
+    return f.parts[-1].tolist()[0]
+
+
+def _utf8(a: np.ndarray) -> str:
+    b = a.tobytes()
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return b.decode("utf-8", "replace")
+
+
+def _open(path: Path) -> Any:
+    """Open a GGUF file, turning every failure into a WeightsError that names the problem."""
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file")
+    if not path.is_file():
+        raise WeightsError(f"{path}: not a file")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if head[:4] != b"GGUF":
+        raise WeightsError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
+    if len(head) < 24:
+        raise WeightsError(f"{path}: truncated file: header cut off ({size} bytes)")
+    version = struct.unpack_from("<I", head, 4)[0]
+    if version & 0xFFFF == 0 and version:
+        raise WeightsError(f"{path}: big-endian GGUF files are not supported")
+    if version not in SUPPORTED_VERSIONS:
+        raise WeightsError(
+            f"{path}: unsupported GGUF version {version} (supported: {', '.join(map(str, SUPPORTED_VERSIONS))})"
+        )
+    try:
+        return _reader_class()(path, "c")
+    except LevanteError as e:
+        raise type(e)(f"{path}: {e}") from None
+    except Exception as e:  # GGUFReader raises ValueError / IndexError / KeyError on bad data
+        raise WeightsError(f"{path}: truncated or corrupt GGUF header: {type(e).__name__}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------- the config
+def _config(fields: dict[str, Any], path: Path, tensors: dict[str, Any]) -> ModelConfig:
+    arch = fields.get("general.architecture")
+    if arch is None:
+        raise ConfigError(f"{path}: missing required key 'general.architecture'")
+    if arch != "llama":
+        raise ConfigError(f"{path}: unsupported architecture {arch!r} (levante reads GGUF architecture 'llama')")
+
+    def key(k: str, default: Any = ...) -> Any:
+        full = f"llama.{k}"
+        if full in fields:
+            return fields[full]
+        if default is ...:
+            raise ConfigError(f"{path}: missing required key {full!r}")
+        return default
+
+    n_layers = int(key("block_count"))
+    hidden = int(key("embedding_length"))
+    ff = int(key("feed_forward_length"))
+    n_heads = int(key("attention.head_count"))
+    n_kv = int(key("attention.head_count_kv", n_heads))
+    if n_heads <= 0 or n_kv <= 0:
+        raise ConfigError(f"{path}: attention.head_count {n_heads} / head_count_kv {n_kv} must be positive")
+    head_dim = int(key("attention.key_length", 0) or 0)
+    if not head_dim:
+        if hidden % n_heads:
+            raise ConfigError(f"{path}: embedding_length {hidden} is not divisible by head_count {n_heads}")
+        head_dim = hidden // n_heads
+    v_len = key("attention.value_length", None)
+    if v_len is not None and int(v_len) != head_dim:
+        raise ConfigError(f"{path}: attention.value_length {v_len} != key_length {head_dim} is not supported")
+    rope_dims = key("rope.dimension_count", None)
+    if rope_dims is not None and int(rope_dims) != head_dim:
+        raise ConfigError(
+            f"{path}: llama.rope.dimension_count {rope_dims} != head_dim {head_dim} (partial rotary is not supported)"
+        )
+    n_exp = int(key("expert_count", 0) or 0)
+    n_used = int(key("expert_used_count")) if n_exp else 2
+    if "llama.vocab_size" in fields:
+        vocab = int(fields["llama.vocab_size"])
+    elif "tokenizer.ggml.tokens" in fields:
+        vocab = len(fields["tokenizer.ggml.tokens"])
+    elif "token_embd.weight" in tensors:
+        vocab = int(tensors["token_embd.weight"].shape[1])
+    else:
+        raise ConfigError(f"{path}: missing required key 'llama.vocab_size' (and no tokenizer.ggml.tokens)")
+    scaling = None
+    stype = key("rope.scaling.type", None)
+    if stype not in (None, "none"):
+        if stype != "linear":
+            raise ConfigError(f"{path}: rope scaling type {stype!r} is not supported")
+        scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+
+    def tok_id(k: str) -> int | None:
+        v = fields.get(f"tokenizer.ggml.{k}")
+        return None if v is None else int(v)
+
+    try:
+        return ModelConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=ff,
+            num_layers=n_layers,
+            num_heads=n_heads,
+            num_kv_heads=n_kv,
+            head_dim=head_dim,
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=int(key("context_length")),
+            num_experts=n_exp,
+            num_experts_per_tok=n_used,
+            tie_word_embeddings="output.weight" not in tensors,
+            model_type="mixtral" if n_exp > 0 else "llama",
+            bos_token_id=tok_id("bos_token_id"),
+            eos_token_id=tok_id("eos_token_id"),
+            pad_token_id=tok_id("padding_token_id"),
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _llama3_scaling(factors: np.ndarray, cfg: ModelConfig, fields: dict[str, Any], path: Path) -> dict:
+    """Recover llama3 rope-scaling parameters from a `rope_freqs` tensor (checked, else ConfigError)."""
+    from ..model import _llama3_inv_freq
+
+    dim = cfg.head_dim
+    base = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    f = torch.from_numpy(np.asarray(factors, dtype=np.float32).reshape(-1).copy())
+    if f.numel() != base.numel():
+        raise ConfigError(f"{path}: rope_freqs has {f.numel()} entries, expected {base.numel()}")
+    orig = int(fields.get("llama.rope.scaling.original_context_length", 8192) or 8192)
+    sc = {
+        "rope_type": "llama3",
+        "factor": float(f.max()),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": orig,
+    }
+    got = base / _llama3_inv_freq(base, sc)
+    if not torch.allclose(got, f, rtol=1e-3, atol=1e-4):
+        raise ConfigError(f"{path}: rope_freqs tensor does not match llama3 rope scaling; not supported")
+    return sc
+
+
+# ---------------------------------------------------------------------------------- the tensors
+_LAYER = re.compile(r"^blk\.(\d+)\.(\w+?)(?:\.(\d+))?\.weight$")
+_TOP = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
+_LAYER_NAMES = {
+    "attn_norm": "attn_norm",
+    "ffn_norm": "ffn_norm",
+    "attn_q": "attn.wq",
+    "attn_k": "attn.wk",
+    "attn_v": "attn.wv",
+    "attn_output": "attn.wo",
+    "ffn_gate": "ffn.w1",
+    "ffn_up": "ffn.w3",
+    "ffn_down": "ffn.w2",
+    "ffn_gate_inp": "ffn.gate",
+}
+_EXPERT_NAMES = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}
+_FLOAT_NP = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _np_shape(rt: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(rt.shape.tolist()))
+
+
+def _raw(rt: Any) -> Tensor:
+    """The tensor's bytes as uint8 [..., bytes_per_row] (zero-copy view of the mapping)."""
+    a = rt.data
+    if a.dtype != np.uint8:
+        a = a.view(np.uint8)
+    return torch.from_numpy(a)
+
+
+def _qk_perm(n_head: int, head_dim: int) -> Tensor:
+    """Row order that undoes llama.cpp's interleaving permutation of wq / wk."""
+    return torch.arange(n_head * head_dim).reshape(n_head, head_dim // 2, 2).transpose(1, 2).reshape(-1)
+
+
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
+    """Read a GGUF file into a Checkpoint (quantized weights stay packed, memory-mapped)."""
+    path = Path(path)
+    reader = _open(path)
+    if reader.byte_order != "I":
+        raise WeightsError(f"{path}: big-endian GGUF files are not supported")
+    fields = gguf_fields(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    try:
+        cfg = _config(fields, path, tensors)
+    except LevanteError:
+        raise
+    except (TypeError, ValueError, KeyError) as e:  # a key of the wrong type, e.g. a string block_count
+        raise ConfigError(f"{path}: bad llama.* metadata: {type(e).__name__}: {e}") from e
+    if "rope_freqs.weight" in tensors:
+        rf = tensors["rope_freqs.weight"]
+        cfg.rope_scaling = _llama3_scaling(
+            dequantize(_raw(rf).reshape(1, -1), rf.tensor_type.name).numpy(), cfg, fields, path
+        )
+    shapes = expected_shapes(cfg)
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head")
+    fname = path.name
+
+    weights: dict[str, Tensor | QuantWeight] = {}
+    sources: dict[str, str] = {}
+
+    def check(rt: Any, qtype: str, want: tuple[int, ...], what: str) -> None:
+        check_qtype(qtype, rt.name)
+        got = _np_shape(rt)
+        if got != want:
+            raise WeightsError(
+                f"{path}: tensor {rt.name} has shape {got}, expected {want} for {what} (from the llama.* metadata)"
+            )
+
+    def put(canon: str, w: Tensor | QuantWeight, rt: Any) -> None:
+        if canon in weights:
+            raise WeightsError(f"{path}: tensor {rt.name} duplicates {sources[canon]} ({canon})")
+        weights[canon] = w
+        sources[canon] = f"{fname}:{rt.name}"
+
+    def linear(raw: Tensor, qtype: str, shape: tuple[int, int], name: str) -> Tensor | QuantWeight:
+        if qtype in FLOAT_TYPES and _FLOAT_NP[qtype] == dtype:
+            return raw.view(dtype).reshape(shape)  # zero-copy plain tensor in the compute dtype
+        return GGMLWeight(raw.reshape(shape[0], -1), qtype, shape, name)
+
+    def small_float(rt: Any, qtype: str) -> Tensor:
+        raw = _raw(rt)
+        return dequantize(raw.reshape(-1, raw.shape[-1]), qtype).reshape(_np_shape(rt))
+
+    layers_seen = set()
+    for name, rt in tensors.items():
+        qtype = rt.tensor_type.name
+        if name == "rope_freqs.weight":
+            continue
+        if name in _TOP:
+            canon = _TOP[name]
+            if canon not in shapes:
+                raise WeightsError(f"{path}: unexpected tensor {name}")
+            want = shapes[canon]
+            check(rt, qtype, want, canon)
+            if canon == "norm":
+                put(canon, small_float(rt, qtype), rt)
+            else:
+                put(canon, linear(_raw(rt), qtype, want, name), rt)
+            continue
+        m = _LAYER.match(name)
+        if not m:
+            raise WeightsError(f"{path}: unexpected tensor {name} (not part of a llama model)")
+        layer, kind, expert = int(m.group(1)), m.group(2), m.group(3)
+        if layer >= cfg.num_layers:
+            raise WeightsError(f"{path}: tensor {name} is for layer {layer}, but block_count is {cfg.num_layers}")
+        layers_seen.add(layer)
+        p = f"layers.{layer}."
+        if kind.endswith("_exps") and kind[:-5] in _EXPERT_NAMES and expert is None:
+            if not cfg.is_moe:
+                raise WeightsError(f"{path}: expert tensor {name} in a model with expert_count 0")
+            w = _EXPERT_NAMES[kind[:-5]]
+            per = shapes[p + f"ffn.experts.0.{w}"]
+            check(rt, qtype, (cfg.num_experts, *per), f"{p}ffn.experts.*.{w} (stacked)")
+            raw = _raw(rt)
+            for e in range(cfg.num_experts):
+                put(f"{p}ffn.experts.{e}.{w}", linear(raw[e], qtype, per, f"{name}[{e}]"), rt)
+            continue
+        if expert is not None:
+            if kind not in _EXPERT_NAMES or not cfg.is_moe:
+                raise WeightsError(f"{path}: unexpected tensor {name}")
+            e = int(expert)
+            if e >= cfg.num_experts:
+                raise WeightsError(f"{path}: tensor {name} is for expert {e}, but expert_count is {cfg.num_experts}")
+            canon = f"{p}ffn.experts.{e}.{_EXPERT_NAMES[kind]}"
+            check(rt, qtype, shapes[canon], canon)
+            put(canon, linear(_raw(rt), qtype, shapes[canon], name), rt)
+            continue
+        if kind not in _LAYER_NAMES:
+            raise WeightsError(f"{path}: unexpected tensor {name} (not part of a llama model)")
+        canon = p + _LAYER_NAMES[kind]
+        if canon not in shapes:
+            raise WeightsError(f"{path}: unexpected tensor {name} ({'MoE' if cfg.is_moe else 'dense'} model)")
+        want = shapes[canon]
+        check(rt, qtype, want, canon)
+        if kind in ("attn_norm", "ffn_norm", "ffn_gate_inp"):
+            put(canon, small_float(rt, qtype), rt)
+            continue
+        raw = _raw(rt)
+        if kind in ("attn_q", "attn_k"):
+            n_head = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
+            raw = raw.reshape(want[0], -1).index_select(0, _qk_perm(n_head, cfg.head_dim))
+        put(canon, linear(raw, qtype, want, name), rt)
+
+    missing = [k for k in shapes if k not in weights]
+    if missing:
+        raise WeightsError(
+            f"{path}: missing tensor(s) {', '.join(_gguf_name(k) for k in missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}"
+        )
+
+    tokenizer = _tokenizer(fields)
+    size = path.stat().st_size
+    info = {
+        "format": "gguf",
+        "file": str(path),
+        "file_size": size,
+        "gguf_version": int(reader.fields["GGUF.version"].parts[-1][0]),
+        "architecture": "llama",
+        "name": fields.get("general.name"),
+        "file_type": fields.get("general.file_type"),
+        "file_type_name": _file_type_name(fields.get("general.file_type")),
+        "quantization_version": fields.get("general.quantization_version"),
+        "context_length": cfg.max_position_embeddings,
+        "tensor_count": len(tensors),
+        "tensor_types": dict(Counter(t.tensor_type.name for t in tensors.values())),
+        "n_params": int(sum(int(t.n_elements) for t in tensors.values())),
+        "alignment": int(reader.alignment),
+        "tokenizer_model": fields.get("tokenizer.ggml.model"),
+        "metadata": {k: v for k, v in fields.items() if not isinstance(v, list)},
+    }
+    return Checkpoint(config=cfg, weights=weights, format="gguf", tokenizer=tokenizer, sources=sources, info=info)
+
+
+def _gguf_name(canon: str) -> str:
+    rev_top = {v: k for k, v in _TOP.items()}
+    if canon in rev_top:
+        return rev_top[canon]
+    m = re.match(r"^layers\.(\d+)\.(.+)$", canon)
+    if not m:
+        return canon
+    layer, rest = m.groups()
+    e = re.match(r"^ffn\.experts\.(\d+)\.(w[123])$", rest)
+    if e:
+        kind = {v: k for k, v in _EXPERT_NAMES.items()}[e.group(2)]
+        return f"blk.{layer}.{kind}_exps.weight (expert {e.group(1)})"
+    kind = {v: k for k, v in _LAYER_NAMES.items()}.get(rest, rest)
+    return f"blk.{layer}.{kind}.weight"
+
+
+def _file_type_name(ft: Any) -> str | None:
+    if ft is None:
+        return None
+    try:
+        from gguf.constants import LlamaFileType
+
+        return LlamaFileType(int(ft)).name.removeprefix("MOSTLY_")
+    except Exception:
+        return None
+
+
+def _tokenizer(fields: dict[str, Any]) -> Any:
+    if "tokenizer.ggml.tokens" not in fields:
+        return None
+    try:
+        from ..tokenizer import tokenizer_from_gguf_fields
+    except ImportError:
+        return None
+    return tokenizer_from_gguf_fields(fields)

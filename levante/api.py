@@ -49,10 +49,11 @@ class LLM:
         seed: int | None = None,
         verbose: bool = False,
         model_alias: str | None = None,
+        device: str = "cpu",
         _loaded: LoadedModel | None = None,
     ) -> None:
         torch.set_num_threads(n_threads or physical_cores())
-        self.loaded = _loaded or load(model_path, dtype=dtype, progress=verbose)
+        self.loaded = _loaded or load(model_path, dtype=dtype, progress=verbose, device=device)
         self.model = self.loaded.model
         self.config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer

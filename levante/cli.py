@@ -21,6 +21,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype for float weights (auto: bfloat16 for bf16 checkpoints, else float32)")
     p.add_argument("-b", "--n-batch", type=int, default=512, help="prompt tokens per forward pass (prefill chunk)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
 
 
 def _add_sampling(p: argparse.ArgumentParser, temp: float) -> None:
@@ -65,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, help="model path or repo id (default: the embedded model)")
     p.add_argument("-m", "--model", dest="model_opt", default=None, help="same as the positional MODEL")
 
+    p = sub.add_parser("bench", help="measure prefill and decode speed (like llama-bench)",
+                       description="Time prefill of -p tokens and decode of -n tokens, -r times; print a table.")
+    _add_model(p)
+    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens to prefill (default: 512)")
+    p.add_argument("-n", "--n-gen", type=int, default=128, help="tokens to decode (default: 128)")
+    p.add_argument("-r", "--reps", type=int, default=3, help="repetitions (default: 3)")
+    p.add_argument("-o", "--output", choices=["md", "csv"], default="md", help="table format (default: md)")
+
     p = sub.add_parser("quantize", help="write a GGUF file in a quantization type",
                        description="Convert a HF / Mistral directory or a GGUF file to GGUF of type TYPE.")
     p.add_argument("input", help="HF safetensors dir, Mistral consolidated dir, or GGUF file")
@@ -78,7 +87,7 @@ def _llm(args):
     from .api import LLM
 
     return LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads, dtype=args.dtype, n_batch=args.n_batch,
-               verbose=True)
+               verbose=True, device=args.device)
 
 
 def _sampling_kwargs(args) -> dict:
@@ -212,6 +221,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import HEADER, markdown_table, run_bench
+
+    if args.ctx_size is None:
+        args.ctx_size = args.n_prompt + args.n_gen
+    res = run_bench(_llm(args), args.n_prompt, args.n_gen, args.reps)
+    if args.output == "csv":
+        print(",".join(HEADER))
+        print(",".join(res.row()))
+    else:
+        print(markdown_table([res.row()]))
+    return 0
+
+
 def cmd_quantize(args) -> int:
     from .quantize import quantize_model
 
@@ -220,7 +243,7 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "quantize": cmd_quantize}
+COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "quantize": cmd_quantize}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

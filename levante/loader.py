@@ -48,6 +48,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, file_dtypes: set[str] | None 
         raise ValueError(f"unknown dtype {dtype!r}; choose from float32, bfloat16, float16, auto") from None
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return dev
+
+
 def resolve_path(model: str | Path | None) -> Path:
     """A local file or directory for `model` (downloading a HF repo id through huggingface_hub)."""
     if model is None:
@@ -134,8 +144,13 @@ def load(
     dtype: str | torch.dtype | None = None,
     head: str = "causal_lm",
     progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """Load a model for inference. `model` is a path, a HF repo id, or None for the default model."""
+    """Load a model for inference. `model` is a path, a HF repo id, or None for the default model.
+
+    `device`: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available); weights keep their storage
+    format on the device.
+    """
     path = resolve_path(model)
     ckpt = read_checkpoint(path)
     torch_dtype = resolve_dtype(dtype, set(ckpt.info.get("file_dtypes", [])) or None)
@@ -147,6 +162,9 @@ def load(
     except LevanteError:
         raise
     net.eval()
+    dev = resolve_device(device)
+    if dev.type != "cpu":
+        net.to(dev)
     tok = _tokenizer_for(path, ckpt)
     return LoadedModel(net, ckpt.config, tok, path, ckpt.format, torch_dtype, ckpt.info)
 

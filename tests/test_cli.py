@@ -69,3 +69,14 @@ def test_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["info", str(tmp_path / "empty")]) == 1
     assert "missing config" in capsys.readouterr().err
+
+
+def test_bench_table(model_dir, capsys):
+    assert main(["bench", "-m", str(model_dir), "-p", "16", "-n", "4", "-r", "2", "-t", "2"]) == 0
+    out = capsys.readouterr().out
+    header, _, row = out.strip().splitlines()
+    assert "prefill tok/s" in header and "decode tok/s" in header and "peak RSS" in header
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "F32" and cells[5] == "2"
+    assert cells[6].startswith("pp16: ") and "±" in cells[6] and cells[7].startswith("tg4: ")
+    assert float(cells[7].split()[1]) > 0

@@ -122,9 +122,7 @@ def _prefill_positions(prompts: list[list[int]], length: int) -> tuple[torch.Ten
 
 
 def _compact_cache(cache, keep: torch.Tensor) -> None:
-    cache.k = [t.index_select(0, keep) for t in cache.k]
-    cache.v = [t.index_select(0, keep) for t in cache.v]
-    cache.pos = cache.pos.index_select(0, keep)
+    cache.select_rows(keep)
 
 
 def generate_stream(

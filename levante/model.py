@@ -81,12 +81,14 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Preallocated key/value cache for a batch of sequences.
+    """Preallocated key/value cache for a batch of sequences ("rows").
 
-    Slots are written in step order, shared by all rows of the batch (rows are left-padded, so a
-    step is the same moment for every row). Each slot remembers the absolute position of the token
-    it holds (-1 = empty or padding); the attention mask is built from those positions, so a
-    sliding-window model can use a rolling buffer of `window` slots: slot = step % window.
+    Each row has its own length (steps written). A forward call works on a contiguous range of
+    rows: rows that start at the same length share write slots (batched prefill of left-padded
+    prompts, or one new request); rows of different lengths can advance by one token together
+    (continuous batching). Each slot remembers the absolute position of the token it holds
+    (-1 = empty or padding); the attention mask is built from those positions, so a sliding-window
+    model can use a rolling buffer of `window` slots: slot = step % window.
     """
 
     def __init__(
@@ -105,65 +107,111 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.pos = torch.full((batch_size, self.capacity), -1, dtype=torch.long, device=device)
-        self.step = 0  # slots written so far (including padding)
+        self.lengths = [0] * batch_size  # steps written per row (padding included)
 
     @property
     def batch_size(self) -> int:
         return self.pos.shape[0]
 
-    def reset(self) -> None:
-        self.pos.fill_(-1)
-        self.step = 0
+    @property
+    def step(self) -> int:
+        """Length of row 0 (all rows, in plain batched generation)."""
+        return self.lengths[0]
 
-    def truncate(self, n_steps: int) -> None:
-        """Forget everything after the first `n_steps` steps (prefix reuse). Non-rolling caches only."""
-        if self.rolling and n_steps < self.step and self.step > self.capacity:
+    def reset(self, row: int | None = None) -> None:
+        rows = range(self.batch_size) if row is None else [row]
+        for r in rows:
+            self.pos[r] = -1
+            self.lengths[r] = 0
+
+    def truncate(self, row: int, n_steps: int) -> None:
+        """Forget everything after the first `n_steps` steps of `row` (prefix reuse)."""
+        if n_steps >= self.lengths[row]:
+            return
+        if self.rolling and self.lengths[row] > self.capacity:
             raise ValueError("cannot truncate a rolling cache that has wrapped around")
-        self.pos[:, n_steps:] = -1
-        self.step = min(self.step, n_steps)
+        self.pos[row, n_steps:] = -1
+        self.lengths[row] = n_steps
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row `dst` a copy of row `src` (used to keep active rows contiguous)."""
+        if src == dst:
+            return
+        n = min(self.lengths[src], self.capacity)
+        for t in self.k + self.v:
+            t[dst, :, :n] = t[src, :, :n]
+        self.pos[dst] = self.pos[src]
+        self.lengths[dst] = self.lengths[src]
+
+    def select_rows(self, keep: Tensor) -> None:
+        """Keep only rows `keep` (in that order)."""
+        self.k = [t.index_select(0, keep) for t in self.k]
+        self.v = [t.index_select(0, keep) for t in self.v]
+        self.pos = self.pos.index_select(0, keep)
+        self.lengths = [self.lengths[i] for i in keep.tolist()]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 class _Plan:
-    """How one forward chunk interacts with the cache (computed once, shared by every layer)."""
+    """How one forward chunk uses the cache (computed once, shared by every layer).
 
-    def __init__(self, cache: KVCache | None, positions: Tensor, window: int | None) -> None:
+    Modes: "none" (no cache), "shared" (all rows at the same length: slots shared, any T),
+    "concat" (shared, rolling buffer, multi-token chunk that wraps), "scatter" (rows of different
+    lengths, one token each).
+    """
+
+    def __init__(self, cache: KVCache | None, positions: Tensor, window: int | None, rows: slice) -> None:
         self.cache = cache
+        self.rows = rows
         B, T = positions.shape
         if cache is None:
             self.mode = "none"
             kpos = positions
         else:
-            if not cache.rolling and cache.step + T > cache.capacity:
+            lens = cache.lengths[rows]
+            if len(lens) != B:
+                raise ValueError(f"batch of {B} rows but cache rows {rows} hold {len(lens)}")
+            cap = cache.capacity
+            if not cache.rolling and max(lens) + T > cap:
                 raise ContextLengthError(
-                    f"context overflow: {cache.step} cached + {T} new tokens > n_ctx {cache.capacity}"
+                    f"context overflow: {max(lens)} cached + {T} new tokens > n_ctx {cap}"
                 )
-            steps = torch.arange(cache.step, cache.step + T, device=positions.device)
-            n_old = min(cache.step, cache.capacity)
-            if T == 1 or cache.step + T <= cache.capacity:
-                # Safe to write first: nothing this chunk still needs is overwritten.
-                self.mode = "write_first"
-                self.write_src = slice(0, T)
-                self.slots = steps % cache.capacity
-                self.n_keys = min(cache.step + T, cache.capacity)
-                new_pos = cache.pos.clone()
-                new_pos[:, self.slots] = positions
-                kpos = new_pos[:, : self.n_keys]
-                self.new_pos = new_pos
+            pos_view = cache.pos[rows]
+            if min(lens) == max(lens):
+                step = lens[0]
+                steps = torch.arange(step, step + T, device=positions.device)
+                new_pos = pos_view.clone()
+                if T == 1 or step + T <= cap:
+                    # Safe to write first: nothing this chunk still needs is overwritten.
+                    self.mode = "shared"
+                    self.src = slice(0, T)
+                    self.slots = steps % cap
+                    self.n_keys = min(step + T, cap)
+                    new_pos[:, self.slots] = positions
+                    kpos = new_pos[:, : self.n_keys]
+                else:
+                    # Rolling buffer and a chunk that wraps: attend over old cache + new keys, then
+                    # keep only the newest `capacity` tokens.
+                    self.mode = "concat"
+                    self.n_old = min(step, cap)
+                    keep = min(T, cap)
+                    self.src = slice(T - keep, T)
+                    self.slots = steps[T - keep :] % cap
+                    kpos = torch.cat([pos_view[:, : self.n_old], positions], dim=1)
+                    new_pos[:, self.slots] = positions[:, T - keep :]
             else:
-                # Rolling buffer, multi-token chunk: attend over old cache + new keys, then keep
-                # only the newest `capacity` tokens.
-                self.mode = "concat"
-                self.n_old = n_old
-                keep = min(T, cache.capacity)
-                self.write_src = slice(T - keep, T)
-                self.slots = steps[T - keep :] % cache.capacity
-                kpos = torch.cat([cache.pos[:, :n_old], positions], dim=1)
-                new_pos = cache.pos.clone()
-                new_pos[:, self.slots] = positions[:, T - keep :]
-                self.new_pos = new_pos
+                if T != 1:
+                    raise ValueError("rows of different lengths can only advance one token at a time")
+                self.mode = "scatter"
+                self.batch_idx = torch.arange(B, device=positions.device)
+                self.slots = torch.tensor([n % cap for n in lens], device=positions.device)
+                self.n_keys = min(max(lens) + 1, cap)
+                new_pos = pos_view.clone()
+                new_pos[self.batch_idx, self.slots] = positions[:, 0]
+                kpos = new_pos[:, : self.n_keys]
+            self.new_pos = new_pos
         q = positions[:, :, None]
         k = kpos[:, None, :]
         mask = (k >= 0) & (k <= q)
@@ -173,10 +221,31 @@ class _Plan:
         empty = ~mask.any(-1, keepdim=True)
         self.mask = (mask | empty)[:, None]  # [B, 1, T, K]
 
+    def keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this chunk's k/v [B, H, T, D] in the cache; return all keys/values to attend to."""
+        if self.mode == "none":
+            return k, v
+        ck, cv = self.cache.k[layer][self.rows], self.cache.v[layer][self.rows]
+        if self.mode == "shared":
+            ck[:, :, self.slots] = k
+            cv[:, :, self.slots] = v
+            return ck[:, :, : self.n_keys], cv[:, :, : self.n_keys]
+        if self.mode == "scatter":
+            ck[self.batch_idx, :, self.slots] = k[:, :, 0]
+            cv[self.batch_idx, :, self.slots] = v[:, :, 0]
+            return ck[:, :, : self.n_keys], cv[:, :, : self.n_keys]
+        k_all = torch.cat([ck[:, :, : self.n_old], k], dim=2)
+        v_all = torch.cat([cv[:, :, : self.n_old], v], dim=2)
+        ck[:, :, self.slots] = k[:, :, self.src]
+        cv[:, :, self.slots] = v[:, :, self.src]
+        return k_all, v_all
+
     def finish(self) -> None:
         if self.cache is not None:
-            self.cache.pos = self.new_pos
-            self.cache.step += self.mask.shape[2]
+            self.cache.pos[self.rows] = self.new_pos
+            T = self.mask.shape[2]
+            for r in range(*self.rows.indices(self.cache.batch_size)):
+                self.cache.lengths[r] += T
 
 
 class Attention(nn.Module):
@@ -191,24 +260,8 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        cache = plan.cache
-        if plan.mode == "write_first":
-            cache.k[layer][:, :, plan.slots] = k
-            cache.v[layer][:, :, plan.slots] = v
-            k = cache.k[layer][:, :, : plan.n_keys]
-            v = cache.v[layer][:, :, : plan.n_keys]
-        elif plan.mode == "concat":
-            ck, cv = cache.k[layer], cache.v[layer]
-            k_all = torch.cat([ck[:, :, : plan.n_old], k], dim=2)
-            v_all = torch.cat([cv[:, :, : plan.n_old], v], dim=2)
-            ck[:, :, plan.slots] = k[:, :, plan.write_src]
-            cv[:, :, plan.slots] = v[:, :, plan.write_src]
-            k, v = k_all, v_all
-        if self.n_kv != self.n_heads:
-            rep = self.n_heads // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask)
+        k, v = plan.keys_values(layer, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -287,17 +340,26 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """tokens [B, T]; positions [B, T] absolute positions, -1 for padding (default: cache.step + arange)."""
+    def forward(
+        self, tokens: Tensor, positions: Tensor | None = None, cache: KVCache | None = None, rows: slice | None = None
+    ) -> Tensor:
+        """tokens [B, T]; positions [B, T] absolute positions, -1 for padding (default: row length + arange).
+
+        `rows`: the contiguous range of cache rows this batch uses (default: all of them).
+        """
         if tokens.ndim == 1:
             tokens = tokens[None]
         B, T = tokens.shape
+        rows = rows if rows is not None else slice(0, B)
         if positions is None:
-            start = cache.step if cache is not None else 0
-            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+            if cache is not None:
+                start = torch.tensor(cache.lengths[rows], device=tokens.device)[:, None]
+            else:
+                start = torch.zeros(B, 1, dtype=torch.long, device=tokens.device)
+            positions = start + torch.arange(T, device=tokens.device)
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
             raise ValueError(f"token id out of range 0..{self.cfg.vocab_size - 1}")
-        plan = _Plan(cache, positions, self.cfg.sliding_window)
+        plan = _Plan(cache, positions, self.cfg.sliding_window, rows)
         x = self.embed.rows(tokens, self.dtype)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for i, layer in enumerate(self.layers):
@@ -324,9 +386,10 @@ class CausalLM(nn.Module):
         positions: Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        rows: slice | None = None,
     ) -> Tensor:
         """Next-token logits [B, T, vocab] (float32), or [B, 1, vocab] with last_only."""
-        h = self.model(tokens, positions, cache)
+        h = self.model(tokens, positions, cache, rows)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h).float()

@@ -68,7 +68,7 @@ class ChainModel(nn.Module):
         B, T = tokens.shape
         self.calls.append((B, T))
         assert cache.step + T <= cache.capacity
-        cache.step += T
+        cache.lengths = [n + T for n in cache.lengths]
         nxt = (tokens + 1) % V
         logits = torch.nn.functional.one_hot(nxt, V).float() * 10.0
         return logits[:, -1:] if last_only else logits

@@ -133,3 +133,25 @@ def test_classification_heads_equal_transformers(tmp_path, kind, head):
         got = net(ids)
     assert got.shape == want.shape
     assert (want - got).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["mixtral_8x2", "mistral_window"])
+def test_rows_of_different_lengths_advance_together(tmp_path, kind):
+    """Continuous batching: rows prefilled separately, then decoded in one batch, equal solo runs."""
+    ref, net = _load(tmp_path, kind)
+    g = torch.Generator().manual_seed(6)
+    a = torch.randint(0, 320, (1, 11), generator=g)
+    b = torch.randint(0, 320, (1, 4), generator=g)
+    steps = torch.randint(0, 320, (2, 9), generator=g)
+    with torch.no_grad():
+        cache = net.new_cache(2, 64)
+        net(a, cache=cache, rows=slice(0, 1))
+        net(b, cache=cache, rows=slice(1, 2))
+        assert cache.lengths == [11, 4]
+        joint = torch.cat([net(steps[:, i : i + 1], cache=cache) for i in range(9)], 1)
+        want_a = ref(torch.cat([a, steps[:1]], 1)).logits[:, 11:]
+        want_b = ref(torch.cat([b, steps[1:]], 1)).logits[:, 4:]
+    assert (joint[0] - want_a[0]).abs().max().item() <= 1e-4
+    assert (joint[1] - want_b[0]).abs().max().item() <= 1e-4
+    cache.copy_row(0, 1)
+    assert cache.lengths == [20, 20] and torch.equal(cache.k[0][0], cache.k[0][1])

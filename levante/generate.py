@@ -109,6 +109,26 @@ class _Row:
         self.stop = _StopFilter(stops)
         self.generator = None if params.is_greedy else make_generator(params.seed)
 
+    def accept(self, tok: int, stop_ids: set[int], logprob: float | None = None,
+               top: list[tuple[int, float]] | None = None) -> TokenEvent:
+        """Take the sampled token `tok`: update text, stop state and budget; describe it as an event."""
+        self.n_new += 1
+        self.history.append(tok)
+        finish = None
+        if tok in stop_ids:
+            text = self.stop.push(self.decoder.flush()) + self.stop.flush()
+            finish = "stop"
+        else:
+            text = self.stop.push(self.decoder.push(tok))
+            if self.stop.stopped:
+                finish = "stop"
+            elif self.n_new >= self.limit:
+                text += self.stop.push(self.decoder.flush())
+                finish = "stop" if self.stop.stopped else "length"
+                text += self.stop.flush()
+        return TokenEvent(row=self.index, token=tok, text=text, logprob=logprob, top_logprobs=top,
+                          finish_reason=finish)
+
 
 def _prefill_positions(prompts: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
     B = len(prompts)
@@ -221,32 +241,11 @@ def generate_stream(
                 lps, tops = token_logprobs(logits, chosen, logprobs)
             still: list[int] = []
             for j, r in enumerate(active):
-                tok = chosen_list[j]
-                r.n_new += 1
-                r.history.append(tok)
-                finish = None
-                if tok in stop_ids:
-                    text = r.stop.push(r.decoder.flush())
-                    text += r.stop.flush()
-                    finish = "stop"
-                else:
-                    text = r.stop.push(r.decoder.push(tok))
-                    if r.stop.stopped:
-                        finish = "stop"
-                    elif r.n_new >= r.limit:
-                        text += r.stop.push(r.decoder.flush())
-                        finish = "stop" if r.stop.stopped else "length"
-                        text += r.stop.flush()
-                    else:
-                        still.append(j)
-                yield TokenEvent(
-                    row=r.index,
-                    token=tok,
-                    text=text,
-                    logprob=lps[j] if logprobs is not None else None,
-                    top_logprobs=tops[j] if logprobs is not None else None,
-                    finish_reason=finish,
-                )
+                ev = r.accept(chosen_list[j], stop_ids, lps[j] if logprobs is not None else None,
+                              tops[j] if logprobs is not None else None)
+                if ev.finish_reason is None:
+                    still.append(j)
+                yield ev
             if not still:
                 return
             if len(still) < len(active):

@@ -1,0 +1,371 @@
+"""Continuous batching: one scheduler thread serves many concurrent requests.
+
+Each running request owns one row ("slot") of a shared `KVCache`. Active rows are kept contiguous
+(rows [0, n_active)), so every decode step is one model call over a slice of the cache, with rows
+of different lengths advancing together. Between decode steps the scheduler drops finished or
+cancelled requests (their row is swapped behind the active ones and kept) and admits waiting ones
+(prefill of the new row alone, in chunks).
+
+Prefix cache: a finished request's row keeps its tokens. A new request whose prompt starts with
+the same tokens (a shared system prompt, the earlier turns of a conversation) takes that row,
+truncates it to the common prefix and computes only the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ContextLengthError
+from .generate import TokenEvent, _Row
+from .sampling import SamplingParams, sample, token_logprobs
+
+_DONE = object()
+
+
+@dataclass
+class Request:
+    """A submitted generation; iterate it (sync or async) for `TokenEvent`s until finish_reason is set."""
+
+    id: int
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams
+    stop: list[str]
+    stop_ids: set[int]
+    logprobs: int | None
+    fresh_text: bool
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    error: BaseException | None = None
+    _q: queue.Queue = field(default_factory=queue.Queue, repr=False)
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _aq: asyncio.Queue | None = None
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client went away); the slot is freed at the next step."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def _put(self, item) -> None:
+        if self._aq is not None and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._aq.put_nowait, item)
+            except RuntimeError:  # event loop closed: nobody is listening any more
+                self._cancel.set()
+        else:
+            self._q.put(item)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            item = self._q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        assert self._aq is not None, "submit(..., loop=...) to iterate asynchronously"
+        while True:
+            item = await self._aq.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+@dataclass
+class _Slot:
+    tokens: list[int] = field(default_factory=list)  # tokens whose k/v the row holds
+    req: Request | None = None
+    row: _Row | None = None
+    pending: int | None = None  # sampled token not yet fed to the model
+
+
+class Metrics:
+    """Counters for /metrics (Prometheus text format)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
+        self.completion_tokens = 0
+        self.ttft_sum = 0.0
+        self.ttft_count = 0
+        self.ttft_buckets = {b: 0 for b in (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))}
+        self.decode_tokens_window: deque[tuple[float, int]] = deque(maxlen=256)
+        self.queue_depth = 0
+        self.batch_size = 0
+
+    def observe_ttft(self, seconds: float) -> None:
+        self.ttft_sum += seconds
+        self.ttft_count += 1
+        for b in self.ttft_buckets:
+            if seconds <= b:
+                self.ttft_buckets[b] += 1
+
+    def tokens_per_second(self) -> float:
+        w = self.decode_tokens_window
+        if len(w) < 2:
+            return 0.0
+        dt = w[-1][0] - w[0][0]
+        return sum(n for _, n in list(w)[1:]) / dt if dt > 0 else 0.0
+
+    def prometheus(self) -> str:
+        lines = [
+            "# TYPE levante_requests_total counter", f"levante_requests_total {self.requests}",
+            "# TYPE levante_prompt_tokens_total counter", f"levante_prompt_tokens_total {self.prompt_tokens}",
+            "# TYPE levante_prompt_tokens_cached_total counter",
+            f"levante_prompt_tokens_cached_total {self.cached_prompt_tokens}",
+            "# TYPE levante_completion_tokens_total counter",
+            f"levante_completion_tokens_total {self.completion_tokens}",
+            "# TYPE levante_queue_depth gauge", f"levante_queue_depth {self.queue_depth}",
+            "# TYPE levante_batch_size gauge", f"levante_batch_size {self.batch_size}",
+            "# TYPE levante_decode_tokens_per_second gauge",
+            f"levante_decode_tokens_per_second {self.tokens_per_second():.3f}",
+            "# TYPE levante_time_to_first_token_seconds histogram",
+        ]
+        for b, n in self.ttft_buckets.items():
+            le = "+Inf" if b == float("inf") else f"{b}"
+            lines.append(f'levante_time_to_first_token_seconds_bucket{{le="{le}"}} {n}')
+        lines += [f"levante_time_to_first_token_seconds_sum {self.ttft_sum:.6f}",
+                  f"levante_time_to_first_token_seconds_count {self.ttft_count}"]
+        return "\n".join(lines) + "\n"
+
+
+class Engine:
+    """The scheduler. `submit` is thread-safe; a background thread runs the model."""
+
+    def __init__(self, model, tokenizer, n_ctx: int, max_batch: int = 8, prefill_chunk: int = 512,
+                 prefix_cache: bool = True) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.model, self.tokenizer = model, tokenizer
+        self.n_ctx, self.max_batch, self.prefill_chunk = n_ctx, max_batch, prefill_chunk
+        self.prefix_cache = prefix_cache
+        self.cache = model.new_cache(max_batch, n_ctx)
+        self.slots = [_Slot() for _ in range(max_batch)]
+        self.n_active = 0
+        self.waiting: deque[Request] = deque()
+        self.metrics = Metrics()
+        self._ids = itertools.count(1)
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.device = model.model.device
+
+    # ------------------------------------------------------------------ public
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="levante-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop: list[str] | None = None,
+               stop_ids: set[int] | None = None, logprobs: int | None = None, fresh_text: bool = False,
+               loop: asyncio.AbstractEventLoop | None = None) -> Request:
+        """Queue a request. Raises ContextLengthError / ValueError at once for a request that cannot run."""
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if len(prompt) >= self.n_ctx:
+            raise ContextLengthError(
+                f"prompt has {len(prompt)} tokens; the context window is {self.n_ctx} tokens "
+                f"(requested {len(prompt)} + {max_tokens} = {len(prompt) + max_tokens})"
+            )
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token id out of range 0..{vocab - 1}")
+        req = Request(next(self._ids), list(prompt), max(1, min(max_tokens, self.n_ctx - len(prompt))), params,
+                      list(stop or []), set(self.tokenizer.eos_ids if stop_ids is None else stop_ids), logprobs,
+                      fresh_text)
+        if loop is not None:
+            req._loop, req._aq = loop, asyncio.Queue()
+        with self._cv:
+            self.waiting.append(req)
+            self.metrics.requests += 1
+            self.metrics.prompt_tokens += len(prompt)
+            self.metrics.queue_depth = len(self.waiting)
+            self._cv.notify()
+        return req
+
+    # ------------------------------------------------------------------ scheduler
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._stop and not self.waiting and self.n_active == 0:
+                    self._cv.wait()
+                if self._stop:
+                    break
+            try:
+                with torch.inference_mode():
+                    self._drop_finished()
+                    self._admit()
+                    if self.n_active:
+                        self._decode_step()
+            except Exception as e:  # never let one bad step kill the server: fail the running requests
+                self._fail_all(e)
+        self._fail_all(RuntimeError("server shutting down"), include_waiting=True)
+
+    def _fail_all(self, err: BaseException, include_waiting: bool = False) -> None:
+        for i in range(self.n_active):
+            s = self.slots[i]
+            if s.req is not None:
+                s.req.error = err
+                s.req._put(err)
+            self.slots[i] = _Slot()
+            self.cache.reset(i)
+        self.n_active = 0
+        if include_waiting:
+            with self._cv:
+                while self.waiting:
+                    r = self.waiting.popleft()
+                    r._put(err)
+
+    def _release(self, i: int) -> None:
+        """Row i's request is done: move it behind the active rows (keeping its tokens for reuse)."""
+        last = self.n_active - 1
+        slot = self.slots[i]
+        slot.req, slot.row, slot.pending = None, None, None
+        if i != last:
+            self._swap(i, last)
+        self.n_active -= 1
+
+    def _swap(self, a: int, b: int) -> None:
+        c = self.cache
+        m = min(max(c.lengths[a], c.lengths[b]), c.capacity)
+        if m:
+            for t in c.k + c.v:
+                tmp = t[a, :, :m].clone()
+                t[a, :, :m] = t[b, :, :m]
+                t[b, :, :m] = tmp
+        c.pos[[a, b]] = c.pos[[b, a]]
+        c.lengths[a], c.lengths[b] = c.lengths[b], c.lengths[a]
+        self.slots[a], self.slots[b] = self.slots[b], self.slots[a]
+
+    def _drop_finished(self) -> None:
+        i = 0
+        while i < self.n_active:
+            s = self.slots[i]
+            if s.req is None or s.req.cancelled:
+                if s.req is not None:
+                    s.req._put(_DONE)
+                self._release(i)
+            else:
+                i += 1
+
+    def _admit(self) -> None:
+        while self.n_active < self.max_batch:
+            with self._cv:
+                if not self.waiting:
+                    break
+                req = self.waiting.popleft()
+                self.metrics.queue_depth = len(self.waiting)
+            if req.cancelled:
+                req._put(_DONE)
+                continue
+            self._start(req)
+
+    def _best_free_row(self, prompt: list[int]) -> tuple[int, int]:
+        """The free row sharing the longest prefix with `prompt` (at most len(prompt) - 1 tokens)."""
+        best, best_n = self.n_active, 0
+        if not self.prefix_cache:
+            return best, 0
+        for r in range(self.n_active, self.max_batch):
+            toks = self.slots[r].tokens
+            if self.cache.rolling and self.cache.lengths[r] > self.cache.capacity:
+                continue
+            n = 0
+            limit = min(len(toks), len(prompt) - 1)
+            while n < limit and toks[n] == prompt[n]:
+                n += 1
+            if n > best_n:
+                best, best_n = r, n
+        return best, best_n
+
+    def _start(self, req: Request) -> None:
+        r, common = self._best_free_row(req.prompt)
+        row = self.n_active
+        if r != row:
+            self._swap(r, row)
+        if common:
+            self.cache.truncate(row, common)
+        else:
+            self.cache.reset(row)
+        slot = self.slots[row]
+        slot.tokens = slot.tokens[:common]
+        req.cached_tokens = common
+        self.metrics.cached_prompt_tokens += common
+        self.n_active += 1
+        slot.req = req
+        slot.row = _Row(req.id, req.prompt, req.params, req.max_tokens, self.tokenizer, req.stop, req.fresh_text)
+        rest = torch.tensor([req.prompt[common:]], device=self.device)
+        logits = None
+        for s in range(0, rest.shape[1], self.prefill_chunk):
+            logits = self.model(rest[:, s : s + self.prefill_chunk], cache=self.cache, last_only=True,
+                                rows=slice(row, row + 1))
+        slot.tokens = list(req.prompt)
+        self._emit([row], logits[:, -1])
+
+    def _decode_step(self) -> None:
+        self._drop_finished()  # requests that finished during admission
+        rows = list(range(self.n_active))
+        if not rows:
+            return
+        toks = torch.tensor([[self.slots[i].pending] for i in rows], device=self.device)
+        for i in rows:
+            self.slots[i].tokens.append(self.slots[i].pending)
+            self.slots[i].pending = None
+        logits = self.model(toks, cache=self.cache, last_only=True, rows=slice(0, self.n_active))
+        self.metrics.decode_tokens_window.append((time.perf_counter(), len(rows)))
+        self._emit(rows, logits[:, -1])
+
+    def _emit(self, rows: list[int], logits: torch.Tensor) -> None:
+        """Sample one token for each of `rows` and send the events."""
+        slots = [self.slots[i] for i in rows]
+        chosen = sample(logits, [s.row.params for s in slots], [s.row.generator for s in slots],
+                        history=[s.row.history for s in slots]).tolist()
+        want_lp = [s.req.logprobs for s in slots]
+        lps = tops = None
+        if any(n is not None for n in want_lp):
+            lps, tops = token_logprobs(logits, torch.tensor(chosen), max(n or 0 for n in want_lp))
+        now = time.perf_counter()
+        for j, s in enumerate(slots):
+            req = s.req
+            lp = lps[j] if lps is not None and req.logprobs is not None else None
+            top = tops[j][: req.logprobs] if tops is not None and req.logprobs is not None else None
+            ev = s.row.accept(chosen[j], req.stop_ids, lp, top)
+            if req.first_token_at is None:
+                req.first_token_at = now
+                self.metrics.observe_ttft(now - req.submitted)
+            self.metrics.completion_tokens += 1
+            req._put(ev)
+            if ev.finish_reason is not None:
+                req._put(_DONE)
+                s.req = None
+            else:
+                s.pending = chosen[j]
+        self._drop_finished()
+        self.metrics.batch_size = self.n_active

@@ -23,7 +23,6 @@ from levante.errors import ConfigError, UnsupportedQuantError, WeightsError  # n
 from levante.formats.gguf import gguf_fields, read_gguf  # noqa: E402
 from levante.model import build_model  # noqa: E402
 from levante.quant.base import QuantWeight  # noqa: E402
-from levante.quant.ggml import GGMLWeight  # noqa: E402
 
 TOKENS = torch.tensor([[1, 17, 250, 3, 99, 42, 7, 300, 5, 11]])
 
@@ -91,9 +90,9 @@ def test_quantized_round_trip(qtype, models, ref_logits, tmp_path):
     path = write_gguf_from_hf(models["mixtral_8x2"], tmp_path / f"m.{qtype}.gguf", qtype)
     ckpt = read_gguf(path)
     wq = ckpt.weights["layers.0.attn.wq"]
-    assert isinstance(wq, GGMLWeight) and wq.qtype == qtype
+    assert isinstance(wq, QuantWeight) and wq.qtype == qtype
     e3 = ckpt.weights["layers.1.ffn.experts.3.w2"]
-    assert isinstance(e3, GGMLWeight) and e3.shape == (64, 96)
+    assert isinstance(e3, QuantWeight) and e3.shape == (64, 96)
     assert isinstance(ckpt.weights["layers.0.ffn.gate"], torch.Tensor)  # router: float32
     assert ckpt.weights["layers.0.ffn.gate"].dtype == torch.float32
     assert ckpt.info["tensor_types"][qtype] > 0

@@ -26,6 +26,8 @@ from ..errors import ConfigError, LevanteError, UnsupportedQuantError, WeightsEr
 from ..model import expected_shapes
 from ..quant.base import QuantWeight
 from ..quant.ggml import FLOAT_TYPES, GGMLWeight, check_qtype, dequantize
+from ..quant.kernels import QTYPES as KERNEL_TYPES
+from ..quant.kernels import fast_weight
 from . import Checkpoint
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -382,6 +384,8 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
     def linear(raw: Tensor, qtype: str, shape: tuple[int, int], name: str) -> Tensor | QuantWeight:
         if qtype in FLOAT_TYPES and _FLOAT_NP[qtype] == dtype:
             return raw.view(dtype).reshape(shape)  # zero-copy plain tensor in the compute dtype
+        if qtype in KERNEL_TYPES:  # fused C++ kernel (torch fallback), exact GGML arithmetic
+            return fast_weight(raw.reshape(shape[0], -1), qtype, shape[0], shape[1])
         return GGMLWeight(raw.reshape(shape[0], -1), qtype, shape, name)
 
     def small_float(rt: Any, qtype: str) -> Tensor:

@@ -1,0 +1,176 @@
+"""Micro-benchmark of CPU matmul candidates for GGML weights: `python benchmarks/kernels.py [threads] [--quick]`.
+
+Prints a markdown table: op, shape (K x N), batch M, ms (best of several runs), GB/s (weight bytes
+read per call / time), GFLOP/s (2·M·N·K / time). The weight of one shape is re-read every call, so
+decode numbers for weights < L3 (32 MiB here) are cache-resident, not DRAM, bandwidth.
+"""
+# ruff: noqa: B023  (every lambda is timed right where it is made)
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from levante.quant import kernels as kq
+from levante.quant.ggml import GGMLWeight
+
+A = torch.ops.aten
+SHAPES = [(1024, 3584), (3584, 1024), (576, 1536)]  # (K = in_features, N = out_features)
+
+
+def bench(f, budget: float = 0.6, reps: int = 20) -> float:
+    f()
+    ts: list[float] = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+        if sum(ts) > budget and len(ts) >= 3:
+            break
+    return min(ts)
+
+
+def ggml_raw(qtype: str, n: int, k: int, rng: np.random.Generator) -> torch.Tensor:
+    _, bs, ts = kq.QTYPES[qtype]
+    raw = rng.integers(0, 256, (n, k // bs, ts), dtype=np.uint8)
+    return torch.from_numpy(raw.reshape(n, -1))
+
+
+def cold(make, call, nbytes: int, total: int = 160 << 20) -> float:
+    """Seconds per call when cycling through enough weight copies (> 4x L3) that they stream from DRAM."""
+    ws = [make() for _ in range(max(2, total // nbytes))]
+    for w in ws:
+        call(w)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for w in ws:
+            call(w)
+        best = min(best, (time.perf_counter() - t0) / len(ws))
+    return best
+
+
+def cold_decode(add_row, rng) -> None:
+    k, n = 1024, 3584
+    x = torch.randn(1, k)
+    xb = x.bfloat16()
+    szb = torch.rand(k // 32, n, 2).bfloat16()
+    s8 = torch.rand(n).bfloat16()
+    cases = [
+        ("F.linear f32", lambda: torch.randn(n, k), lambda w: F.linear(x, w), n * k * 4),
+        ("F.linear bf16", lambda: torch.randn(n, k).bfloat16(), lambda w: F.linear(xb, w), n * k * 2),
+        (
+            "int4pack_mm bf16 (g32)",
+            lambda: A._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1),
+            lambda p: A._weight_int4pack_mm_for_cpu(xb, p, 32, szb),
+            n * k // 2 + szb.numel() * 2,
+        ),
+        (
+            "int8pack_mm bf16",
+            lambda: torch.randint(-128, 127, (n, k), dtype=torch.int8),
+            lambda w: A._weight_int8pack_mm(xb, w, s8),
+            n * k,
+        ),
+    ]
+    for qt in ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"):
+        nb = n * (k // kq.QTYPES[qt][1]) * kq.QTYPES[qt][2]
+        cases.append(
+            (
+                f"GGMLKernelWeight {qt}",
+                lambda qt=qt: kq.GGMLKernelWeight(ggml_raw(qt, n, k, rng), qt, n, k),
+                lambda w: w.matmul(x),
+                nb,
+            )
+        )
+    for name, make, call, nbytes in cases:
+        t = cold(make, call, nbytes)
+        add_row(f"{name} [DRAM]", k, n, 1, t, nbytes)
+
+
+def main() -> None:
+    threads = int(next((a for a in sys.argv[1:] if a.isdigit()), 2))
+    quick = "--quick" in sys.argv
+    torch.set_num_threads(threads)
+    kq.extension()  # build (or load) before timing
+    rng = np.random.default_rng(0)
+    batches = [1, 8, 128] if quick else [1, 8, 16, 128, 512]
+    rows = []
+
+    def add(op, k, n, m, fn, nbytes, t=None):
+        t = bench(fn) if t is None else t
+        rows.append((op, f"{k}x{n}", m, t * 1e3, nbytes / t / 1e9, 2 * m * n * k / t / 1e9))
+        r = rows[-1]
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.1f} |", flush=True)
+
+    print(f"threads={threads}, torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}")
+    print("| op | K x N | M | ms | GB/s | GFLOP/s |\n|---|---|---|---|---|---|")
+    cold_decode(lambda op, k, n, m, t, nb: add(op, k, n, m, None, nb, t), rng)
+    for k, n in SHAPES:
+        w = torch.randn(n, k)
+        wb = w.bfloat16()
+        q4 = torch.randint(0, 16, (n, k), dtype=torch.int32)
+        p4 = A._convert_weight_to_int4pack_for_cpu(q4, 1)
+        w8 = torch.randint(-128, 127, (n, k), dtype=torch.int8)
+        weights = {}
+        for qt in ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"):
+            if k % kq.QTYPES[qt][1] == 0:
+                weights[qt] = kq.GGMLKernelWeight(ggml_raw(qt, n, k, rng), qt, n, k)
+        torch_path = GGMLWeight(weights["Q4_0"].data, "Q4_0", (n, k))
+        for m in batches:
+            x = torch.randn(m, k)
+            xb = x.bfloat16()
+            add("F.linear f32", k, n, m, lambda: F.linear(x, w), n * k * 4)
+            add("F.linear bf16", k, n, m, lambda: F.linear(xb, wb), n * k * 2)
+            szb = torch.rand(k // 32, n, 2).bfloat16()
+            add(
+                "int4pack_mm bf16 (g32)",
+                k,
+                n,
+                m,
+                lambda: A._weight_int4pack_mm_for_cpu(xb, p4, 32, szb),
+                n * k // 2 + szb.numel() * 2,
+            )
+            if m == 1:  # the float32 paths are a slow reference loop; 128 rows take seconds
+                szf = szb.float()
+                add(
+                    "int4pack_mm f32 (g32)",
+                    k,
+                    n,
+                    m,
+                    lambda: A._weight_int4pack_mm_for_cpu(x, p4, 32, szf),
+                    n * k // 2 + szf.numel() * 4,
+                )
+                add("int8pack_mm f32", k, n, m, lambda: A._weight_int8pack_mm(x, w8, torch.rand(n)), n * k)
+            add("int8pack_mm bf16", k, n, m, lambda: A._weight_int8pack_mm(xb, w8, torch.rand(n).bfloat16()), n * k)
+            if m <= 16:
+                add("torch GGMLWeight Q4_0 (tile dequant)", k, n, m, lambda: torch_path.matmul(x), torch_path.nbytes)
+            for qt, wq in weights.items():
+                add(f"GGMLKernelWeight {qt}", k, n, m, lambda wq=wq: wq.matmul(x), wq.nbytes)
+                if m in (8, 16):
+                    qid = kq.QTYPES[qt][0]
+                    ext = kq.extension()
+                    if ext is not None:
+                        add(
+                            f"  fused gemv {qt}",
+                            k,
+                            n,
+                            m,
+                            lambda wq=wq, qid=qid: ext.gemv(wq.data, qid, k, x),
+                            wq.nbytes,
+                        )
+                        add(
+                            f"  dequant+linear {qt}",
+                            k,
+                            n,
+                            m,
+                            lambda wq=wq, qid=qid: F.linear(x, ext.dequant(wq.data, qid, k)),
+                            wq.nbytes,
+                        )
+
+
+if __name__ == "__main__":
+    main()

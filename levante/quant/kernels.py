@@ -1,0 +1,785 @@
+"""Fast CPU matmul for GGML block-quantized weights, exact w.r.t. the GGML dequantization.
+
+Measured on a 2-core AVX-512 EPYC (see benchmarks/README.md): torch's packed int4 / int8 ops
+(`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) are only fast with bf16 activations and
+bf16 scales, which cannot hold GGML's f16 scales (11-bit significand) exactly; their float32 path
+is a slow reference loop (20-100x slower than F.linear). So the fast exact path is our own:
+
+* decode / small batches (rows of x <= `GEMV_MAX_ROWS`): a C++ kernel (`levante_ggml_<hash>`
+  extension, built with torch.utils.cpp_extension at first use, cached under
+  ~/.cache/levante/torch_extensions, or $LEVANTE_EXTENSIONS_DIR) that reads the raw GGML blocks,
+  dequantizes them with AVX-512 using the reference arithmetic (bit-identical to
+  `gguf.quants.dequantize`) and accumulates float32 FMAs: for one row of x the weights go from
+  registers into the accumulators, for 2-8 rows through a 256-float L1 buffer; threads
+  (at::parallel_for, torch's thread count) split the output rows.
+* prefill (more rows): dequantize row tiles (C++ or torch) to float32 and run MKL's F.linear per tile,
+  so transient memory stays bounded by `TILE_BYTES`.
+
+Every weight value used is exactly the GGML float32 dequantization (no second rounding of
+weights); only the summation order differs from `x @ W.T`. When the compiler or the build is not
+available everything falls back to the pure-torch dequantizers of `levante.quant.ggml` (slower,
+same numbers).
+
+`int4pack_from_ggml` converts Q4_0 / Q4_1 / Q4_K to torch's int4pack layout (w = (q - 8)·s + z,
+scales_and_zeros [K/32, N, 2]) for callers that accept bf16 activations; `Int4PackWeight` wraps it.
+It is not chosen by `fast_weight` because it is not exact (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import QuantWeight
+
+# type name -> (type id in the C++ code, elements per block, bytes per block)
+QTYPES: dict[str, tuple[int, int, int]] = {
+    "Q4_0": (0, 32, 18),
+    "Q4_1": (1, 32, 20),
+    "Q5_0": (2, 32, 22),
+    "Q5_1": (3, 32, 24),
+    "Q8_0": (4, 32, 34),
+    "Q2_K": (5, 256, 84),
+    "Q3_K": (6, 256, 110),
+    "Q4_K": (7, 256, 144),
+    "Q5_K": (8, 256, 176),
+    "Q6_K": (9, 256, 210),
+}
+
+GEMV_MAX_ROWS = 8  # x rows up to which the fused C++ kernel beats tile-dequant + MKL (measured)
+TILE_BYTES = 32 << 20  # float32 bytes of dequantized weight per prefill tile
+
+# ----------------------------------------------------------------------------------- C++ source
+
+_CPP = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float h2f(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
+}
+
+// Each dequantizer writes one block (32 or 256 floats) with gguf.quants' arithmetic: f16 -> f32
+// first, then the same products / sums in the same order (every product below is exact in f32,
+// except Q6_K's dd*q, which is rounded exactly as the reference rounds it).
+
+void deq_q4_0(const uint8_t* b, float* y) {
+  const float d = h2f(b);
+  const uint8_t* qs = b + 2;
+  for (int j = 0; j < 16; ++j) {
+    y[j] = d * (float)((int)(qs[j] & 0x0F) - 8);
+    y[j + 16] = d * (float)((int)(qs[j] >> 4) - 8);
+  }
+}
+
+void deq_q4_1(const uint8_t* b, float* y) {
+  const float d = h2f(b), m = h2f(b + 2);
+  const uint8_t* qs = b + 4;
+  for (int j = 0; j < 16; ++j) {
+    y[j] = d * (float)(qs[j] & 0x0F) + m;
+    y[j + 16] = d * (float)(qs[j] >> 4) + m;
+  }
+}
+
+void deq_q5_0(const uint8_t* b, float* y) {
+  const float d = h2f(b);
+  uint32_t qh;
+  std::memcpy(&qh, b + 2, 4);
+  const uint8_t* qs = b + 6;
+  for (int j = 0; j < 16; ++j) {
+    const int lo = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
+    const int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+    y[j] = d * (float)(lo - 16);
+    y[j + 16] = d * (float)(hi - 16);
+  }
+}
+
+void deq_q5_1(const uint8_t* b, float* y) {
+  const float d = h2f(b), m = h2f(b + 2);
+  uint32_t qh;
+  std::memcpy(&qh, b + 4, 4);
+  const uint8_t* qs = b + 8;
+  for (int j = 0; j < 16; ++j) {
+    const int lo = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
+    const int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+    y[j] = d * (float)lo + m;
+    y[j + 16] = d * (float)hi + m;
+  }
+}
+
+void deq_q8_0(const uint8_t* b, float* y) {
+  const float d = h2f(b);
+  const int8_t* qs = reinterpret_cast<const int8_t*>(b + 2);
+  for (int j = 0; j < 32; ++j) y[j] = (float)qs[j] * d;
+}
+
+void deq_q2_k(const uint8_t* b, float* y) {
+  const uint8_t* sc = b;
+  const uint8_t* qs = b + 16;
+  const float d = h2f(b + 80), dmin = h2f(b + 82);
+  for (int g = 0; g < 2; ++g)
+    for (int s = 0; s < 4; ++s)
+      for (int h = 0; h < 2; ++h) {
+        const int sub = g * 8 + s * 2 + h;
+        const float dl = d * (float)(sc[sub] & 0x0F);
+        const float ml = dmin * (float)(sc[sub] >> 4);
+        const uint8_t* q = qs + g * 32 + h * 16;
+        float* o = y + sub * 16;
+        for (int j = 0; j < 16; ++j) o[j] = dl * (float)((q[j] >> (2 * s)) & 3) - ml;
+      }
+}
+
+void deq_q3_k(const uint8_t* b, float* y) {
+  const uint8_t* hm = b;
+  const uint8_t* qs = b + 32;
+  const uint8_t* sc = b + 96;
+  const float d = h2f(b + 108);
+  for (int g = 0; g < 2; ++g)
+    for (int s = 0; s < 4; ++s)
+      for (int h = 0; h < 2; ++h) {
+        const int sub = g * 8 + s * 2 + h;
+        const int lo = sub < 8 ? (sc[sub] & 0x0F) : (sc[sub - 8] >> 4);
+        const int hi = (sc[8 + (sub & 3)] >> (2 * (sub >> 2))) & 3;
+        const float dl = d * (float)((int8_t)(uint8_t)(lo | (hi << 4)) - 32);
+        const uint8_t* q = qs + g * 32 + h * 16;
+        const uint8_t* m = hm + h * 16;
+        const int hs = g * 4 + s;
+        float* o = y + sub * 16;
+        for (int j = 0; j < 16; ++j) {
+          const int ql = (q[j] >> (2 * s)) & 3;
+          const int hb = ((m[j] >> hs) & 1) ^ 1;
+          o[j] = dl * (float)(ql - (hb << 2));
+        }
+      }
+}
+
+inline void k_scale_min(const uint8_t* s, int j, int& sc, int& mn) {
+  if (j < 4) {
+    sc = s[j] & 63;
+    mn = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+void deq_q4_k(const uint8_t* b, float* y) {
+  const float d = h2f(b), dmin = h2f(b + 2);
+  const uint8_t* qs = b + 16;
+  for (int sub = 0; sub < 8; ++sub) {
+    int sc, mn;
+    k_scale_min(b + 4, sub, sc, mn);
+    const float dd = d * (float)sc, dm = dmin * (float)mn;
+    const uint8_t* q = qs + (sub >> 1) * 32;
+    float* o = y + sub * 32;
+    if (sub & 1) {
+      for (int j = 0; j < 32; ++j) o[j] = dd * (float)(q[j] >> 4) - dm;
+    } else {
+      for (int j = 0; j < 32; ++j) o[j] = dd * (float)(q[j] & 0x0F) - dm;
+    }
+  }
+}
+
+void deq_q5_k(const uint8_t* b, float* y) {
+  const float d = h2f(b), dmin = h2f(b + 2);
+  const uint8_t* qh = b + 16;
+  const uint8_t* qs = b + 48;
+  for (int sub = 0; sub < 8; ++sub) {
+    int sc, mn;
+    k_scale_min(b + 4, sub, sc, mn);
+    const float dd = d * (float)sc, dm = dmin * (float)mn;
+    const uint8_t* q = qs + (sub >> 1) * 32;
+    const int shift = (sub & 1) * 4;
+    float* o = y + sub * 32;
+    for (int j = 0; j < 32; ++j) {
+      const int v = ((q[j] >> shift) & 0x0F) | (((qh[j] >> sub) & 1) << 4);
+      o[j] = dd * (float)v - dm;
+    }
+  }
+}
+
+void deq_q6_k(const uint8_t* b, float* y) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = h2f(b + 208);
+  // element e = g*128 + s*64 + h*32 + j: low nibble (shift 4s) of ql[g*64 + h*32 + j],
+  // high bits (shift 2*(2s+h)) of qh[g*32 + j]
+  for (int g = 0; g < 2; ++g)
+    for (int s = 0; s < 2; ++s)
+      for (int h = 0; h < 2; ++h)
+        for (int t = 0; t < 2; ++t) {
+          const int e0 = g * 128 + s * 64 + h * 32 + t * 16;
+          const float dd = d * (float)sc[e0 >> 4];
+          const uint8_t* l = ql + g * 64 + h * 32 + t * 16;
+          const uint8_t* u = qh + g * 32 + t * 16;
+          const int ls = 4 * s, hs = 2 * (2 * s + h);
+          float* o = y + e0;
+          for (int j = 0; j < 16; ++j) {
+            const int v = ((l[j] >> ls) & 0x0F) | (((u[j] >> hs) & 3) << 4);
+            o[j] = dd * (float)(v - 32);
+          }
+        }
+}
+
+#ifdef __AVX512F__
+// AVX-512 versions of the hot dequantizers: same per-element arithmetic (exact products, then the
+// reference's single rounding of a sum, which an fma reproduces because the product is exact).
+// Each emits 16 weights at a time as out(offset_in_block, __m512); the sink stores them (dequant,
+// multi-row gemv) or multiplies them into an accumulator (single-row gemv), all inlined.
+inline __m512i u8_i32(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+
+template <class S>
+inline void blk_q4_0(const uint8_t* b, S&& out) {
+  const __m512 d = _mm512_set1_ps(h2f(b));
+  const __m512i qs = u8_i32(b + 2), e8 = _mm512_set1_epi32(8), m4 = _mm512_set1_epi32(15);
+  out(0, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(qs, m4), e8))));
+  out(16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(qs, 4), e8))));
+}
+
+template <class S>
+inline void blk_q4_1(const uint8_t* b, S&& out) {
+  const __m512 d = _mm512_set1_ps(h2f(b)), m = _mm512_set1_ps(h2f(b + 2));
+  const __m512i qs = u8_i32(b + 4), m4 = _mm512_set1_epi32(15);
+  out(0, _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(qs, m4)), m));
+  out(16, _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(qs, 4)), m));
+}
+
+inline void q5_vals(const uint8_t* qhp, const uint8_t* qsp, __m512i& lo, __m512i& hi) {
+  uint32_t qh;
+  std::memcpy(&qh, qhp, 4);
+  const __m512i qs = u8_i32(qsp), m4 = _mm512_set1_epi32(15), e16 = _mm512_set1_epi32(16);
+  lo = _mm512_and_si512(qs, m4);
+  hi = _mm512_srli_epi32(qs, 4);
+  lo = _mm512_mask_add_epi32(lo, (__mmask16)(qh & 0xFFFF), lo, e16);
+  hi = _mm512_mask_add_epi32(hi, (__mmask16)(qh >> 16), hi, e16);
+}
+
+template <class S>
+inline void blk_q5_0(const uint8_t* b, S&& out) {
+  const __m512 d = _mm512_set1_ps(h2f(b));
+  __m512i lo, hi;
+  q5_vals(b + 2, b + 6, lo, hi);
+  const __m512i e16 = _mm512_set1_epi32(16);
+  out(0, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, e16))));
+  out(16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, e16))));
+}
+
+template <class S>
+inline void blk_q5_1(const uint8_t* b, S&& out) {
+  const __m512 d = _mm512_set1_ps(h2f(b)), m = _mm512_set1_ps(h2f(b + 2));
+  __m512i lo, hi;
+  q5_vals(b + 4, b + 8, lo, hi);
+  out(0, _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lo), m));
+  out(16, _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(hi), m));
+}
+
+template <class S>
+inline void blk_q8_0(const uint8_t* b, S&& out) {
+  const __m512 d = _mm512_set1_ps(h2f(b));
+  const __m128i* q = (const __m128i*)(b + 2);
+  out(0, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))), d));
+  out(16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))), d));
+}
+
+template <class S>
+inline void blk_q4_k(const uint8_t* b, S&& out) {
+  const float d = h2f(b), dmin = h2f(b + 2);
+  const uint8_t* qs = b + 16;
+  const __m512i m4 = _mm512_set1_epi32(15);
+  for (int sub = 0; sub < 8; ++sub) {
+    int sc, mn;
+    k_scale_min(b + 4, sub, sc, mn);
+    const __m512 dd = _mm512_set1_ps(d * (float)sc), dm = _mm512_set1_ps(dmin * (float)mn);
+    const uint8_t* q = qs + (sub >> 1) * 32;
+    const int shift = (sub & 1) * 4;
+    for (int h = 0; h < 2; ++h) {
+      const __m512i v = _mm512_and_si512(_mm512_srli_epi32(u8_i32(q + 16 * h), shift), m4);
+      out(sub * 32 + 16 * h, _mm512_fmsub_ps(dd, _mm512_cvtepi32_ps(v), dm));
+    }
+  }
+}
+
+template <class S>
+inline void blk_q5_k(const uint8_t* b, S&& out) {
+  const float d = h2f(b), dmin = h2f(b + 2);
+  const uint8_t* qh = b + 16;
+  const uint8_t* qs = b + 48;
+  const __m512i m4 = _mm512_set1_epi32(15), one = _mm512_set1_epi32(1);
+  for (int sub = 0; sub < 8; ++sub) {
+    int sc, mn;
+    k_scale_min(b + 4, sub, sc, mn);
+    const __m512 dd = _mm512_set1_ps(d * (float)sc), dm = _mm512_set1_ps(dmin * (float)mn);
+    const uint8_t* q = qs + (sub >> 1) * 32;
+    const int shift = (sub & 1) * 4;
+    for (int h = 0; h < 2; ++h) {
+      __m512i v = _mm512_and_si512(_mm512_srli_epi32(u8_i32(q + 16 * h), shift), m4);
+      const __m512i hb = _mm512_and_si512(_mm512_srli_epi32(u8_i32(qh + 16 * h), sub), one);
+      v = _mm512_or_si512(v, _mm512_slli_epi32(hb, 4));
+      out(sub * 32 + 16 * h, _mm512_fmsub_ps(dd, _mm512_cvtepi32_ps(v), dm));
+    }
+  }
+}
+
+template <class S>
+inline void blk_q6_k(const uint8_t* b, S&& out) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = h2f(b + 208);
+  const __m512i m4 = _mm512_set1_epi32(15), m2 = _mm512_set1_epi32(3), e32 = _mm512_set1_epi32(32);
+  for (int g = 0; g < 2; ++g)
+    for (int s = 0; s < 2; ++s)
+      for (int h = 0; h < 2; ++h)
+        for (int t = 0; t < 2; ++t) {
+          const int e0 = g * 128 + s * 64 + h * 32 + t * 16;
+          const __m512 dd = _mm512_set1_ps(d * (float)sc[e0 >> 4]);
+          const __m512i l = _mm512_and_si512(_mm512_srli_epi32(u8_i32(ql + g * 64 + h * 32 + t * 16), 4 * s), m4);
+          const __m512i u = _mm512_and_si512(_mm512_srli_epi32(u8_i32(qh + g * 32 + t * 16), 2 * (2 * s + h)), m2);
+          const __m512i v = _mm512_sub_epi32(_mm512_or_si512(l, _mm512_slli_epi32(u, 4)), e32);
+          out(e0, _mm512_mul_ps(dd, _mm512_cvtepi32_ps(v)));
+        }
+}
+
+#define DEF_V(t)                                                                             \
+  void deq_##t##_v(const uint8_t* b, float* y) {                                             \
+    blk_##t(b, [&](int o, __m512 v) { _mm512_storeu_ps(y + o, v); });                        \
+  }                                                                                          \
+  struct dot_##t {                                                                           \
+    static inline void run(const uint8_t* b, const float* x, __m512& a0, __m512& a1) {       \
+      blk_##t(b, [&](int o, __m512 v) {                                                      \
+        if ((o >> 4) & 1) a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + o), a1);               \
+        else a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + o), a0);                            \
+      });                                                                                    \
+    }                                                                                        \
+  };
+DEF_V(q4_0)
+DEF_V(q4_1)
+DEF_V(q5_0)
+DEF_V(q5_1)
+DEF_V(q8_0)
+DEF_V(q4_k)
+DEF_V(q5_k)
+DEF_V(q6_k)
+#define HAVE_DOT1 1
+#define V(name) name##_v
+#else
+#define V(name) name
+#endif
+
+typedef void (*deq_fn)(const uint8_t*, float*);
+const int BLK[10] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256};
+const int BYT[10] = {18, 20, 22, 24, 34, 84, 110, 144, 176, 210};
+
+inline float dot(const float* __restrict a, const float* __restrict b, int n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void check(const torch::Tensor& raw, int64_t qt, int64_t k) {
+  TORCH_CHECK(qt >= 0 && qt < 10, "unknown qtype id ", qt);
+  TORCH_CHECK(raw.dtype() == torch::kUInt8 && raw.dim() == 2 && raw.is_contiguous(),
+              "raw must be contiguous uint8 2-D");
+  TORCH_CHECK(k % BLK[qt] == 0 && raw.size(1) == k / BLK[qt] * BYT[qt], "row bytes do not match in_features");
+}
+
+template <deq_fn F, int BL, int BY>
+void dequant_t(const uint8_t* src, float* dst, int64_t n, int64_t k) {
+  const int64_t nb = k / BL, rb = nb * BY;
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < nb; ++i) F(src + r * rb + i * BY, dst + r * k + i * BL);
+  });
+}
+
+// acc[0..16) += a[0..n) * b[0..n) lane-wise (n a multiple of 16); summed across lanes at row end.
+inline void fma16(float* __restrict acc, const float* __restrict a, const float* __restrict b, int n) {
+#ifdef __AVX512F__
+  __m512 s0 = _mm512_loadu_ps(acc), s1 = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_load_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_load_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+  }
+  for (; i < n; i += 16) s0 = _mm512_fmadd_ps(_mm512_load_ps(a + i), _mm512_loadu_ps(b + i), s0);
+  _mm512_storeu_ps(acc, _mm512_add_ps(s0, s1));
+#else
+  float t[16];
+  for (int l = 0; l < 16; ++l) t[l] = acc[l];
+  for (int i = 0; i < n; i += 16) {
+#pragma omp simd
+    for (int l = 0; l < 16; ++l) t[l] += a[i + l] * b[i + l];
+  }
+  for (int l = 0; l < 16; ++l) acc[l] = t[l];
+#endif
+}
+
+template <deq_fn F, int BL, int BY>
+void gemv_t(const uint8_t* src, const float* xp, float* yp, int64_t n, int64_t k, int64_t m) {
+  const int64_t rb = k / BL * BY;
+  constexpr int CH = 256;  // elements dequantized per step (a multiple of both block sizes)
+  at::parallel_for(0, n, 8, [&](int64_t r0, int64_t r1) {
+    alignas(64) float buf[CH];
+    std::vector<float> acc(m * 16);
+    for (int64_t r = r0; r < r1; ++r) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const uint8_t* row = src + r * rb;
+      for (int64_t e0 = 0; e0 < k; e0 += CH) {
+        const int len = (int)std::min<int64_t>(CH, k - e0);  // a multiple of 32
+        const uint8_t* blk = row + e0 / BL * BY;
+        for (int e = 0; e < len; e += BL, blk += BY) F(blk, buf + e);
+        for (int64_t i = 0; i < m; ++i) fma16(acc.data() + i * 16, buf, xp + i * k + e0, len);
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        float t = 0.f;
+        for (int l = 0; l < 16; ++l) t += acc[i * 16 + l];
+        yp[i * n + r] = t;
+      }
+    }
+  });
+}
+
+#ifdef HAVE_DOT1
+// one row of x: weights go from registers straight into two fma accumulators, no buffer
+template <class D, int BL, int BY>
+void gemv1_t(const uint8_t* src, const float* xp, float* yp, int64_t n, int64_t k) {
+  const int64_t nb = k / BL, rb = nb * BY;
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      const uint8_t* blk = src + r * rb;
+      for (int64_t i = 0; i < nb; ++i, blk += BY) D::run(blk, xp + i * BL, a0, a1);
+      yp[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+  });
+}
+#endif
+
+#define DISPATCH(QT, FN, ...)                                   \
+  switch (QT) {                                                 \
+    case 0: FN<V(deq_q4_0), 32, 18>(__VA_ARGS__); break;           \
+    case 1: FN<V(deq_q4_1), 32, 20>(__VA_ARGS__); break;           \
+    case 2: FN<V(deq_q5_0), 32, 22>(__VA_ARGS__); break;           \
+    case 3: FN<V(deq_q5_1), 32, 24>(__VA_ARGS__); break;           \
+    case 4: FN<V(deq_q8_0), 32, 34>(__VA_ARGS__); break;           \
+    case 5: FN<deq_q2_k, 256, 84>(__VA_ARGS__); break;          \
+    case 6: FN<deq_q3_k, 256, 110>(__VA_ARGS__); break;         \
+    case 7: FN<V(deq_q4_k), 256, 144>(__VA_ARGS__); break;         \
+    case 8: FN<V(deq_q5_k), 256, 176>(__VA_ARGS__); break;         \
+    case 9: FN<V(deq_q6_k), 256, 210>(__VA_ARGS__); break;         \
+  }
+
+}  // namespace
+
+// raw [N, row_bytes] uint8 -> float32 [N, k]
+torch::Tensor dequant(torch::Tensor raw, int64_t qt, int64_t k) {
+  check(raw, qt, k);
+  const int64_t n = raw.size(0);
+  auto out = torch::empty({n, k}, torch::kFloat32);
+  DISPATCH(qt, dequant_t, raw.data_ptr<uint8_t>(), out.data_ptr<float>(), n, k);
+  return out;
+}
+
+// y[m, n] = sum_k x[m, k] * W[n, k], W given as raw blocks; x float32 [M, k] contiguous.
+torch::Tensor gemv(torch::Tensor raw, int64_t qt, int64_t k, torch::Tensor x) {
+  check(raw, qt, k);
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) == k, "bad x");
+  const int64_t n = raw.size(0), m = x.size(0);
+  auto out = torch::empty({m, n}, torch::kFloat32);
+#ifdef HAVE_DOT1
+  if (m == 1 && qt != 5 && qt != 6) {
+    const uint8_t* s = raw.data_ptr<uint8_t>();
+    const float* xp = x.data_ptr<float>();
+    float* yp = out.data_ptr<float>();
+    switch (qt) {
+      case 0: gemv1_t<dot_q4_0, 32, 18>(s, xp, yp, n, k); break;
+      case 1: gemv1_t<dot_q4_1, 32, 20>(s, xp, yp, n, k); break;
+      case 2: gemv1_t<dot_q5_0, 32, 22>(s, xp, yp, n, k); break;
+      case 3: gemv1_t<dot_q5_1, 32, 24>(s, xp, yp, n, k); break;
+      case 4: gemv1_t<dot_q8_0, 32, 34>(s, xp, yp, n, k); break;
+      case 7: gemv1_t<dot_q4_k, 256, 144>(s, xp, yp, n, k); break;
+      case 8: gemv1_t<dot_q5_k, 256, 176>(s, xp, yp, n, k); break;
+      case 9: gemv1_t<dot_q6_k, 256, 210>(s, xp, yp, n, k); break;
+    }
+    return out;
+  }
+#endif
+  DISPATCH(qt, gemv_t, raw.data_ptr<uint8_t>(), x.data_ptr<float>(), out.data_ptr<float>(), n, k, m);
+  return out;
+}
+"""
+
+_EXT = None
+_EXT_TRIED = False
+_EXT_LOCK = threading.Lock()
+
+
+def _build_dir() -> Path:
+    base = os.environ.get("LEVANTE_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "levante", "torch_extensions"
+    )
+    return Path(base)
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        import platform
+
+        return platform.processor()
+
+
+def extension():
+    """The compiled `_levante_ggml` module, or None (no compiler, build failure, LEVANTE_NO_EXT=1)."""
+    global _EXT, _EXT_TRIED
+    if _EXT_TRIED:
+        return _EXT
+    with _EXT_LOCK:
+        if _EXT_TRIED:
+            return _EXT
+        if os.environ.get("LEVANTE_NO_EXT", "") not in ("", "0"):
+            _EXT_TRIED = True
+            return None
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            # -march=native: the cached binary is only valid for this source, torch and CPU feature set
+            tag = hashlib.sha1((_CPP + torch.__version__ + _cpu_flags()).encode()).hexdigest()[:10]
+            name = f"levante_ggml_{tag}"
+            build = _build_dir() / name
+            build.mkdir(parents=True, exist_ok=True)
+            _EXT = load_inline(
+                name=name,
+                cpp_sources=[_CPP],
+                functions=["dequant", "gemv"],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build),
+                verbose=False,
+            )
+        except Exception as e:  # no compiler, no headers, ... : the torch path gives the same numbers
+            msg = f"levante: GGML C++ kernels unavailable, using the slower torch path ({e!s:.200})"
+            warnings.warn(msg, stacklevel=2)
+            _EXT = None
+        _EXT_TRIED = True
+    return _EXT
+
+
+# ------------------------------------------------------------------------------- dequantization
+
+
+def _as_u8_tensor(raw) -> Tensor:
+    if isinstance(raw, np.ndarray):
+        with warnings.catch_warnings():  # read-only memory maps are fine: we never write to them
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(np.ascontiguousarray(raw))
+    if raw.dtype != torch.uint8:
+        raise TypeError(f"raw GGML data must be uint8, got {raw.dtype}")
+    return raw
+
+
+def dequantize_raw(raw: Tensor, qtype: str, in_features: int) -> Tensor:
+    """Raw blocks uint8 [rows, bytes_per_row] -> float32 [rows, in_features], bit-exact with gguf."""
+    raw = _as_u8_tensor(raw)
+    ext = extension()
+    if ext is not None and qtype in QTYPES and raw.device.type == "cpu" and raw.shape[0] > 0:
+        return ext.dequant(raw.contiguous(), QTYPES[qtype][0], int(in_features))
+    from .ggml import dequantize
+
+    return dequantize(raw, qtype).reshape(raw.shape[0], in_features)
+
+
+def _row_bytes(qtype: str, in_features: int) -> int:
+    _, bs, ts = QTYPES[qtype]
+    if in_features % bs:
+        raise ValueError(f"{qtype}: in_features {in_features} is not a multiple of the block size {bs}")
+    return in_features // bs * ts
+
+
+# --------------------------------------------------------------------------------- weight classes
+
+
+class GGMLKernelWeight(QuantWeight):
+    """GGML blocks kept as-is (uint8 [out, bytes_per_row]); fused C++ matmul, exact dequantization.
+
+    x rows <= GEMV_MAX_ROWS: the fused C++ kernel (weights dequantized 256 at a time in L1).
+    More rows: float32 row tiles of at most TILE_BYTES, then F.linear (MKL) per tile.
+    Any x dtype is accepted; the arithmetic is float32 and the result is cast back to x.dtype.
+    """
+
+    def __init__(self, raw: Tensor, qtype: str, out_features: int, in_features: int) -> None:
+        super().__init__(out_features, in_features)
+        if qtype not in QTYPES:
+            raise ValueError(f"unsupported GGML type {qtype}; supported: {', '.join(QTYPES)}")
+        raw = _as_u8_tensor(raw)
+        rb = _row_bytes(qtype, in_features)
+        if tuple(raw.shape) != (out_features, rb):
+            raw = raw.reshape(out_features, rb)
+        self.qtype = qtype
+        self.register_buffer("data", raw.contiguous(), persistent=False)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_raw(self.data, self.qtype, self.in_features).to(dtype)
+
+    def rows(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
+        sel = self.data.index_select(0, ids.reshape(-1).to(torch.long))
+        return dequantize_raw(sel, self.qtype, self.in_features).to(dtype).reshape(*ids.shape, self.in_features)
+
+    def _tile_rows(self) -> int:
+        return max(1, min(self.out_features, TILE_BYTES // (4 * self.in_features)))
+
+    def matmul(self, x: Tensor) -> Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+        ext = extension()
+        if ext is not None and x2.shape[0] <= GEMV_MAX_ROWS and self.data.device.type == "cpu":
+            y = ext.gemv(self.data, QTYPES[self.qtype][0], self.in_features, x2)
+        else:
+            t = self._tile_rows()
+            if t >= self.out_features:
+                y = F.linear(x2, self.dequantize())
+            else:
+                y = x2.new_empty(x2.shape[0], self.out_features)
+                for s in range(0, self.out_features, t):
+                    e = min(s + t, self.out_features)
+                    y[:, s:e] = F.linear(x2, dequantize_raw(self.data[s:e], self.qtype, self.in_features))
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+
+# ----------------------------------------------------------------------------- int4pack (lossy)
+
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def int4_codes_from_ggml(raw: Tensor, qtype: str, in_features: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(q uint8 [N, K] in 0..15, scale f32 [N, K/32], zero f32 [N, K/32]) with w = (q - 8)·scale + zero.
+
+    Q4_0: scale = d, zero = 0. Q4_1: scale = d, zero = m + 8d. Q4_K: scale = d·sc, zero = 8·d·sc − dmin·m
+    (per 32-element sub-block). In float32 these scales are exact; the zero is exact unless its terms
+    differ by more than 2^24 in magnitude (counted by `int4_exactness`).
+    """
+    raw = _as_u8_tensor(raw).reshape(raw.shape[0], -1)
+    n = raw.shape[0]
+    if qtype in ("Q4_0", "Q4_1"):
+        ts = QTYPES[qtype][2]
+        b = raw.reshape(n, -1, ts)
+        d = b[..., 0:2].contiguous().view(torch.float16).float()[..., 0]
+        qs = b[..., ts - 16 :]
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, in_features)
+        if qtype == "Q4_0":
+            return q, d, torch.zeros_like(d)
+        m = b[..., 2:4].contiguous().view(torch.float16).float()[..., 0]
+        return q, d, m + 8 * d
+    if qtype == "Q4_K":
+        b = raw.reshape(n, -1, 144)
+        nb = b.shape[1]
+        d = b[..., 0:2].contiguous().view(torch.float16).float()
+        dmin = b[..., 2:4].contiguous().view(torch.float16).float()
+        s = b[..., 4:16]
+        lo, mi, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+        sc = torch.cat([lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30)], dim=-1).float()
+        mn = torch.cat([mi & 0x3F, (hi >> 4) | ((mi >> 2) & 0x30)], dim=-1).float()
+        dd = d * sc
+        dm = dmin * mn
+        qs = b[..., 16:].reshape(n, nb, 4, 1, 32)
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=3).reshape(n, in_features)
+        return q, dd.reshape(n, -1), (8 * dd - dm).reshape(n, -1)
+    raise ValueError(f"{qtype} has no int4 form; int4 types: {INT4_TYPES}")
+
+
+def int4pack_from_ggml(raw: Tensor, qtype: str, in_features: int, dtype: torch.dtype = torch.bfloat16):
+    """(packed uint8 [N', K/2], scales_and_zeros [K/32, N', 2] in `dtype`) for _weight_int4pack_mm_for_cpu.
+
+    N' is N rounded up to a multiple of 16 (the op's requirement); the extra rows are zero."""
+    q, s, z = int4_codes_from_ggml(raw, qtype, in_features)
+    pad = -q.shape[0] % 16  # the op needs N divisible by 16: pad with zero rows (sliced off by the caller)
+    if pad:
+        q = F.pad(q, (0, 0, 0, pad), value=8)
+        s, z = F.pad(s, (0, 0, 0, pad)), F.pad(z, (0, 0, 0, pad))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    sz = torch.stack([s.T, z.T], dim=-1).to(dtype).contiguous()
+    return packed, sz
+
+
+class Int4PackWeight(QuantWeight):
+    """Q4_0 / Q4_1 / Q4_K through torch's int4pack op with bf16 activations and bf16 scales.
+
+    Fast for prefill and decode, but NOT exact: bf16 scales keep 8 of the 11 significant bits of
+    GGML's f16 d (relative weight error up to 2^-9), and activations are rounded to bf16.
+    """
+
+    def __init__(self, raw: Tensor, qtype: str, out_features: int, in_features: int) -> None:
+        super().__init__(out_features, in_features)
+        if in_features % 32:
+            raise ValueError("int4pack needs in_features divisible by 32")
+        packed, sz = int4pack_from_ggml(raw, qtype, in_features, torch.bfloat16)
+        self.qtype = qtype
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales_zeros", sz, persistent=False)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, 32, self.scales_zeros)
+        return y[:, : self.out_features].to(x.dtype).reshape(*lead, self.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, 32, self.scales_zeros)
+        return w[:, : self.out_features].T.contiguous().to(dtype)
+
+
+def int4_exactness(raw: Tensor, qtype: str, in_features: int, dtype: torch.dtype = torch.float32) -> dict:
+    """Compare (q - 8)·s + z with scales/zeros stored in `dtype` against the exact GGML values."""
+    q, s, z = int4_codes_from_ggml(raw, qtype, in_features)
+    ref = dequantize_raw(raw, qtype, in_features).double()
+    s2 = s.to(dtype).double().repeat_interleave(32, dim=1)
+    z2 = z.to(dtype).double().repeat_interleave(32, dim=1)
+    w = ((q.double() - 8) * s2 + z2).float().double()  # one f32 rounding, as an fma in f32 does
+    diff = (w - ref).abs()
+    ulp = torch.finfo(torch.float32).eps * ref.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    return {
+        "exact_fraction": float((diff == 0).double().mean()),
+        "max_ulps": float((diff / ulp).max()),
+        "max_rel": float((diff / ref.abs().clamp_min(1e-30)).max()),
+        "rel_norm": float(diff.norm() / ref.norm().clamp_min(1e-30)),
+    }
+
+
+# -------------------------------------------------------------------------------------- factory
+
+
+def fast_weight(raw_u8: Tensor, qtype: str, out_features: int, in_features: int) -> QuantWeight:
+    """The fastest exact weight for GGML `qtype` (all of QTYPES use the fused kernel / tile path)."""
+    if qtype in QTYPES:
+        return GGMLKernelWeight(raw_u8, qtype, out_features, in_features)
+    from .ggml import GGMLWeight
+
+    return GGMLWeight(_as_u8_tensor(raw_u8), qtype, (out_features, in_features))

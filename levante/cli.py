@@ -80,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output .gguf path")
     p.add_argument("--type", required=True, help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K")
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming)",
+                       description="Serve the model over an OpenAI-compatible HTTP API with continuous batching.")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, local only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--max-batch", type=int, default=8, help="concurrent sequences in a batch (default: 8)")
+    p.add_argument("--n-ctx", type=int, default=None, help="context window per sequence (same as -c)")
+    p.add_argument("--model-alias", default=None, help="model id reported by /v1/models (default: file name)")
+    p.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens accepted (default: 4096)")
+    p.add_argument("--max-n", type=int, default=8, help="largest n (choices per request) accepted (default: 8)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000,
+                   help="largest request body in bytes (default: 1000000)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (default: info)")
     return parser
 
 
@@ -243,7 +259,27 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "quantize": cmd_quantize}
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    if args.n_ctx is not None:
+        args.ctx_size = args.n_ctx
+    for name in ("max_batch", "max_tokens_cap", "max_n", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    llm = _llm(args)
+    if args.model_alias:
+        llm.model_name = args.model_alias
+    print(f"levante serve: {llm.model_name} on http://{args.host}:{args.port}/v1 (n_ctx {llm.n_ctx}, "
+          f"max batch {args.max_batch}{', API key required' if args.api_key else ''})", file=sys.stderr)
+    serve(llm, host=args.host, port=args.port, log_level=args.log_level, api_key=args.api_key,
+          model_alias=args.model_alias, max_batch=args.max_batch, max_tokens_cap=args.max_tokens_cap,
+          max_n=args.max_n, max_body_bytes=args.max_body_bytes)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "quantize": cmd_quantize,
+            "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

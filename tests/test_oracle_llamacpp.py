@@ -69,7 +69,8 @@ def test_greedy_continuation_equals_llamacpp(both, prompt):
     ours, theirs = both
     ids = theirs.tokenize(prompt.encode(), add_bos=True, special=True)
     want, margins = _llama_greedy(theirs, ids, 32)
-    got = generate(ours.model, ours.tokenizer, [ids], len(want), SamplingParams.greedy(), stop_token_ids=set())[0].tokens
+    got = generate(ours.model, ours.tokenizer, [ids], len(want), SamplingParams.greedy(),
+                   stop_token_ids=set())[0].tokens
     same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
     print(f"{prompt!r}: identical for {same}/{len(want)} tokens"
           + (f", then a near-tie (llama.cpp margin {margins[same]:.3f})" if same < len(want) else ""))

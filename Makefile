@@ -32,6 +32,7 @@ llama-cpp:
 	fi
 
 test: test-deps
+	$(PYTHON) -m ruff check levante tests benchmarks
 	$(PYTHON) -m pytest -q
 
 lint:

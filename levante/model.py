@@ -30,10 +30,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        # Normalise in float32, cast back, then scale (transformers' order); one fused op when possible.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        h = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -52,10 +53,17 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos/sin of shape [B, 1, T, head_dim] for integer positions [B, T]."""
+        """cos and sign-folded sin, shape [B, 1, T, head_dim], for integer positions [B, T].
+
+        The sin half that multiplies -x2 in rotate_half is stored negated, so that
+        `apply_rotary` is x * cos + roll(x, d/2) * sin: rotate_half(x) == roll(x) * [-1.., +1..].
+        """
         freqs = positions.clamp(min=0).float()[..., None] * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        sin = emb.sin()
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return emb.cos().to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def _llama3_inv_freq(inv_freq: Tensor, sc: dict) -> Tensor:
@@ -71,13 +79,9 @@ def _llama3_inv_freq(inv_freq: Tensor, sc: dict) -> Tensor:
     return torch.where(medium, smoothed, out)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + _rotate_half(x) * sin
+    """Rotate-half RoPE with the sign folded into `sin` (see Rotary.cos_sin)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class KVCache:
@@ -162,7 +166,8 @@ class _Plan:
     lengths, one token each).
     """
 
-    def __init__(self, cache: KVCache | None, positions: Tensor, window: int | None, rows: slice) -> None:
+    def __init__(self, cache: KVCache | None, positions: Tensor, window: int | None, rows: slice,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.cache = cache
         self.rows = rows
         B, T = positions.shape
@@ -220,6 +225,9 @@ class _Plan:
         # Padding queries see nothing; let them see everything instead of producing NaNs.
         empty = ~mask.any(-1, keepdim=True)
         self.mask = (mask | empty)[:, None]  # [B, 1, T, K]
+        # Additive float mask, built once for all layers (SDPA would convert a bool mask per call).
+        self.bias = torch.zeros(self.mask.shape, dtype=dtype, device=positions.device)
+        self.bias.masked_fill_(~self.mask, float("-inf"))
 
     def keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this chunk's k/v [B, H, T, D] in the cache; return all keys/values to attend to."""
@@ -261,7 +269,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v = plan.keys_values(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, enable_gqa=self.n_kv != self.n_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -359,7 +367,7 @@ class Transformer(nn.Module):
             positions = start + torch.arange(T, device=tokens.device)
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
             raise ValueError(f"token id out of range 0..{self.cfg.vocab_size - 1}")
-        plan = _Plan(cache, positions, self.cfg.sliding_window, rows)
+        plan = _Plan(cache, positions, self.cfg.sliding_window, rows, self.dtype)
         x = self.embed.rows(tokens, self.dtype)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for i, layer in enumerate(self.layers):

@@ -1,5 +1,10 @@
 """Micro-benchmark of CPU matmul candidates for GGML weights: `python benchmarks/kernels.py [threads] [--quick]`.
 
+`python benchmarks/kernels.py [threads] --gemv [--baseline OLD.so]` only times the small-batch kernel
+(`ext.gemv`, M = 1, 2, 4, 8) per type and shape, optionally next to another build of the extension
+(e.g. an older `levante_ggml_<hash>.so` from ~/.cache/levante/torch_extensions), and `fused_matmul`
+against separate calls.
+
 Prints a markdown table: op, shape (K x N), batch M, ms (best of several runs), GB/s (weight bytes
 read per call / time), GFLOP/s (2·M·N·K / time). The weight of one shape is re-read every call, so
 decode numbers for weights < L3 (32 MiB here) are cache-resident, not DRAM, bandwidth.
@@ -91,9 +96,76 @@ def cold_decode(add_row, rng) -> None:
         add_row(f"{name} [DRAM]", k, n, 1, t, nbytes)
 
 
+GEMV_CASES = [  # (type, N = out, K = in): SmolLM2-135M (Q4_1 / Q8_0 files), 1.5B-class Q4_0 / Q4_K_M
+    ("Q4_1", 1536, 576),
+    ("Q4_1", 576, 1536),
+    ("Q4_1", 576, 576),
+    ("Q4_1", 192, 576),
+    ("Q8_0", 49152, 576),
+    ("Q8_0", 3584, 1024),
+    ("Q4_0", 3584, 1024),
+    ("Q4_0", 1024, 3584),
+    ("Q4_K", 3584, 1024),
+    ("Q5_K", 3584, 1024),
+    ("Q6_K", 3584, 1024),
+    ("Q6_K", 1024, 3584),
+]
+
+
+def load_so(path: str):
+    import importlib.util
+
+    name = path.rsplit("/", 1)[-1].split(".")[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def gemv_main(threads: int, baseline: str | None) -> None:
+    """GB/s (weight bytes / time, best of several calls; weights re-read from cache when they fit L3)."""
+    torch.set_num_threads(threads)
+    ext = kq.extension()
+    exts = [("new", ext)] + ([("base", load_so(baseline))] if baseline else [])
+    rng = np.random.default_rng(0)
+    print(f"threads={threads}; GB/s of weights per call, M = 1 / 2 / 4 / 8")
+    print("| type | N x K | build | M=1 us | M=1 | M=2 | M=4 | M=8 |\n|---|---|---|---|---|---|---|---|")
+    for qt, n, k in GEMV_CASES:
+        raw = ggml_raw(qt, n, k, rng)
+        for name, e in exts:
+            cells, t1 = [], 0.0
+            for m in (1, 2, 4, 8):
+                x = torch.randn(m, k)
+                t = bench(lambda: e.gemv(raw, kq.QTYPES[qt][0], k, x), budget=0.3, reps=200)
+                t1 = t if m == 1 else t1
+                cells.append(f"{raw.numel() / t / 1e9:.1f}")
+            print(f"| {qt} | {n}x{k} | {name} | {t1 * 1e6:.0f} | " + " | ".join(cells) + " |", flush=True)
+    print("\nfused_matmul vs separate matmul calls (us, M = 1)\n| weights | separate | fused |\n|---|---|---|")
+    groups = {
+        "SmolLM2 q/k/v Q4_1 (576+192+192)x576": [("Q4_1", 576, 576), ("Q4_1", 192, 576), ("Q4_1", 192, 576)],
+        "SmolLM2 gate/up Q4_1 2x1536x576": [("Q4_1", 1536, 576), ("Q4_1", 1536, 576)],
+        "Q4_K_M q/k/v (1024+256+256)x1024 Q4_K,Q4_K,Q6_K": [
+            ("Q4_K", 1024, 1024),
+            ("Q4_K", 256, 1024),
+            ("Q6_K", 256, 1024),
+        ],
+        "gate/up Q4_0 2x3584x1024": [("Q4_0", 3584, 1024), ("Q4_0", 3584, 1024)],
+    }
+    for label, specs in groups.items():
+        ws = [kq.GGMLKernelWeight(ggml_raw(qt, n, k, rng), qt, n, k) for qt, n, k in specs]
+        x = torch.randn(1, specs[0][2])
+        t_sep = bench(lambda: [w.matmul(x) for w in ws], budget=0.3, reps=200)
+        t_fus = bench(lambda: kq.fused_matmul(ws, x), budget=0.3, reps=200)
+        print(f"| {label} | {t_sep * 1e6:.0f} | {t_fus * 1e6:.0f} |", flush=True)
+
+
 def main() -> None:
     threads = int(next((a for a in sys.argv[1:] if a.isdigit()), 2))
     quick = "--quick" in sys.argv
+    if "--gemv" in sys.argv:
+        base = sys.argv[sys.argv.index("--baseline") + 1] if "--baseline" in sys.argv else None
+        gemv_main(threads, base)
+        return
     torch.set_num_threads(threads)
     kq.extension()  # build (or load) before timing
     rng = np.random.default_rng(0)

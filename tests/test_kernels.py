@@ -137,3 +137,91 @@ def test_int4pack_weight_close(qtype):
     x = torch.randn(3, k)
     assert rel_err(w.matmul(x), x @ ref.T) < 1e-2
     assert rel_err(w.dequantize(), ref) < 1e-2
+
+
+# ------------------------------------------------------------------ small-batch kernels (bf16-split)
+# m <= GEMV_MAX_ROWS: on AVX512_BF16 CPUs Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K use bf16 dot products with
+# x split into two bf16 halves (~16 significant bits): measured ~5e-6 relative error; the project's
+# rule is 1e-3, asserted here with margin at 5e-5.
+FAST = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+ODD_SHAPES = {"Q": [(1, 32), (7, 96), (13, 576), (66, 160)], "K": [(1, 256), (7, 768), (13, 512), (34, 256)]}
+
+
+@pytest.mark.parametrize("qtype", FAST + ("Q5_0", "Q2_K"))
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+def test_small_batch_exactness(qtype, m, path):
+    for n, k in ODD_SHAPES["K" if qtype in KTYPES else "Q"]:
+        raw = make_raw(qtype, n, k, seed=n * 7 + m)
+        w = kq.fast_weight(torch.from_numpy(raw), qtype, n, k)
+        ref_w = reference(raw, qtype).double()
+        for scale in (1.0, "outliers"):
+            x = torch.randn(m, k)
+            if scale == "outliers":  # a few large channels and many tiny ones, as in LLM activations
+                x[:, ::17] *= 200.0
+                x *= torch.rand(m, k) ** 4
+            y = w.matmul(x)
+            assert y.shape == (m, n)
+            err = rel_err(y, x.double() @ ref_w.T)
+            assert err < 5e-5, f"{qtype} {n}x{k} m={m} {scale}: {err:.2e}"
+
+
+def _weights(specs, k, seed=0):
+    out, refs = [], []
+    for i, (qtype, n) in enumerate(specs):
+        raw = make_raw(qtype, n, k, seed=seed + i)
+        out.append(kq.fast_weight(torch.from_numpy(raw), qtype, n, k))
+        refs.append(reference(raw, qtype).double())
+    return out, refs
+
+
+@pytest.mark.parametrize(
+    "specs,k",
+    [
+        ([("Q4_K", 64), ("Q4_K", 16), ("Q6_K", 16)], 512),  # q/k/v of a Q4_K_M file
+        ([("Q4_0", 96), ("Q4_0", 96)], 576),  # gate/up
+        ([("Q8_0", 5), ("Q4_1", 33), ("Q5_K", 7)], 256),  # mixed, odd sizes
+        ([("Q2_K", 9), ("Q4_K", 12)], 256),  # a type without the fused path: per-weight fallback
+    ],
+)
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 12])
+def test_fused_matmul(specs, k, m, path):
+    ws, refs = _weights(specs, k, seed=m)
+    x = torch.randn(m, k)
+    ys = kq.fused_matmul(ws, x)
+    assert len(ys) == len(ws)
+    for y, w, ref_w in zip(ys, ws, refs):
+        assert y.shape == (m, w.out_features) and y.dtype == torch.float32
+        assert rel_err(y, x.double() @ ref_w.T) < 5e-5
+        assert rel_err(y, w.matmul(x)) < 5e-5
+    x3 = torch.randn(1, 1, k).bfloat16()  # leading dims, other dtype
+    for y, w in zip(kq.fused_matmul(ws, x3), ws):
+        assert y.shape == (1, 1, w.out_features) and y.dtype == torch.bfloat16
+
+
+def test_fused_matmul_other_weights():
+    """Non-GGML weights (or mismatched in_features) go through each weight's own call."""
+    from levante.quant.base import DenseWeight
+
+    k = 64
+    (wq,), (ref_q,) = _weights([("Q8_0", 8)], k)
+    dense = DenseWeight(torch.randn(5, k))
+    lin = torch.nn.Linear(k, 3, bias=False)
+    x = torch.randn(2, k)
+    y1, y2, y3 = kq.fused_matmul([wq, dense, lin], x)
+    assert rel_err(y1, x.double() @ ref_q.T) < 5e-5
+    assert torch.allclose(y2, dense.matmul(x)) and torch.allclose(y3, lin(x))
+    assert kq.fused_matmul([], x) == []
+
+
+def test_gemv_multi_direct():
+    ext = kq.extension()
+    if ext is None:
+        pytest.skip("C++ extension unavailable")
+    k = 256
+    ws, refs = _weights([("Q4_K", 40), ("Q6_K", 24), ("Q8_0", 3)], k)
+    x = torch.randn(4, k)
+    y = ext.gemv_multi([w.data for w in ws], [kq.QTYPES[w.qtype][0] for w in ws], k, x)
+    assert y.shape == (4, 67)
+    assert rel_err(y, x.double() @ torch.cat(refs).T) < 5e-5
+    with pytest.raises(RuntimeError):
+        ext.gemv_multi([ws[0].data], [kq.QTYPES["Q6_K"][0]], k, x)  # wrong qtype for the row size

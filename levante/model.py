@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .errors import ContextLengthError, WeightsError
 from .quant.base import QuantWeight, as_weight
+from .quant.kernels import fused_matmul
 
 
 class RMSNorm(nn.Module):
@@ -264,9 +265,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, plan: _Plan, layer: int) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = fused_matmul((self.wq, self.wk, self.wv), x)  # one kernel call for GGML weights
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v = plan.keys_values(layer, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias, enable_gqa=self.n_kv != self.n_heads)
@@ -281,7 +283,8 @@ class MLP(nn.Module):
         self.w1, self.w2, self.w3 = w1, w2, w3
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = fused_matmul((self.w1, self.w3), x)
+        return self.w2(F.silu(gate) * up)
 
 
 class MoE(nn.Module):

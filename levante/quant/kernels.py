@@ -1118,7 +1118,7 @@ def fused_matmul(weights, x: Tensor) -> list[Tensor]:
             y = ext.gemv_multi([w.data for w in weights], [QTYPES[w.qtype][0] for w in weights], k, x2)
             parts = torch.split(y, [w.out_features for w in weights], dim=1)
             return [p.to(x.dtype).reshape(*lead, p.shape[1]) for p in parts]
-    return [w.matmul(x) if isinstance(w, QuantWeight) else w(x) for w in weights]
+    return [w(x) for w in weights]  # module calls, so forward hooks (e.g. calibration) still see them
 
 
 # ----------------------------------------------------------------------------- int4pack (lossy)

@@ -550,6 +550,9 @@ def quantize_model(src: str | Path, dst: str | Path, qtype: str, force: bool = F
             writer.write_tensor_data(data)
             del data
         writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the output normal file permissions
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)

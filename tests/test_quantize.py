@@ -258,3 +258,12 @@ def test_same_types_and_bytes_as_llama_quantize(mixtral_dir, q4km_file, tmp_path
         a = np.asarray(ours[name].data).view(np.uint8)
         b = np.asarray(t.data).view(np.uint8)
         assert np.array_equal(a, b), f"{name} ({t.tensor_type.name}) differs from llama.cpp"
+
+
+def test_output_has_normal_permissions(q4km_file):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(q4km_file.stat().st_mode) == 0o666 & ~umask

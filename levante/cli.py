@@ -74,12 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--reps", type=int, default=3, help="repetitions (default: 3)")
     p.add_argument("-o", "--output", choices=["md", "csv"], default="md", help="table format (default: md)")
 
-    p = sub.add_parser("quantize", help="write a GGUF file in a quantization type",
-                       description="Convert a HF / Mistral directory or a GGUF file to GGUF of type TYPE.")
-    p.add_argument("input", help="HF safetensors dir, Mistral consolidated dir, or GGUF file")
-    p.add_argument("output", help="output .gguf path")
-    p.add_argument("--type", required=True, help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K")
+    p = sub.add_parser("quantize", help="write a GGUF file in a quantization type, or an AWQ checkpoint",
+                       description="Convert a HF / Mistral directory or a GGUF file to GGUF of type TYPE, "
+                                   "or (--awq -m IN -o OUT --calib TEXT) to an AWQ 4-bit HF directory.")
+    p.add_argument("input", nargs="?", help="HF safetensors dir, Mistral consolidated dir, or GGUF file")
+    p.add_argument("output", nargs="?", help="output .gguf path (or AWQ output directory)")
+    p.add_argument("--type", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K")
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    p.add_argument("--awq", action="store_true", help="AWQ 4-bit (AutoAWQ GEMM layout) with activation-aware "
+                                                      "calibration; writes a Hugging Face directory")
+    p.add_argument("-m", "--model", dest="awq_model", default=None, help="input model (same as INPUT)")
+    p.add_argument("-o", "--output", dest="awq_output", default=None, help="output path (same as OUTPUT)")
+    p.add_argument("--calib", default=None, help="AWQ calibration text, or @FILE to read it from a file")
+    p.add_argument("--group-size", type=int, default=128, help="AWQ group size (default: 128)")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming)",
                        description="Serve the model over an OpenAI-compatible HTTP API with continuous batching.")
@@ -96,6 +103,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body in bytes (default: 1000000)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default: info)")
+
+    p = sub.add_parser("perplexity", help="perplexity of a model on a text file (llama.cpp-compatible)",
+                       description="Perplexity over non-overlapping chunks of -c tokens, scoring the second half of "
+                                   "each (llama.cpp's method; BOS replaces each chunk's first token when the model "
+                                   "adds BOS). --stride S: Hugging Face-style sliding windows instead.")
+    _add_model(p)
+    p.add_argument("-f", "--file", required=True, help="text file to evaluate")
+    p.add_argument("--stride", type=int, default=None,
+                   help="sliding-window mode: windows of -c tokens every S tokens, each token scored once")
+    p.add_argument("--chunks", type=int, default=None, help="evaluate at most N chunks / windows")
+
+    p = sub.add_parser("compare", help="compare two models on a text: perplexity, KL, top-1 agreement",
+                       description="Run BASE (-m) and OTHER (-m2) over the same chunks of TEXT; report perplexity "
+                                   "of both, mean KL(base || other) per token and top-1 agreement.")
+    _add_model(p)
+    p.add_argument("-m2", "--model2", required=True, help="the other model (e.g. a quantized or compressed copy)")
+    p.add_argument("-f", "--file", required=True, help="text file to evaluate")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window mode (see `levante perplexity`)")
+    p.add_argument("--chunks", type=int, default=None, help="evaluate at most N chunks")
+    p.add_argument("-o", "--output", default=None,
+                   help="markdown report path (a PNG plot is written next to it, same name .png)")
+
+    p = sub.add_parser("compress", help="low-rank (truncated SVD) compression of the MLP / expert matrices",
+                       description="Replace each expert (MoE) or MLP (dense) matrix by two low-rank factors and "
+                                   "write a HF directory (FORMATS.md 'Low-rank Mixtral checkpoints').")
+    p.add_argument("-m", "--model", default=None, help="model to compress (GGUF file, HF or Mistral directory)")
+    p.add_argument("-o", "--output", required=True, help="output HF directory")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ratio", type=float, help="fraction of the compressible parameters to remove, e.g. 0.2")
+    g.add_argument("--ranks", help="JSON object (inline or file) of ranks per matrix (HF names, canonical names "
+                                   "or regexes), or one integer for all")
+    p.add_argument("--calib", default=None,
+                   help="calibration text: activation-aware (whitened) SVD instead of plain SVD")
+    p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens used (default: 2048)")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write compression_report.md (perplexity, KL, top-1 vs the original) (default: on)")
+    p.add_argument("--eval-text", default=None,
+                   help="text for the report (default: the repository's data/ text, else --calib)")
+    p.add_argument("-c", "--ctx-size", type=int, default=512, help="report chunk size in tokens (default: 512)")
+    p.add_argument("--chunks", type=int, default=4, help="report chunks (default: 4)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty OUTPUT")
     return parser
 
 
@@ -252,9 +301,26 @@ def cmd_bench(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    src, dst = args.awq_model or args.input, args.awq_output or args.output
+    if not src or not dst:
+        raise ValueError("give the input and output paths (INPUT OUTPUT, or -m IN -o OUT)")
+    if args.awq:
+        from .quant.awq import awq_quantize
+
+        calib = args.calib
+        if not calib:
+            raise ValueError("--awq needs --calib TEXT (or --calib @FILE)")
+        if calib.startswith("@"):
+            with open(calib[1:], encoding="utf-8") as f:
+                calib = f.read()
+        out = awq_quantize(src, dst, calib, group_size=args.group_size, force=args.force, progress=True)
+        print(f"wrote {out}")
+        return 0
+    if not args.type:
+        raise ValueError("--type is required (or use --awq)")
     from .quantize import quantize_model
 
-    out = quantize_model(args.input, args.output, args.type, force=args.force, progress=True)
+    out = quantize_model(src, dst, args.type, force=args.force, progress=True)
     print(f"wrote {out}")
     return 0
 
@@ -278,8 +344,88 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def cmd_perplexity(args) -> int:
+    from .api import LLM
+    from .quality import perplexity
+
+    n_ctx = args.ctx_size or 512
+    llm = LLM(args.model, n_ctx=n_ctx, n_threads=args.threads, dtype=args.dtype, n_batch=args.n_batch,
+              verbose=False, device=args.device)
+    ids = llm.tokenize(_read_text(args.file))  # add_special like llama.cpp's common_tokenize(..., true)
+    res = perplexity(llm, ids, n_ctx, stride=args.stride, n_chunks=args.chunks, progress=True)
+    mode = f"stride {args.stride}" if args.stride else "second half of each chunk scored"
+    print(f"{len(ids)} tokens, {len(res.chunks)} chunks of {n_ctx} ({mode}), {res.n_scored} tokens scored")
+    print("".join(f"[{i + 1}]{p:.4f}," for i, p in enumerate(res.chunks)))
+    print(f"Final estimate: {res}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from .api import LLM
+    from .quality import compare, plot_report, report_markdown
+
+    n_ctx = args.ctx_size or 512
+    kw = dict(n_ctx=n_ctx, n_threads=args.threads, dtype=args.dtype, n_batch=args.n_batch, device=args.device)
+    base, other = LLM(args.model, **kw), LLM(args.model2, **kw)
+    ids = base.tokenize(_read_text(args.file))
+    rep = compare(base, other, ids, n_ctx, stride=args.stride, n_chunks=args.chunks, progress=True)
+    names = (str(base.loaded.path), str(other.loaded.path))
+    png = None
+    if args.output:
+        out = Path(args.output)
+        png = out.with_suffix(".png")
+        plot_report(rep, str(png), Path(names[0]).name, Path(names[1]).name)
+    md = report_markdown(rep, *names, plot=png.name if png else None)
+    if args.output:
+        Path(args.output).write_text(md)
+        print(f"wrote {args.output} and {png}", file=sys.stderr)
+    print(md)
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from pathlib import Path
+
+    from .compress import compress_model, quality_report
+
+    calib_ids = None
+    if args.calib:
+        from .loader import load
+
+        tok = load(args.model).tokenizer
+        if tok is None:
+            raise ValueError("--calib needs the model's tokenizer")
+        calib_ids = tok.encode(_read_text(args.calib))[: args.calib_tokens]
+    res, notes = compress_model(args.model, args.output, ratio=args.ratio, ranks=args.ranks, calib_ids=calib_ids,
+                                progress=True, force=args.force)
+    for n in notes:
+        print(n, file=sys.stderr)
+    print(f"wrote {args.output}: {len(res.ranks)} matrices factored, {res.params_removed:,} of "
+          f"{res.params_compressible:,} compressible parameters removed "
+          f"({100 * res.params_removed / max(1, res.params_compressible):.2f}%)")
+    if args.report:
+        default = Path(__file__).resolve().parent.parent / "data" / "kjv_genesis_exodus.txt"
+        text_path = args.eval_text or (str(default) if default.is_file() else args.calib)
+        if text_path is None:
+            print("no --eval-text (and no data/ text found): report skipped", file=sys.stderr)
+            return 0
+        from .loader import resolve_path
+
+        quality_report(resolve_path(args.model), Path(args.output), res, _read_text(text_path), args.ctx_size,
+                       args.chunks, args.threads)
+        print(f"wrote {Path(args.output) / 'compression_report.md'}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "quantize": cmd_quantize,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "perplexity": cmd_perplexity, "compare": cmd_compare, "compress": cmd_compress}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

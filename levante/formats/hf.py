@@ -31,6 +31,9 @@ _EXPERT = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 _TOP = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head",
         "score.weight": "score"}
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias$)")
+# Low-rank factor pairs `<name>.0.weight` (A [r, in]) and `<name>.1.weight` (B [out, r]) of a linear weight
+# `<name>.weight`, as written by `levante compress` (FORMATS.md "Low-rank Mixtral checkpoints").
+_LOWRANK = re.compile(r"^(.+)\.([01])\.weight$")
 
 
 def hf_name(name: str) -> str | None:
@@ -79,20 +82,51 @@ def read_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> Checkp
     weights: dict[str, Tensor] = {}
     sources: dict[str, str] = {}
     file_dtypes: set[str] = set()
+    lowrank: dict[str, dict[str, Tensor]] = {}  # low-rank factor pairs: canonical name -> {"0": A, "1": B}
+    # AWQ (AutoAWQ GEMM) checkpoints: each quantized linear is a .qweight/.qzeros/.scales triplet
+    # instead of .weight; collect the triplets here and turn them into AWQWeights after the loop.
+    qc = raw_cfg.get("quantization_config") or {}
+    awq_parts: dict[str, dict[str, Tensor]] | None = {} if qc.get("quant_method") == "awq" else None
     for path in shard_files(directory):
         st = SafetensorsFile(path)
         for name in st.keys():
             file_dtypes.add(st.dtype(name))
+            if awq_parts is not None and name.endswith((".qweight", ".qzeros", ".scales")):
+                base, _, part = name.rpartition(".")
+                awq_parts.setdefault(base, {})[part] = st.get(name)
+                sources[base] = f"{path.name}:{base}.{{qweight,qzeros,scales}}"
+                continue
             canon = hf_name(name)
             if canon is not None:
                 weights[canon] = st.get(name)
                 sources[canon] = f"{path.name}:{name}"
+                continue
+            lr = _LOWRANK.match(name)
+            if lr and hf_name(lr.group(1) + ".weight") is not None:  # one factor of a low-rank weight
+                canon = hf_name(lr.group(1) + ".weight")
+                lowrank.setdefault(canon, {})[lr.group(2)] = st.get(name)
+                sources[canon] = f"{path.name}:{lr.group(1)}.{{0,1}}.weight"
                 continue
             fused = re.match(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
             if fused:
                 _split_fused(weights, sources, cfg, int(fused.group(1)), fused.group(2), st.get(name), path.name)
             elif not _IGNORED.search(name):
                 raise WeightsError(f"{path.name}: unexpected tensor {name!r} for model_type {cfg.model_type}")
+    if awq_parts:  # AWQ: name each triplet like its float `.weight` would be named
+        from ..quant.awq import awq_weights
+
+        for base, w in awq_weights(awq_parts, qc).items():
+            canon = hf_name(base + ".weight")
+            if canon is None:
+                raise WeightsError(f"unexpected AWQ-quantized tensor {base!r} for model_type {cfg.model_type}")
+            weights[canon], sources[canon] = w, sources.pop(base)
+    if lowrank:
+        from ..quant.lowrank import LowRankWeight
+
+        for canon, pair in lowrank.items():
+            if set(pair) != {"0", "1"}:
+                raise WeightsError(f"{directory}: low-rank weight {sources[canon]} lacks its .0 or .1 factor")
+            weights[canon] = LowRankWeight(pair["0"], pair["1"])
     info = {"files": [p.name for p in shard_files(directory)], "file_dtypes": sorted(file_dtypes)}
     return Checkpoint(cfg, weights, "hf-safetensors", sources=sources, info=info)
 

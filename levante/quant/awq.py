@@ -1,0 +1,542 @@
+"""AWQ 4-bit weights (AutoAWQ "gemm" layout): packing, an exact CPU matmul, and AWQ calibration.
+
+Layout (what AutoAWQ's `WQLinear_GEMM.from_linear` writes, what vLLM / transformers read):
+
+* `qweight` int32 [in, out/8], `qzeros` int32 [in/G, out/8], `scales` fp16 [in/G, out];
+* eight 4-bit codes per int32, nibble i (bits 4i..4i+3) holds column `AWQ_ORDER[i]` of its block
+  of 8 output columns, AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7];
+* W[o, k] = (q[k, o] - z[k // G, o]) * s[k // G, o].
+
+`AWQWeight` keeps the weight 4-bit: at load the codes are repacked to uint8 [out, in/2] (two
+codes per byte, along `in`), zeros to uint8 [out, in/G] and scales to float32 [out, in/G] (fp16
+widened: exact). `matmul` dequantizes tiles of output rows to float32 and runs F.linear per tile,
+so transient memory stays below `TILE_BYTES`. Every weight value is exactly (q - z)·s: q - z is an
+integer in [-15, 15] and s has an 11-bit significand, so the float32 product is exact; only the
+summation order differs from `x @ dequantize().T`.
+
+Why not torch's `_weight_int4pack_mm_for_cpu`: its fast path needs bf16 activations and bf16
+scales+zeros in the form w = q·s' + z' (z' = -(z - 8)·s after shifting codes by 8); bf16 keeps 8 of
+fp16's 11 significant bits of s and z·s needs up to 15 bits, so it is not exact (relative weight
+error up to 2^-9, plus bf16 rounding of x); its float32 path is a slow reference loop (see
+levante/quant/kernels.py and benchmarks/README.md). Measured with this file's `_bench` helper on
+the 2-core dev box, 4096x4096, g128: see `benchmarks/results/awq.md`.
+
+Calibration (`awq_quantize`): activation-aware scaling (Lin et al., "AWQ", 2023) the way AutoAWQ
+does it, layer by layer on levante's own float model:
+
+1. run the decoder layer on the calibration tokens with forward pre-hooks that record the input of
+   every linear (for MoE experts: only the tokens routed to that expert);
+2. for each group of linears that share an input, grid over alpha in [0, 1): s = mean|x|^alpha
+   (normalised by sqrt(max·min)), quantize W·diag(s) (4-bit, asymmetric, per group of G input
+   channels, fp16 scales), measure the output MSE ||x W^T - x Q(W diag s)^T / s||^2 summed over the
+   group, keep the best alpha (alpha = 0 is round-to-nearest, so the search never does worse than
+   RTN on the calibration data). Groups and where 1/s is folded (exact, in float, before
+   quantization - the same places as AutoAWQ):
+   * wq/wk/wv <- attn_norm weight (the RMSNorm gain),
+   * wo <- rows of wv (only when wv and wo are square-compatible, i.e. no GQA, as AutoAWQ),
+   * w1/w3 (dense) or all experts' w1/w3 jointly (MoE, one s because they share ffn_norm) <-
+     ffn_norm weight; for MoE the router weight's columns are multiplied by s (it stays float), so
+     routing is unchanged - AutoAWQ leaves the router unscaled, which perturbs routing,
+   * w2 (each expert's own) <- rows of the matching w3 (silu(w1 x)·(w3 x) is linear in w3 x);
+3. clipping search (AutoAWQ's auto_clip): per output channel and group, shrink the max |w| by
+   1 - i/n_grid for i < max_shrink·n_grid, keep the clamp that minimises the group's partial
+   output MSE on up to 512 tokens; skipped for wq/wk (as AutoAWQ: attention scores are sensitive);
+4. quantize and pack; the next layer's input is this layer's output with the scaled float weights
+   (= the float model, as in AutoAWQ).
+
+The checkpoint written keeps Hugging Face tensor names (classic per-expert Mixtral names
+`block_sparse_moe.experts.E.w1` even when the source used transformers-5 fused experts, as AutoAWQ
+/ TheBloke checkpoints and vLLM do), `.qweight/.qzeros/.scales` instead of `.weight` for the
+quantized linears, float16 for the rest, config.json with the `quantization_config` block, and the
+tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import QuantWeight
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of a packed int32 holds column AWQ_ORDER[i] of its 8
+AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]  # column j sits in nibble AWQ_REVERSE_ORDER[j]
+AWQ_SUFFIXES = (".qweight", ".qzeros", ".scales")
+TILE_BYTES = 16 << 20  # float32 bytes of dequantized weight per matmul tile
+
+# ------------------------------------------------------------------------------------- packing
+
+
+def _pack_cols(v: Tensor) -> Tensor:
+    """int codes [rows, cols] (cols % 8 == 0) -> int32 [rows, cols/8] in AWQ's nibble order."""
+    rows, cols = v.shape
+    if cols % 8:
+        raise ValueError(f"AWQ packing needs a multiple of 8 columns, got {cols}")
+    v = v.to(torch.int32).reshape(rows, cols // 8, 8)
+    out = torch.zeros(rows, cols // 8, dtype=torch.int32, device=v.device)
+    for i, col in enumerate(AWQ_ORDER):
+        out |= (v[:, :, col] & 0xF) << (4 * i)  # int32 shifts wrap like AutoAWQ's (nibble 7 = sign bits)
+    return out
+
+
+def _unpack_cols(p: Tensor) -> Tensor:
+    """int32 [rows, cols/8] -> uint8 codes [rows, cols] (inverse of `_pack_cols`)."""
+    rows, n = p.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=p.device)
+    nib = (p.to(torch.int32)[:, :, None] >> shifts) & 0xF  # [rows, n, 8]: nibble i
+    return nib[:, :, AWQ_REVERSE_ORDER].reshape(rows, n * 8).to(torch.uint8)
+
+
+def pack_awq(codes: Tensor, zeros: Tensor, scales: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(codes uint8 [out, in] in 0..15, zeros [out, in/G] in 0..15, scales [out, in/G]) ->
+    (qweight int32 [in, out/8], qzeros int32 [in/G, out/8], scales fp16 [in/G, out]), AutoAWQ GEMM layout."""
+    out_f, in_f = codes.shape
+    if in_f % group_size or tuple(zeros.shape) != (out_f, in_f // group_size) or zeros.shape != scales.shape:
+        raise ValueError(f"AWQ: codes {tuple(codes.shape)}, zeros {tuple(zeros.shape)}, scales "
+                         f"{tuple(scales.shape)} do not fit group size {group_size}")
+    qweight = _pack_cols(codes.T.contiguous())
+    qzeros = _pack_cols(zeros.T.contiguous())
+    return qweight, qzeros, scales.T.contiguous().to(torch.float16)
+
+
+def unpack_awq(qweight: Tensor, qzeros: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of `pack_awq`: (codes uint8 [out, in], zeros uint8 [out, in/G], scales fp16 [out, in/G])."""
+    return _unpack_cols(qweight).T.contiguous(), _unpack_cols(qzeros).T.contiguous(), scales.T.contiguous()
+
+
+def dequantize_awq(qweight: Tensor, qzeros: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """W [out, in] = (q - z) * s from the packed tensors (reference; exact in float32)."""
+    q, z, s = unpack_awq(qweight, qzeros, scales)
+    g = q.shape[1] // z.shape[1]
+    w = (q.float().reshape(q.shape[0], -1, g) - z.float()[..., None]) * s.float()[..., None]
+    return w.reshape(q.shape).to(dtype)
+
+
+# ----------------------------------------------------------------------------- the weight class
+
+
+class AWQWeight(QuantWeight):
+    """An AWQ GEMM-packed linear, kept 4-bit; exact tiled dequantization + F.linear (float32)."""
+
+    qtype = "AWQ4"
+
+    def __init__(self, qweight: Tensor, qzeros: Tensor, scales: Tensor, group_size: int | None = None) -> None:
+        if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or qweight.ndim != 2:
+            raise ValueError("AWQ qweight / qzeros must be 2-D int32 tensors")
+        in_f, out_f = qweight.shape[0], qweight.shape[1] * 8
+        n_groups = scales.shape[0]
+        if tuple(scales.shape) != (n_groups, out_f) or tuple(qzeros.shape) != (n_groups, out_f // 8):
+            raise ValueError(f"AWQ: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)} and scales "
+                             f"{tuple(scales.shape)} do not match")
+        if n_groups == 0 or in_f % n_groups:
+            raise ValueError(f"AWQ: {in_f} input features are not {n_groups} whole groups")
+        g = in_f // n_groups
+        if group_size is not None and group_size > 0 and group_size != g:
+            raise ValueError(f"AWQ: tensors imply group size {g}, config says {group_size}")
+        if g % 2:
+            raise ValueError(f"AWQ: odd group size {g} is not supported")
+        super().__init__(out_f, in_f)
+        self.group_size = g
+        q, z, s = unpack_awq(qweight, qzeros, scales)
+        self.register_buffer("codes", (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), persistent=False)
+        self.register_buffer("zeros", z.contiguous(), persistent=False)
+        self.register_buffer("scales", s.float().contiguous(), persistent=False)
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, zeros: Tensor, scales: Tensor, group_size: int) -> AWQWeight:
+        return cls(*pack_awq(codes, zeros, scales, group_size), group_size)
+
+    def packed(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(qweight, qzeros, scales) in AutoAWQ's GEMM layout."""
+        return pack_awq(self._codes(0, self.out_features), self.zeros, self.scales.half(), self.group_size)
+
+    def _codes(self, a: int, b: int) -> Tensor:
+        c = self.codes[a:b]
+        return torch.stack((c & 0xF, c >> 4), dim=-1).reshape(b - a, self.in_features)
+
+    def _deq(self, a: int, b: int) -> Tensor:
+        """Rows a:b of W as float32 (exact)."""
+        g = self.group_size
+        q = self._codes(a, b).reshape(b - a, -1, g).float()
+        w = (q - self.zeros[a:b, :, None].float()).mul_(self.scales[a:b, :, None])
+        return w.reshape(b - a, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self._deq(0, self.out_features).to(dtype)
+
+    def _tile_rows(self) -> int:
+        return max(8, min(self.out_features, TILE_BYTES // (4 * self.in_features)))
+
+    def matmul(self, x: Tensor) -> Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k).to(torch.float32)
+        t = self._tile_rows()
+        if t >= self.out_features:
+            y = F.linear(x2, self._deq(0, self.out_features))
+        else:
+            y = x2.new_empty(x2.shape[0], self.out_features)
+            for a in range(0, self.out_features, t):
+                b = min(a + t, self.out_features)
+                y[:, a:b] = F.linear(x2, self._deq(a, b))
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def rows(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
+        flat = ids.reshape(-1).to(torch.long)
+        g = self.group_size
+        c = self.codes.index_select(0, flat)
+        q = torch.stack((c & 0xF, c >> 4), dim=-1).reshape(len(flat), -1, g).float()
+        w = (q - self.zeros.index_select(0, flat)[..., None].float()) * self.scales.index_select(0, flat)[..., None]
+        return w.reshape(*ids.shape, self.in_features).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.qtype} g{self.group_size}, out={self.out_features}, in={self.in_features}"
+
+
+def check_awq_config(qc: dict) -> int:
+    """Validate a config.json quantization_config for AWQ; return its group size."""
+    bits = int(qc.get("bits", qc.get("w_bit", 4)))
+    version = str(qc.get("version", "gemm")).lower()
+    zp = qc.get("zero_point", True)
+    if bits != 4 or version != "gemm" or zp is False:
+        raise ValueError(f"unsupported AWQ config (bits={bits}, version={version}, zero_point={zp}); "
+                         "only 4-bit zero-point GEMM checkpoints are supported")
+    return int(qc.get("group_size", qc.get("q_group_size", 128)))
+
+
+def awq_weights(parts: dict[str, dict[str, Tensor]], qc: dict) -> dict[str, AWQWeight]:
+    """{linear base name: {"qweight", "qzeros", "scales"}} -> {base name: AWQWeight}."""
+    from ..errors import WeightsError
+
+    g = check_awq_config(qc)
+    out = {}
+    for base, p in parts.items():
+        missing = [k for k in ("qweight", "qzeros", "scales") if k not in p]
+        if missing:
+            raise WeightsError(f"AWQ linear {base!r} lacks {', '.join(missing)}")
+        try:
+            out[base] = AWQWeight(p["qweight"], p["qzeros"], p["scales"], g)
+        except ValueError as e:
+            raise WeightsError(f"AWQ linear {base!r}: {e}") from None
+    return out
+
+
+# ------------------------------------------------------------------------------- quantization
+
+
+def quantize_groups(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """AutoAWQ's zero-point 4-bit quantizer per group of `group_size` inputs, fp16 scales.
+
+    Returns (codes [out, in/G, G] float, zeros [out, in/G, 1] float, scales [out, in/G, 1] float32
+    holding fp16 values); W ~ (codes - zeros) * scales."""
+    out_f, in_f = w.shape
+    wg = w.float().reshape(out_f, in_f // group_size, group_size)
+    mx, mn = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
+    s = ((mx - mn).clamp(min=1e-5) / 15).half().float()
+    z = (-torch.round(mn / s)).clamp(0, 15)
+    q = (torch.round(wg / s) + z).clamp(0, 15)
+    return q, z, s
+
+
+def fake_quantize(w: Tensor, group_size: int) -> Tensor:
+    """Quantize-dequantize (round-to-nearest, the same arithmetic as the packed result)."""
+    q, z, s = quantize_groups(w, group_size)
+    return ((q - z) * s).reshape(w.shape)
+
+
+def rtn_weight(w: Tensor, group_size: int) -> AWQWeight:
+    """Plain round-to-nearest AWQ-layout weight (no activation-aware scaling)."""
+    q, z, s = quantize_groups(w, group_size)
+    return AWQWeight.from_codes(q.reshape(w.shape).to(torch.uint8), z[..., 0].to(torch.uint8), s[..., 0], group_size)
+
+
+def _norm_scale(x_mean: Tensor, alpha: float) -> Tensor:
+    s = x_mean.pow(alpha).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def search_scale(pairs: list[tuple[Tensor, Tensor]], x_mean: Tensor, group_size: int, n_grid: int) -> Tensor:
+    """Best s (length in) for linears [(W [out, in], X [n, in])] sharing a scale: grid over alpha."""
+    refs = [x @ w.T for w, x in pairs]
+    best, best_s = float("inf"), torch.ones_like(x_mean)
+    for r in range(n_grid):
+        s = _norm_scale(x_mean, r / n_grid)
+        loss, n = 0.0, 0
+        for (w, x), ref in zip(pairs, refs):
+            wq = fake_quantize(w * s, group_size) / s
+            loss += float((x @ wq.T - ref).pow(2).sum())
+            n += ref.numel()
+        loss /= max(n, 1)
+        if loss < best:
+            best, best_s = loss, s
+    return best_s
+
+
+def search_clip(w: Tensor, x: Tensor, group_size: int, n_grid: int = 20, max_shrink: float = 0.5,
+                n_tokens: int = 512) -> Tensor:
+    """AutoAWQ's auto_clip: W clamped to ±(best shrink of max|w|) per output channel and group."""
+    out_f, in_f = w.shape
+    ng = in_f // group_size
+    step = max(1, x.shape[0] // n_tokens)
+    xg = x[::step].reshape(-1, ng, group_size)
+    wg = w.reshape(out_f, ng, group_size)
+    res = torch.empty_like(wg)
+    for a in range(0, out_f, 256):
+        wb = wg[a : a + 256]
+        org_max = wb.abs().amax(-1, keepdim=True)
+        best_max = org_max.clone()
+        min_err = torch.full_like(org_max, float("inf"))
+        org_out = torch.einsum("ngk,ogk->nog", xg, wb)
+        for i in range(int(max_shrink * n_grid)):
+            mv = org_max * (1 - i / n_grid)
+            cur = torch.maximum(torch.minimum(wb, mv), -mv)
+            qw = fake_quantize(cur.reshape(len(wb), in_f), group_size).reshape(wb.shape)
+            err = (torch.einsum("ngk,ogk->nog", xg, qw) - org_out).pow(2).mean(0)[..., None]
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best_max = torch.where(better, mv, best_max)
+        res[a : a + 256] = torch.maximum(torch.minimum(wb, best_max), -best_max)
+    return res.reshape(out_f, in_f)
+
+
+# ------------------------------------------------------------------------------- HF naming
+
+_HF_LAYER = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
+    "attn.wo": "self_attn.o_proj", "ffn.w1": "mlp.gate_proj", "ffn.w3": "mlp.up_proj", "ffn.w2": "mlp.down_proj",
+    "ffn.gate": "block_sparse_moe.gate",
+}
+_HF_TOP = {"embed": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
+
+
+def hf_base_name(canon: str) -> str:
+    """Canonical name -> Hugging Face tensor name without the `.weight` suffix."""
+    if canon in _HF_TOP:
+        return _HF_TOP[canon]
+    _, layer, rest = canon.split(".", 2)
+    if rest.startswith("ffn.experts."):
+        return f"model.layers.{layer}.block_sparse_moe.experts.{rest[len('ffn.experts.'):]}"
+    return f"model.layers.{layer}.{_HF_LAYER[rest]}"
+
+
+def hf_config(cfg) -> dict:
+    """A Hugging Face config.json dict for a levante ModelConfig (when the source had none)."""
+    mt = cfg.model_type
+    d = {
+        "architectures": [{"mixtral": "MixtralForCausalLM", "mistral": "MistralForCausalLM"}.get(
+            mt, "LlamaForCausalLM")],
+        "model_type": mt, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+    }
+    if cfg.rope_scaling:
+        d["rope_scaling"] = cfg.rope_scaling
+    if cfg.sliding_window:
+        d["sliding_window"] = cfg.sliding_window
+    if cfg.is_moe:
+        d["num_local_experts"], d["num_experts_per_tok"] = cfg.num_experts, cfg.num_experts_per_tok
+    return d
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "generation_config.json", "chat_template.jinja")
+
+
+# ------------------------------------------------------------------------------- calibration
+
+
+def _calib_tokens(calib: str | Sequence[int] | Tensor, ckpt, model_dir: Path, max_tokens: int, seq_len: int) -> Tensor:
+    if isinstance(calib, str):
+        tok = ckpt.tokenizer
+        if tok is None:
+            from ..tokenizer import load_tokenizer
+
+            tok = load_tokenizer(model_dir if model_dir.is_dir() else model_dir.parent)
+        ids = tok.encode(calib)
+    else:
+        ids = [int(i) for i in (calib.reshape(-1).tolist() if isinstance(calib, Tensor) else calib)]
+    ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError("AWQ calibration needs at least 2 tokens")
+    if len(ids) <= seq_len:
+        return torch.tensor([ids])
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
+
+
+def awq_quantize(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    calib: str | Sequence[int] | Tensor,
+    group_size: int = 128,
+    n_grid: int = 20,
+    *,
+    max_calib_tokens: int = 2048,
+    seq_len: int = 512,
+    clip: bool = True,
+    max_loss_tokens: int = 4096,
+    force: bool = False,
+    progress: bool | Callable[[str], None] = False,
+) -> Path:
+    """Quantize a model (HF dir, or anything `levante.loader.read_checkpoint` reads) to an AWQ
+    4-bit GEMM checkpoint in `out_dir`; `calib` is a text (tokenized with the model's tokenizer) or
+    token ids. Returns out_dir. See the module docstring for the algorithm."""
+    from ..formats.safetensors import save_safetensors
+    from ..loader import read_checkpoint
+    from ..model import _Plan, build_model
+
+    say = progress if callable(progress) else ((lambda m: print(m, file=sys.stderr)) if progress else None)
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise FileExistsError(f"{out_dir} exists and is not empty (use --force to overwrite)")
+    t0 = time.time()
+    ckpt = read_checkpoint(model_dir, torch.float32)
+    cfg = ckpt.config
+    weights = {k: (w.dequantize(torch.float32) if isinstance(w, QuantWeight) else w.float()).clone()
+               for k, w in ckpt.weights.items()}
+    for k, w in weights.items():
+        if w.ndim == 2 and k not in ("embed", "lm_head") and not k.endswith("ffn.gate"):
+            if w.shape[1] % group_size or w.shape[0] % 8:
+                raise ValueError(f"AWQ: {k} {tuple(w.shape)}: in_features must be a multiple of the group size "
+                                 f"{group_size} and out_features of 8")
+    tokens = _calib_tokens(calib, ckpt, model_dir, max_calib_tokens, seq_len)
+    net = build_model(cfg, weights, torch.float32)  # DenseWeight / RMSNorm share `weights`' storage
+    body = net.model
+    B, T = tokens.shape
+    gen = torch.Generator().manual_seed(0)
+    quantized: dict[str, AWQWeight] = {}
+
+    def sub(x: Tensor) -> Tensor:  # a fixed subsample of rows for the loss (bounded cost)
+        if x.shape[0] <= max_loss_tokens:
+            return x
+        return x[torch.randperm(x.shape[0], generator=gen)[:max_loss_tokens].sort().values]
+
+    with torch.no_grad():
+        positions = torch.arange(T)[None].expand(B, T)
+        x = body.embed.rows(tokens, torch.float32)
+        cos, sin = body.rotary.cos_sin(positions, torch.float32)
+        plan = _Plan(None, positions, cfg.sliding_window, slice(0, B))
+        for li, blk in enumerate(body.layers):
+            X, x = _capture(blk, lambda b=blk, i=li, h=x: b(h, cos, sin, plan, i))  # x: the float output,
+            for n, qw in _awq_layer(blk, X, cfg.is_moe, cfg.num_experts, group_size, n_grid, clip, sub).items():
+                quantized[f"layers.{li}.{n}"] = qw  # the next layer's input (AutoAWQ's propagation)
+            if say:
+                say(f"awq: layer {li + 1}/{cfg.num_layers} done ({time.time() - t0:.0f} s)")
+
+    # ---- write the checkpoint
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    for k, w in weights.items():
+        if k in quantized:
+            qw, qz, sc = quantized[k].packed()
+            b = hf_base_name(k)
+            tensors[b + ".qweight"], tensors[b + ".qzeros"], tensors[b + ".scales"] = qw, qz, sc
+        else:
+            tensors[hf_base_name(k) + ".weight"] = w.to(torch.float16)
+    save_safetensors(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    src_cfg = model_dir / "config.json"
+    conf = json.loads(src_cfg.read_text()) if model_dir.is_dir() and src_cfg.is_file() else hf_config(cfg)
+    conf["torch_dtype"] = "float16"
+    conf["quantization_config"] = {
+        "quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
+        "modules_to_not_convert": ["gate"] if cfg.is_moe else None,
+    }
+    (out_dir / "config.json").write_text(json.dumps(conf, indent=2))
+    src = model_dir if model_dir.is_dir() else model_dir.parent
+    for name in _TOKENIZER_FILES:
+        if (src / name).is_file() and src.resolve() != out_dir.resolve():
+            shutil.copy(src / name, out_dir / name)
+    if say:
+        say(f"awq: wrote {out_dir} ({len(quantized)} quantized linears, {time.time() - t0:.0f} s)")
+    return out_dir
+
+
+def _capture(blk: torch.nn.Module, run: Callable[[], Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+    """Inputs [rows, in] of every linear of `blk` (MoE experts: the tokens routed to them) during run(),
+    and run()'s result."""
+    feats: dict[str, list[Tensor]] = {}
+
+    def hook(name: str):
+        return lambda _m, a: feats.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1]).float())
+
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in blk.named_modules() if isinstance(m, QuantWeight)]
+    try:
+        out = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v) for n, v in feats.items()}, out
+
+
+def _awq_layer(blk, X: dict[str, Tensor], is_moe: bool, n_experts: int, group_size: int, n_grid: int, clip: bool,
+               sub: Callable[[Tensor], Tensor]) -> dict[str, AWQWeight]:
+    """Scale search + folding, clipping and quantization of one decoder block (float weights edited in place)."""
+    W = {n: m.weight for n, m in blk.named_modules() if isinstance(m, QuantWeight) and n != "ffn.gate"}
+    xin: dict[str, Tensor] = {n: sub(X[n]) for n in W if n in X}  # per-linear loss inputs (subsampled)
+
+    def scale_group(names: list[str], stat_src: Tensor, prev: list[tuple[Tensor, int]]) -> None:
+        active = [n for n in names if n in xin]  # MoE experts no calibration token reached are left out
+        if not active:
+            return
+        s = search_scale([(W[n], xin[n]) for n in active], stat_src.abs().mean(0), group_size, n_grid)
+        for t, dim in prev:  # fold 1/s into the producer of the input (norm gain or rows of a linear)
+            if dim == 0:
+                t.div_(s.view(-1, *([1] * (t.ndim - 1))))
+            else:
+                t.mul_(s)  # router columns: its input shrinks by s, so its weight grows by s
+        for n in names:  # every consumer of the folded input, routed tokens or not
+            W[n].mul_(s)
+            if n in xin:
+                xin[n] = xin[n] / s
+
+    scale_group(["attn.wq", "attn.wk", "attn.wv"], X["attn.wq"], [(blk.attn_norm.weight, 0)])
+    if W["attn.wv"].shape[0] == W["attn.wo"].shape[1]:  # no GQA: fold into v_proj rows (as AutoAWQ)
+        scale_group(["attn.wo"], X["attn.wo"], [(W["attn.wv"], 0)])
+    if is_moe:
+        ex = [f"ffn.experts.{e}." for e in range(n_experts)]
+        scale_group([p + w for p in ex for w in ("w1", "w3")], X["ffn.gate"],
+                    [(blk.ffn_norm.weight, 0), (blk.ffn.gate.weight, 1)])
+    else:
+        ex = ["ffn."]
+        scale_group(["ffn.w1", "ffn.w3"], X["ffn.w1"], [(blk.ffn_norm.weight, 0)])
+    for p in ex:
+        if p + "w2" in X:
+            scale_group([p + "w2"], X[p + "w2"], [(W[p + "w3"], 0)])
+    out = {}
+    for n, w in W.items():
+        if clip and n in xin and n not in ("attn.wq", "attn.wk"):
+            w.copy_(search_clip(w, xin[n], group_size, n_grid))
+        q, z, s = quantize_groups(w, group_size)
+        out[n] = AWQWeight.from_codes(q.reshape(w.shape).to(torch.uint8), z[..., 0].to(torch.uint8), s[..., 0],
+                                      group_size)
+    return out
+
+
+def _bench(out_f: int = 4096, in_f: int = 4096, rows: Sequence[int] = (1, 8, 128), reps: int = 5) -> list[str]:
+    """Time AWQWeight.matmul vs dense F.linear on the dequantized weight (float32); returns table lines."""
+    torch.manual_seed(0)
+    w = torch.randn(out_f, in_f) * 0.02
+    aw = rtn_weight(w, 128)
+    dense = aw.dequantize()
+    lines = ["| rows | AWQWeight.matmul ms | dense F.linear ms |", "|---|---|---|"]
+    for n in rows:
+        x = torch.randn(n, in_f)
+        res = []
+        for f in (lambda x=x: aw.matmul(x), lambda x=x: F.linear(x, dense)):
+            f()
+            t = time.perf_counter()
+            for _ in range(reps):
+                f()
+            res.append((time.perf_counter() - t) / reps * 1e3)
+        lines.append(f"| {n} | {res[0]:.2f} | {res[1]:.2f} |")
+    return lines

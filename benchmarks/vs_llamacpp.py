@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent
@@ -147,13 +148,18 @@ class LlamaCppRunner:
         t0 = time.perf_counter()
         self.llm.eval(ids)
         dt = time.perf_counter() - t0
-        return dt, int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+        return dt, self._last_argmax()
+
+    def _last_argmax(self) -> int:
+        # Without logits_all llama.cpp outputs logits for the last token only: read them in place.
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+        return int(np.argmax(logits))
 
     def decode(self, tok: int, n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
             self.llm.eval([tok])
-            tok = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+            tok = self._last_argmax()
         return time.perf_counter() - t0
 
 

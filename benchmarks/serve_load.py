@@ -190,7 +190,9 @@ def main() -> int:
         else:
             port = free_port()
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
-                   "--n_ctx", str(args.n_ctx), "--n_threads", str(args.threads), "--model_alias", "bench"]
+                   "--n_ctx", str(args.n_ctx), "--n_threads", str(args.threads), "--model_alias", "bench",
+                   # by default a new request interrupts the running stream; queue them instead
+                   "--interrupt_requests", "False"]
             print("llama.cpp:", " ".join(cmd), flush=True)
             try:
                 rows.append(("llama-cpp-python server", run_engine("llamacpp", cmd, port, args, bias, prefix_text)))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ContextLengthError
+from .errors import ContextLengthError, OverloadedError
 from .generate import TokenEvent, _Row
 from .sampling import SamplingParams, sample, token_logprobs
 
@@ -152,9 +152,10 @@ class Engine:
     """The scheduler. `submit` is thread-safe; a background thread runs the model."""
 
     def __init__(self, model, tokenizer, n_ctx: int, max_batch: int = 8, prefill_chunk: int = 512,
-                 prefix_cache: bool = True) -> None:
+                 prefix_cache: bool = True, max_queue: int = 256) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        self.max_queue = max_queue
         self.model, self.tokenizer = model, tokenizer
         self.n_ctx, self.max_batch, self.prefill_chunk = n_ctx, max_batch, prefill_chunk
         self.prefix_cache = prefix_cache
@@ -203,6 +204,8 @@ class Engine:
         if loop is not None:
             req._loop, req._aq = loop, asyncio.Queue()
         with self._cv:
+            if len(self.waiting) >= self.max_queue:
+                raise OverloadedError(f"server overloaded: {len(self.waiting)} requests already waiting")
             self.waiting.append(req)
             self.metrics.requests += 1
             self.metrics.prompt_tokens += len(prompt)

@@ -23,3 +23,7 @@ class UnsupportedQuantError(WeightsError):
 
 class ContextLengthError(LevanteError, ValueError):
     """A prompt (plus requested tokens) does not fit in the context window."""
+
+
+class OverloadedError(LevanteError):
+    """The server's request queue is full; the client should retry later."""

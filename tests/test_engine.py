@@ -114,3 +114,13 @@ def test_many_threads(llm):
         eng.shutdown()
     assert "levante_requests_total 10" in eng.metrics.prometheus()
     assert torch.is_tensor(eng.cache.k[0])
+
+
+def test_queue_is_bounded(llm):
+    from levante.errors import OverloadedError
+
+    eng = Engine(llm.model, llm.tokenizer, n_ctx=256, max_batch=1, max_queue=2)  # not started: nothing drains
+    eng.submit(llm.tokenize("a"), 2, SamplingParams.greedy())
+    eng.submit(llm.tokenize("b"), 2, SamplingParams.greedy())
+    with pytest.raises(OverloadedError, match="overloaded"):
+        eng.submit(llm.tokenize("c"), 2, SamplingParams.greedy())

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import _chat_logprobs
-from ..errors import ContextLengthError, LevanteError
+from ..errors import ContextLengthError, LevanteError, OverloadedError
 from ..generate import TokenEvent
 from ..sampling import SamplingParams
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body, validation_error
@@ -304,6 +304,9 @@ def create_app(
             for c, mt in zip(choices, max_tokens):
                 c.req = eng.submit(c.ids, mt, c.params, stop=stops, logprobs=logprobs, fresh_text=fresh_text,
                                    loop=loop)
+        except OverloadedError as e:
+            _cancel(choices)
+            raise APIError(503, str(e), type="server_error", code="overloaded") from None
         except (ContextLengthError, ValueError) as e:
             _cancel(choices)
             code = "context_length_exceeded" if isinstance(e, ContextLengthError) else "invalid_value"

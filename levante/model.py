@@ -305,6 +305,12 @@ class MoE(nn.Module):
         probs = torch.softmax(self.gate(x).float(), dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        if x.shape[0] == 1:  # one token (decode): no grouping needed
+            out = None
+            for j, e in enumerate(chosen[0].tolist()):
+                y = self.experts[e](x) * weights[:, j : j + 1]
+                out = y if out is None else out + y
+            return out.reshape(shape)
         flat = chosen.reshape(-1)
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()

@@ -54,7 +54,7 @@ def weight_summary(model: torch.nn.Module) -> tuple[int, str, int]:
         if isinstance(m, QuantWeight) and id(m) not in seen:
             seen.add(id(m))
             nbytes += m.nbytes
-            n = m.out_features * m.in_features
+            n = m.n_params
             params += n
             types[m.qtype] += n
     return nbytes, (types.most_common(1)[0][0] if types else "?"), params

@@ -233,7 +233,7 @@ def cmd_info(args) -> int:
     n_params = 0
     for w in ck.weights.values():
         types[w.qtype if isinstance(w, QuantWeight) else str(w.dtype).replace("torch.", "")] += 1
-        n_params += w.shape[0] * (w.shape[1] if len(w.shape) > 1 else 1)
+        n_params += w.n_params if isinstance(w, QuantWeight) else w.numel()
     size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir()) if f.is_file())
     active = n_params
     if cfg.is_moe:

@@ -40,6 +40,11 @@ class QuantWeight(nn.Module):
         return self.matmul(x)
 
     @property
+    def n_params(self) -> int:
+        """Parameters this weight stores (out * in; factorised formats override)."""
+        return self.out_features * self.in_features
+
+    @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 

@@ -1,5 +1,8 @@
 """Micro-benchmark of CPU matmul candidates for GGML weights: `python benchmarks/kernels.py [threads] [--quick]`.
 
+`python benchmarks/kernels.py --dram` times M = 1 `ext.gemv` with DRAM-resident weights (software
+prefetch off / on, 1 and 2 threads).
+
 `python benchmarks/kernels.py [threads] --gemv [--baseline OLD.so]` only times the small-batch kernel
 (`ext.gemv`, M = 1, 2, 4, 8) per type and shape, optionally next to another build of the extension
 (e.g. an older `levante_ggml_<hash>.so` from ~/.cache/levante/torch_extensions), and `fused_matmul`
@@ -159,9 +162,58 @@ def gemv_main(threads: int, baseline: str | None) -> None:
         print(f"| {label} | {t_sep * 1e6:.0f} | {t_fus * 1e6:.0f} |", flush=True)
 
 
+def ggml_raw_sane(qtype: str, n: int, k: int, rng: np.random.Generator) -> torch.Tensor:
+    """Random codes with finite, small f16 scales (0x20xx), so no inf / NaN reaches the timing."""
+    _, bs, ts = kq.QTYPES[qtype]
+    raw = rng.integers(0, 256, (n, k // bs, ts), dtype=np.uint8)
+    hi = {"Q4_0": [1], "Q4_1": [1, 3], "Q8_0": [1], "Q4_K": [1, 3], "Q5_K": [1, 3], "Q6_K": [209]}
+    for i in hi.get(qtype, []):
+        raw[..., i] = 0x20
+    return torch.from_numpy(raw.reshape(n, -1))
+
+
+def dram_main() -> None:
+    """M = 1 `ext.gemv` with the weight streamed from DRAM: cycles through >= 160 MiB of distinct copies.
+
+    Columns: software prefetch off (`set_pf(0)`) / on (the default distance), 1 and 2 threads.
+    """
+    ext = kq.extension()
+    rng = np.random.default_rng(0)
+    pf_default = ext.set_pf(0)
+    ext.set_pf(pf_default)
+    print(f"M = 1, DRAM-resident weights; GB/s = weight bytes / time; prefetch distance {pf_default} B")
+    print("| type | K x N | 1 thr, pf off | 1 thr, pf on | 2 thr, pf off | 2 thr, pf on |\n|---|---|---|---|---|---|")
+    for qt in ("Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0"):
+        for k, n in ((1024, 3584), (3584, 1024), (1024, 1024)):
+            w0 = ggml_raw_sane(qt, n, k, rng)
+            ws = [w0] + [w0.clone() for _ in range(max(4, (160 << 20) // w0.numel()) - 1)]
+            x = torch.randn(1, k)
+            qid = kq.QTYPES[qt][0]
+            cells = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for pf in (0, pf_default):
+                    ext.set_pf(pf)
+                    for w in ws:
+                        ext.gemv(w, qid, k, x)
+                    best = float("inf")
+                    for _ in range(5):
+                        t0 = time.perf_counter()
+                        for w in ws:
+                            ext.gemv(w, qid, k, x)
+                        best = min(best, (time.perf_counter() - t0) / len(ws))
+                    cells.append(f"{w0.numel() / best / 1e9:.1f}")
+            ext.set_pf(pf_default)
+            print(f"| {qt} | {k}x{n} | " + " | ".join(cells) + " |", flush=True)
+            del ws
+
+
 def main() -> None:
     threads = int(next((a for a in sys.argv[1:] if a.isdigit()), 2))
     quick = "--quick" in sys.argv
+    if "--dram" in sys.argv:
+        dram_main()
+        return
     if "--gemv" in sys.argv:
         base = sys.argv[sys.argv.index("--baseline") + 1] if "--baseline" in sys.argv else None
         gemv_main(threads, base)

@@ -54,7 +54,6 @@ tokenizer files.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -348,10 +347,6 @@ def hf_config(cfg) -> dict:
     return d
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                    "added_tokens.json", "generation_config.json", "chat_template.jinja")
-
-
 # ------------------------------------------------------------------------------- calibration
 
 
@@ -452,10 +447,11 @@ def awq_quantize(
         "modules_to_not_convert": ["gate"] if cfg.is_moe else None,
     }
     (out_dir / "config.json").write_text(json.dumps(conf, indent=2))
-    src = model_dir if model_dir.is_dir() else model_dir.parent
-    for name in _TOKENIZER_FILES:
-        if (src / name).is_file() and src.resolve() != out_dir.resolve():
-            shutil.copy(src / name, out_dir / name)
+    from ..compress import copy_tokenizer
+
+    for note in copy_tokenizer(model_dir, out_dir):  # HF dir: copy the files; GGUF: convert its tokenizer
+        if say:
+            say(f"awq: {note}")
     if say:
         say(f"awq: wrote {out_dir} ({len(quantized)} quantized linears, {time.time() - t0:.0f} s)")
     return out_dir

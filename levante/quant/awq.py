@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import QuantWeight
+from .base import QuantWeight, tiled_linear
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of a packed int32 holds column AWQ_ORDER[i] of its 8
 AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]  # column j sits in nibble AWQ_REVERSE_ORDER[j]
@@ -176,14 +176,7 @@ class AWQWeight(QuantWeight):
     def matmul(self, x: Tensor) -> Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k).to(torch.float32)
-        t = self._tile_rows()
-        if t >= self.out_features:
-            y = F.linear(x2, self._deq(0, self.out_features))
-        else:
-            y = x2.new_empty(x2.shape[0], self.out_features)
-            for a in range(0, self.out_features, t):
-                b = min(a + t, self.out_features)
-                y[:, a:b] = F.linear(x2, self._deq(a, b))
+        y = tiled_linear(x2, self.out_features, self._tile_rows(), self._deq)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def rows(self, ids: Tensor, dtype: torch.dtype) -> Tensor:

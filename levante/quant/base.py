@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -75,6 +77,21 @@ class DenseWeight(QuantWeight):
 
     def rows(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
         return F.embedding(ids, self.weight).to(dtype)
+
+
+def tiled_linear(x: Tensor, out_features: int, tile_rows: int, weight_rows: Callable[[int, int], Tensor]) -> Tensor:
+    """x @ W.T, with W materialised `tile_rows` rows at a time by `weight_rows(start, end)`.
+
+    The shared fallback of the packed formats: transient memory stays at one tile, never the whole
+    float weight.
+    """
+    if tile_rows >= out_features:
+        return F.linear(x, weight_rows(0, out_features))
+    y = x.new_empty(*x.shape[:-1], out_features)
+    for s in range(0, out_features, tile_rows):
+        e = min(s + tile_rows, out_features)
+        y[..., s:e] = F.linear(x, weight_rows(s, e))
+    return y
 
 
 def as_weight(w: Tensor | QuantWeight, dtype: torch.dtype) -> QuantWeight:

@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UnsupportedQuantError, WeightsError
-from .base import QuantWeight
+from .base import QuantWeight, tiled_linear
 
 QK_K = 256
 
@@ -267,12 +266,5 @@ class GGMLWeight(QuantWeight):
         return max(1, min(self.out_features, self.chunk_bytes // (4 * max(1, self.in_features))))
 
     def matmul(self, x: Tensor) -> Tensor:
-        n = self._chunk_rows()
-        if n >= self.out_features:
-            return F.linear(x, self.dequantize(x.dtype))
-        out = x.new_empty(*x.shape[:-1], self.out_features)
-        for s in range(0, self.out_features, n):
-            e = min(s + n, self.out_features)
-            w = dequantize(self.data[s:e], self.qtype).to(x.dtype)
-            out[..., s:e] = F.linear(x, w)
-        return out
+        return tiled_linear(x, self.out_features, self._chunk_rows(),
+                            lambda s, e: dequantize(self.data[s:e], self.qtype).to(x.dtype))

@@ -11,10 +11,9 @@ dequantized in float32 row tiles of at most TILE_BYTES and multiplied with F.lin
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .base import QuantWeight
+from .base import QuantWeight, tiled_linear
 
 TILE_BYTES = 8 << 20
 PACK_MAX_ROWS = 4  # activation rows up to which _weight_int8pack_mm beats dequantize + F.linear
@@ -62,12 +61,6 @@ class Int8Weight(QuantWeight):
         if x2.shape[0] <= PACK_MAX_ROWS and self.q.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
         else:
-            t = self._tile_rows()
-            if t >= self.out_features:
-                y = F.linear(x2, self.dequantize())
-            else:
-                y = x2.new_empty(x2.shape[0], self.out_features)
-                for s in range(0, self.out_features, t):
-                    e = min(s + t, self.out_features)
-                    y[:, s:e] = F.linear(x2, self.q[s:e].float() * self.scale[s:e, None])
+            y = tiled_linear(x2, self.out_features, self._tile_rows(),
+                             lambda s, e: self.q[s:e].float() * self.scale[s:e, None])
         return y.to(x.dtype).reshape(*lead, self.out_features)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import QuantWeight
+from .base import QuantWeight, tiled_linear
 
 # type name -> (type id in the C++ code, elements per block, bytes per block)
 QTYPES: dict[str, tuple[int, int, int]] = {
@@ -1107,14 +1107,8 @@ class GGMLKernelWeight(QuantWeight):
         if ext is not None and x2.shape[0] <= GEMV_MAX_ROWS and self.data.device.type == "cpu":
             y = ext.gemv(self.data, QTYPES[self.qtype][0], self.in_features, x2)
         else:
-            t = self._tile_rows()
-            if t >= self.out_features:
-                y = F.linear(x2, self.dequantize())
-            else:
-                y = x2.new_empty(x2.shape[0], self.out_features)
-                for s in range(0, self.out_features, t):
-                    e = min(s + t, self.out_features)
-                    y[:, s:e] = F.linear(x2, dequantize_raw(self.data[s:e], self.qtype, self.in_features))
+            y = tiled_linear(x2, self.out_features, self._tile_rows(),
+                             lambda s, e: dequantize_raw(self.data[s:e], self.qtype, self.in_features))
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
 

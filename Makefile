@@ -19,6 +19,8 @@ demo: install
 
 test-deps: install
 	$(PIP) install -q -e ".[test]"
+	# AutoAWQ's own packing code is the AWQ oracle; --no-deps: its dependencies need CUDA kernels.
+	$(PIP) install -q --no-deps autoawq==0.2.9
 	$(MAKE) llama-cpp
 
 # llama-cpp-python is the end-to-end oracle. It compiles llama.cpp (~10 min on 2 cores), so the

@@ -29,6 +29,7 @@ import torch
 
 from .config import ModelConfig
 from .formats import Checkpoint
+from .formats.mistral import half_to_interleaved
 from .quant.kquants import BLOCK_SIZES, quantize
 
 # --------------------------------------------------------------------------------- file types
@@ -229,12 +230,6 @@ def _shape(w: Any) -> tuple[int, ...]:
     return tuple(int(s) for s in w.shape)
 
 
-def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF rotate-half rows -> llama.cpp interleaved pairs (convert_hf_to_gguf's LlamaModel.permute)."""
-    out, inp = w.shape
-    return w.reshape(n_head, 2, out // n_head // 2, inp).swapaxes(1, 2).reshape(out, inp)
-
-
 def _plan(ckpt: Checkpoint, extra: dict[str, np.ndarray]) -> list[_Planned]:
     cfg = ckpt.config
     W = ckpt.weights
@@ -256,8 +251,8 @@ def _plan(ckpt: Checkpoint, extra: dict[str, np.ndarray]) -> list[_Planned]:
         p = f"layers.{i}."
         b = f"blk.{i}."
         add(b + "attn_norm.weight", p + "attn_norm")
-        add(b + "attn_q.weight", p + "attn.wq", lambda a: _permute_qk(a, cfg.num_heads))
-        add(b + "attn_k.weight", p + "attn.wk", lambda a: _permute_qk(a, cfg.num_kv_heads))
+        add(b + "attn_q.weight", p + "attn.wq", lambda a: half_to_interleaved(a, cfg.num_heads))
+        add(b + "attn_k.weight", p + "attn.wk", lambda a: half_to_interleaved(a, cfg.num_kv_heads))
         add(b + "attn_v.weight", p + "attn.wv")
         add(b + "attn_output.weight", p + "attn.wo")
         add(b + "ffn_norm.weight", p + "ffn_norm")

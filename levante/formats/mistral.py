@@ -42,10 +42,13 @@ def interleaved_to_half(w: Tensor, n_heads: int) -> Tensor:
     return w.reshape(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
 
 
-def half_to_interleaved(w: Tensor, n_heads: int) -> Tensor:
-    """Inverse of `interleaved_to_half` (what llama.cpp's converter and Mistral's layout store)."""
+def half_to_interleaved(w, n_heads: int):
+    """Inverse of `interleaved_to_half` (what llama.cpp's converter and Mistral's layout store).
+
+    Works on torch tensors and numpy arrays alike (both have reshape / swapaxes).
+    """
     out, inp = w.shape
-    return w.reshape(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+    return w.reshape(n_heads, 2, out // n_heads // 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
 def _files(directory: Path) -> list[Path]:

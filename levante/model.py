@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .errors import ContextLengthError, WeightsError
 from .quant.base import QuantWeight, as_weight
-from .quant.kernels import fused_matmul
+from .quant.kernels import decode_ext, ffn_raw, fused_matmul
 
 
 class RMSNorm(nn.Module):
@@ -32,6 +32,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in float32, cast back, then scale (transformers' order); one fused op when possible.
+        if x.dtype == torch.float32 and x.device.type == "cpu" and (ext := decode_ext()) is not None:
+            return ext.rmsnorm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps).view(x.shape)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         h = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
@@ -218,6 +220,12 @@ class _Plan:
                 new_pos[self.batch_idx, self.slots] = positions[:, 0]
                 kpos = new_pos[:, : self.n_keys]
             self.new_pos = new_pos
+        self.fast = None
+        if T == 1 and self.mode in ("shared", "scatter") and dtype == torch.float32:
+            # One token per row on a float32 CPU cache: attention is one C++ call per layer (attn_decode).
+            self.fast = decode_ext() if cache.k[0].device.type == "cpu" else None
+            self.row0 = rows.indices(cache.batch_size)[0]
+            self.fast_slots = self.slots.expand(B).contiguous()
         q = positions[:, :, None]
         k = kpos[:, None, :]
         mask = (k >= 0) & (k <= q)
@@ -229,6 +237,8 @@ class _Plan:
         # Additive float mask, built once for all layers (SDPA would convert a bool mask per call).
         self.bias = torch.zeros(self.mask.shape, dtype=dtype, device=positions.device)
         self.bias.masked_fill_(~self.mask, float("-inf"))
+        if cache is not None and self.fast is not None:
+            self.bias2d = self.bias.reshape(B, -1)
 
     def keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this chunk's k/v [B, H, T, D] in the cache; return all keys/values to attend to."""
@@ -265,6 +275,13 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, plan: _Plan, layer: int) -> Tensor:
         B, T, _ = x.shape
+        if plan.fast is not None:
+            qkv = fused_matmul((self.wq, self.wk, self.wv), x, cat=True)
+            out = plan.fast.attn_decode(
+                qkv.reshape(B, -1), cos.reshape(B, -1), sin.reshape(B, -1), plan.cache.k[layer],
+                plan.cache.v[layer], plan.row0, plan.fast_slots, plan.bias2d, self.n_heads, self.n_kv,
+            )
+            return self.wo(out.view(B, T, -1))
         q, k, v = fused_matmul((self.wq, self.wk, self.wv), x)  # one kernel call for GGML weights
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -283,8 +300,34 @@ class MLP(nn.Module):
         self.w1, self.w2, self.w3 = w1, w2, w3
 
     def forward(self, x: Tensor) -> Tensor:
+        if (fast := _ffn_fast(self, x, (self,))) is not None:
+            ext, raws, qts = fast
+            return ext.ffn_decode(x.reshape(-1, x.shape[-1]).contiguous(), _EMPTY, raws, qts, 1).view(x.shape)
         gate, up = fused_matmul((self.w1, self.w3), x)
         return self.w2(F.silu(gate) * up)
+
+
+_EMPTY = torch.empty(0)
+_SMALL = 8  # token rows up to which the fused C++ decode feed-forward is used
+
+
+def _ffn_fast(module: nn.Module, x: Tensor, mlps) -> tuple | None:
+    """(extension, raw weights, type ids) when `ffn_decode` can run this feed-forward on x, else None.
+
+    Needs a float32 CPU x of at most `_SMALL` tokens and GGML weights; the raw list is cached on the
+    module (and rebuilt if the weights move).
+    """
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > _SMALL * x.shape[-1]:
+        return None
+    ext = decode_ext()
+    if ext is None:
+        return None
+    key = id(mlps[0].w1._buffers.get("data"))
+    cached = module.__dict__.get("_ffn_raw")
+    if cached is None or cached[0] != key:
+        cached = (key, ffn_raw(mlps))
+        module.__dict__["_ffn_raw"] = cached
+    return None if cached[1] is None else (ext, *cached[1])
 
 
 class MoE(nn.Module):
@@ -302,6 +345,10 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if (fast := _ffn_fast(self, x, self.experts)) is not None:
+            ext, raws, qts = fast
+            logits = self.gate(x).float().contiguous()
+            return ext.ffn_decode(x.contiguous(), logits, raws, qts, self.top_k).reshape(shape)
         probs = torch.softmax(self.gate(x).float(), dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)

@@ -131,6 +131,10 @@ def encode_tensor(a: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
         return a.astype(np.float32), None
     if qtype == "F16":
         return a.astype(np.float16), None
+    if qtype.endswith("_K"):  # gguf-py has no K-quant quantizers; levante's are byte-identical to llama.cpp's
+        from levante.quant.kquants import quantize_k
+
+        return quantize_k(a.astype(np.float32), qtype), T[qtype]
     return quantize(a.astype(np.float32), T[qtype]), T[qtype]
 
 
@@ -190,4 +194,7 @@ def write_gguf_from_hf(
 def _file_type(qtype: str) -> int:
     from gguf.constants import LlamaFileType
 
-    return int(LlamaFileType["ALL_F32" if qtype == "F32" else f"MOSTLY_{qtype}"])
+    if qtype == "F32":
+        return int(LlamaFileType.ALL_F32)
+    members = LlamaFileType.__members__
+    return int(members.get(f"MOSTLY_{qtype}") or members[f"MOSTLY_{qtype}_M"])  # Q4_K -> Q4_K_M

@@ -77,6 +77,8 @@ _CPP = r"""
 #include <cstring>
 #include <vector>
 #include <algorithm>
+#include <cmath>
+#include <memory>
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -830,11 +832,14 @@ void range_bf_any(int64_t qt, const uint8_t* src, int64_t rb, int64_t r0, int64_
   }
 }
 
-struct XBuf {  // owns the prepared activations
+struct XBuf {  // owns the prepared activations (not copyable: p points into the buffers)
   std::vector<uint16_t> h, l;
   std::vector<float> s;
   XP p;
-  XBuf(const float* xf, int64_t m, int64_t k) : h(m * k), l(m * k), s(m * (k / 32)) {
+  int64_t m;
+  XBuf(const XBuf&) = delete;
+  XBuf& operator=(const XBuf&) = delete;
+  XBuf(const float* xf, int64_t m_, int64_t k) : h(m_ * k), l(m_ * k), s(m_ * (k / 32)), m(m_) {
     for (int64_t i = 0; i < m * k; i += 16) {  // k is a multiple of 32
       const __m512 v = _mm512_loadu_ps(xf + i);
       const __m256i hi = (__m256i)_mm512_cvtneps_pbh(v);
@@ -937,46 +942,310 @@ int64_t set_pf(int64_t v) {
 #endif
 }
 
+// ------------------------------------------------------------------ jobs: several matmuls, one parallel region
+#ifdef HAVE_BF16DOT
+// rows [r0, r1) of y = x @ W.T for the types without a bf16 path (dequantize 256 at a time, f32 FMAs)
+template <deq_fn F, int BL, int BY>
+void range_gen(const uint8_t* src, int64_t rb, int64_t r0, int64_t r1, const float* xp, int64_t m, int64_t k,
+               float* yp, int64_t ldy) {
+  constexpr int CH = 256;
+  alignas(64) float buf[CH];
+  std::vector<float> acc(m * 16);
+  for (int64_t r = r0; r < r1; ++r) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    const uint8_t* row = src + r * rb;
+    for (int64_t e0 = 0; e0 < k; e0 += CH) {
+      const int len = (int)std::min<int64_t>(CH, k - e0);
+      const uint8_t* blk = row + e0 / BL * BY;
+      for (int e = 0; e < len; e += BL, blk += BY) F(blk, buf + e);
+      for (int64_t i = 0; i < m; ++i) fma16(acc.data() + i * 16, buf, xp + i * k + e0, len);
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      float t = 0.f;
+      for (int l = 0; l < 16; ++l) t += acc[i * 16 + l];
+      yp[i * ldy + r] = t;
+    }
+  }
+}
+
+struct Job {  // y [m, n] (row stride ldy) = x [m, k] @ W.T, W = n rows of raw blocks
+  int64_t qt;
+  const uint8_t* raw;
+  int64_t rb, n;
+  const XBuf* x;
+  float* y;
+  int64_t ldy;
+};
+
+void job_range(const Job& j, int64_t lo, int64_t hi) {
+  const XP& x = j.x->p;
+  const int64_t m = j.x->m;
+  if (bf_type(j.qt)) {
+    range_bf_any(j.qt, j.raw, j.rb, lo, hi, x, m, j.y, j.ldy);
+  } else {
+    DISPATCH(j.qt, range_gen, j.raw, j.rb, lo, hi, x.xf, m, x.k, j.y, j.ldy);
+  }
+}
+
+// every job's rows in one parallel region (threads split the concatenated rows)
+void run_jobs(const std::vector<Job>& jobs) {
+  int64_t N = 0, bytes = 0, m = 1;
+  for (const Job& j : jobs) {
+    N += j.n;
+    bytes += j.n * j.rb;
+    m = std::max<int64_t>(m, j.x->m);
+  }
+  if (N == 0) return;
+  at::parallel_for(0, N, grain_rows(std::max<int64_t>(1, bytes / N), m), [&](int64_t r0, int64_t r1) {
+    int64_t off = 0;
+    for (const Job& j : jobs) {
+      const int64_t lo = std::max(r0, off), hi = std::min(r1, off + j.n);
+      if (lo < hi) job_range(j, lo - off, hi - off);
+      off += j.n;
+    }
+  });
+}
+#endif
+
+bool decode_ops() {  // the fused decode-step ops below are compiled in (AVX512_BF16 machines)
+#ifdef HAVE_BF16DOT
+  return true;
+#else
+  return false;
+#endif
+}
+
 // several weights sharing x (q/k/v, gate/up): y [m, sum n_i] = x @ [W_1; W_2; ...].T, one parallel region
 torch::Tensor gemv_multi(std::vector<torch::Tensor> raws, std::vector<int64_t> qts, int64_t k, torch::Tensor x) {
   TORCH_CHECK(raws.size() == qts.size() && !raws.empty(), "raws / qtypes mismatch");
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) == k, "bad x");
   const int64_t m = x.size(0), nw = (int64_t)raws.size();
-  bool fused = m <= 8;
-  std::vector<int64_t> off(nw + 1, 0);
+  int64_t N = 0;
   for (int64_t w = 0; w < nw; ++w) {
     check(raws[w], qts[w], k);
-    off[w + 1] = off[w] + raws[w].size(0);
-#ifdef HAVE_BF16DOT
-    fused = fused && bf_type(qts[w]);
-#else
-    fused = false;
-#endif
+    N += raws[w].size(0);
   }
-  if (!fused) {
-    std::vector<torch::Tensor> ys;
-    for (int64_t w = 0; w < nw; ++w) ys.push_back(gemv(raws[w], qts[w], k, x));
-    return torch::cat(ys, 1);
-  }
-  const int64_t N = off[nw];
-  auto out = torch::empty({m, N}, torch::kFloat32);
 #ifdef HAVE_BF16DOT
-  if (N == 0) return out;
-  XBuf xb(x.data_ptr<float>(), m, k);
-  float* yp = out.data_ptr<float>();
-  int64_t bytes = 0;
-  for (int64_t w = 0; w < nw; ++w) bytes += raws[w].numel();
-  at::parallel_for(0, N, grain_rows(std::max<int64_t>(1, bytes / N), m), [&](int64_t r0, int64_t r1) {
+  if (m <= 8) {
+    auto out = torch::empty({m, N}, torch::kFloat32);
+    if (m == 0 || N == 0) return out;
+    XBuf xb(x.data_ptr<float>(), m, k);
+    std::vector<Job> jobs;
+    int64_t off = 0;
     for (int64_t w = 0; w < nw; ++w) {
-      const int64_t lo = std::max(r0, off[w]), hi = std::min(r1, off[w + 1]);
-      if (lo < hi)
-        range_bf_any(qts[w], raws[w].data_ptr<uint8_t>(), raws[w].size(1), lo - off[w], hi - off[w], xb.p, m,
-                     yp + off[w], N);
+      jobs.push_back(Job{qts[w], raws[w].data_ptr<uint8_t>(), raws[w].size(1), raws[w].size(0), &xb,
+                         out.data_ptr<float>() + off, N});
+      off += raws[w].size(0);
     }
-  });
+    run_jobs(jobs);
+    return out;
+  }
 #endif
+  std::vector<torch::Tensor> ys;
+  for (int64_t w = 0; w < nw; ++w) ys.push_back(gemv(raws[w], qts[w], k, x));
+  return torch::cat(ys, 1);
+}
+
+// ------------------------------------------------------------------ decode-step ops
+// One new token per row (m <= 8 rows, float32): RMSNorm, attention over the KV cache and the whole
+// feed-forward (router softmax / top-k, expert gate+up, SiLU, down, weighted sum) are one call each,
+// so a decode step costs a handful of calls per layer instead of ~150 small torch ops.
+
+torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "rmsnorm: x must be f32 [m, h]");
+  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.is_contiguous() && w.numel() == x.size(1), "rmsnorm: bad weight");
+  const int64_t m = x.size(0), h = x.size(1);
+  auto out = torch::empty_like(x);
+  const float* wp = w.data_ptr<float>();
+  for (int64_t i = 0; i < m; ++i) {
+    const float* r = x.data_ptr<float>() + i * h;
+    float* o = out.data_ptr<float>() + i * h;
+    const float inv = 1.f / std::sqrt(dot(r, r, (int)h) / (float)h + (float)eps);
+#pragma omp simd
+    for (int64_t d = 0; d < h; ++d) o[d] = r[d] * inv * wp[d];
+  }
   return out;
 }
+
+// qkv [m, (nh + 2 nkv) hd]: RoPE on q and k (cos / sign-folded sin [m, hd], see model.Rotary), k and v
+// written to cache rows row0 + i at slots[i] (kc, vc: one layer's [B, nkv, cap, hd]), then attention of
+// each query head over the first nk slots with the additive mask bias [m, nk]. Returns [m, nh hd].
+torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc,
+                          torch::Tensor vc, int64_t row0, torch::Tensor slots, torch::Tensor bias, int64_t nh,
+                          int64_t nkv) {
+  const auto f32 = torch::kFloat32;
+  TORCH_CHECK(cos.dtype() == f32 && cos.dim() == 2 && cos.is_contiguous() && sin.sizes() == cos.sizes() &&
+                  sin.dtype() == f32 && sin.is_contiguous(), "attn_decode: bad cos/sin");
+  const int64_t m = cos.size(0), hd = cos.size(1), half = hd / 2;
+  TORCH_CHECK(hd % 2 == 0 && nh > 0 && nkv > 0 && nh % nkv == 0, "attn_decode: bad head counts");
+  TORCH_CHECK(qkv.dtype() == f32 && qkv.is_contiguous() && qkv.dim() == 2 && qkv.size(0) == m &&
+                  qkv.size(1) == (nh + 2 * nkv) * hd, "attn_decode: bad qkv");
+  TORCH_CHECK(kc.dtype() == f32 && vc.dtype() == f32 && kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 4 &&
+                  kc.sizes() == vc.sizes() && kc.size(1) == nkv && kc.size(3) == hd, "attn_decode: bad cache");
+  const int64_t cap = kc.size(2);
+  TORCH_CHECK(row0 >= 0 && row0 + m <= kc.size(0), "attn_decode: rows out of range");
+  TORCH_CHECK(slots.dtype() == torch::kInt64 && slots.numel() == m && slots.is_contiguous(), "attn_decode: bad slots");
+  TORCH_CHECK(bias.dtype() == f32 && bias.dim() == 2 && bias.size(0) == m && bias.is_contiguous() &&
+                  bias.size(1) <= cap, "attn_decode: bad bias");
+  const int64_t nk = bias.size(1), stride = (nh + 2 * nkv) * hd;
+  auto q = torch::empty({m, nh, hd}, f32);
+  auto out = torch::empty({m, nh * hd}, f32);
+  float *qp = q.data_ptr<float>(), *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
+  const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  auto rope = [&](const float* x, float* y, const float* c, const float* s) {
+    for (int64_t d = 0; d < hd; ++d) y[d] = x[d] * c[d] + x[d < half ? d + half : d - half] * s[d];
+  };
+  for (int64_t i = 0; i < m; ++i) {
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < cap, "attn_decode: slot out of range");
+    const float *row = src + i * stride, *c = cp + i * hd, *s = sp + i * hd;
+    for (int64_t h = 0; h < nh; ++h) rope(row + h * hd, qp + (i * nh + h) * hd, c, s);
+    for (int64_t h = 0; h < nkv; ++h) {
+      const int64_t at = (((row0 + i) * nkv + h) * cap + slot[i]) * hd;
+      rope(row + (nh + h) * hd, kp + at, c, s);
+      std::memcpy(vp + at, row + (nh + nkv + h) * hd, hd * sizeof(float));
+    }
+  }
+  const float scale = 1.f / std::sqrt((float)hd);
+  const int64_t grp = nh / nkv;
+  const float* bp = bias.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, m * nh, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, nk * hd)), [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(nk);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / nh, h = t % nh;
+      const float* qv = qp + t * hd;
+      const float* K = kp + ((row0 + i) * nkv + h / grp) * cap * hd;
+      const float* V = vp + ((row0 + i) * nkv + h / grp) * cap * hd;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < nk; ++j) {
+        p[j] = dot(qv, K + j * hd, (int)hd) * scale + bp[i * nk + j];
+        mx = std::max(mx, p[j]);
+      }
+      float sum = 0.f;
+      for (int64_t j = 0; j < nk; ++j) {
+        p[j] = p[j] == -INFINITY ? 0.f : std::exp(p[j] - mx);
+        sum += p[j];
+      }
+      float* o = op + i * nh * hd + h * hd;
+      std::fill(o, o + hd, 0.f);
+      for (int64_t j = 0; j < nk; ++j) {
+        if (p[j] == 0.f) continue;
+        const float pj = p[j], *v = V + j * hd;
+#pragma omp simd
+        for (int64_t d = 0; d < hd; ++d) o[d] += pj * v[d];
+      }
+      const float inv = 1.f / sum;
+      for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
+    }
+  });
+  return out;
+}
+
+// SwiGLU feed-forward of x [m, h] (already normalised): dense (ws = [w1, w3, w2], logits empty) or a
+// mixture of E experts (ws = [w1_0, w3_0, w2_0, w1_1, ...], router logits [m, E]: softmax, top_k,
+// weights renormalised). Gate+up of every active expert run in one parallel region, downs in another.
+#ifdef HAVE_BF16DOT
+torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor logits, std::vector<torch::Tensor> ws,
+                         std::vector<int64_t> qts, int64_t top_k) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "ffn_decode: x must be f32 [m, h]");
+  TORCH_CHECK(ws.size() == qts.size() && !ws.empty() && ws.size() % 3 == 0, "ffn_decode: weights / qtypes mismatch");
+  const int64_t m = x.size(0), h = x.size(1), E = (int64_t)ws.size() / 3, inter = ws[0].size(0);
+  for (int64_t e = 0; e < E; ++e) {
+    check(ws[3 * e], qts[3 * e], h);
+    check(ws[3 * e + 1], qts[3 * e + 1], h);
+    check(ws[3 * e + 2], qts[3 * e + 2], inter);
+    TORCH_CHECK(ws[3 * e].size(0) == inter && ws[3 * e + 1].size(0) == inter && ws[3 * e + 2].size(0) == h,
+                "ffn_decode: expert shapes differ");
+  }
+  // routing: chosen[i][j], weight[i][j]
+  const int64_t k = E == 1 ? 1 : top_k;
+  TORCH_CHECK(k >= 1 && k <= E, "ffn_decode: bad top_k");
+  std::vector<int64_t> chosen(m * k);
+  std::vector<float> weight(m * k);
+  if (E == 1) {
+    std::fill(chosen.begin(), chosen.end(), 0);
+    std::fill(weight.begin(), weight.end(), 1.f);
+  } else {
+    TORCH_CHECK(logits.dtype() == torch::kFloat32 && logits.is_contiguous() && logits.dim() == 2 &&
+                    logits.size(0) == m && logits.size(1) == E, "ffn_decode: bad router logits");
+    std::vector<float> pr(E);
+    std::vector<int64_t> idx(E);
+    for (int64_t i = 0; i < m; ++i) {
+      const float* l = logits.data_ptr<float>() + i * E;
+      const float mx = *std::max_element(l, l + E);
+      float sum = 0.f;
+      for (int64_t e = 0; e < E; ++e) sum += (pr[e] = std::exp(l[e] - mx));
+      for (int64_t e = 0; e < E; ++e) pr[e] /= sum;
+      for (int64_t e = 0; e < E; ++e) idx[e] = e;
+      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                        [&](int64_t a, int64_t b) { return pr[a] > pr[b] || (pr[a] == pr[b] && a < b); });
+      float s = 0.f;
+      for (int64_t j = 0; j < k; ++j) s += pr[idx[j]];
+      for (int64_t j = 0; j < k; ++j) {
+        chosen[i * k + j] = idx[j];
+        weight[i * k + j] = pr[idx[j]] / s;
+      }
+    }
+  }
+  // rows of x per active expert
+  std::vector<std::vector<int64_t>> rows(E);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < k; ++j) rows[chosen[i * k + j]].push_back(i);
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < E; ++e)
+    if (!rows[e].empty()) active.push_back(e);
+  const int64_t na = (int64_t)active.size();
+  std::vector<std::vector<float>> xs(na), gu(na), hs(na), ys(na);  // XBuf keeps a pointer to its x
+  std::vector<std::unique_ptr<XBuf>> xb(na), hb(na);
+  std::vector<Job> jobs;
+  for (int64_t a = 0; a < na; ++a) {
+    const int64_t e = active[a], me = (int64_t)rows[e].size();
+    xs[a].resize(me * h);
+    for (int64_t r = 0; r < me; ++r)
+      std::memcpy(xs[a].data() + r * h, x.data_ptr<float>() + rows[e][r] * h, h * sizeof(float));
+    xb[a] = std::make_unique<XBuf>(xs[a].data(), me, h);
+    gu[a].resize(me * 2 * inter);  // [me, 2 inter]: gate | up
+    jobs.push_back(Job{qts[3 * e], ws[3 * e].data_ptr<uint8_t>(), ws[3 * e].size(1), inter, xb[a].get(),
+                       gu[a].data(), 2 * inter});
+    jobs.push_back(Job{qts[3 * e + 1], ws[3 * e + 1].data_ptr<uint8_t>(), ws[3 * e + 1].size(1), inter,
+                       xb[a].get(), gu[a].data() + inter, 2 * inter});
+  }
+  run_jobs(jobs);
+  jobs.clear();
+  for (int64_t a = 0; a < na; ++a) {
+    const int64_t e = active[a], me = (int64_t)rows[e].size();
+    std::vector<float>& hv = hs[a];
+    hv.resize(me * inter);
+    for (int64_t r = 0; r < me; ++r) {
+      const float *g = gu[a].data() + r * 2 * inter, *u = g + inter;
+      for (int64_t d = 0; d < inter; ++d) hv[r * inter + d] = g[d] / (1.f + std::exp(-g[d])) * u[d];
+    }
+    hb[a] = std::make_unique<XBuf>(hv.data(), me, inter);
+    ys[a].resize(me * h);
+    jobs.push_back(Job{qts[3 * e + 2], ws[3 * e + 2].data_ptr<uint8_t>(), ws[3 * e + 2].size(1), h, hb[a].get(),
+                       ys[a].data(), h});
+  }
+  run_jobs(jobs);
+  auto out = torch::zeros({m, h}, torch::kFloat32);
+  std::vector<int64_t> slot_of(E, -1), next(E, 0);
+  for (int64_t a = 0; a < na; ++a) slot_of[active[a]] = a;
+  for (int64_t i = 0; i < m; ++i) {
+    float* o = out.data_ptr<float>() + i * h;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = chosen[i * k + j], a = slot_of[e];
+      const float* y = ys[a].data() + next[e]++ * h;
+      const float w = weight[i * k + j];
+      for (int64_t d = 0; d < h; ++d) o[d] += y[d] * w;
+    }
+  }
+  return out;
+}
+#else
+torch::Tensor ffn_decode(torch::Tensor, torch::Tensor, std::vector<torch::Tensor>, std::vector<int64_t>, int64_t) {
+  TORCH_CHECK(false, "ffn_decode needs AVX512_BF16");
+}
+#endif
 """
 
 _EXT = None
@@ -1023,7 +1292,8 @@ def extension():
             _EXT = load_inline(
                 name=name,
                 cpp_sources=[_CPP],
-                functions=["dequant", "gemv", "gemv_multi", "set_nr1", "set_pf"],
+                functions=["dequant", "gemv", "gemv_multi", "set_nr1", "set_pf", "decode_ops", "rmsnorm", "attn_decode",
+                           "ffn_decode"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build),
@@ -1112,13 +1382,14 @@ class GGMLKernelWeight(QuantWeight):
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
 
-def fused_matmul(weights, x: Tensor) -> list[Tensor]:
+def fused_matmul(weights, x: Tensor, cat: bool = False) -> list[Tensor] | Tensor:
     """[w(x) for w in weights] for weights that share x (q/k/v, gate/up), in one C++ call when possible.
 
     When every weight is a CPU `GGMLKernelWeight` with in_features == x.shape[-1] and x has at most
     `GEMV_MAX_ROWS` rows, one `gemv_multi` call prepares x once and runs one parallel region over the
     rows of all weights; otherwise each weight's own `matmul` (or `__call__` for other modules) is
-    used, so callers can use it unconditionally. Results have x's dtype and shape [..., out_i].
+    used, so callers can use it unconditionally. Results have x's dtype and shape [..., out_i]
+    (with `cat`: one tensor [..., sum out_i]).
     """
     weights = list(weights)
     if not weights:
@@ -1133,9 +1404,30 @@ def fused_matmul(weights, x: Tensor) -> list[Tensor]:
         x2 = x.reshape(-1, k).to(torch.float32).contiguous()
         if 0 < x2.shape[0] <= GEMV_MAX_ROWS:
             y = ext.gemv_multi([w.data for w in weights], [QTYPES[w.qtype][0] for w in weights], k, x2)
+            if cat:
+                return y.to(x.dtype).reshape(*lead, y.shape[1])
             parts = torch.split(y, [w.out_features for w in weights], dim=1)
             return [p.to(x.dtype).reshape(*lead, p.shape[1]) for p in parts]
-    return [w(x) for w in weights]  # module calls, so forward hooks (e.g. calibration) still see them
+    ys = [w(x) for w in weights]  # module calls, so forward hooks (e.g. calibration) still see them
+    return torch.cat(ys, dim=-1) if cat else ys
+
+
+def decode_ext():
+    """The extension when its fused decode-step ops (rmsnorm, attn_decode, ffn_decode) are built, else None."""
+    ext = extension()
+    return ext if ext is not None and ext.decode_ops() else None
+
+
+def ffn_raw(mlps) -> tuple[list[Tensor], list[int]] | None:
+    """Raw blocks and type ids, [w1, w3, w2] per MLP, for `ffn_decode`; None unless all are CPU GGML weights."""
+    raws, qts = [], []
+    for mlp in mlps:
+        for w in (mlp.w1, mlp.w3, mlp.w2):
+            if not isinstance(w, GGMLKernelWeight) or w.data.device.type != "cpu":
+                return None
+            raws.append(w.data)
+            qts.append(QTYPES[w.qtype][0])
+    return raws, qts
 
 
 # ----------------------------------------------------------------------------- int4pack (lossy)

@@ -83,7 +83,8 @@ def test_matmul_matches_reference(qtype, path):
             x = torch.randn(m, k)
             y = w.matmul(x)
             assert y.shape == (m, n) and y.dtype == torch.float32
-            assert rel_err(y, x @ ref_w.T) < 1e-5, f"{qtype} {n}x{k} m={m}"
+            # Q4_0 at <= 8 rows: int16 activations (2^-16 of each 32-block's max); others ~2^-17 or exact
+            assert rel_err(y, x @ ref_w.T) < (1e-4 if qtype == "Q4_0" else 1e-5), f"{qtype} {n}x{k} m={m}"
         x3 = torch.randn(2, 5, k)  # leading dims and another dtype
         assert w(x3).shape == (2, 5, n)
         yb = w.matmul(x3.bfloat16())
@@ -171,7 +172,10 @@ def test_small_batch_exactness(qtype, m, path):
             y = w.matmul(x)
             assert y.shape == (m, n)
             err = dot_err(y, x, ref_w)
-            assert err < 5e-5, f"{qtype} {n}x{k} m={m} {scale}: {err:.2e}"
+            # Q4_0 quantizes x to int16 per 32-block: a block with one huge channel loses its tiny ones
+            # (observed up to ~7e-4 on this adversarial case, ~5e-5 typical); the rule is 1e-3
+            tol = 1e-3 if qtype == "Q4_0" and scale == "outliers" else 1e-4 if qtype == "Q4_0" else 5e-5
+            assert err < tol, f"{qtype} {n}x{k} m={m} {scale}: {err:.2e}"
 
 
 def _weights(specs, k, seed=0):

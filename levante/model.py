@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .errors import ContextLengthError, WeightsError
-from .quant.base import QuantWeight, as_weight
-from .quant.kernels import decode_ext, ffn_raw, fused_matmul
+from .quant.base import DenseWeight, QuantWeight, as_weight
+from .quant.kernels import decode_ext, ffn_raw, fused_matmul, ggml_raw
 
 
 class RMSNorm(nn.Module):
@@ -381,8 +381,46 @@ class Block(nn.Module):
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, plan: _Plan, layer: int) -> Tensor:
+        if plan.fast is not None and (spec := self._decode_spec()) is not None:
+            # One new token per row and GGML weights: the whole layer is one C++ call.
+            B = x.shape[0]
+            attn_raws, attn_qts, router, ffn_raws, ffn_qts, top_k = spec
+            y = plan.fast.layer_decode(
+                x.reshape(B, -1), self.attn_norm.weight, self.ffn_norm.weight, self.attn_norm.eps, attn_raws,
+                attn_qts, cos.reshape(B, -1), sin.reshape(B, -1), plan.cache.k[layer], plan.cache.v[layer],
+                plan.row0, plan.fast_slots, plan.bias2d, self.attn.n_heads, self.attn.n_kv, router, ffn_raws,
+                ffn_qts, top_k,
+            )
+            return y.view(x.shape)
         x = x + self.attn(self.attn_norm(x), cos, sin, plan, layer)
         return x + self.ffn(self.ffn_norm(x))
+
+    def _decode_spec(self) -> tuple | None:
+        """Raw weights for `layer_decode` (cached; rebuilt if the weights move), or None when this layer
+        has weights that are not CPU GGML blocks (then the modules run one by one)."""
+        key = id(self.attn.wq._buffers.get("data"))
+        cached = self.__dict__.get("_spec")
+        if cached is None or cached[0] != key:
+            cached = (key, self._build_decode_spec())
+            self.__dict__["_spec"] = cached
+        return cached[1]
+
+    def _build_decode_spec(self) -> tuple | None:
+        a = self.attn
+        if self.attn_norm.eps != self.ffn_norm.eps:
+            return None
+        attn = ggml_raw([a.wq, a.wk, a.wv, a.wo])
+        if attn is None:
+            return None
+        if isinstance(self.ffn, MoE):
+            gate = self.ffn.gate
+            w = gate.weight if isinstance(gate, DenseWeight) else None
+            if w is None or w.dtype != torch.float32 or w.device.type != "cpu":
+                return None
+            router, ffn, top_k = w.contiguous(), ffn_raw(self.ffn.experts), self.ffn.top_k
+        else:
+            router, ffn, top_k = _EMPTY, ffn_raw([self.ffn]), 1
+        return None if ffn is None else (*attn, router, *ffn, top_k)
 
 
 class Transformer(nn.Module):

@@ -146,7 +146,8 @@ def test_decode_steps_equal_torch_path(kind, qtype, extra, tmp_path, monkeypatch
         monkeypatch.undo()
         return torch.cat(outs, 1)
 
-    calls = {"attn_decode": 0, "ffn_decode": 0}
+    calls = {"layer_decode": 0, "ffn_decode": 0}
+
     def counting(name):
         f = getattr(EXT, name)
 
@@ -159,8 +160,8 @@ def test_decode_steps_equal_torch_path(kind, qtype, extra, tmp_path, monkeypatch
         monkeypatch.setattr(EXT, name, counting(name))
     fast = run(True)  # (run undoes the patches)
     n_layers = ckpt.config.num_layers
-    assert calls["attn_decode"] == 12 * n_layers
-    assert calls["ffn_decode"] == 14 * n_layers  # the two short prefills (<= 8 tokens) too
+    assert calls["layer_decode"] == 12 * n_layers  # every decode step: one call per layer
+    assert calls["ffn_decode"] == 2 * n_layers  # the two short prefills (<= 8 tokens)
     slow = run(False)
     assert close(fast, slow, 1e-4)
     assert torch.equal(fast.argmax(-1), slow.argmax(-1))

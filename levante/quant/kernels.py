@@ -1355,9 +1355,46 @@ torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor logits, std::vector<torc
   }
   return out;
 }
+
+// A whole decoder layer for one new token per row, GGML weights only: x + attn(norm(x)), then
+// + ffn(norm(.)). attn = [wq, wk, wv, wo]; router: float32 [E, h] (empty for a dense MLP); the rest as
+// in attn_decode / ffn_decode. Saves the Python glue between those calls (~25 us per layer).
+torch::Tensor layer_decode(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps,
+                           std::vector<torch::Tensor> attn, std::vector<int64_t> attn_qts, torch::Tensor cos,
+                           torch::Tensor sin, torch::Tensor kc, torch::Tensor vc, int64_t row0, torch::Tensor slots,
+                           torch::Tensor bias, int64_t nh, int64_t nkv, torch::Tensor router,
+                           std::vector<torch::Tensor> ffn, std::vector<int64_t> ffn_qts, int64_t top_k) {
+  TORCH_CHECK(attn.size() == 4 && attn_qts.size() == 4, "layer_decode: need wq, wk, wv, wo");
+  const int64_t h = x.size(1);
+  auto hn = rmsnorm(x, attn_norm, eps);
+  auto qkv = gemv_multi({attn[0], attn[1], attn[2]}, {attn_qts[0], attn_qts[1], attn_qts[2]}, h, hn);
+  auto a = attn_decode(qkv, cos, sin, kc, vc, row0, slots, bias, nh, nkv);
+  auto x1 = x + gemv(attn[3], attn_qts[3], a.size(1), a);
+  auto hf = rmsnorm(x1, ffn_norm, eps);
+  torch::Tensor logits;
+  if (router.numel() > 0) {
+    TORCH_CHECK(router.dtype() == torch::kFloat32 && router.dim() == 2 && router.size(1) == h &&
+                    router.is_contiguous(), "layer_decode: bad router");
+    const int64_t E = router.size(0), m = x.size(0);
+    logits = torch::empty({m, E}, torch::kFloat32);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t e = 0; e < E; ++e)
+        logits.data_ptr<float>()[i * E + e] =
+            dot(hf.data_ptr<float>() + i * h, router.data_ptr<float>() + e * h, (int)h);
+  } else {
+    logits = torch::empty({0}, torch::kFloat32);
+  }
+  return x1 + ffn_decode(hf, logits, ffn, ffn_qts, top_k);
+}
 #else
 torch::Tensor ffn_decode(torch::Tensor, torch::Tensor, std::vector<torch::Tensor>, std::vector<int64_t>, int64_t) {
   TORCH_CHECK(false, "ffn_decode needs AVX512_BF16");
+}
+torch::Tensor layer_decode(torch::Tensor, torch::Tensor, torch::Tensor, double, std::vector<torch::Tensor>,
+                           std::vector<int64_t>, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
+                           torch::Tensor, torch::Tensor, int64_t, int64_t, torch::Tensor, std::vector<torch::Tensor>,
+                           std::vector<int64_t>, int64_t) {
+  TORCH_CHECK(false, "layer_decode needs AVX512_BF16");
 }
 #endif
 """
@@ -1407,7 +1444,7 @@ def extension():
                 name=name,
                 cpp_sources=[_CPP],
                 functions=["dequant", "gemv", "gemv_multi", "set_nr1", "set_pf", "set_pair", "decode_ops", "rmsnorm",
-                           "attn_decode", "ffn_decode"],
+                           "attn_decode", "ffn_decode", "layer_decode"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build),
@@ -1532,16 +1569,20 @@ def decode_ext():
     return ext if ext is not None and ext.decode_ops() else None
 
 
-def ffn_raw(mlps) -> tuple[list[Tensor], list[int]] | None:
-    """Raw blocks and type ids, [w1, w3, w2] per MLP, for `ffn_decode`; None unless all are CPU GGML weights."""
+def ggml_raw(weights) -> tuple[list[Tensor], list[int]] | None:
+    """(raw blocks, type ids) of `weights` for the fused decode ops; None unless all are CPU GGML weights."""
     raws, qts = [], []
-    for mlp in mlps:
-        for w in (mlp.w1, mlp.w3, mlp.w2):
-            if not isinstance(w, GGMLKernelWeight) or w.data.device.type != "cpu":
-                return None
-            raws.append(w.data)
-            qts.append(QTYPES[w.qtype][0])
+    for w in weights:
+        if not isinstance(w, GGMLKernelWeight) or w.data.device.type != "cpu":
+            return None
+        raws.append(w.data)
+        qts.append(QTYPES[w.qtype][0])
     return raws, qts
+
+
+def ffn_raw(mlps) -> tuple[list[Tensor], list[int]] | None:
+    """`ggml_raw` of [w1, w3, w2] per MLP, the order `ffn_decode` takes."""
+    return ggml_raw(w for mlp in mlps for w in (mlp.w1, mlp.w3, mlp.w2))
 
 
 # ----------------------------------------------------------------------------- int4pack (lossy)

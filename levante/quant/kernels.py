@@ -1165,6 +1165,42 @@ torch::Tensor gemv_multi(std::vector<torch::Tensor> raws, std::vector<int64_t> q
 // feed-forward (router softmax / top-k, expert gate+up, SiLU, down, weighted sum) are one call each,
 // so a decode step costs a handful of calls per layer instead of ~150 small torch ops.
 
+// p[j] = exp(p[j] - mx) in place (exactly 0 where p[j] = -inf), returns the sum. AVX-512: Cephes-style
+// polynomial (max relative error ~2e-7, like expf), 16 keys at a time.
+inline float exp_sub_sum(float* p, int64_t n, float mx) {
+  int64_t j = 0;
+  float sum = 0.f;
+#ifdef __AVX512F__
+  const __m512 vmx = _mm512_set1_ps(mx), log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
+  const __m512 lo = _mm512_set1_ps(-87.3f);
+  __m512 acc = _mm512_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    const __m512 v = _mm512_loadu_ps(p + j);
+    const __mmask16 live = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+    const __m512 x = _mm512_max_ps(_mm512_sub_ps(v, vmx), lo);
+    const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(fx, c2, _mm512_fnmadd_ps(fx, c1, x));
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    const __m512 e = _mm512_maskz_mov_ps(live, _mm512_scalef_ps(y, fx));
+    _mm512_storeu_ps(p + j, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; j < n; ++j) {
+    p[j] = p[j] == -INFINITY ? 0.f : std::exp(p[j] - mx);
+    sum += p[j];
+  }
+  return sum;
+}
+
 torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "rmsnorm: x must be f32 [m, h]");
   TORCH_CHECK(w.dtype() == torch::kFloat32 && w.is_contiguous() && w.numel() == x.size(1), "rmsnorm: bad weight");
@@ -1236,11 +1272,7 @@ torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor si
         p[j] = dot(qv, K + j * hd, (int)hd) * scale + bp[i * nk + j];
         mx = std::max(mx, p[j]);
       }
-      float sum = 0.f;
-      for (int64_t j = 0; j < nk; ++j) {
-        p[j] = p[j] == -INFINITY ? 0.f : std::exp(p[j] - mx);
-        sum += p[j];
-      }
+      const float sum = exp_sub_sum(p.data(), nk, mx);
       float* o = op + i * nh * hd + h * hd;
       std::fill(o, o + hd, 0.f);
       for (int64_t j = 0; j < nk; ++j) {
@@ -1310,7 +1342,8 @@ torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor logits, std::vector<torc
   for (int64_t e = 0; e < E; ++e)
     if (!rows[e].empty()) active.push_back(e);
   const int64_t na = (int64_t)active.size();
-  std::vector<std::vector<float>> xs(na), gu(na), hs(na), ys(na);  // XBuf keeps a pointer to its x
+  std::vector<std::vector<float>> xs(na), gu(na), ys(na);
+  std::vector<torch::Tensor> hs(na);  // XBuf keeps a pointer to its x
   std::vector<std::unique_ptr<XBuf>> xb(na), hb(na);
   std::vector<Job> jobs;
   for (int64_t a = 0; a < na; ++a) {
@@ -1329,13 +1362,10 @@ torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor logits, std::vector<torc
   jobs.clear();
   for (int64_t a = 0; a < na; ++a) {
     const int64_t e = active[a], me = (int64_t)rows[e].size();
-    std::vector<float>& hv = hs[a];
-    hv.resize(me * inter);
-    for (int64_t r = 0; r < me; ++r) {
-      const float *g = gu[a].data() + r * 2 * inter, *u = g + inter;
-      for (int64_t d = 0; d < inter; ++d) hv[r * inter + d] = g[d] / (1.f + std::exp(-g[d])) * u[d];
-    }
-    hb[a] = std::make_unique<XBuf>(hv.data(), me, inter);
+    // silu(gate) * up with ATen's vectorised silu (a scalar exp loop here cost ~35 us per layer)
+    auto g = torch::from_blob(gu[a].data(), {me, 2 * inter}, torch::kFloat32);
+    hs[a] = (at::silu(g.narrow(1, 0, inter)) * g.narrow(1, inter, inter)).contiguous();
+    hb[a] = std::make_unique<XBuf>(hs[a].data_ptr<float>(), me, inter);
     ys[a].resize(me * h);
     jobs.push_back(Job{qts[3 * e + 2], ws[3 * e + 2].data_ptr<uint8_t>(), ws[3 * e + 2].size(1), h, hb[a].get(),
                        ys[a].data(), h});

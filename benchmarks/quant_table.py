@@ -1,10 +1,13 @@
-"""Quantization vs low-rank on SmolLM2: RTN 4-bit, AWQ 4-bit, GGUF Q4_K_M, low-rank 20% + Q4_K_M.
+"""Quantization vs low-rank: RTN 4-bit, AWQ 4-bit, GGUF Q4_K_M, low-rank 20% + Q4_K_M, per model.
 
-Same baseline, text and chunking as benchmarks/compression.py (the embedded Q4_1 GGUF dequantized to
-float32; n_ctx 512; chunks from the second half of data/kjv_genesis_exodus.txt; calibration on the
-first tokens). Appends a table to benchmarks/results/compression.md.
+Same models, baselines, text, chunking and calibration as benchmarks/compression.py (SmolLM2-135M: the
+embedded Q4_1 GGUF dequantized to float32, n_ctx 512, chunks from the second half of the text; the tiny
+Mixtral trained on Genesis: n_ctx 256, chunks of the held-out Exodus). Appends a table to
+benchmarks/results/compression.md. The low-rank + Q4_K_M rows use the factorised GGUF (A / B factors
+as separate quantized tensors, levante-only) and, for comparison, `--expand-low-rank` (B @ A written as
+full matrices, the file llama.cpp can load).
 
-    python benchmarks/quant_table.py [--chunks 2]
+    python benchmarks/quant_table.py [--models smollm2,mixtral]
 """
 
 from __future__ import annotations
@@ -21,12 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from compression import Cached  # noqa: E402
+from compression import Model, setup  # noqa: E402
 
-from levante import LLM  # noqa: E402
 from levante.compress import compress_model  # noqa: E402
-from levante.loader import load  # noqa: E402
-from levante.quality import compare  # noqa: E402
+from levante.loader import read_checkpoint  # noqa: E402
 from levante.quant.awq import awq_quantize  # noqa: E402
 from levante.quantize import quantize_model  # noqa: E402
 
@@ -35,65 +36,82 @@ def size_of(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def n_params(path: Path) -> int:
+    """Parameters stored in a checkpoint (factor pairs count r * (in + out); AWQ counts as the float weights)."""
+    ck = read_checkpoint(path)
+    return sum(int(getattr(w, "n_params", None) or w.numel()) for w in ck.weights.values())
+
+
+def variants(m: Model, tmp: Path, rows: list) -> None:
+    base_params = n_params(m.src)
+
+    def variant(name: str, make) -> None:
+        t0 = time.perf_counter()
+        out = make()
+        secs = time.perf_counter() - t0
+        rep = m.compare(out)
+        removed = base_params - n_params(out)
+        rows.append((m.name, name, removed, base_params, size_of(out), rep, secs))
+        print(m.name, name, removed, f"{size_of(out) / 2**20:.1f} MiB", rep["ppl_other"], rep["kl_mean"], flush=True)
+
+    k, g = m.key, m.awq_group
+    calib = m.calib_ids[:1024]
+    variant("GGUF Q4_K_M (levante quantize)",
+            lambda: quantize_model(m.src, tmp / f"{k}-q4km.gguf", "Q4_K_M", progress=False))
+    variant(f"RTN 4-bit g{g} (AWQ layout, no search)",
+            lambda: awq_quantize(m.src, tmp / f"{k}-rtn", calib, group_size=g, n_grid=1, clip=False,
+                                 seq_len=m.n_ctx))
+    variant(f"AWQ 4-bit g{g}", lambda: awq_quantize(m.src, tmp / f"{k}-awq", calib, group_size=g, n_grid=20,
+                                                   seq_len=m.n_ctx))
+    def lowrank_q4km(expand: bool, multiple: int = 1) -> Path:
+        lr = tmp / f"{k}-lowrank20-m{multiple}"
+        if not lr.exists():
+            compress_model(m.src, lr, ratio=0.2, calib_ids=m.calib_ids, calib_ctx=m.n_ctx, rank_multiple=multiple)
+        return quantize_model(lr, tmp / f"{k}-lowrank20-m{multiple}-q4km{'-x' if expand else ''}.gguf", "Q4_K_M",
+                              progress=False, expand_low_rank=expand)
+
+    variant("low-rank 20% (activation-aware) + Q4_K_M, factorised GGUF", lambda: lowrank_q4km(False))
+    variant("low-rank 20% (activation-aware, --rank-multiple 32) + Q4_K_M, factorised GGUF",
+            lambda: lowrank_q4km(False, 32))
+    variant("low-rank 20% (activation-aware) + Q4_K_M, --expand-low-rank", lambda: lowrank_q4km(True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--chunks", type=int, default=2)
-    ap.add_argument("-c", "--ctx", type=int, default=512)
+    ap.add_argument("--models", default="smollm2,mixtral")
+    ap.add_argument("--chunks", type=int, default=2, help="SmolLM2 evaluation chunks (n_ctx 512)")
+    ap.add_argument("--mixtral-chunks", type=int, default=32, help="trained Mixtral evaluation chunks (n_ctx 256)")
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compression.md"))
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    from fixtures import smollm2_gguf
-
-    src = smollm2_gguf()
-    text = (ROOT / "data" / "kjv_genesis_exodus.txt").read_text()
-    base_llm = LLM(str(src), n_ctx=args.ctx, dtype="float32")
-    base = Cached(base_llm)
-    ids = base_llm.tokenize(text)
-    calib, eval_ids = ids[: args.calib_tokens], ids[len(ids) // 2 :]
-    rows = []
+    torch.manual_seed(0)
+    models = setup(args.models.split(","), args.chunks, args.mixtral_chunks, args.calib_tokens)
+    rows: list = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-
-        def variant(name: str, make) -> None:
-            t0 = time.perf_counter()
-            out = make()
-            secs = time.perf_counter() - t0
-            loaded = load(out)
-            loaded.tokenizer = base_llm.tokenizer  # AWQ dirs made from a GGUF carry no tokenizer files
-            other = LLM(n_ctx=args.ctx, _loaded=loaded)
-            rep = compare(base, other, eval_ids, args.ctx, n_chunks=args.chunks, progress=False)
-            rows.append((name, size_of(out), rep, secs))
-            print(name, f"{size_of(out) / 2**20:.1f} MiB", rep["ppl_other"], rep["kl_mean"], flush=True)
-
-        variant("GGUF Q4_K_M (levante quantize)", lambda: quantize_model(src, tmp / "q4km.gguf", "Q4_K_M",
-                                                                         progress=False))
-        variant("RTN 4-bit g64 (AWQ layout, no search)",
-                lambda: awq_quantize(src, tmp / "rtn", calib[:1024], group_size=64, n_grid=1, clip=False))
-        variant("AWQ 4-bit g64", lambda: awq_quantize(src, tmp / "awq", calib[:1024], group_size=64, n_grid=20))
-
-        def lowrank_q4km() -> Path:
-            lr = tmp / "lowrank20"
-            compress_model(src, lr, ratio=0.2, calib_ids=calib, calib_ctx=args.ctx)
-            return quantize_model(lr, tmp / "lowrank20-q4km.gguf", "Q4_K_M", progress=False)
-
-        variant("low-rank 20% (activation-aware) + Q4_K_M", lowrank_q4km)
-    base_size = src.stat().st_size
+        for m in models:
+            variants(m, Path(tmp), rows)
+    sources = "; ".join(f"{m.name}: source {size_of(m.src) / 2**20:.1f} MiB, {m.eval_desc}" for m in models)
     lines = [
-        "", "## Quantization on the same baseline (SmolLM2-135M)", "",
-        f"Produced by `benchmarks/quant_table.py` ({args.chunks} chunks, n_ctx {args.ctx}; same baseline and text as "
-        f"above; the source Q4_1 GGUF is {base_size / 2**20:.1f} MiB). SmolLM2's rows of 576 are not multiples of "
-        "256, so Q4_K_M falls back to 32-block types for those tensors exactly as llama.cpp does, and AWQ uses group "
-        "64 (576 is not a multiple of 128). `levante quantize` of a low-rank directory re-expands B @ A into full "
-        "matrices (GGUF has no factorised tensor), so that row shows the combined quality loss but saves no "
-        "parameters in the file.", "",
-        "| method | file MiB | PPL original | PPL | KL | top-1 | time s |",
-        "|---|---|---|---|---|---|---|",
+        "", "## Quantization and low-rank + quantization on the same baselines", "",
+        f"Produced by `benchmarks/quant_table.py` (one thread; same baselines, text and calibration as above; "
+        f"{sources}). Params removed = parameters of the original minus those stored in the output (quantized "
+        "weights count as their float shape). SmolLM2's rows of 576 are not multiples of 256, so Q4_K_M falls "
+        "back to 32-block types for those tensors exactly as llama.cpp does, and AWQ uses group 64 (576 is not a "
+        "multiple of 128). The Mixtral has 8 experts, so Q4_K_M keeps attn_k / attn_v in Q8_0 and attn_output "
+        "in Q5_K (llama.cpp's rules). `levante quantize` of a low-rank directory writes each factored matrix as "
+        "two quantized tensors (A [r, in], B [out, r]; the rank zero-padded to a multiple of 32, B in llama.cpp's "
+        "fallback type Q5_0 / Q8_0 when the rank is not a multiple of 256), so the factorised rows keep the "
+        "savings in the file, less the rank padding; `levante compress --rank-multiple 32` chooses ranks that "
+        "need no padding (its row: the whole 20% budget stays removed in the file). llama.cpp cannot load "
+        "factorised files; the `--expand-low-rank` rows show the llama.cpp-loadable alternative (B @ A as full "
+        "matrices: the same model up to quantization, no savings).", "",
+        "| model | method | params removed | file MiB | PPL original | PPL | KL | top-1 | time s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, size, rep, secs in rows:
-        lines.append(f"| {name} | {size / 2**20:.1f} | {rep['ppl_base']:.4f} | {rep['ppl_other']:.4f} +/- "
-                     f"{rep['ppl_other_err']:.4f} | {rep['kl_mean']:.4f} | {100 * rep['top1_agreement']:.1f}% | "
-                     f"{secs:.0f} |")
+    for model, name, removed, total, size, rep, secs in rows:
+        lines.append(f"| {model} | {name} | {removed:,} ({100 * removed / total:.1f}%) | {size / 2**20:.1f} | "
+                     f"{rep['ppl_base']:.4f} | {rep['ppl_other']:.4f} +/- {rep['ppl_other_err']:.4f} | "
+                     f"{rep['kl_mean']:.4f} | {100 * rep['top1_agreement']:.1f}% | {secs:.0f} |")
     with open(args.out, "a") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

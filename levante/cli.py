@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", dest="awq_output", default=None, help="output path (same as OUTPUT)")
     p.add_argument("--calib", default=None, help="AWQ calibration text, or @FILE to read it from a file")
     p.add_argument("--group-size", type=int, default=128, help="AWQ group size (default: 128)")
+    p.add_argument("--expand-low-rank", action="store_true",
+                   help="for a low-rank input (levante compress output): write B @ A as full matrices. By default "
+                        "the factors are kept as separate quantized tensors (blk.L.ffn_gate[.E].lr_a / lr_b), which "
+                        "keeps the savings but only levante can load: llama.cpp cannot load factorised tensors, so "
+                        "use this flag for a file llama.cpp (or other GGUF readers) can run")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming)",
                        description="Serve the model over an OpenAI-compatible HTTP API with continuous batching.")
@@ -137,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=None,
                    help="calibration text: activation-aware (whitened) SVD instead of plain SVD")
     p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens used (default: 2048)")
+    p.add_argument("--rank-multiple", type=int, default=1,
+                   help="with --ratio: choose every rank as a multiple of N (e.g. 32, so that a quantized GGUF "
+                        "from `levante quantize` stores the factors without rank padding) (default: 1)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write compression_report.md (perplexity, KL, top-1 vs the original) (default: on)")
     p.add_argument("--eval-text", default=None,
@@ -320,7 +328,8 @@ def cmd_quantize(args) -> int:
         raise ValueError("--type is required (or use --awq)")
     from .quantize import quantize_model
 
-    out = quantize_model(src, dst, args.type, force=args.force, progress=True)
+    out = quantize_model(src, dst, args.type, force=args.force, progress=True,
+                         expand_low_rank=getattr(args, "expand_low_rank", False))
     print(f"wrote {out}")
     return 0
 
@@ -404,7 +413,7 @@ def cmd_compress(args) -> int:
             raise ValueError("--calib needs the model's tokenizer")
         calib_ids = tok.encode(_read_text(args.calib))[: args.calib_tokens]
     res, notes = compress_model(args.model, args.output, ratio=args.ratio, ranks=args.ranks, calib_ids=calib_ids,
-                                progress=True, force=args.force)
+                                progress=True, force=args.force, rank_multiple=args.rank_multiple)
     for n in notes:
         print(n, file=sys.stderr)
     print(f"wrote {args.output}: {len(res.ranks)} matrices factored, {res.params_removed:,} of "

@@ -11,6 +11,10 @@ above the break-even rank floor(in * out / (in + out)) (factors would be larger 
 removed are sum(in * out - r * (in + out)) over the factored matrices; the greedy stops at the first step
 that reaches the budget, so it overshoots by less than one step.
 
+`rank_multiple` (`levante compress --rank-multiple 32`): ranks are chosen in steps of that many components,
+so that `levante quantize` can store the factors of a quantized GGUF without zero-padding the rank to a
+multiple of 32 (the padding otherwise costs up to 31 * (in + out) parameters per matrix).
+
 Activation-aware mode (`calib_ids`, SVD-LLM style): the input covariance C = X^T X / n of every matrix is
 collected on calibration text (for experts, only the tokens routed to them), W is whitened by the Cholesky
 factor L of C (+ damping): SVD(W L) = U S V^T, A = sqrt(S_r) V_r^T L^-1. Then sigma_k^2 is exactly the
@@ -126,14 +130,24 @@ def saved_params(shape: tuple[int, int], r: int | None) -> int:
     return max(0, out * inp - r * (out + inp))
 
 
-def choose_ranks(svals: dict[str, Tensor], shapes: dict[str, tuple[int, int]], n_remove: int) -> dict[str, int]:
+def choose_ranks(svals: dict[str, Tensor], shapes: dict[str, tuple[int, int]], n_remove: int,
+                 multiple: int = 1) -> dict[str, int]:
     """Greedy budget allocation (see module docstring). Returns {name: rank} for the matrices to factor;
-    the others stay dense. Removes >= n_remove parameters (less only if even rank 0 everywhere cannot)."""
+    the others stay dense. Removes >= n_remove parameters (less only if even rank 0 everywhere cannot).
+
+    `multiple` > 1: ranks are multiples of it (components are dropped in groups: from the full rank down
+    to the largest multiple below it, then `multiple` at a time, cheapest mean energy per parameter
+    first), e.g. 32 so that a quantized low-rank GGUF needs no rank padding (levante/quantize.py)."""
+    if multiple < 1:
+        raise ValueError(f"rank multiple must be >= 1, got {multiple}")
     items = []
     for name, s in svals.items():
         out, inp = shapes[name]
-        e = (s.double() ** 2 / (out + inp)).tolist()
-        items += [(e[k], name, -k) for k in range(len(e))]
+        e = s.double() ** 2
+        n = len(e)
+        levels = [n, *range((n - 1) // multiple * multiple, -1, -multiple)]
+        for hi, lo in zip(levels, levels[1:]):  # dropping components lo..hi-1 leaves rank lo
+            items.append((e[lo:hi].sum().item() / ((hi - lo) * (out + inp)), name, -lo))
     items.sort()
     ranks = {name: len(s) for name, s in svals.items()}
     removed = 0
@@ -217,8 +231,10 @@ def _n_params(w: Tensor | QuantWeight) -> int:
 
 def compress_weights(cfg: ModelConfig, weights: dict[str, Tensor | QuantWeight], ratio: float | None = None,
                      ranks: dict[str, int] | None = None, covs: dict[str, Tensor] | None = None,
-                     dtype: torch.dtype | None = None, progress: bool = False) -> CompressResult:
+                     dtype: torch.dtype | None = None, progress: bool = False,
+                     rank_multiple: int = 1) -> CompressResult:
     """Factor the compressible matrices of `weights` (canonical names) to meet `ratio` or explicit `ranks`.
+    With `ratio`, `rank_multiple` makes every chosen rank a multiple of it (see `choose_ranks`).
 
     Non-compressible weights are returned as float tensors (quantized ones dequantized) in `dtype`
     (default: each tensor's own float dtype, float32 for quantized ones)."""
@@ -239,7 +255,7 @@ def compress_weights(cfg: ModelConfig, weights: dict[str, Tensor | QuantWeight],
         facts[n] = factorize(_float(weights[n]), covs.get(n) if covs else None)
     if ratio is not None:
         target = round(ratio * total)
-        chosen = choose_ranks({n: f.s for n, f in facts.items()}, shapes, target)
+        chosen = choose_ranks({n: f.s for n, f in facts.items()}, shapes, target, rank_multiple)
     else:
         chosen = {}
         for n, r in ranks.items():
@@ -260,7 +276,7 @@ def compress_weights(cfg: ModelConfig, weights: dict[str, Tensor | QuantWeight],
     before = sum(_n_params(w) for w in weights.values())
     after = sum(_n_params(w) for w in out.values())
     return CompressResult(out, chosen, total, removed, before, after,
-                          {"ratio": ratio, "activation_aware": covs is not None})
+                          {"ratio": ratio, "activation_aware": covs is not None, "rank_multiple": rank_multiple})
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -364,7 +380,7 @@ def parse_ranks(spec: str, cfg: ModelConfig) -> dict[str, int]:
 
 def compress_model(src: str | Path, dst: str | Path, ratio: float | None = None, ranks: str | dict | None = None,
                    calib_ids: list[int] | None = None, calib_ctx: int = 512, progress: bool = False,
-                   force: bool = False) -> tuple[CompressResult, list[str]]:
+                   force: bool = False, rank_multiple: int = 1) -> tuple[CompressResult, list[str]]:
     """Read `src` (any format levante reads), compress, write the HF directory `dst`."""
     from .config import read_json
     from .loader import read_checkpoint, resolve_path
@@ -386,7 +402,8 @@ def compress_model(src: str | Path, dst: str | Path, ratio: float | None = None,
         covs = collect_covariances(model, cfg, calib_ids, calib_ctx, progress)
         del model
     rk = parse_ranks(ranks, cfg) if isinstance(ranks, str) else ranks
-    res = compress_weights(cfg, weights, ratio=ratio, ranks=rk, covs=covs, progress=progress)
+    res = compress_weights(cfg, weights, ratio=ratio, ranks=rk, covs=covs, progress=progress,
+                           rank_multiple=rank_multiple)
     raw = read_json(src_path / "config.json", "config.json") if src_path.is_dir() and \
         (src_path / "config.json").is_file() else None
     notes = save_compressed(res, cfg, dst, src_path, raw)

@@ -7,6 +7,28 @@ tensors) and llama.cpp's quantization mixes (`llama_tensor_get_type` in src/llam
 Q4_K_M made here holds the same tensor types as one made by `llama-quantize`. The K quantizers are
 numpy ports of llama.cpp's reference quantizers (`levante.quant.kquants`).
 
+Low-rank checkpoints (`levante compress` output: config.json with `ranks`, tensors `<name>.0.weight` =
+A [r, in] and `<name>.1.weight` = B [out, r]) keep their factors: each factored matrix becomes two GGUF
+tensors, quantized like the matrix they replace (same llama.cpp type rules, by their `ffn_gate` /
+`ffn_up` / `ffn_down` names):
+
+    dense model:  blk.L.ffn_gate.lr_a.weight      [r', in]   blk.L.ffn_gate.lr_b.weight      [out, r']
+    MoE model:    blk.L.ffn_gate.E.lr_a.weight    [r', in]   blk.L.ffn_gate.E.lr_b.weight    [out, r']
+
+(same for ffn_up / ffn_down; E = expert). In a MoE layer where any expert of a kind is factored, that
+kind is written per expert (`blk.L.ffn_gate.E.weight` for the experts that stayed dense) instead of the
+stacked `ffn_gate_exps`. Metadata: `levante.low_rank` = true, `levante.low_rank.tensors` (the base
+names, e.g. `blk.0.ffn_gate.3`), `levante.low_rank.ranks` (their ranks) and `levante.low_rank.rank_pad`.
+Rank padding: for quantized types the rank is zero-padded to a multiple of 32 (r' = ceil(r / 32) * 32;
+extra zero rows of A and zero columns of B change nothing, and zero blocks quantize exactly to zero),
+so B's rows are whole 32-blocks. When r' is not a multiple of 256, a K-type chosen for B falls back
+exactly as llama.cpp's `tensor_type_fallback` does for any row length (Q4_K -> Q5_0, Q5_K -> Q5_1,
+Q6_K -> Q8_0, Q2_K / Q3_K -> Q4_0); A (rows of length `in`) keeps the K-type. Float types (F32 / F16 /
+BF16) are written unpadded; `levante compress --rank-multiple 32` makes every rank a multiple of 32, so nothing
+is padded. llama.cpp cannot load such files (it knows no factorised tensors);
+`expand_low_rank=True` (`levante quantize --expand-low-rank`) writes B @ A as full matrices instead,
+which llama.cpp loads but which saves nothing.
+
 Tensors are streamed: the header is written first, then each tensor is converted to float32,
 quantized and written, so peak memory is about one tensor. The file is written to a temporary
 name next to OUT and renamed at the end.
@@ -19,6 +41,7 @@ import math
 import os
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +81,13 @@ FILE_TYPE_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "FP16
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 # llama.cpp's tensor_type_fallback for rows that are not a whole number of blocks
 _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+LOW_RANK_PAD = 32  # rank padding of low-rank factors for quantized file types (see the module docstring)
+_LR_NAME = re.compile(r"^blk\.\d+\.ffn_(?:gate|up|down)(?:\.\d+)?\.lr_[ab]\.weight$")
+
+
+def is_low_rank_factor(name: str) -> bool:
+    """True for the GGUF names of low-rank factors (`blk.L.ffn_gate[.E].lr_a.weight` / `.lr_b.weight`)."""
+    return bool(_LR_NAME.match(name))
 
 
 def normalize_file_type(qtype: str) -> str:
@@ -168,7 +198,8 @@ def tensor_types(
             if n_expert == 8:
                 t = "Q8_0"
         elif cat == "ffn_down":
-            i_layer = _layer_of(name) if n_expert > 1 else i_ffn_down
+            lowrank = is_low_rank_factor(name)  # A and B of one matrix: one ffn_down of the layer
+            i_layer = _layer_of(name) if n_expert > 1 or lowrank else i_ffn_down
             if ft == "Q2_K":
                 t = "Q3_K"
             elif ft == "Q3_K_M":
@@ -182,7 +213,8 @@ def tensor_types(
                 t = "Q6_K"
             elif ft == "Q4_K_S" and i_layer < n_layer // 8:
                 t = "Q5_K"
-            i_ffn_down += 1
+            if not lowrank or ".lr_a." in name:
+                i_ffn_down += 1
         elif cat == "attn_output":
             if n_expert == 8:
                 if ft in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"):
@@ -198,7 +230,7 @@ def tensor_types(
             new = _FALLBACK.get(t, "F16")  # llama.cpp aborts for the 32-block types; F16 is the safe choice
             if shape[-1] % _block(new):
                 new = "F16"
-            if warn:
+            if warn and not is_low_rank_factor(name):  # rank-length rows: the documented rule, no warning
                 warn(f"{name}: row length {shape[-1]} is not a multiple of {_block(t)} ({t}); using {new}")
             t = new
         out[name] = t
@@ -230,19 +262,58 @@ def _shape(w: Any) -> tuple[int, ...]:
     return tuple(int(s) for s in w.shape)
 
 
-def _plan(ckpt: Checkpoint, extra: dict[str, np.ndarray]) -> list[_Planned]:
+def _pad_rank(f: np.ndarray, r_pad: int, axis: int) -> np.ndarray:
+    """Zero-pad factor `f` along `axis` (0: rows of A, 1: columns of B) to r_pad."""
+    r = f.shape[axis]
+    if r == r_pad:
+        return np.ascontiguousarray(f)
+    width = [(0, 0), (0, 0)]
+    width[axis] = (0, r_pad - r)
+    return np.pad(f, width)
+
+
+@dataclass
+class LowRankInfo:
+    """The factored matrices written to a GGUF: base name (`blk.L.ffn_gate[.E]`) -> (rank, padded rank)."""
+
+    ranks: dict[str, tuple[int, int]]
+    pad: int
+
+
+def _plan(ckpt: Checkpoint, extra: dict[str, np.ndarray], expand_low_rank: bool = False,
+          rank_pad: int = 1) -> tuple[list[_Planned], LowRankInfo]:
+    from .quant.lowrank import LowRankWeight
+
     cfg = ckpt.config
     W = ckpt.weights
     plan: list[_Planned] = []
+    lr = LowRankInfo({}, rank_pad)
 
-    def add(name: str, canon: str, post: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-        w = W[canon]
+    def factored(w: Any) -> bool:
+        return isinstance(w, LowRankWeight) and not expand_low_rank
+
+    def add_w(name: str, w: Any, post: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        # name = "<base>.weight" -> "<base>.lr_a.weight" / "<base>.lr_b.weight"; only MLP / expert matrices
+        # (what `levante compress` factors); any other low-rank weight is written expanded
+        if factored(w) and is_low_rank_factor(name.removesuffix(".weight") + ".lr_a.weight"):
+            base = name.removesuffix(".weight")
+            r = w.true_rank  # factors read from a padded GGUF: beyond true_rank they are zeros
+            r_pad = -(-r // rank_pad) * rank_pad
+            lr.ranks[base] = (r, r_pad)
+            plan.append(_Planned(base + ".lr_a.weight", (r_pad, w.in_features),
+                                 lambda: _pad_rank(_to_f32(w.a)[:r], r_pad, 0)))
+            plan.append(_Planned(base + ".lr_b.weight", (w.out_features, r_pad),
+                                 lambda: _pad_rank(_to_f32(w.b)[:, :r], r_pad, 1)))
+            return
 
         def load() -> np.ndarray:
-            a = _to_f32(w)
+            a = _to_f32(w)  # a LowRankWeight with expand_low_rank: B @ A, the full matrix
             return post(a) if post else a
 
         plan.append(_Planned(name, _shape(w), load))
+
+    def add(name: str, canon: str, post: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        add_w(name, W[canon], post)
 
     add("token_embd.weight", "embed")
     for name, arr in extra.items():
@@ -260,6 +331,11 @@ def _plan(ckpt: Checkpoint, extra: dict[str, np.ndarray]) -> list[_Planned]:
             add(b + "ffn_gate_inp.weight", p + "ffn.gate")
             for kind, wname in _EXPERT_W.items():
                 ws = [W[f"{p}ffn.experts.{e}.{wname}"] for e in range(cfg.num_experts)]
+                if any(factored(w) for w in ws):  # per-expert tensors, factors for the factored experts
+                    single = kind.removesuffix("_exps")
+                    for e, w in enumerate(ws):
+                        add_w(f"{b}{single}.{e}.weight", w)
+                    continue
 
                 def load(ws: list = ws) -> np.ndarray:
                     first = _to_f32(ws[0])
@@ -277,7 +353,19 @@ def _plan(ckpt: Checkpoint, extra: dict[str, np.ndarray]) -> list[_Planned]:
     add("output_norm.weight", "norm")
     if "lm_head" in W and not cfg.tie_word_embeddings:
         add("output.weight", "lm_head")
-    return plan
+    return plan, lr
+
+
+def _low_rank_kv(lr: LowRankInfo) -> list[_KV]:
+    if not lr.ranks:
+        return []
+    names = sorted(lr.ranks, key=_llama_order)
+    return [
+        ("levante.low_rank", True, "BOOL", None),
+        ("levante.low_rank.rank_pad", lr.pad, "UINT32", None),
+        ("levante.low_rank.tensors", names, "ARRAY", "STRING"),
+        ("levante.low_rank.ranks", [lr.ranks[n][0] for n in names], "ARRAY", "UINT32"),
+    ]
 
 
 # ----------------------------------------------------------------------------------- metadata
@@ -454,7 +542,8 @@ def _gguf_source_kv(path: Path) -> tuple[list[_KV], dict[str, np.ndarray]]:
     return kv, extra
 
 
-_DROP_FROM_SOURCE = ("general.file_type", "general.quantization_version", "general.alignment", "split.")
+_DROP_FROM_SOURCE = ("general.file_type", "general.quantization_version", "general.alignment", "split.",
+                     "levante.low_rank")  # re-written from the tensors actually written
 
 
 def _metadata(src: Path, ckpt: Checkpoint, file_type: int) -> tuple[list[_KV], Any, dict[str, np.ndarray]]:
@@ -489,11 +578,14 @@ def _iter_progress(items: list, enabled: bool, desc: str) -> Iterator:
     yield from tqdm(items, desc=desc, unit="tensor")
 
 
-def quantize_model(src: str | Path, dst: str | Path, qtype: str, force: bool = False, progress: bool = True) -> Path:
+def quantize_model(src: str | Path, dst: str | Path, qtype: str, force: bool = False, progress: bool = True,
+                   expand_low_rank: bool = False) -> Path:
     """Convert / quantize the model at `src` into a GGUF file `dst` of llama.cpp file type `qtype`.
 
     `qtype`: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S,
-    Q4_K_M, Q5_K_S, Q5_K_M or Q6_K. Refuses to overwrite `dst` unless `force`.
+    Q4_K_M, Q5_K_S, Q5_K_M or Q6_K. Refuses to overwrite `dst` unless `force`. Low-rank weights are
+    written as quantized factor pairs (levante-only files, see the module docstring) unless
+    `expand_low_rank`, which writes B @ A as full matrices that llama.cpp can load.
     """
     import gguf
 
@@ -512,11 +604,19 @@ def quantize_model(src: str | Path, dst: str | Path, qtype: str, force: bool = F
     ckpt = read_checkpoint(src)
     ftype_num = FILE_TYPES[file_type][0]
     kv, special, extra = _metadata(src, ckpt, ftype_num)
-    plan = _plan(ckpt, extra)
+    rank_pad = 1 if FILE_TYPES[file_type][1] in _FLOAT_TYPES else LOW_RANK_PAD
+    plan, lr = _plan(ckpt, extra, expand_low_rank, rank_pad)
+    kv = kv + _low_rank_kv(lr)
     warnings: list[str] = []
     types = tensor_types({p.name: p.shape for p in plan}, ckpt.config, file_type, warn=warnings.append)
     for w in warnings:
         print(f"warning: {w}")
+    if lr.ranks and progress:
+        padded = sum(1 for r, rp in lr.ranks.values() if rp != r)
+        fb = Counter(types[n] for n in types if n.endswith(".lr_b.weight"))
+        print(f"low-rank: {len(lr.ranks)} factored matrices written as A/B factor pairs ({padded} ranks zero-padded "
+              f"to a multiple of {rank_pad}; B factor types {dict(fb)}). llama.cpp cannot load this file; "
+              "use --expand-low-rank for a llama.cpp-compatible one.")
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)

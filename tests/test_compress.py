@@ -85,6 +85,21 @@ def test_choose_ranks_prefers_cheap_energy():
     assert saved_params(shapes["a"], ranks["a"]) >= 150
 
 
+def test_choose_ranks_in_multiples():
+    torch.manual_seed(3)
+    shapes = {f"m{i}": (96, 64) for i in range(6)}
+    svals = {n: torch.linalg.svdvals(torch.randn(96, 64) * (1 + i)) for i, n in enumerate(shapes)}
+    total = 6 * 96 * 64
+    one = choose_ranks(svals, shapes, total // 3)
+    ranks = choose_ranks(svals, shapes, total // 3, multiple=16)
+    assert ranks and all(r % 16 == 0 for r in ranks.values())
+    removed = sum(saved_params(shapes[n], r) for n, r in ranks.items())
+    assert total // 3 <= removed < total // 3 + 16 * 160
+    assert sum(saved_params(shapes[n], r) for n, r in one.items()) >= total // 3
+    # multiple=1 is the per-component greedy
+    assert choose_ranks(svals, shapes, total // 3, multiple=1) == one
+
+
 def test_compressed_logits_equal_dense_rebuild(mixtral):
     ck = read_checkpoint(mixtral)
     res = compress_weights(ck.config, ck.weights, ratio=0.3)

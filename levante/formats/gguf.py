@@ -5,6 +5,11 @@ become `GGMLWeight`s whose packed bytes are zero-copy views of the mapping. Only
 copied: norms and the MoE router (dequantized to float32) and wq / wk, whose rows are put back
 from llama.cpp's interleaved rotary layout into the rotate-half layout (a permutation of whole
 rows, so quantized blocks are moved, never re-rounded).
+
+Low-rank GGUFs written by `levante quantize` (metadata `levante.low_rank`; tensors
+`blk.L.ffn_gate[.E].lr_a.weight` = A [r, in] and `.lr_b.weight` = B [out, r], see levante/quantize.py)
+become `LowRankWeight`s whose two factors are the same quantized weights as any other tensor, so
+both matmuls run on the packed factors and B @ A is never formed.
 """
 
 from __future__ import annotations
@@ -306,6 +311,7 @@ def _llama3_scaling(factors: np.ndarray, cfg: ModelConfig, fields: dict[str, Any
 
 # ---------------------------------------------------------------------------------- the tensors
 _LAYER = re.compile(r"^blk\.(\d+)\.(\w+?)(?:\.(\d+))?\.weight$")
+_LOW_RANK = re.compile(r"^blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)(?:\.(\d+))?\.lr_([ab])\.weight$")
 _TOP = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
 _LAYER_NAMES = {
     "attn_norm": "attn_norm",
@@ -393,9 +399,28 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
         return dequantize(raw.reshape(-1, raw.shape[-1]), qtype).reshape(_np_shape(rt))
 
     layers_seen = set()
+    factors: dict[str, dict[str, Any]] = {}  # canonical name -> {"a": rt, "b": rt} (low-rank GGUFs)
     for name, rt in tensors.items():
         qtype = rt.tensor_type.name
         if name == "rope_freqs.weight":
+            continue
+        lr = _LOW_RANK.match(name)
+        if lr:
+            layer, kind, expert, which = int(lr.group(1)), lr.group(2), lr.group(3), lr.group(4)
+            if layer >= cfg.num_layers:
+                raise WeightsError(f"{path}: tensor {name} is for layer {layer}, but block_count is {cfg.num_layers}")
+            if (expert is not None) != cfg.is_moe:
+                raise WeightsError(f"{path}: unexpected tensor {name} ({'MoE' if cfg.is_moe else 'dense'} model)")
+            if expert is not None and int(expert) >= cfg.num_experts:
+                raise WeightsError(f"{path}: tensor {name} is for expert {expert}, "
+                                   f"but expert_count is {cfg.num_experts}")
+            canon = f"layers.{layer}." + (f"ffn.experts.{int(expert)}.{_EXPERT_NAMES[kind]}" if expert is not None
+                                          else _LAYER_NAMES[kind])
+            check_qtype(qtype, name)
+            if which in factors.setdefault(canon, {}):
+                raise WeightsError(f"{path}: duplicate low-rank factor {name}")
+            factors[canon][which] = rt
+            layers_seen.add(layer)
             continue
         if name in _TOP:
             canon = _TOP[name]
@@ -452,6 +477,11 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
             raw = raw.reshape(want[0], -1).index_select(0, _qk_perm(n_head, cfg.head_dim))
         put(canon, linear(raw, qtype, want, name), rt)
 
+    if factors:
+        _low_rank_weights(factors, shapes, fields, path, put, linear)
+    elif fields.get("levante.low_rank"):
+        raise WeightsError(f"{path}: levante.low_rank is set but the file has no low-rank factor tensors")
+
     missing = [k for k in shapes if k not in weights]
     if missing:
         raise WeightsError(
@@ -480,6 +510,51 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
         "metadata": {k: v for k, v in fields.items() if not isinstance(v, list)},
     }
     return Checkpoint(config=cfg, weights=weights, format="gguf", tokenizer=tokenizer, sources=sources, info=info)
+
+
+def _low_rank_weights(factors: dict[str, dict[str, Any]], shapes: dict[str, tuple[int, ...]],
+                      fields: dict[str, Any], path: Path, put: Any, linear: Any) -> None:
+    """Check the A / B factor pairs and put a LowRankWeight of two quantized weights for each."""
+    from ..quant.lowrank import LowRankWeight
+
+    if not fields.get("levante.low_rank"):
+        some = next(iter(factors.values()))
+        raise WeightsError(f"{path}: tensor {next(iter(some.values())).name} is a low-rank factor, "
+                           "but the file lacks the levante.low_rank metadata key")
+    names = fields.get("levante.low_rank.tensors") or []
+    ranks = fields.get("levante.low_rank.ranks") or []
+    if len(names) != len(ranks):
+        raise WeightsError(f"{path}: levante.low_rank.tensors has {len(names)} entries but "
+                           f"levante.low_rank.ranks has {len(ranks)}")
+    declared = dict(zip(names, (int(r) for r in ranks)))
+    seen = set()
+    for canon, pair in factors.items():
+        some = next(iter(pair.values())).name
+        base = some.rsplit(".lr_", 1)[0]
+        seen.add(base)
+        for which, other in (("a", "b"), ("b", "a")):
+            if which not in pair:
+                raise WeightsError(f"{path}: low-rank factor {base}.lr_{which}.weight is missing "
+                                   f"(found {pair[other].name})")
+        ra, rb = pair["a"], pair["b"]
+        out_f, in_f = shapes[canon]
+        sa, sb = _np_shape(ra), _np_shape(rb)
+        if len(sa) != 2 or sa[1] != in_f or sa[0] < 1:
+            raise WeightsError(f"{path}: tensor {ra.name} has shape {sa}, expected (rank, {in_f}) for the A factor "
+                               f"of {canon} [{out_f}, {in_f}]")
+        r = sa[0]
+        if sb != (out_f, r):
+            raise WeightsError(f"{path}: tensor {rb.name} has shape {sb}, expected ({out_f}, {r}) for the B factor "
+                               f"of {canon} [{out_f}, {in_f}] (its A factor {ra.name} has rank {r})")
+        if base in declared and not 0 < declared[base] <= r:
+            raise WeightsError(f"{path}: levante.low_rank.ranks gives rank {declared[base]} for {base}, "
+                               f"but its factors {ra.name} / {rb.name} have rank {r}")
+        a = linear(_raw(ra), ra.tensor_type.name, (r, in_f), ra.name)
+        b = linear(_raw(rb), rb.tensor_type.name, (out_f, r), rb.name)
+        put(canon, LowRankWeight(a, b, true_rank=declared.get(base)), ra)
+    extra = sorted(set(declared) - seen)
+    if extra:
+        raise WeightsError(f"{path}: levante.low_rank.tensors lists {extra[0]}, which has no lr_a / lr_b tensors")
 
 
 def _gguf_name(canon: str) -> str:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import math
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
 from levante.api import LLM
+from levante.formats.hf import shard_files
 from levante.formats.safetensors import SafetensorsFile
 from levante.loader import read_checkpoint
-from levante.model import build_model
+from levante.model import build_model, expected_shapes
 from levante.quant import awq as awq_mod
 from levante.quant.awq import AWQWeight, awq_quantize, pack_awq, quantize_groups, unpack_awq
 from levante.quant.base import QuantWeight
@@ -168,6 +171,124 @@ def test_cli_awq(tmp_path):
     assert rc == 0
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
     assert main(["quantize", "--awq", "-m", str(src), "-o", str(tmp_path / "q2")]) == 1  # no --calib
+
+
+# ------------------------------------------------------------------------- layer-by-layer streaming
+
+
+def _whole_model_awq(src: Path, calib, group_size: int, n_grid: int, seq_len: int = 512,
+                     max_loss_tokens: int = 4096) -> dict[str, torch.Tensor]:
+    """The oracle: awq_quantize as it was before streaming (the whole float model built in memory, every
+    layer run through `build_model`'s blocks), returning the output tensors by Hugging Face name."""
+    ckpt = read_checkpoint(src)
+    cfg = ckpt.config
+    weights = {k: (w.dequantize() if isinstance(w, QuantWeight) else w.float()).clone()
+               for k, w in ckpt.weights.items()}
+    tokens = awq_mod._calib_tokens(calib, ckpt, src, 2048, seq_len)
+    body = build_model(cfg, weights, torch.float32).model
+    B, T = tokens.shape
+    gen = torch.Generator().manual_seed(0)
+
+    def sub(x):
+        if x.shape[0] <= max_loss_tokens:
+            return x
+        return x[torch.randperm(x.shape[0], generator=gen)[:max_loss_tokens].sort().values]
+
+    from levante.model import _Plan
+
+    quantized = {}
+    with torch.no_grad():
+        positions = torch.arange(T)[None].expand(B, T)
+        x = body.embed.rows(tokens, torch.float32)
+        cos, sin = body.rotary.cos_sin(positions, torch.float32)
+        plan = _Plan(None, positions, cfg.sliding_window, slice(0, B))
+        for li, blk in enumerate(body.layers):
+            X, x = awq_mod._capture(blk, lambda b=blk, i=li, h=x: b(h, cos, sin, plan, i))
+            for n, qw in awq_mod._awq_layer(blk, X, cfg.is_moe, cfg.num_experts, group_size, n_grid, True,
+                                            sub).items():
+                quantized[f"layers.{li}.{n}"] = qw
+    out = {}
+    for k, w in weights.items():
+        b = awq_mod.hf_base_name(k)
+        if k in quantized:
+            out[b + ".qweight"], out[b + ".qzeros"], out[b + ".scales"] = quantized[k].packed()
+        else:
+            out[b + ".weight"] = w.to(torch.float16)
+    return out
+
+
+def _read_all(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in shard_files(directory):
+        st = SafetensorsFile(f)
+        out.update({k: st.get(k).clone() for k in st.keys()})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mixtral_8x2", "mistral_dense", "llama_tied"])
+def test_streaming_matches_whole_model(kind, tmp_path):
+    """Layer-by-layer AWQ writes byte-identical tensors to the whole-model computation (bf16 source with
+    fused experts for Mixtral, several calibration rows, subsampled loss rows, several output shards)."""
+    model = hf_model(kind, vocab_size=32000, num_hidden_layers=3).to(torch.bfloat16)
+    src = save_hf(model, tmp_path / "src", tokenizer=True, max_shard_size="200KB")
+    del model
+    kw = dict(group_size=32, n_grid=4, seq_len=128, max_loss_tokens=100)
+    ref = _whole_model_awq(src, TEXT[:1500], **kw)
+    out = awq_quantize(src, tmp_path / "awq", TEXT[:1500], max_shard_bytes=1, **kw)
+    assert (out / "model.safetensors.index.json").is_file() and len(shard_files(out)) == 4  # a shard per layer
+    got = _read_all(out)
+    assert set(got) == set(ref)
+    for k, r in ref.items():
+        assert got[k].dtype == r.dtype and got[k].shape == r.shape, k
+        assert got[k].numpy().tobytes() == r.numpy().tobytes(), k
+    # one shard: the plain single-file layout, no index
+    one = awq_quantize(src, tmp_path / "one", TEXT[:1500], **kw)
+    assert sorted(p.name for p in one.glob("model*")) == ["model.safetensors"]
+    assert all(torch.equal(v, got[k]) for k, v in _read_all(one).items())
+
+
+def test_awq_streams_layer_by_layer(tmp_path, monkeypatch):
+    """At most one decoder layer's float weights are ever alive, and each layer's packed tensors are on disk
+    before the next layer is loaded. The source is bf16, so any float32 tensor shaped like a linear weight
+    is a materialised copy; the check counts them (after gc.collect()) whenever a layer is loaded."""
+    n_layers = 4
+    model = hf_model("mixtral_8x2", num_hidden_layers=n_layers, intermediate_size=160).to(torch.bfloat16)
+    src = save_hf(model, tmp_path / "src")
+    del model
+    cfg = read_checkpoint(src).config
+    weight_shapes = {s for k, s in expected_shapes(cfg).items() if k.startswith("layers.0.") and len(s) == 2}
+    assert len(weight_shapes) == 5  # wq/wo, wk/wv, w1/w3, w2, router: distinct from activations' shapes
+
+    def float_weight_copies() -> set[int]:
+        gc.collect()
+        return {o.untyped_storage().data_ptr() for o in gc.get_objects()
+                if type(o) is torch.Tensor and o.dtype == torch.float32 and tuple(o.shape) in weight_shapes}
+
+    out_dir = tmp_path / "awq"
+    real = awq_mod._load_layer
+    loaded: list[str] = []
+    alive: list = []  # weak references to every tensor a loader call returned
+
+    def load_layer(src_weights, prefix):
+        assert float_weight_copies() == set(), f"float weights alive when loading {prefix}"
+        assert all(r() is None for _, r in alive), f"an earlier layer's float weights are alive at {prefix}"
+        assert len(list(out_dir.glob(".awq-part-*"))) == len(loaded), "earlier layers not written yet"
+        lw = real(src_weights, prefix)
+        assert lw and all(k.startswith(prefix) for k in lw)
+        assert float_weight_copies() == {w.untyped_storage().data_ptr() for w in lw.values() if w.ndim == 2}
+        loaded.append(prefix)
+        alive.extend((k, weakref.ref(w)) for k, w in lw.items())
+        return lw
+
+    monkeypatch.setattr(awq_mod, "_load_layer", load_layer)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 320, (300,), generator=gen)
+    out = awq_quantize(src, out_dir, ids, group_size=32, n_grid=3, seq_len=100, max_shard_bytes=1)
+    assert loaded == [f"layers.{i}." for i in range(n_layers)]
+    assert float_weight_copies() == set() and all(r() is None for _, r in alive)
+    assert len(shard_files(out)) == n_layers + 1 and not list(out.glob(".awq-part-*"))
+    ck = read_checkpoint(out)  # the sharded output reads back (index included)
+    assert isinstance(ck.weights["layers.3.ffn.experts.7.w2"], AWQWeight)
 
 
 # -------------------------------------------------------------------------- AWQ vs round-to-nearest

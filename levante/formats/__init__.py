@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,3 +26,6 @@ class Checkpoint:
     tokenizer: Any = None  # levante.tokenizer.Tokenizer | None
     sources: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    # Drops the resident pages of memory-mapped weights (re-read from disk when touched again); set by
+    # readers whose weights are read-only file mappings, used by streaming passes over large checkpoints.
+    release: Callable[[], None] | None = None

@@ -87,8 +87,10 @@ def read_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> Checkp
     # instead of .weight; collect the triplets here and turn them into AWQWeights after the loop.
     qc = raw_cfg.get("quantization_config") or {}
     awq_parts: dict[str, dict[str, Tensor]] | None = {} if qc.get("quant_method") == "awq" else None
+    files: list[SafetensorsFile] = []
     for path in shard_files(directory):
         st = SafetensorsFile(path)
+        files.append(st)
         for name in st.keys():
             file_dtypes.add(st.dtype(name))
             if awq_parts is not None and name.endswith((".qweight", ".qzeros", ".scales")):
@@ -128,7 +130,11 @@ def read_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> Checkp
                 raise WeightsError(f"{directory}: low-rank weight {sources[canon]} lacks its .0 or .1 factor")
             weights[canon] = LowRankWeight(pair["0"], pair["1"])
     info = {"files": [p.name for p in shard_files(directory)], "file_dtypes": sorted(file_dtypes)}
-    return Checkpoint(cfg, weights, "hf-safetensors", sources=sources, info=info)
+    def release() -> None:
+        for f in files:
+            f.release()
+
+    return Checkpoint(cfg, weights, "hf-safetensors", sources=sources, info=info, release=release)
 
 
 def _split_fused(weights, sources, cfg: ModelConfig, layer: int, kind: str, t: Tensor, fname: str) -> None:

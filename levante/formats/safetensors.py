@@ -8,6 +8,7 @@ every offset against the file size and to hand out `torch.from_numpy` views of o
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from pathlib import Path
 
@@ -100,6 +101,17 @@ class SafetensorsFile:
         arr = self._mm[self.data_start + begin : self.data_start + end].view(np_dtype).reshape(shape)
         t = torch.from_numpy(arr)
         return t.view(torch_view) if torch_view is not None else t
+
+    def release(self) -> None:
+        """Drop this file's resident pages from the process (they are re-read from disk when touched again).
+
+        For streaming readers (`levante.quant.awq.awq_quantize`) that walk a checkpoint larger than RAM:
+        without it, every page read stays in the process's RSS until memory runs short. The mapping is
+        copy-on-write, so bytes written through a tensor from `get` would revert to the file's: call it
+        only when no such tensor was written to. A no-op where madvise is unavailable."""
+        mm = getattr(self._mm, "_mmap", None) if self._mm is not None else None
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
 
 def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

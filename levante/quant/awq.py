@@ -22,7 +22,8 @@ levante/quant/kernels.py and benchmarks/README.md). Measured with this file's `_
 the 2-core dev box, 4096x4096, g128: see `benchmarks/results/awq.md`.
 
 Calibration (`awq_quantize`): activation-aware scaling (Lin et al., "AWQ", 2023) the way AutoAWQ
-does it, layer by layer on levante's own float model:
+does it, layer by layer on levante's own decoder blocks (streamed: one layer's float weights in memory at a
+time, see `awq_quantize`):
 
 1. run the decoder layer on the calibration tokens with forward pre-hooks that record the input of
    every linear (for MoE experts: only the tokens routed to that expert);
@@ -69,6 +70,7 @@ AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of a packed int32 holds column 
 AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]  # column j sits in nibble AWQ_REVERSE_ORDER[j]
 AWQ_SUFFIXES = (".qweight", ".qzeros", ".scales")
 TILE_BYTES = 16 << 20  # float32 bytes of dequantized weight per matmul tile
+SHARD_BYTES = 1 << 30  # awq_quantize: output shard size (a shard is flushed at the layer boundary past it)
 
 # ------------------------------------------------------------------------------------- packing
 
@@ -375,63 +377,79 @@ def awq_quantize(
     max_loss_tokens: int = 4096,
     force: bool = False,
     progress: bool | Callable[[str], None] = False,
+    max_shard_bytes: int = SHARD_BYTES,
 ) -> Path:
     """Quantize a model (HF dir, or anything `levante.loader.read_checkpoint` reads) to an AWQ
     4-bit GEMM checkpoint in `out_dir`; `calib` is a text (tokenized with the model's tokenizer) or
-    token ids. Returns out_dir. See the module docstring for the algorithm."""
-    from ..formats.safetensors import save_safetensors
+    token ids. Returns out_dir. See the module docstring for the algorithm.
+
+    Streams, one decoder layer at a time, so peak memory is about one layer's float32 weights plus the
+    calibration activations, never the whole float model: the checkpoint stays memory-mapped (HF
+    safetensors; GGUF weights stay packed) and each layer's weights are copied to float32 by
+    `_load_layer`, built into a `Block`, run on the calibration activations (kept between layers,
+    [n_tokens, hidden], as AutoAWQ does), searched, quantized and packed; its packed tensors go to
+    the output and its float weights are freed (and the source file's pages released) before the
+    next layer. The output is written incrementally as safetensors shards of about `max_shard_bytes`
+    (a shard is flushed after the layer that fills it): a single `model.safetensors` when everything
+    fits in one, else `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`. Embeddings,
+    final norm and lm_head are copied through as float16. The next layer's input is this layer's float
+    output (before scaling and quantization), as in AutoAWQ."""
     from ..loader import read_checkpoint
-    from ..model import _Plan, build_model
+    from ..model import Rotary, _Plan
 
     say = progress if callable(progress) else ((lambda m: print(m, file=sys.stderr)) if progress else None)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise FileExistsError(f"{out_dir} exists and is not empty (use --force to overwrite)")
+    if out_dir.exists() and model_dir.exists() and out_dir.resolve() == model_dir.resolve():
+        raise ValueError(f"AWQ: the output directory {out_dir} is the input model's directory")
     t0 = time.time()
-    ckpt = read_checkpoint(model_dir, torch.float32)
-    cfg = ckpt.config
-    weights = {k: (w.dequantize(torch.float32) if isinstance(w, QuantWeight) else w.float()).clone()
-               for k, w in ckpt.weights.items()}
-    for k, w in weights.items():
-        if w.ndim == 2 and k not in ("embed", "lm_head") and not k.endswith("ffn.gate"):
-            if w.shape[1] % group_size or w.shape[0] % 8:
-                raise ValueError(f"AWQ: {k} {tuple(w.shape)}: in_features must be a multiple of the group size "
-                                 f"{group_size} and out_features of 8")
+    ckpt = read_checkpoint(model_dir, torch.float32)  # lazy: memory-mapped tensors / packed weights
+    cfg, src = ckpt.config, ckpt.weights
+    _check_weights(cfg, src, ckpt.sources, group_size)
     tokens = _calib_tokens(calib, ckpt, model_dir, max_calib_tokens, seq_len)
-    net = build_model(cfg, weights, torch.float32)  # DenseWeight / RMSNorm share `weights`' storage
-    body = net.model
     B, T = tokens.shape
     gen = torch.Generator().manual_seed(0)
-    quantized: dict[str, AWQWeight] = {}
+    release = ckpt.release or (lambda: None)
+    n_quantized = 0
 
     def sub(x: Tensor) -> Tensor:  # a fixed subsample of rows for the loss (bounded cost)
         if x.shape[0] <= max_loss_tokens:
             return x
         return x[torch.randperm(x.shape[0], generator=gen)[:max_loss_tokens].sort().values]
 
-    with torch.no_grad():
-        positions = torch.arange(T)[None].expand(B, T)
-        x = body.embed.rows(tokens, torch.float32)
-        cos, sin = body.rotary.cos_sin(positions, torch.float32)
-        plan = _Plan(None, positions, cfg.sliding_window, slice(0, B))
-        for li, blk in enumerate(body.layers):
-            X, x = _capture(blk, lambda b=blk, i=li, h=x: b(h, cos, sin, plan, i))  # x: the float output,
-            for n, qw in _awq_layer(blk, X, cfg.is_moe, cfg.num_experts, group_size, n_grid, clip, sub).items():
-                quantized[f"layers.{li}.{n}"] = qw  # the next layer's input (AutoAWQ's propagation)
-            if say:
-                say(f"awq: layer {li + 1}/{cfg.num_layers} done ({time.time() - t0:.0f} s)")
-
-    # ---- write the checkpoint
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, Tensor] = {}
-    for k, w in weights.items():
-        if k in quantized:
-            qw, qz, sc = quantized[k].packed()
-            b = hf_base_name(k)
-            tensors[b + ".qweight"], tensors[b + ".qzeros"], tensors[b + ".scales"] = qw, qz, sc
-        else:
-            tensors[hf_base_name(k) + ".weight"] = w.to(torch.float16)
-    save_safetensors(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    writer = _ShardWriter(out_dir, max_shard_bytes)
+    try:
+        with torch.no_grad():
+            positions = torch.arange(T)[None].expand(B, T)
+            x = _embed_rows(src["embed"], tokens)
+            writer.add(hf_base_name("embed") + ".weight", _to_half(src["embed"]))
+            cos, sin = Rotary(cfg).cos_sin(positions, torch.float32)
+            plan = _Plan(None, positions, cfg.sliding_window, slice(0, B))
+            for li in range(cfg.num_layers):
+                p = f"layers.{li}."
+                lw = _load_layer(src, p)  # this layer's float32 weights (own memory)
+                blk = _build_block(cfg, lw, p)  # shares lw's storage: the folds below edit lw in place
+                X, x = _capture(blk, lambda b=blk, i=li, h=x: b(h, cos, sin, plan, i))  # x: the float output,
+                quantized = _awq_layer(blk, X, cfg.is_moe, cfg.num_experts, group_size, n_grid, clip, sub)
+                del X, blk  # x is the next layer's input (AutoAWQ's propagation)
+                writer.add_layer(lw, quantized, p)
+                n_quantized += len(quantized)
+                del lw, quantized
+                writer.flush_if_full()
+                release()  # the source pages of this layer leave the process's RSS
+                if say:
+                    say(f"awq: layer {li + 1}/{cfg.num_layers} done ({time.time() - t0:.0f} s)")
+            del x
+            for k in ("norm", "lm_head"):  # lm_head absent: tied to the embeddings
+                if k in src:
+                    writer.add(hf_base_name(k) + ".weight", _to_half(src[k]))
+            release()
+        files = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
     src_cfg = model_dir / "config.json"
     conf = json.loads(src_cfg.read_text()) if model_dir.is_dir() and src_cfg.is_file() else hf_config(cfg)
     conf["torch_dtype"] = "float16"
@@ -446,8 +464,155 @@ def awq_quantize(
         if say:
             say(f"awq: {note}")
     if say:
-        say(f"awq: wrote {out_dir} ({len(quantized)} quantized linears, {time.time() - t0:.0f} s)")
+        say(f"awq: wrote {out_dir} ({n_quantized} quantized linears, {len(files)} shard(s), "
+            f"{time.time() - t0:.0f} s)")
     return out_dir
+
+
+def _to_float32(w: Tensor | QuantWeight) -> Tensor:
+    """A float32 copy with its own memory of a checkpoint weight (memory-mapped tensor or packed weight)."""
+    if isinstance(w, QuantWeight):
+        return w.dequantize(torch.float32).clone()
+    return w.to(torch.float32, copy=True)
+
+
+def _to_half(w: Tensor | QuantWeight) -> Tensor:
+    """float16 copy of an unquantized weight (for a float tensor: the same values as via float32)."""
+    if isinstance(w, QuantWeight):
+        return w.dequantize(torch.float32).to(torch.float16)
+    return w.to(torch.float16, copy=True)
+
+
+def _embed_rows(embed: Tensor | QuantWeight, tokens: Tensor) -> Tensor:
+    """float32 embedding rows of `tokens` [B, T] -> [B, T, hidden] (= DenseWeight(float32 embed).rows)."""
+    if isinstance(embed, QuantWeight):
+        return F.embedding(tokens, embed.dequantize(torch.float32))
+    return F.embedding(tokens, embed).to(torch.float32)  # gather, then widen: exact, no float32 table
+
+
+def _load_layer(src: dict[str, Tensor | QuantWeight], prefix: str) -> dict[str, Tensor]:
+    """The float32 weights of one decoder layer (canonical names starting with `prefix`, e.g. "layers.3.")."""
+    return {k: _to_float32(w) for k, w in src.items() if k.startswith(prefix)}
+
+
+def _build_block(cfg, lw: dict[str, Tensor], p: str):
+    """One decoder `Block` on float32 weights, assembled as `levante.model.build_model` does (sharing
+    `lw`'s storage: DenseWeight / RMSNorm keep the tensors they are given)."""
+    from ..model import MLP, Attention, Block, MoE, RMSNorm
+    from .base import as_weight
+
+    def lin(n: str) -> QuantWeight:
+        return as_weight(lw[p + n], torch.float32)
+
+    def norm(n: str) -> RMSNorm:
+        return RMSNorm(lw[p + n].to(torch.float32), cfg.rms_norm_eps)
+
+    attn = Attention(cfg, lin("attn.wq"), lin("attn.wk"), lin("attn.wv"), lin("attn.wo"))
+    if cfg.is_moe:
+        experts = [MLP(lin(f"ffn.experts.{e}.w1"), lin(f"ffn.experts.{e}.w2"), lin(f"ffn.experts.{e}.w3"))
+                   for e in range(cfg.num_experts)]
+        ffn = MoE(lin("ffn.gate"), experts, cfg.num_experts_per_tok)
+    else:
+        ffn = MLP(lin("ffn.w1"), lin("ffn.w2"), lin("ffn.w3"))
+    return Block(norm("attn_norm"), attn, norm("ffn_norm"), ffn)
+
+
+def _check_weights(cfg, src: dict, sources: dict[str, str], group_size: int) -> None:
+    """What the whole-model path checked before calibrating (group-size fit, then `build_model`'s
+    missing / mis-shaped / unexpected tensor errors), on the lazy weights, before any work."""
+    from ..errors import WeightsError
+    from ..model import expected_shapes
+
+    for k, w in src.items():
+        shape = tuple(w.shape)
+        if len(shape) == 2 and k not in ("embed", "lm_head") and not k.endswith("ffn.gate"):
+            if shape[1] % group_size or shape[0] % 8:
+                raise ValueError(f"AWQ: {k} {shape}: in_features must be a multiple of the group size "
+                                 f"{group_size} and out_features of 8")
+    shapes = expected_shapes(cfg)
+    if "lm_head" not in src:
+        shapes.pop("lm_head")
+    for name, want in shapes.items():
+        if name not in src:
+            what = "the language-model head" if name == "lm_head" else "required by the config"
+            raise WeightsError(f"missing tensor {name!r} ({what})")
+        if tuple(src[name].shape) != want:
+            where = f" (from {sources[name]})" if name in sources else ""
+            raise WeightsError(f"tensor {name!r}{where} has shape {tuple(src[name].shape)}, expected {want}")
+    extra = set(src) - set(shapes)
+    if extra:
+        raise WeightsError(f"unexpected tensors: {sorted(extra)[:5]}{' ...' if len(extra) > 5 else ''}")
+
+
+class _ShardWriter:
+    """Safetensors output written as it is produced: tensors are buffered until about `max_bytes`, then
+    written as a shard (`flush_if_full`, called at layer boundaries); `finish` names the shards the
+    Hugging Face way (one file: model.safetensors; more: model-0000i-of-0000n + the index)."""
+
+    def __init__(self, out_dir: Path, max_bytes: int) -> None:
+        self.out_dir, self.max_bytes = out_dir, max(1, int(max_bytes))
+        self.pending: dict[str, Tensor] = {}
+        self.pending_bytes = 0
+        self.parts: list[tuple[Path, list[str]]] = []  # (temporary path, tensor names)
+        self.total = 0
+        for f in [*out_dir.glob("model*.safetensors"), out_dir / "model.safetensors.index.json",
+                  *out_dir.glob(".awq-part-*.safetensors")]:  # --force: stale outputs would be read
+            f.unlink(missing_ok=True)
+
+    def add(self, name: str, t: Tensor) -> None:
+        self.pending[name] = t
+        self.pending_bytes += t.numel() * t.element_size()
+
+    def add_layer(self, lw: dict[str, Tensor], quantized: dict[str, AWQWeight], prefix: str) -> None:
+        """One layer's tensors: packed triplets for the quantized linears, float16 for the rest (norms with
+        1/s folded in, the MoE router with its columns scaled by s)."""
+        for k, w in lw.items():
+            b = hf_base_name(k)
+            q = quantized.get(k[len(prefix):])
+            if q is not None:
+                qw, qz, sc = q.packed()
+                self.add(b + ".qweight", qw)
+                self.add(b + ".qzeros", qz)
+                self.add(b + ".scales", sc)
+            else:
+                self.add(b + ".weight", w.to(torch.float16))
+
+    def flush_if_full(self) -> None:
+        if self.pending_bytes >= self.max_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        from ..formats.safetensors import save_safetensors
+
+        if not self.pending:
+            return
+        path = self.out_dir / f".awq-part-{len(self.parts):05d}.safetensors"
+        save_safetensors(self.pending, path, metadata={"format": "pt"})
+        self.parts.append((path, list(self.pending)))
+        self.total += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[Path]:
+        self._flush()
+        n = len(self.parts)
+        if n == 1:
+            dst = self.out_dir / "model.safetensors"
+            self.parts[0][0].replace(dst)
+            return [dst]
+        weight_map, files = {}, []
+        for i, (tmp, names) in enumerate(self.parts):
+            dst = self.out_dir / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            tmp.replace(dst)
+            files.append(dst)
+            weight_map.update({k: dst.name for k in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return files
+
+    def abort(self) -> None:
+        for tmp, _ in self.parts:
+            tmp.unlink(missing_ok=True)
+        self.pending = {}
 
 
 def _capture(blk: torch.nn.Module, run: Callable[[], Tensor]) -> tuple[dict[str, Tensor], Tensor]:

@@ -21,7 +21,10 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .errors import ContextLengthError, WeightsError
 from .quant.base import DenseWeight, QuantWeight, as_weight
-from .quant.kernels import decode_ext, ffn_raw, fused_matmul, ggml_raw
+from .quant.kernels import GEMV_MAX_ROWS, decode_ext, ffn_raw, fused_matmul, ggml_raw
+
+_SMALL = GEMV_MAX_ROWS  # token rows up to which the fused C++ decode ops are used (above: tile dequant + MKL)
+_EMPTY = torch.empty(0)
 
 
 class RMSNorm(nn.Module):
@@ -221,8 +224,9 @@ class _Plan:
                 kpos = new_pos[:, : self.n_keys]
             self.new_pos = new_pos
         self.fast = None
-        if T == 1 and self.mode in ("shared", "scatter") and dtype == torch.float32:
-            # One token per row on a float32 CPU cache: attention is one C++ call per layer (attn_decode).
+        if T == 1 and B <= _SMALL and self.mode in ("shared", "scatter") and dtype == torch.float32:
+            # One token per row (<= _SMALL rows: above that the tile + MKL matmuls win) on a float32 CPU cache:
+            # C++ decode ops (layer_decode / attn_decode).
             self.fast = decode_ext() if cache.k[0].device.type == "cpu" else None
             self.row0 = rows.indices(cache.batch_size)[0]
             self.fast_slots = self.slots.expand(B).contiguous()
@@ -307,8 +311,6 @@ class MLP(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
-_EMPTY = torch.empty(0)
-_SMALL = 8  # token rows up to which the fused C++ decode feed-forward is used
 
 
 def _ffn_fast(module: nn.Module, x: Tensor, mlps) -> tuple | None:

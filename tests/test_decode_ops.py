@@ -161,7 +161,7 @@ def test_decode_steps_equal_torch_path(kind, qtype, extra, tmp_path, monkeypatch
     fast = run(True)  # (run undoes the patches)
     n_layers = ckpt.config.num_layers
     assert calls["layer_decode"] == 12 * n_layers  # every decode step: one call per layer
-    assert calls["ffn_decode"] == 2 * n_layers  # the two short prefills (<= 8 tokens)
+    assert calls["ffn_decode"] == 2 * n_layers  # the two short prefills (<= GEMV_MAX_ROWS tokens)
     slow = run(False)
     assert close(fast, slow, 1e-4)
     assert torch.equal(fast.argmax(-1), slow.argmax(-1))

@@ -79,7 +79,7 @@ def test_matmul_matches_reference(qtype, path):
         raw = make_raw(qtype, n, k, seed=k)
         w = kq.fast_weight(torch.from_numpy(raw), qtype, n, k)
         ref_w = reference(raw, qtype)
-        for m in (1, 3, 17):
+        for m in (1, 3, 17, 70):  # 70 > GEMV_MAX_ROWS: tile dequant + F.linear
             x = torch.randn(m, k)
             y = w.matmul(x)
             assert y.shape == (m, n) and y.dtype == torch.float32
@@ -110,7 +110,7 @@ def test_prefill_tiles_match(monkeypatch):
     raw = make_raw("Q4_K", n, k, seed=9)
     w = kq.fast_weight(torch.from_numpy(raw), "Q4_K", n, k)
     monkeypatch.setattr(kq, "TILE_BYTES", 4 * k * 8)  # 8 rows per tile
-    x = torch.randn(40, k)
+    x = torch.randn(100, k)  # > GEMV_MAX_ROWS
     assert rel_err(w.matmul(x), x @ reference(raw, "Q4_K").T) < 1e-5
 
 

@@ -57,7 +57,8 @@ def test_every_type_equals_its_dequantized_weights(mixtral, qtype, tmp_path):
     dense = {k: (w.dequantize(torch.float32) if isinstance(w, QuantWeight) else w) for k, w in ck.weights.items()}
     got = _logits(ck, ids)
     want = _logits(ck, ids, dense)
-    assert (got - want).abs().max().item() <= 1e-3
+    # 1e-3 relative (the kernels' rule): Q4_0 / Q4_1 take x as int16 per 32-block at <= 64 rows
+    assert (got - want).abs().max().item() <= 1e-3 * want.abs().max().item()
     agree = (got.argmax(-1) == f16_logits.argmax(-1)).float().mean().item()
     # Reported, not asserted: a random model's logits are near-ties everywhere, so agreement with F16
     # mostly measures that (the real-model quality check is the perplexity oracle test).

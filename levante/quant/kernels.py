@@ -70,7 +70,8 @@ QTYPES: dict[str, tuple[int, int, int]] = {
     "Q6_K": (9, 256, 210),
 }
 
-GEMV_MAX_ROWS = 8  # x rows up to which the fused C++ kernel beats tile-dequant + MKL (measured)
+GEMV_MAX_ROWS = 64  # x rows up to which the C++ kernel beats tile-dequant + MKL (measured: 2-8x at 8-32 rows,
+# ~1.2-2x at 64, MKL ahead from 128; benchmarks/README.md); same constant as GEMV_MAX in the C++ code
 TILE_BYTES = 32 << 20  # float32 bytes of dequantized weight per prefill tile
 
 # ----------------------------------------------------------------------------------- C++ source
@@ -91,6 +92,8 @@ _CPP = r"""
 #endif
 
 namespace {
+
+constexpr int64_t GEMV_MAX = 64;  // = GEMV_MAX_ROWS in Python
 
 inline float h2f(const uint8_t* p) {
   uint16_t h;
@@ -990,7 +993,7 @@ torch::Tensor gemv(torch::Tensor raw, int64_t qt, int64_t k, torch::Tensor x) {
   const int64_t n = raw.size(0), m = x.size(0);
   auto out = torch::empty({m, n}, torch::kFloat32);
 #ifdef HAVE_BF16DOT
-  if (m <= 8 && bf_type(qt) && n > 0) {
+  if (m <= GEMV_MAX && bf_type(qt) && n > 0) {
     const uint8_t* src = raw.data_ptr<uint8_t>();
     float* yp = out.data_ptr<float>();
     const int64_t rb = raw.size(1);
@@ -1140,7 +1143,7 @@ torch::Tensor gemv_multi(std::vector<torch::Tensor> raws, std::vector<int64_t> q
     N += raws[w].size(0);
   }
 #ifdef HAVE_BF16DOT
-  if (m <= 8) {
+  if (m <= GEMV_MAX) {
     auto out = torch::empty({m, N}, torch::kFloat32);
     if (m == 0 || N == 0) return out;
     XBuf xb(x.data_ptr<float>(), m, k);
@@ -1161,7 +1164,7 @@ torch::Tensor gemv_multi(std::vector<torch::Tensor> raws, std::vector<int64_t> q
 }
 
 // ------------------------------------------------------------------ decode-step ops
-// One new token per row (m <= 8 rows, float32): RMSNorm, attention over the KV cache and the whole
+// One new token per row (m <= GEMV_MAX rows, float32): RMSNorm, attention over the KV cache and the whole
 // feed-forward (router softmax / top-k, expert gate+up, SiLU, down, weighted sum) are one call each,
 // so a decode step costs a handful of calls per layer instead of ~150 small torch ops.
 

@@ -311,8 +311,6 @@ class MLP(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
-
-
 def _ffn_fast(module: nn.Module, x: Tensor, mlps) -> tuple | None:
     """(extension, raw weights, type ids) when `ffn_decode` can run this feed-forward on x, else None.
 

@@ -462,29 +462,34 @@ inline void fma16(float* __restrict acc, const float* __restrict a, const float*
 #endif
 }
 
+// rows [r0, r1) of y = x @ W.T (row stride ldy): dequantize 256 weights at a time into L1, f32 FMAs per x row
+template <deq_fn F, int BL, int BY>
+void range_gen(const uint8_t* src, int64_t rb, int64_t r0, int64_t r1, const float* xp, int64_t m, int64_t k,
+               float* yp, int64_t ldy) {
+  constexpr int CH = 256;
+  alignas(64) float buf[CH];
+  std::vector<float> acc(m * 16);
+  for (int64_t r = r0; r < r1; ++r) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    const uint8_t* row = src + r * rb;
+    for (int64_t e0 = 0; e0 < k; e0 += CH) {
+      const int len = (int)std::min<int64_t>(CH, k - e0);
+      const uint8_t* blk = row + e0 / BL * BY;
+      for (int e = 0; e < len; e += BL, blk += BY) F(blk, buf + e);
+      for (int64_t i = 0; i < m; ++i) fma16(acc.data() + i * 16, buf, xp + i * k + e0, len);
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      float t = 0.f;
+      for (int l = 0; l < 16; ++l) t += acc[i * 16 + l];
+      yp[i * ldy + r] = t;
+    }
+  }
+}
+
 template <deq_fn F, int BL, int BY>
 void gemv_t(const uint8_t* src, const float* xp, float* yp, int64_t n, int64_t k, int64_t m) {
   const int64_t rb = k / BL * BY;
-  constexpr int CH = 256;  // elements dequantized per step (a multiple of both block sizes)
-  at::parallel_for(0, n, 8, [&](int64_t r0, int64_t r1) {
-    alignas(64) float buf[CH];
-    std::vector<float> acc(m * 16);
-    for (int64_t r = r0; r < r1; ++r) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const uint8_t* row = src + r * rb;
-      for (int64_t e0 = 0; e0 < k; e0 += CH) {
-        const int len = (int)std::min<int64_t>(CH, k - e0);  // a multiple of 32
-        const uint8_t* blk = row + e0 / BL * BY;
-        for (int e = 0; e < len; e += BL, blk += BY) F(blk, buf + e);
-        for (int64_t i = 0; i < m; ++i) fma16(acc.data() + i * 16, buf, xp + i * k + e0, len);
-      }
-      for (int64_t i = 0; i < m; ++i) {
-        float t = 0.f;
-        for (int l = 0; l < 16; ++l) t += acc[i * 16 + l];
-        yp[i * n + r] = t;
-      }
-    }
-  });
+  at::parallel_for(0, n, 8, [&](int64_t r0, int64_t r1) { range_gen<F, BL, BY>(src, rb, r0, r1, xp, m, k, yp, n); });
 }
 
 #ifdef HAVE_DOT1
@@ -1061,30 +1066,6 @@ int64_t set_pf(int64_t v) {
 
 // ------------------------------------------------------------------ jobs: several matmuls, one parallel region
 #ifdef HAVE_BF16DOT
-// rows [r0, r1) of y = x @ W.T for the types without a bf16 path (dequantize 256 at a time, f32 FMAs)
-template <deq_fn F, int BL, int BY>
-void range_gen(const uint8_t* src, int64_t rb, int64_t r0, int64_t r1, const float* xp, int64_t m, int64_t k,
-               float* yp, int64_t ldy) {
-  constexpr int CH = 256;
-  alignas(64) float buf[CH];
-  std::vector<float> acc(m * 16);
-  for (int64_t r = r0; r < r1; ++r) {
-    std::fill(acc.begin(), acc.end(), 0.f);
-    const uint8_t* row = src + r * rb;
-    for (int64_t e0 = 0; e0 < k; e0 += CH) {
-      const int len = (int)std::min<int64_t>(CH, k - e0);
-      const uint8_t* blk = row + e0 / BL * BY;
-      for (int e = 0; e < len; e += BL, blk += BY) F(blk, buf + e);
-      for (int64_t i = 0; i < m; ++i) fma16(acc.data() + i * 16, buf, xp + i * k + e0, len);
-    }
-    for (int64_t i = 0; i < m; ++i) {
-      float t = 0.f;
-      for (int l = 0; l < 16; ++l) t += acc[i * 16 + l];
-      yp[i * ldy + r] = t;
-    }
-  }
-}
-
 struct Job {  // y [m, n] (row stride ldy) = x [m, k] @ W.T, W = n rows of raw blocks
   int64_t qt;
   const uint8_t* raw;

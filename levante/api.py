@@ -177,7 +177,7 @@ class LLM:
         n_out = 0
         for i, evs in enumerate(per_row):
             text = "".join(e.text for e in evs)
-            counted = [e for e in evs if not (e.finish_reason == "stop" and e.token in self.tokenizer.eos_ids)]
+            counted = [e for e in evs if not e.stop_token]
             n_out += len(counted)
             prefix = echo_texts[i] if echo_texts else ""
             choices.append({

@@ -34,6 +34,7 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None  # None, "stop" or "length"
+    stop_token: bool = False  # the token is a stop id: it ends the row and is not part of the output
 
 
 @dataclass
@@ -127,7 +128,7 @@ class _Row:
                 finish = "stop" if self.stop.stopped else "length"
                 text += self.stop.flush()
         return TokenEvent(row=self.index, token=tok, text=text, logprob=logprob, top_logprobs=top,
-                          finish_reason=finish)
+                          finish_reason=finish, stop_token=tok in stop_ids)
 
 
 def _prefill_positions(prompts: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,8 +287,7 @@ def generate(
         res = results[ev.row]
         res.events.append(ev)
         texts[ev.row].append(ev.text)
-        terminal_stop_token = ev.finish_reason == "stop" and ev.token in stop_ids
-        if not terminal_stop_token:
+        if not ev.stop_token:
             res.tokens.append(ev.token)
             if logprobs is not None:
                 res.logprobs.append(ev.logprob)

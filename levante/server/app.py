@@ -158,7 +158,6 @@ def create_app(
         aliases |= {str(path), path.name}
     created = int(time.time())
     http_metrics = HTTPMetrics()
-    eos_ids = set(llm.tokenizer.eos_ids)
     vocab = llm.model.cfg.vocab_size
     fingerprint = "levante"
 
@@ -318,10 +317,13 @@ def create_app(
                 c.req.cancel()
 
     def _counted(evs: list[TokenEvent]) -> list[TokenEvent]:
-        return [e for e in evs if not (e.finish_reason == "stop" and e.token in eos_ids)]
+        return [e for e in evs if not e.stop_token]
 
     async def _collect(request: Request, choices: list[_Choice]) -> list[list[TokenEvent]] | None:
-        """All events of every choice; None (and the choices cancelled) if the client disconnects meanwhile."""
+        """All events of every choice; None (and the choices cancelled) if the client disconnects meanwhile.
+
+        An engine error becomes the OpenAI-shaped HTTP error (`_engine_error`).
+        """
 
         async def one(c: _Choice) -> list[TokenEvent]:
             return [ev async for ev in c.req.events()]
@@ -331,7 +333,10 @@ def create_app(
             while True:
                 done, _ = await asyncio.wait({task}, timeout=0.1)
                 if done:
-                    return task.result()
+                    try:
+                        return task.result()
+                    except (LevanteError, RuntimeError) as e:
+                        raise _engine_error(e) from None
                 if await request.is_disconnected():
                     return None
         finally:
@@ -476,8 +481,7 @@ def create_app(
                                                     "logprobs": None, "finish_reason": None}], **extra}
                 n_out = 0
                 async for c, ev in _merged(choices):
-                    if not (ev.finish_reason == "stop" and ev.token in eos_ids):
-                        n_out += 1
+                    n_out += not ev.stop_token
                     if not ev.text and ev.finish_reason is None:
                         continue
                     lp = _lp_dict([ev], 0) if body.logprobs is not None and ev.text else None
@@ -488,10 +492,7 @@ def create_app(
 
             return _sse(chunks(), choices)
 
-        try:
-            results = await _collect(request, choices)
-        except (LevanteError, RuntimeError) as e:
-            raise _engine_error(e) from None
+        results = await _collect(request, choices)
         if results is None:
             return Response(status_code=499)
         out, n_out = [], 0
@@ -541,8 +542,7 @@ def create_app(
                                                 "logprobs": None, "finish_reason": None}], **extra}
                 n_out = 0
                 async for c, ev in _merged(choices):
-                    if not (ev.finish_reason == "stop" and ev.token in eos_ids):
-                        n_out += 1
+                    n_out += not ev.stop_token
                     if ev.text:
                         lp = _chat_logprobs(_lp_dict([ev], 0)) if n_lp is not None else None
                         yield {**base, "choices": [{"index": c.index, "delta": {"content": ev.text},
@@ -555,10 +555,7 @@ def create_app(
 
             return _sse(chunks(), choices)
 
-        try:
-            results = await _collect(request, choices)
-        except (LevanteError, RuntimeError) as e:
-            raise _engine_error(e) from None
+        results = await _collect(request, choices)
         if results is None:
             return Response(status_code=499)
         out, n_out = [], 0

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a low-rank input (levante compress output): write B @ A as full matrices. By default "
                         "the factors are kept as separate quantized tensors (blk.L.ffn_gate[.E].lr_a / lr_b), which "
                         "keeps the savings but only levante can load: llama.cpp cannot load factorised tensors, so "
-                        "use this flag for a file llama.cpp (or other GGUF readers) can run")
+                        "use this flag for a file llama.cpp (or other GGUF readers) can run. With --awq: "
+                        "quantize B @ A instead of the factors A and B (an AWQ checkpoint vLLM / transformers load)")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming)",
                        description="Serve the model over an OpenAI-compatible HTTP API with continuous batching.")
@@ -321,7 +322,8 @@ def cmd_quantize(args) -> int:
         if calib.startswith("@"):
             with open(calib[1:], encoding="utf-8") as f:
                 calib = f.read()
-        out = awq_quantize(src, dst, calib, group_size=args.group_size, force=args.force, progress=True)
+        out = awq_quantize(src, dst, calib, group_size=args.group_size, force=args.force, progress=True,
+                           expand_low_rank=args.expand_low_rank)
         print(f"wrote {out}")
         return 0
     if not args.type:

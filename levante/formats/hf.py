@@ -83,6 +83,7 @@ def read_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> Checkp
     sources: dict[str, str] = {}
     file_dtypes: set[str] = set()
     lowrank: dict[str, dict[str, Tensor]] = {}  # low-rank factor pairs: canonical name -> {"0": A, "1": B}
+    lowrank_base: dict[str, str] = {}  # canonical name -> HF module name (the key of config.json `ranks`)
     # AWQ (AutoAWQ GEMM) checkpoints: each quantized linear is a .qweight/.qzeros/.scales triplet
     # instead of .weight; collect the triplets here and turn them into AWQWeights after the loop.
     qc = raw_cfg.get("quantization_config") or {}
@@ -107,6 +108,7 @@ def read_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> Checkp
             if lr and hf_name(lr.group(1) + ".weight") is not None:  # one factor of a low-rank weight
                 canon = hf_name(lr.group(1) + ".weight")
                 lowrank.setdefault(canon, {})[lr.group(2)] = st.get(name)
+                lowrank_base[canon] = lr.group(1)
                 sources[canon] = f"{path.name}:{lr.group(1)}.{{0,1}}.weight"
                 continue
             fused = re.match(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
@@ -119,16 +121,34 @@ def read_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> Checkp
 
         for base, w in awq_weights(awq_parts, qc).items():
             canon = hf_name(base + ".weight")
+            if canon is not None:
+                weights[canon], sources[canon] = w, sources.pop(base)
+                continue
+            lr = _LOWRANK.match(base + ".weight")  # an AWQ-quantized low-rank factor `<name>.0` / `<name>.1`
+            canon = hf_name(lr.group(1) + ".weight") if lr else None
             if canon is None:
                 raise WeightsError(f"unexpected AWQ-quantized tensor {base!r} for model_type {cfg.model_type}")
-            weights[canon], sources[canon] = w, sources.pop(base)
+            lowrank.setdefault(canon, {})[lr.group(2)] = w
+            lowrank_base[canon] = lr.group(1)
+            sources.pop(base)
+            sources[canon] = f"{lr.group(1)}.{{0,1}}.{{qweight,qzeros,scales}}"
     if lowrank:
         from ..quant.lowrank import LowRankWeight
 
+        # config.json `ranks` (HF module name -> rank): the true ranks, when the stored factors are zero-padded
+        # along the rank (`levante quantize --awq` pads it to a multiple of the group size)
+        cfg_ranks = raw_cfg.get("ranks") if isinstance(raw_cfg.get("ranks"), dict) else {}
         for canon, pair in lowrank.items():
             if set(pair) != {"0", "1"}:
                 raise WeightsError(f"{directory}: low-rank weight {sources[canon]} lacks its .0 or .1 factor")
-            weights[canon] = LowRankWeight(pair["0"], pair["1"])
+            try:
+                w = LowRankWeight(pair["0"], pair["1"])
+            except ValueError as e:
+                raise WeightsError(f"{directory}: low-rank weight {sources[canon]}: {e}") from None
+            r = cfg_ranks.get(lowrank_base[canon])
+            if isinstance(r, int) and 0 < r < w.rank:
+                w.true_rank = r
+            weights[canon] = w
     info = {"files": [p.name for p in shard_files(directory)], "file_dtypes": sorted(file_dtypes)}
     def release() -> None:
         for f in files:

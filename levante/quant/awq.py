@@ -45,6 +45,18 @@ time, see `awq_quantize`):
 4. quantize and pack; the next layer's input is this layer's output with the scaled float weights
    (= the float model, as in AutoAWQ).
 
+Low-rank inputs (`levante compress` output, a low-rank GGUF): a factored matrix W = B @ A stays factored.
+A [r, in] and B [out, r] are quantized as two AWQ linears of their own (never B @ A): A reads what W
+read, so it joins W's scale group (e.g. the ffn_norm-folded w1/w3 group, or wo <- rows of B_v), B reads
+A x and gets its own search with 1/s folded into the rows of A (exact: B diag(s)^-1 diag(s) A); a fold
+into "the rows of W" (w2 <- w3, wo <- wv) goes into the rows of B. AWQ needs in_features % group_size
+== 0, and B's in_features is the rank: r is zero-padded to a multiple of the group size (and of 8, for
+A's packed rows) - zero rows of A and zero columns of B quantize to exact zeros, so this is exact; the
+true ranks stay in config.json's `ranks`, and the stored tensors have the padded rank. `levante compress
+--rank-multiple <group_size>` picks ranks that need no padding. Factors are written as
+`<name>.0.qweight/.qzeros/.scales` (A) and `<name>.1.qweight/...` (B) and `levante.formats.hf` loads them
+as `LowRankWeight(AWQWeight A, AWQWeight B)`.
+
 The checkpoint written keeps Hugging Face tensor names (classic per-expert Mixtral names
 `block_sparse_moe.experts.E.w1` even when the source used transformers-5 fused experts, as AutoAWQ
 / TheBloke checkpoints and vLLM do), `.qweight/.qzeros/.scales` instead of `.weight` for the
@@ -55,6 +67,7 @@ tokenizer files.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -65,6 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import QuantWeight, tiled_linear
+from .lowrank import LowRankWeight
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of a packed int32 holds column AWQ_ORDER[i] of its 8
 AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]  # column j sits in nibble AWQ_REVERSE_ORDER[j]
@@ -378,6 +392,7 @@ def awq_quantize(
     force: bool = False,
     progress: bool | Callable[[str], None] = False,
     max_shard_bytes: int = SHARD_BYTES,
+    expand_low_rank: bool = False,
 ) -> Path:
     """Quantize a model (HF dir, or anything `levante.loader.read_checkpoint` reads) to an AWQ
     4-bit GEMM checkpoint in `out_dir`; `calib` is a text (tokenized with the model's tokenizer) or
@@ -393,7 +408,11 @@ def awq_quantize(
     (a shard is flushed after the layer that fills it): a single `model.safetensors` when everything
     fits in one, else `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`. Embeddings,
     final norm and lm_head are copied through as float16. The next layer's input is this layer's float
-    output (before scaling and quantization), as in AutoAWQ."""
+    output (before scaling and quantization), as in AutoAWQ.
+
+    A low-rank input keeps its factors (see the module docstring); `expand_low_rank` re-expands each
+    factored matrix to B @ A and quantizes that instead (a plain AWQ checkpoint, as large as the
+    uncompressed model's, that vLLM / transformers can load)."""
     from ..loader import read_checkpoint
     from ..model import Rotary, _Plan
 
@@ -407,6 +426,9 @@ def awq_quantize(
     ckpt = read_checkpoint(model_dir, torch.float32)  # lazy: memory-mapped tensors / packed weights
     cfg, src = ckpt.config, ckpt.weights
     _check_weights(cfg, src, ckpt.sources, group_size)
+    # canonical name -> true rank of the factored matrices kept factored
+    ranks = {} if expand_low_rank else {k: w.true_rank for k, w in src.items() if isinstance(w, LowRankWeight)}
+    rank_pad = math.lcm(group_size, 8)  # B's in_features (the rank) % group size, A's rows % 8
     tokens = _calib_tokens(calib, ckpt, model_dir, max_calib_tokens, seq_len)
     B, T = tokens.shape
     gen = torch.Generator().manual_seed(0)
@@ -429,7 +451,8 @@ def awq_quantize(
             plan = _Plan(None, positions, cfg.sliding_window, slice(0, B))
             for li in range(cfg.num_layers):
                 p = f"layers.{li}."
-                lw = _load_layer(src, p)  # this layer's float32 weights (own memory)
+                # this layer's float32 weights (own memory); factored matrices as `.a` / `.b` factors
+                lw = _load_layer(src, p, rank_pad) if ranks else _load_layer(src, p)
                 blk = _build_block(cfg, lw, p)  # shares lw's storage: the folds below edit lw in place
                 X, x = _capture(blk, lambda b=blk, i=li, h=x: b(h, cos, sin, plan, i))  # x: the float output,
                 quantized = _awq_layer(blk, X, cfg.is_moe, cfg.num_experts, group_size, n_grid, clip, sub)
@@ -453,6 +476,11 @@ def awq_quantize(
     src_cfg = model_dir / "config.json"
     conf = json.loads(src_cfg.read_text()) if model_dir.is_dir() and src_cfg.is_file() else hf_config(cfg)
     conf["torch_dtype"] = "float16"
+    conf.pop("ranks", None)
+    if ranks:  # the true ranks (the stored factors are zero-padded to a multiple of rank_pad)
+        from ..compress import _natural
+
+        conf["ranks"] = {hf_base_name(n): r for n, r in sorted(ranks.items(), key=lambda kv: _natural(kv[0]))}
     conf["quantization_config"] = {
         "quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
         "modules_to_not_convert": ["gate"] if cfg.is_moe else None,
@@ -464,7 +492,8 @@ def awq_quantize(
         if say:
             say(f"awq: {note}")
     if say:
-        say(f"awq: wrote {out_dir} ({n_quantized} quantized linears, {len(files)} shard(s), "
+        lr = f", {len(ranks)} low-rank matrices kept as quantized A / B factors" if ranks else ""
+        say(f"awq: wrote {out_dir} ({n_quantized} quantized linears{lr}, {len(files)} shard(s), "
             f"{time.time() - t0:.0f} s)")
     return out_dir
 
@@ -490,9 +519,33 @@ def _embed_rows(embed: Tensor | QuantWeight, tokens: Tensor) -> Tensor:
     return F.embedding(tokens, embed).to(torch.float32)  # gather, then widen: exact, no float32 table
 
 
-def _load_layer(src: dict[str, Tensor | QuantWeight], prefix: str) -> dict[str, Tensor]:
-    """The float32 weights of one decoder layer (canonical names starting with `prefix`, e.g. "layers.3.")."""
-    return {k: _to_float32(w) for k, w in src.items() if k.startswith(prefix)}
+def _load_layer(src: dict[str, Tensor | QuantWeight], prefix: str, rank_pad: int | None = None) -> dict[str, Tensor]:
+    """The float32 weights of one decoder layer (canonical names starting with `prefix`, e.g. "layers.3.").
+
+    With `rank_pad`, a `LowRankWeight` W = B @ A becomes two entries `<name>.a` (A [r', in]) and `<name>.b`
+    (B [out, r']), its true rank r zero-padded to r' = a multiple of `rank_pad` (exact: zero rows of A, zero
+    columns of B); without, it is expanded to B @ A."""
+    out = {}
+    for k, w in src.items():
+        if not k.startswith(prefix):
+            continue
+        if rank_pad is not None and isinstance(w, LowRankWeight):
+            out[k + ".a"], out[k + ".b"] = _padded_factors(w, rank_pad)
+        else:
+            out[k] = _to_float32(w)
+    return out
+
+
+def _padded_factors(w: LowRankWeight, rank_pad: int) -> tuple[Tensor, Tensor]:
+    """float32 (A, B) of a low-rank weight at its true rank, zero-padded along the rank to a multiple of rank_pad."""
+    r = w.true_rank
+    rp = -(-r // rank_pad) * rank_pad
+    a_src, b_src = (f.dequantize(torch.float32) if isinstance(f, QuantWeight) else f for f in (w.a, w.b))
+    a = torch.zeros(rp, w.in_features)
+    b = torch.zeros(w.out_features, rp)
+    a[:r] = a_src[:r]
+    b[:, :r] = b_src[:, :r]
+    return a, b
 
 
 def _build_block(cfg, lw: dict[str, Tensor], p: str):
@@ -502,6 +555,8 @@ def _build_block(cfg, lw: dict[str, Tensor], p: str):
     from .base import as_weight
 
     def lin(n: str) -> QuantWeight:
+        if p + n + ".a" in lw:  # factored: the float factors, so A and B are calibrated as linears of their own
+            return LowRankWeight(as_weight(lw[p + n + ".a"], torch.float32), as_weight(lw[p + n + ".b"], torch.float32))
         return as_weight(lw[p + n], torch.float32)
 
     def norm(n: str) -> RMSNorm:
@@ -567,7 +622,10 @@ class _ShardWriter:
         """One layer's tensors: packed triplets for the quantized linears, float16 for the rest (norms with
         1/s folded in, the MoE router with its columns scaled by s)."""
         for k, w in lw.items():
-            b = hf_base_name(k)
+            if k.endswith((".a", ".b")):  # a low-rank factor: HF `<name>.0` (A) / `<name>.1` (B)
+                b = hf_base_name(k[:-2]) + (".0" if k.endswith(".a") else ".1")
+            else:
+                b = hf_base_name(k)
             q = quantized.get(k[len(prefix):])
             if q is not None:
                 qw, qz, sc = q.packed()
@@ -634,15 +692,34 @@ def _capture(blk: torch.nn.Module, run: Callable[[], Tensor]) -> tuple[dict[str,
 
 def _awq_layer(blk, X: dict[str, Tensor], is_moe: bool, n_experts: int, group_size: int, n_grid: int, clip: bool,
                sub: Callable[[Tensor], Tensor]) -> dict[str, AWQWeight]:
-    """Scale search + folding, clipping and quantization of one decoder block (float weights edited in place)."""
-    W = {n: m.weight for n, m in blk.named_modules() if isinstance(m, QuantWeight) and n != "ffn.gate"}
+    """Scale search + folding, clipping and quantization of one decoder block (float weights edited in place).
+
+    A factored linear `n` (a LowRankWeight over float factors) is quantized as its two factors `n.a` (input:
+    n's input) and `n.b` (input: A x, derived here from n's captured input with the unscaled A)."""
+    lr = {n for n, m in blk.named_modules() if isinstance(m, LowRankWeight)}
+    W = {n: m.weight for n, m in blk.named_modules()
+         if isinstance(m, QuantWeight) and not isinstance(m, LowRankWeight) and n != "ffn.gate"}
+    X = dict(X)
+    for n in lr:
+        if n in X:
+            X[n + ".a"] = X[n]
+            X[n + ".b"] = F.linear(X[n], W[n + ".a"])
     xin: dict[str, Tensor] = {n: sub(X[n]) for n in W if n in X}  # per-linear loss inputs (subsampled)
 
-    def scale_group(names: list[str], stat_src: Tensor, prev: list[tuple[Tensor, int]]) -> None:
+    def first(n: str) -> str:  # the linear that reads n's input
+        return n + ".a" if n in lr else n
+
+    def last(n: str) -> str:  # the linear whose rows are n's output channels
+        return n + ".b" if n in lr else n
+
+    def scale_group(names: list[str], stat_src: Tensor, prev: list[tuple[Tensor, int]],
+                    x_mean: Tensor | None = None) -> None:
         active = [n for n in names if n in xin]  # MoE experts no calibration token reached are left out
         if not active:
             return
-        s = search_scale([(W[n], xin[n]) for n in active], stat_src.abs().mean(0), group_size, n_grid)
+        if x_mean is None:
+            x_mean = stat_src.abs().mean(0)
+        s = search_scale([(W[n], xin[n]) for n in active], x_mean, group_size, n_grid)
         for t, dim in prev:  # fold 1/s into the producer of the input (norm gain or rows of a linear)
             if dim == 0:
                 t.div_(s.view(-1, *([1] * (t.ndim - 1))))
@@ -653,22 +730,39 @@ def _awq_layer(blk, X: dict[str, Tensor], is_moe: bool, n_experts: int, group_si
             if n in xin:
                 xin[n] = xin[n] / s
 
-    scale_group(["attn.wq", "attn.wk", "attn.wv"], X["attn.wq"], [(blk.attn_norm.weight, 0)])
-    if W["attn.wv"].shape[0] == W["attn.wo"].shape[1]:  # no GQA: fold into v_proj rows (as AutoAWQ)
-        scale_group(["attn.wo"], X["attn.wo"], [(W["attn.wv"], 0)])
+    def factor_group(n: str) -> None:  # B of a factored n: its input A x, 1/s folded into the rows of A
+        if n not in lr or n + ".b" not in X:
+            return
+        x_mean = X[n + ".b"].abs().mean(0)
+        live = x_mean > 0  # zero columns: the rank padding; keep them out of _norm_scale's min
+        if bool(live.any()) and not bool(live.all()):
+            x_mean = torch.where(live, x_mean, x_mean[live].mean())
+        scale_group([n + ".b"], X[n + ".b"], [(W[n + ".a"], 0)], x_mean)
+
+    attn = ["attn.wq", "attn.wk", "attn.wv"]
+    scale_group([first(n) for n in attn], X["attn.wq"], [(blk.attn_norm.weight, 0)])
+    for n in attn:
+        factor_group(n)
+    if W[last("attn.wv")].shape[0] == W[first("attn.wo")].shape[1]:  # no GQA: fold into v_proj rows (as AutoAWQ)
+        scale_group([first("attn.wo")], X["attn.wo"], [(W[last("attn.wv")], 0)])
+    factor_group("attn.wo")
     if is_moe:
         ex = [f"ffn.experts.{e}." for e in range(n_experts)]
-        scale_group([p + w for p in ex for w in ("w1", "w3")], X["ffn.gate"],
+        scale_group([first(p + w) for p in ex for w in ("w1", "w3")], X["ffn.gate"],
                     [(blk.ffn_norm.weight, 0), (blk.ffn.gate.weight, 1)])
     else:
         ex = ["ffn."]
-        scale_group(["ffn.w1", "ffn.w3"], X["ffn.w1"], [(blk.ffn_norm.weight, 0)])
+        scale_group([first("ffn.w1"), first("ffn.w3")], X["ffn.w1"], [(blk.ffn_norm.weight, 0)])
+    for p in ex:
+        factor_group(p + "w1")
+        factor_group(p + "w3")
     for p in ex:
         if p + "w2" in X:
-            scale_group([p + "w2"], X[p + "w2"], [(W[p + "w3"], 0)])
+            scale_group([first(p + "w2")], X[p + "w2"], [(W[last(p + "w3")], 0)])
+            factor_group(p + "w2")
     out = {}
     for n, w in W.items():
-        if clip and n in xin and n not in ("attn.wq", "attn.wk"):
+        if clip and n in xin and n.removesuffix(".a").removesuffix(".b") not in ("attn.wq", "attn.wk"):
             w.copy_(search_clip(w, xin[n], group_size, n_grid))
         q, z, s = quantize_groups(w, group_size)
         out[n] = AWQWeight.from_codes(q.reshape(w.shape).to(torch.uint8), z[..., 0].to(torch.uint8), s[..., 0],

@@ -8,6 +8,7 @@ from fixtures import smollm2_gguf
 
 from levante import LLM
 from levante.generate import generate
+from levante.quant import kernels
 from levante.sampling import SamplingParams
 
 pytestmark = pytest.mark.oracle
@@ -114,4 +115,13 @@ def test_logits_equal_transformers_on_dequantized_gguf():
     ids = ours.tokenize("The harbour town woke slowly on winter mornings.", add_bos=True)
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0]
-    assert (ours.logits(ids) - want).abs().max().item() <= 1e-3
+    # The int16-activation Q4_0/Q4_1 kernels (<= 64 rows) are off for the exact float comparison...
+    ext = kernels.extension()
+    old = ext.set_pair(0) if ext is not None else None
+    try:
+        assert (ours.logits(ids) - want).abs().max().item() <= 1e-3
+    finally:
+        if ext is not None:
+            ext.set_pair(old)
+    # ...and with them on, within the kernels' 1e-3 relative rule
+    assert (ours.logits(ids) - want).abs().max().item() <= 1e-3 * want.abs().max().item()

@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ranks", help="JSON object (inline or file) of ranks per matrix (HF names, canonical names "
                                    "or regexes), or one integer for all")
     p.add_argument("--calib", default=None,
-                   help="calibration text: activation-aware (whitened) SVD instead of plain SVD")
+                   help="calibration text: activation-aware (whitened) SVD instead of plain SVD; recommended "
+                   "(SmolLM2, 20%% removed: PPL 69 vs 712,185 for plain SVD)")
     p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens used (default: 2048)")
     p.add_argument("--rank-multiple", type=int, default=1,
                    help="with --ratio: choose every rank as a multiple of N (e.g. 32, so that a quantized GGUF "

@@ -20,7 +20,7 @@ from levante.formats.safetensors import SafetensorsFile
 from levante.loader import read_checkpoint
 from levante.model import build_model, expected_shapes
 from levante.quant import awq as awq_mod
-from levante.quant.awq import AWQWeight, awq_quantize, pack_awq, quantize_groups, unpack_awq
+from levante.quant.awq import AWQWeight, awq_quantize, dequantize_awq, pack_awq, quantize_groups, unpack_awq
 from levante.quant.base import QuantWeight
 from tests.fixtures import hf_model, save_hf
 
@@ -350,3 +350,21 @@ def test_awq_beats_rtn(tmp_path):
     print(f"perplexity {ppl}, KL(float||q) {kl}")
     assert kl["awq"] < kl["rtn"]
     assert abs(ppl["awq"] - ppl["float"]) < abs(ppl["rtn"] - ppl["float"])
+
+
+@pytest.mark.parametrize("g", [32, 64, 128, 16])
+def test_q5_0_storage_is_exact(g):
+    """Group sizes that are multiples of 32 are stored as GGML Q5_0 blocks: same weights bit for bit,
+    the AutoAWQ tensors come back unchanged, and one row of x goes through the C++ GEMV."""
+    out_f, in_f = 40, 256
+    qw, qz, sc = pack_awq(*_random_awq(out_f, in_f, g, seed=g), g)
+    w = AWQWeight(qw, qz, sc, g)
+    assert w._q5 == (g % 32 == 0)
+    assert torch.equal(w.dequantize(), dequantize_awq(qw, qz, sc))
+    for a, b in zip(w.packed(), (qw, qz, sc)):
+        assert torch.equal(a, b)
+    x = torch.randn(1, in_f)
+    ref = x.double() @ w.dequantize().double().T
+    assert float((w.matmul(x) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    ids = torch.tensor([3, 0, 39])
+    assert torch.equal(w.rows(ids, torch.float32), w.dequantize()[ids])

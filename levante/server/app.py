@@ -238,6 +238,17 @@ def create_app(
             raise APIError(404, f"the model '{name[:200]}' does not exist; this server serves '{model_id}'",
                            param="model", code="model_not_found")
 
+    async def _request_body(request: Request, model_cls):
+        """Authenticate, read and validate a POST body as `model_cls`, and check its model name."""
+        _auth(request)
+        raw = await _read_json(request)
+        try:
+            body = model_cls.model_validate(raw)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        _check_model(body.model)
+        return body
+
     def _params(body, seed: int | None) -> SamplingParams:
         bias = body.logit_bias
         if bias:
@@ -431,13 +442,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        _auth(request)
-        raw = await _read_json(request)
-        try:
-            body = CompletionRequest.model_validate(raw)
-        except ValidationError as e:
-            raise validation_error(e) from None
-        _check_model(body.model)
+        body = await _request_body(request, CompletionRequest)
         n = _n(body)
         prompts = body.prompts()
         if len(prompts) > MAX_PROMPTS:
@@ -507,13 +512,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        _auth(request)
-        raw = await _read_json(request)
-        try:
-            body = ChatCompletionRequest.model_validate(raw)
-        except ValidationError as e:
-            raise validation_error(e) from None
-        _check_model(body.model)
+        body = await _request_body(request, ChatCompletionRequest)
         n = _n(body)
         messages = [({**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m)
                     for m in body.messages]

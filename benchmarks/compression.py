@@ -138,7 +138,8 @@ def run(m: Model, tmp: str, rows: list[dict]) -> None:
             print(rows[-1], flush=True)
 
 
-def main() -> None:
+def parse_and_setup() -> tuple[argparse.Namespace, list[Model]]:
+    """The command line shared by compression.py and quant_table.py, and the models it names."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2,mixtral")
     ap.add_argument("--chunks", type=int, default=2, help="SmolLM2 evaluation chunks (n_ctx 512)")
@@ -147,7 +148,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compression.md"))
     args = ap.parse_args()
     torch.manual_seed(0)
-    models = setup(args.models.split(","), args.chunks, args.mixtral_chunks, args.calib_tokens)
+    return args, setup(args.models.split(","), args.chunks, args.mixtral_chunks, args.calib_tokens)
+
+
+def main() -> None:
+    args, models = parse_and_setup()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for m in models:

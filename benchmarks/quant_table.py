@@ -12,19 +12,16 @@ full matrices, the file llama.cpp can load).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from compression import Model, setup  # noqa: E402
+from compression import Model, parse_and_setup  # noqa: E402
 
 from levante.compress import compress_model  # noqa: E402
 from levante.loader import read_checkpoint  # noqa: E402
@@ -77,15 +74,7 @@ def variants(m: Model, tmp: Path, rows: list) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="smollm2,mixtral")
-    ap.add_argument("--chunks", type=int, default=2, help="SmolLM2 evaluation chunks (n_ctx 512)")
-    ap.add_argument("--mixtral-chunks", type=int, default=32, help="trained Mixtral evaluation chunks (n_ctx 256)")
-    ap.add_argument("--calib-tokens", type=int, default=2048)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compression.md"))
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    models = setup(args.models.split(","), args.chunks, args.mixtral_chunks, args.calib_tokens)
+    args, models = parse_and_setup()
     rows: list = []
     with tempfile.TemporaryDirectory() as tmp:
         for m in models:

@@ -140,24 +140,25 @@ def _k_scale_min(s: Tensor) -> tuple[Tensor, Tensor]:
     return sc, mn
 
 
+def _k_dd_dm(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """Q4_K / Q5_K: d * scale and dmin * min of the 8 sub-blocks, shape [n, 8, 1] each."""
+    n = blocks.shape[0]
+    sc, mn = _k_scale_min(blocks[:, 4:16])
+    dd = (_f16(blocks[:, 0:2]) * sc.float()).reshape(n, 8, 1)
+    dm = (_f16(blocks[:, 2:4]) * mn.float()).reshape(n, 8, 1)
+    return dd, dm
+
+
 def _deq_q4_k(blocks: Tensor) -> Tensor:
     n = blocks.shape[0]
-    d = _f16(blocks[:, 0:2])
-    dmin = _f16(blocks[:, 2:4])
-    sc, mn = _k_scale_min(blocks[:, 4:16])
-    dd = (d * sc.float()).reshape(n, 8, 1)
-    dm = (dmin * mn.float()).reshape(n, 8, 1)
+    dd, dm = _k_dd_dm(blocks)
     q = _nibbles(blocks[:, 16:144], 4, 32).reshape(n, 8, 32).float()
     return (dd * q - dm).reshape(n, QK_K)
 
 
 def _deq_q5_k(blocks: Tensor) -> Tensor:
     n = blocks.shape[0]
-    d = _f16(blocks[:, 0:2])
-    dmin = _f16(blocks[:, 2:4])
-    sc, mn = _k_scale_min(blocks[:, 4:16])
-    dd = (d * sc.float()).reshape(n, 8, 1)
-    dm = (dmin * mn.float()).reshape(n, 8, 1)
+    dd, dm = _k_dd_dm(blocks)
     ql = _nibbles(blocks[:, 48:176], 4, 32)
     qh = _bits(blocks[:, 16:48], 1, 32, 1)
     q = (ql | (qh << 4)).reshape(n, 8, 32).float()

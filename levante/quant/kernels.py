@@ -719,60 +719,39 @@ inline void k_scales8(const uint8_t* b, float* dd, __m256& dm) {
   dm = _mm256_fnmadd_ps(_mm256_set1_ps((float)C), ddv, _mm256_mul_ps(_mm256_set1_ps(h2f(b + 2)), mn));
 }
 
-struct K_q4_k {
-  static constexpr int BL = 256, BY = 144;
+// Q4_K (144-byte superblocks) and Q5_K (176: the same plus a fifth bit per weight in 32 bytes qh)
+template <bool Q5>
+struct K_q45_k {
+  static constexpr int BL = 256, BY = Q5 ? 176 : 144;
   static constexpr int NR1 = 4;  // weight rows per step at m == 1
   template <int NR, int M, int P>
   static inline void run(const uint8_t* const* b, const XP& x, int64_t e0, Acc<NR, M>& a) {
-    const __m512i tab = _mm512_load_si512(TB.u4);
-    alignas(32) float dd[NR][8];
-    for (int j = 0; j < NR; ++j) {
-      __m256 dm;
-      k_scales8<8>(b[j], dd[j], dm);
-      for (int i = 0; i < M; ++i)
-        a.mn[j][i] = _mm256_fmadd_ps(dm, _mm256_loadu_ps(x.xs + i * (x.k / 32) + e0 / 32), a.mn[j][i]);
-    }
-    for (int p = 0; p < 4; ++p) {
-      __m512i wl[NR], wh[NR];
-      __m512 dl[NR], dh[NR];
-      for (int j = 0; j < NR; ++j) {
-        const __m512i q = u8w(b[j] + 16 + 32 * p);
-        wl[j] = _mm512_permutexvar_epi16(q, tab);
-        wh[j] = _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), tab);
-        dl[j] = _mm512_set1_ps(dd[j][2 * p]);
-        dh[j] = _mm512_set1_ps(dd[j][2 * p + 1]);
-      }
-      dot_group<NR, M, 0>(wl, dl, x, e0 + 64 * p, a);
-      dot_group<NR, M, 1>(wh, dh, x, e0 + 64 * p + 32, a);
-    }
-  }
-};
-
-struct K_q5_k {
-  static constexpr int BL = 256, BY = 176;
-  static constexpr int NR1 = 4;  // weight rows per step at m == 1
-  template <int NR, int M, int P>
-  static inline void run(const uint8_t* const* b, const XP& x, int64_t e0, Acc<NR, M>& a) {
-    const __m512i tab = _mm512_load_si512(TB.u5), m4 = _mm512_set1_epi16(15), m10 = _mm512_set1_epi16(0x10);
+    const __m512i tab = _mm512_load_si512(Q5 ? TB.u5 : TB.u4);
+    const __m512i m4 = _mm512_set1_epi16(15), m10 = _mm512_set1_epi16(0x10);
     alignas(32) float dd[NR][8];
     __m512i qh[NR];
     for (int j = 0; j < NR; ++j) {
       __m256 dm;
-      k_scales8<16>(b[j], dd[j], dm);
+      k_scales8<Q5 ? 16 : 8>(b[j], dd[j], dm);
       for (int i = 0; i < M; ++i)
         a.mn[j][i] = _mm256_fmadd_ps(dm, _mm256_loadu_ps(x.xs + i * (x.k / 32) + e0 / 32), a.mn[j][i]);
-      qh[j] = _mm512_slli_epi16(u8w(b[j] + 16), 4);  // bit s of qh at bit 4 + s
+      if constexpr (Q5) qh[j] = _mm512_slli_epi16(u8w(b[j] + 16), 4);  // bit s of qh at bit 4 + s
     }
     for (int p = 0; p < 4; ++p) {
       __m512i wl[NR], wh[NR];
       __m512 dl[NR], dh[NR];
       for (int j = 0; j < NR; ++j) {
-        const __m512i q = u8w(b[j] + 48 + 32 * p);
-        // index bits 0-3: the nibble, bit 4: the high bit (bits >= 5 are ignored by vpermw)
-        const __m512i hl = _mm512_and_si512(_mm512_srli_epi16(qh[j], 2 * p), m10);
-        const __m512i hh = _mm512_and_si512(_mm512_srli_epi16(qh[j], 2 * p + 1), m10);
-        wl[j] = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_and_si512(q, m4), hl), tab);
-        wh[j] = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(q, 4), hh), tab);
+        const __m512i q = u8w(b[j] + (Q5 ? 48 : 16) + 32 * p);
+        if constexpr (Q5) {
+          // index bits 0-3: the nibble, bit 4: the high bit (bits >= 5 are ignored by vpermw)
+          const __m512i hl = _mm512_and_si512(_mm512_srli_epi16(qh[j], 2 * p), m10);
+          const __m512i hh = _mm512_and_si512(_mm512_srli_epi16(qh[j], 2 * p + 1), m10);
+          wl[j] = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_and_si512(q, m4), hl), tab);
+          wh[j] = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(q, 4), hh), tab);
+        } else {  // the Q4 table ignores index bit 4, so the high nibble need not be masked off
+          wl[j] = _mm512_permutexvar_epi16(q, tab);
+          wh[j] = _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), tab);
+        }
         dl[j] = _mm512_set1_ps(dd[j][2 * p]);
         dh[j] = _mm512_set1_ps(dd[j][2 * p + 1]);
       }
@@ -781,6 +760,8 @@ struct K_q5_k {
     }
   }
 };
+using K_q4_k = K_q45_k<false>;
+using K_q5_k = K_q45_k<true>;
 
 struct K_q6_k {
   static constexpr int BL = 256, BY = 210;

@@ -20,6 +20,7 @@ from levante.formats.safetensors import SafetensorsFile
 from levante.loader import read_checkpoint
 from levante.model import build_model, expected_shapes
 from levante.quant import awq as awq_mod
+from levante.quant import kernels as kernels_mod
 from levante.quant.awq import AWQWeight, awq_quantize, dequantize_awq, pack_awq, quantize_groups, unpack_awq
 from levante.quant.base import QuantWeight
 from tests.fixtures import hf_model, save_hf
@@ -65,8 +66,9 @@ def test_dequantize_formula():
 @pytest.mark.parametrize("tiled", [False, True])
 def test_matmul_matches_dequantize(shape, tiled, monkeypatch):
     out_f, in_f, g = shape
-    if tiled:
-        monkeypatch.setattr(awq_mod, "TILE_BYTES", 8 * 4 * in_f)  # 8 rows per tile
+    if tiled:  # 8 rows per tile (Q5_0-stored weights tile in levante.quant.kernels)
+        monkeypatch.setattr(awq_mod, "TILE_BYTES", 8 * 4 * in_f)
+        monkeypatch.setattr(kernels_mod, "TILE_BYTES", 8 * 4 * in_f)
     w = AWQWeight(*pack_awq(*_random_awq(out_f, in_f, g, seed=out_f), g))
     dense = w.dequantize()
     for lead in ((1,), (3,), (2, 5), (37,)):

@@ -10,11 +10,12 @@ Layout (what AutoAWQ's `WQLinear_GEMM.from_linear` writes, what vLLM / transform
 `AWQWeight` keeps the weight quantized: at load (group size a multiple of 32, i.e. every AutoAWQ
 checkpoint) the codes are re-expressed exactly as GGML Q5_0 blocks (d = s, code q - z + 16: q - z is an
 integer in [-15, 15] and s an fp16, so d·(code - 16) = (q - z)·s in float32), 5.5 bits per weight
-instead of 4.25, plus the 4-bit zeros so `packed()` returns the AutoAWQ tensors unchanged. Up to
-`GEMV_MAX_ROWS` rows of x use the C++ GEMV of levante.quant.kernels (one row, 4096x4096, one thread:
-1.4 ms; the former tile path took 70.8 ms); more rows dequantize tiles of output rows to float32
-and run F.linear per tile, so transient memory stays below `TILE_BYTES`. Other group sizes keep
-uint8 codes + float32 scales and the tile path. Only the summation order differs from
+instead of 4.25, plus the 4-bit zeros so `packed()` returns the AutoAWQ tensors unchanged. The blocks
+are a `GGMLKernelWeight`, so small batches use the C++ GEMV of levante.quant.kernels (one row,
+4096x4096, one thread: 1.4 ms; the former tile path took 70.8 ms) and bigger ones its exact tile
+dequantization + F.linear. Other group sizes keep uint8 codes + float32 scales and the tile path
+here (tiles of output rows dequantized to float32, F.linear per tile, transient memory below
+`TILE_BYTES`). Only the summation order differs from
 `x @ dequantize().T`.
 
 Why not torch's `_weight_int4pack_mm_for_cpu`: its fast path needs bf16 activations and bf16
@@ -81,16 +82,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import QuantWeight, tiled_linear
-from .kernels import QTYPES, dequantize_raw, extension
+from .kernels import GGMLKernelWeight
 from .lowrank import LowRankWeight
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of a packed int32 holds column AWQ_ORDER[i] of its 8
 AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]  # column j sits in nibble AWQ_REVERSE_ORDER[j]
 AWQ_SUFFIXES = (".qweight", ".qzeros", ".scales")
 TILE_BYTES = 16 << 20  # float32 bytes of dequantized weight per matmul tile
-# rows of x up to which the Q5_0 GEMV beats tile dequant + MKL (4096x4096, 2 threads, ms: m=8 3.3 vs 8.5,
-# m=32 12.6 vs 13.3, m=64 29.5 vs 18.2)
-GEMV_MAX_ROWS = 32
 SHARD_BYTES = 1 << 30  # awq_quantize: output shard size (a shard is flushed at the layer boundary past it)
 
 # ------------------------------------------------------------------------------------- packing
@@ -195,8 +193,9 @@ class AWQWeight(QuantWeight):
         self.group_size = g
         q, z, s = unpack_awq(qweight, qzeros, scales)
         self.register_buffer("zeros", z.contiguous(), persistent=False)
+        self.q5: GGMLKernelWeight | None = None
         if g % 32 == 0:
-            self.register_buffer("blocks", q5_0_blocks(q, z, s), persistent=False)
+            self.q5 = GGMLKernelWeight(q5_0_blocks(q, z, s), "Q5_0", out_f, in_f)
         else:
             self.register_buffer("codes", (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), persistent=False)
             self.register_buffer("scales", s.float().contiguous(), persistent=False)
@@ -207,13 +206,13 @@ class AWQWeight(QuantWeight):
 
     @property
     def _q5(self) -> bool:
-        return "blocks" in self._buffers
+        return self.q5 is not None
 
     def _scales(self) -> Tensor:
         """float32 [out, in/G]."""
         if not self._q5:
             return self.scales
-        b = self.blocks.reshape(self.out_features, -1, 22)[:, :: self.group_size // 32, :2]
+        b = self.q5.data.reshape(self.out_features, -1, 22)[:, :: self.group_size // 32, :2]
         return b.contiguous().view(torch.float16)[..., 0].float()
 
     def packed(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -225,7 +224,7 @@ class AWQWeight(QuantWeight):
         if not self._q5:
             c = self.codes[a:b]
             return torch.stack((c & 0xF, c >> 4), dim=-1).reshape(b - a, self.in_features)
-        blk = self.blocks[a:b].reshape(b - a, -1, 22).to(torch.int32)
+        blk = self.q5.data[a:b].reshape(b - a, -1, 22).to(torch.int32)
         qh = blk[..., 2] | (blk[..., 3] << 8) | (blk[..., 4] << 16) | (blk[..., 5] << 24)
         hi = (qh[..., None] >> torch.arange(32)) & 1
         lo = torch.cat([blk[..., 6:] & 0xF, blk[..., 6:] >> 4], dim=-1)
@@ -233,35 +232,31 @@ class AWQWeight(QuantWeight):
         return (c5 - 16 + self.zeros[a:b, :, None].to(torch.int32)).reshape(b - a, self.in_features).to(torch.uint8)
 
     def _deq(self, a: int, b: int) -> Tensor:
-        """Rows a:b of W as float32 (exact)."""
-        if self._q5:
-            return dequantize_raw(self.blocks[a:b], "Q5_0", self.in_features)
+        """Rows a:b of W as float32 (exact), for the storage without Q5_0 blocks."""
         g = self.group_size
         q = self._codes(a, b).reshape(b - a, -1, g).float()
         w = (q - self.zeros[a:b, :, None].float()).mul_(self.scales[a:b, :, None])
         return w.reshape(b - a, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        if self._q5:
+            return self.q5.dequantize(dtype)
         return self._deq(0, self.out_features).to(dtype)
 
     def _tile_rows(self) -> int:
         return max(8, min(self.out_features, TILE_BYTES // (4 * self.in_features)))
 
     def matmul(self, x: Tensor) -> Tensor:
+        if self._q5:
+            return self.q5.matmul(x)
         lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-        ext = extension()
-        if self._q5 and ext is not None and x2.shape[0] <= GEMV_MAX_ROWS and self.blocks.device.type == "cpu":
-            y = ext.gemv(self.blocks, QTYPES["Q5_0"][0], self.in_features, x2)
-        else:
-            y = tiled_linear(x2, self.out_features, self._tile_rows(), self._deq)
+        y = tiled_linear(x.reshape(-1, k).to(torch.float32), self.out_features, self._tile_rows(), self._deq)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def rows(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
-        flat = ids.reshape(-1).to(torch.long)
         if self._q5:
-            w = dequantize_raw(self.blocks.index_select(0, flat), "Q5_0", self.in_features)
-            return w.reshape(*ids.shape, self.in_features).to(dtype)
+            return self.q5.rows(ids, dtype)
+        flat = ids.reshape(-1).to(torch.long)
         g = self.group_size
         c = self.codes.index_select(0, flat)
         q = torch.stack((c & 0xF, c >> 4), dim=-1).reshape(len(flat), -1, g).float()

@@ -5,7 +5,7 @@ Measured on a 2-core AVX-512 EPYC (see benchmarks/README.md): torch's packed int
 bf16 scales, which cannot hold GGML's f16 scales (11-bit significand) exactly; their float32 path
 is a slow reference loop (20-100x slower than F.linear). So the fast exact path is our own:
 
-* decode / small batches (rows of x <= `GEMV_MAX_ROWS`): a C++ kernel (`levante_ggml_<hash>`
+* decode / small batches (rows of x <= `gemv_max_rows(qtype)`): a C++ kernel (`levante_ggml_<hash>`
   extension, built with torch.utils.cpp_extension at first use, cached under
   ~/.cache/levante/torch_extensions, or $LEVANTE_EXTENSIONS_DIR) that reads the raw GGML blocks,
   dequantizes them with AVX-512 using the reference arithmetic (bit-identical to
@@ -72,6 +72,11 @@ QTYPES: dict[str, tuple[int, int, int]] = {
 
 GEMV_MAX_ROWS = 64  # x rows up to which the C++ kernel beats tile-dequant + MKL (measured: 2-8x at 8-32 rows,
 # ~1.2-2x at 64, MKL ahead from 128; benchmarks/README.md); same constant as GEMV_MAX in the C++ code
+# Types without the bf16 kernel (Q5_0, Q5_1, Q2_K, Q3_K; every type on CPUs without AVX512_BF16) run a
+# dequantize-256 + FMA loop per row of x, which tile dequant + MKL overtakes from ~32 rows (Q5_0 4096x4096,
+# 2 threads, ms gemv / tile: m=32 12.6 / 13.3, m=64 29.5 / 18.2).
+GENERIC_GEMV_MAX_ROWS = 32
+BF16_PATH_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # bf_type() in the C++ code
 TILE_BYTES = 32 << 20  # float32 bytes of dequantized weight per prefill tile
 
 # ----------------------------------------------------------------------------------- C++ source
@@ -1509,6 +1514,13 @@ def extension():
     return _EXT
 
 
+def gemv_max_rows(qtype: str, ext) -> int:
+    """Rows of x up to which `ext.gemv` is used for weights of `qtype` (else tile dequant + F.linear)."""
+    if ext is not None and qtype in BF16_PATH_TYPES and ext.decode_ops():
+        return GEMV_MAX_ROWS
+    return GENERIC_GEMV_MAX_ROWS
+
+
 # ------------------------------------------------------------------------------- dequantization
 
 
@@ -1546,7 +1558,7 @@ def _row_bytes(qtype: str, in_features: int) -> int:
 class GGMLKernelWeight(QuantWeight):
     """GGML blocks kept as-is (uint8 [out, bytes_per_row]); fused C++ matmul, exact dequantization.
 
-    x rows <= GEMV_MAX_ROWS: the fused C++ kernel (weights dequantized 256 at a time in L1).
+    x rows <= `gemv_max_rows(qtype)`: the fused C++ kernel (weights dequantized 256 at a time in L1).
     More rows: float32 row tiles of at most TILE_BYTES, then F.linear (MKL) per tile.
     Any x dtype is accepted; the arithmetic is float32 and the result is cast back to x.dtype.
     """
@@ -1576,7 +1588,7 @@ class GGMLKernelWeight(QuantWeight):
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k).to(torch.float32).contiguous()
         ext = extension()
-        if ext is not None and x2.shape[0] <= GEMV_MAX_ROWS and self.data.device.type == "cpu":
+        if ext is not None and x2.shape[0] <= gemv_max_rows(self.qtype, ext) and self.data.device.type == "cpu":
             y = ext.gemv(self.data, QTYPES[self.qtype][0], self.in_features, x2)
         else:
             y = tiled_linear(x2, self.out_features, self._tile_rows(),
@@ -1588,7 +1600,7 @@ def fused_matmul(weights, x: Tensor, cat: bool = False) -> list[Tensor] | Tensor
     """[w(x) for w in weights] for weights that share x (q/k/v, gate/up), in one C++ call when possible.
 
     When every weight is a CPU `GGMLKernelWeight` with in_features == x.shape[-1] and x has at most
-    `GEMV_MAX_ROWS` rows, one `gemv_multi` call prepares x once and runs one parallel region over the
+    `gemv_max_rows` rows, one `gemv_multi` call prepares x once and runs one parallel region over the
     rows of all weights; otherwise each weight's own `matmul` (or `__call__` for other modules) is
     used, so callers can use it unconditionally. Results have x's dtype and shape [..., out_i]
     (with `cat`: one tensor [..., sum out_i]).
@@ -1604,7 +1616,7 @@ def fused_matmul(weights, x: Tensor, cat: bool = False) -> list[Tensor] | Tensor
         and all(isinstance(w, GGMLKernelWeight) and w.data.device.type == "cpu" and w.in_features == k for w in weights)
     ):
         x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-        if 0 < x2.shape[0] <= GEMV_MAX_ROWS:
+        if 0 < x2.shape[0] <= min(gemv_max_rows(w.qtype, ext) for w in weights):
             y = ext.gemv_multi([w.data for w in weights], [QTYPES[w.qtype][0] for w in weights], k, x2)
             if cat:
                 return y.to(x.dtype).reshape(*lead, y.shape[1])

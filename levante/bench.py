@@ -50,8 +50,10 @@ def weight_summary(model: torch.nn.Module) -> tuple[int, str, int]:
     seen: set[int] = set()
     nbytes, params = 0, 0
     types: Counter[str] = Counter()
+    # a QuantWeight inside another (low-rank factors, AWQ's Q5_0 blocks) is counted by its owner
+    inner = {id(c) for m in model.modules() if isinstance(m, QuantWeight) for c in m.modules() if c is not m}
     for m in model.modules():
-        if isinstance(m, QuantWeight) and id(m) not in seen:
+        if isinstance(m, QuantWeight) and id(m) not in seen and id(m) not in inner:
             seen.add(id(m))
             nbytes += m.nbytes
             n = m.n_params

@@ -370,3 +370,15 @@ def test_q5_0_storage_is_exact(g):
     assert float((w.matmul(x) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
     ids = torch.tensor([3, 0, 39])
     assert torch.equal(w.rows(ids, torch.float32), w.dequantize()[ids])
+
+
+def test_bench_weight_summary_counts_nested_weights_once():
+    """An AWQWeight holds its Q5_0 blocks as an inner QuantWeight: `levante bench` counts the owner only."""
+    from levante.bench import weight_summary
+    from levante.quant.base import DenseWeight
+
+    awq = AWQWeight(*pack_awq(*_random_awq(64, 128, 32), 32))
+    dense = DenseWeight(torch.randn(8, 128))
+    net = torch.nn.ModuleDict({"a": awq, "b": dense, "tied": dense})
+    nbytes, quant, params = weight_summary(net)
+    assert (nbytes, quant, params) == (awq.nbytes + dense.nbytes, "AWQ4", 64 * 128 + 8 * 128)

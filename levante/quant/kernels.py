@@ -529,16 +529,14 @@ inline uint16_t bf16_of(float f) {  // exact for the small integers used here
 }
 
 struct Tables {
-  alignas(64) uint16_t q4_0[32];  // (i & 15) - 8
   alignas(64) int16_t i4[32];     // (i & 15) - 8 as int16
-  alignas(64) uint16_t u4[32];    // (i & 15) - 8 (codes centred: less cancellation against the mins)
+  alignas(64) uint16_t u4[32];    // (i & 15) - 8 as bf16 (Q4_1 / Q4_K: centred, less cancellation against the mins)
   alignas(64) uint16_t u5[32];    // i - 16
   alignas(64) uint16_t s6lo[32];  // i - 32
   alignas(64) uint16_t s6hi[32];  // i
   alignas(64) int32_t q6idx[8][16];
   Tables() {
     for (int i = 0; i < 32; ++i) {
-      q4_0[i] = bf16_of((float)((i & 15) - 8));
       i4[i] = (int16_t)((i & 15) - 8);
       u4[i] = bf16_of((float)((i & 15) - 8));
       u5[i] = bf16_of((float)(i - 16));
@@ -603,8 +601,29 @@ inline __m512 bc_h(const uint8_t* p) { return _mm512_set1_ps(h2f(p)); }
 // error <= 2^-16 of the block's largest |x|), codes q-8 are int16, vpdpwssd sums exact integer products.
 // Blocks a and b share a register (lanes 0-7: a, 8-15: b), so one scale vector [da dxa x8, db dxb x8]
 // and one FMA serve both blocks (x in the pair order, see XP::q16).
-template <int BY, bool MIN>  // Q4_0: 18-byte blocks (d, qs); Q4_1: 20-byte blocks (d, m, qs), w = d*q + m
+template <int BY_, bool MIN>  // Q4_0: 18-byte blocks (d, qs); Q4_1: 20-byte blocks (d, m, qs), w = d*q + m
 struct K_q4p {
+  static constexpr int BL = 32, BY = BY_;
+  static constexpr int NR1 = 4;  // weight rows per step at m == 1
+
+  // one block with the bf16-split dot products (a row's last odd block, or with the int16 kernels off)
+  template <int NR, int M, int P>
+  static inline void run(const uint8_t* const* b, const XP& x, int64_t e0, Acc<NR, M>& a) {
+    const __m512i tab = _mm512_load_si512(TB.u4);
+    __m512i w[NR];
+    __m512 d[NR];
+    for (int j = 0; j < NR; ++j) {
+      d[j] = bc_h(b[j]);
+      w[j] = _mm512_permutexvar_epi16(nib32(b[j] + BY - 16), tab);
+      if constexpr (MIN) {
+        const float m = h2f(b[j] + 2) + 8.f * h2f(b[j]);  // d*q + m = d*(q-8) + (m + 8d)
+        for (int i = 0; i < M; ++i) a.s[j][i] += m * x.xs[i * (x.k / 32) + e0 / 32];
+      }
+    }
+    dot_group<NR, M, P>(w, d, x, e0, a);
+  }
+
+  // two blocks with int16 dot products (see above)
   template <int NR, int M>
   static inline void run2(const uint8_t* const* b, const XP& x, int64_t e0, Acc<NR, M>& a) {
     const __m512i tab = _mm512_load_si512(TB.i4);
@@ -650,39 +669,8 @@ struct K_q4p {
   }
 };
 
-struct K_q4_0 : K_q4p<18, false> {
-  static constexpr int BL = 32, BY = 18;
-  static constexpr int NR1 = 4;  // weight rows per step at m == 1
-  template <int NR, int M, int P>
-  static inline void run(const uint8_t* const* b, const XP& x, int64_t e0, Acc<NR, M>& a) {
-    const __m512i tab = _mm512_load_si512(TB.q4_0);
-    __m512i w[NR];
-    __m512 d[NR];
-    for (int j = 0; j < NR; ++j) {
-      d[j] = bc_h(b[j]);
-      w[j] = _mm512_permutexvar_epi16(nib32(b[j] + 2), tab);
-    }
-    dot_group<NR, M, P>(w, d, x, e0, a);
-  }
-};
-
-struct K_q4_1 : K_q4p<20, true> {
-  static constexpr int BL = 32, BY = 20;
-  static constexpr int NR1 = 4;  // weight rows per step at m == 1
-  template <int NR, int M, int P>
-  static inline void run(const uint8_t* const* b, const XP& x, int64_t e0, Acc<NR, M>& a) {
-    const __m512i tab = _mm512_load_si512(TB.u4);
-    __m512i w[NR];
-    __m512 d[NR];
-    for (int j = 0; j < NR; ++j) {
-      d[j] = bc_h(b[j]);
-      w[j] = _mm512_permutexvar_epi16(nib32(b[j] + 4), tab);
-      const float m = h2f(b[j] + 2) + 8.f * h2f(b[j]);  // d*q + m = d*(q-8) + (m + 8d)
-      for (int i = 0; i < M; ++i) a.s[j][i] += m * x.xs[i * (x.k / 32) + e0 / 32];
-    }
-    dot_group<NR, M, P>(w, d, x, e0, a);
-  }
-};
+using K_q4_0 = K_q4p<18, false>;
+using K_q4_1 = K_q4p<20, true>;
 
 struct K_q8_0 {  // f32: exact products, scale per block
   static constexpr int BL = 32, BY = 34;

@@ -99,7 +99,8 @@ def test_ffn_decode_moe(m, types):
     for i in range(m):
         for j in range(top_k):
             want[i] += w[i, j] * _ref_ffn(x[i].double(), *dense[int(chosen[i, j])])
-    assert close(out.double(), want, 2e-4 if {"Q4_0", "Q4_1"} & set(types) else 5e-5)  # int16 activations
+    int16 = {"Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"} & set(types)  # int16 activations (per 32 or 256)
+    assert close(out.double(), want, 2e-4 if int16 else 5e-5)
 
 
 def test_ffn_decode_dense_and_errors():
@@ -163,5 +164,8 @@ def test_decode_steps_equal_torch_path(kind, qtype, extra, tmp_path, monkeypatch
     assert calls["layer_decode"] == 12 * n_layers  # every decode step: one call per layer
     assert calls["ffn_decode"] == 2 * n_layers  # the two short prefills (<= GEMV_MAX_ROWS tokens)
     slow = run(False)
-    assert close(fast, slow, 1e-4)
+    # both paths round x to int16 for these weights (per 32-block: Q4_0; per 256: Q4_K), and float-order
+    # differences upstream flip some of those roundings: measured 4e-5 (Q4_0) and 1.1e-4 (Q4_K) of the
+    # largest logit on these random models, against ~1e-6 for the other types
+    assert close(fast, slow, 3e-4 if qtype in ("Q4_0", "Q4_K") else 1e-5)
     assert torch.equal(fast.argmax(-1), slow.argmax(-1))

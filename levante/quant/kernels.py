@@ -21,7 +21,7 @@ is a slow reference loop (20-100x slower than F.linear). So the fast exact path 
   vpdpwssd sums a whole superblock exactly in int32 and one FMA applies d * dx (1.25x / 1.35x / 1.9x
   faster at one thread than the bf16-split kernels they replaced: 10.0 -> 12.5, 9.3 -> 12.4,
   8.7 -> 16.1 GB/s). Q8_0 keeps f32 products with the scale per block.
-  At m == 1 the 4-bit types read 4 weight rows per pass; that group is prefetched linearly in
+  At m == 1 Q4_0 / Q4_1 read 4 weight rows per pass; that group is prefetched linearly in
   software 8 KiB ahead (the hardware prefetcher follows 4 interleaved row streams badly: 2.5x slower
   from DRAM without it). Typical output error ~1e-5 of sum |x||w|; a block holding one huge
   channel next to tiny ones loses the tiny ones (worst seen in the tests: 7e-4, inside the 1e-3 rule).
@@ -712,7 +712,7 @@ inline __m128i k_scales_u8(const uint8_t* b) {
 template <bool Q5>
 struct K_q45_k {
   static constexpr int BL = 256, BY = Q5 ? 176 : 144;
-  static constexpr int NR1 = 4;  // weight rows per step at m == 1
+  static constexpr int NR1 = 1;  // weight rows per step at m == 1 (measured: 1 beats 2 and 4 here)
   // Integer kernel: x is int16 per 256-block (q16k), each code times its 6-bit scale is an int16
   // (<= 31 * 63), vpdpwssd sums the exact products of the whole superblock in int32 (at most
   // 16 * 1953 * 32767 < 2^31 per lane), and one FMA per superblock applies d * dx. The mins multiply the
@@ -723,7 +723,7 @@ struct K_q45_k {
   static inline void run(const uint8_t* const* b, const XP& x, int64_t e0, Acc<NR, M>& a) {
     const __m512i m4 = _mm512_set1_epi16(15), m10 = _mm512_set1_epi16(0x10);
     alignas(16) int16_t sc[NR][8];
-    __m512i qh[NR], acc[NR][M];
+    __m512i qh[NR], acc[NR][M][2];  // two accumulators: two dependency chains of vpdpwssd
     float d[NR];
     for (int j = 0; j < NR; ++j) {
       const __m128i v = k_scales_u8(b[j]);
@@ -738,7 +738,7 @@ struct K_q45_k {
         const int64_t o = i * (x.k / 32) + e0 / 32;
         a.mn[j][i] = _mm256_fmadd_ps(dm, _mm256_loadu_ps(x.xs + o), a.mn[j][i]);
         a.mn[j][i] = _mm256_fmadd_ps(dc, _mm256_loadu_ps(x.sk + o), a.mn[j][i]);
-        acc[j][i] = _mm512_setzero_si512();
+        acc[j][i][0] = acc[j][i][1] = _mm512_setzero_si512();
       }
       if constexpr (Q5) qh[j] = _mm512_slli_epi16(u8w(b[j] + 16), 4);  // bit s of qh at bit 4 + s
     }
@@ -757,14 +757,17 @@ struct K_q45_k {
       for (int i = 0; i < M; ++i) {
         const int16_t* xq = x.q16k + i * x.k + e0 + 64 * p;
         const __m512i xl = _mm512_loadu_si512(xq), xh = _mm512_loadu_si512(xq + 32);
-        for (int j = 0; j < NR; ++j)
-          acc[j][i] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc[j][i], wl[j], xl), wh[j], xh);
+        for (int j = 0; j < NR; ++j) {
+          acc[j][i][0] = _mm512_dpwssd_epi32(acc[j][i][0], wl[j], xl);
+          acc[j][i][1] = _mm512_dpwssd_epi32(acc[j][i][1], wh[j], xh);
+        }
       }
     }
     for (int j = 0; j < NR; ++j)
       for (int i = 0; i < M; ++i)
         a.v[j][i][P] = _mm512_fmadd_ps(_mm512_set1_ps(d[j] * x.dxk[i * (x.k / 256) + e0 / 256]),
-                                       _mm512_cvtepi32_ps(acc[j][i]), a.v[j][i][P]);
+                                       _mm512_cvtepi32_ps(_mm512_add_epi32(acc[j][i][0], acc[j][i][1])),
+                                       a.v[j][i][P]);
   }
 };
 using K_q4_k = K_q45_k<false>;
@@ -778,12 +781,12 @@ struct K_q6_k {
   template <int NR, int M, int P>
   static inline void run(const uint8_t* const* b, const XP& x, int64_t e0, Acc<NR, M>& a) {
     const __m512i m4 = _mm512_set1_epi16(15), m30 = _mm512_set1_epi16(0x30), e32 = _mm512_set1_epi16(32);
-    __m512i sc[NR], acc[NR][M];
+    __m512i sc[NR], acc[NR][M][2];  // two accumulators: two dependency chains of vpdpwssd
     float d[NR];
     for (int j = 0; j < NR; ++j) {
       sc[j] = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(b[j] + 192))));
       d[j] = h2f(b[j] + 208);
-      for (int i = 0; i < M; ++i) acc[j][i] = _mm512_setzero_si512();
+      for (int i = 0; i < M; ++i) acc[j][i][0] = acc[j][i][1] = _mm512_setzero_si512();
     }
     for (int g = 0; g < 2; ++g) {
       __m512i qh[NR], ql0[NR], ql1[NR];
@@ -805,7 +808,7 @@ struct K_q6_k {
     }                                                                                              \
     for (int i = 0; i < M; ++i) {                                                                  \
       const __m512i xv = _mm512_loadu_si512(x.q16k + i * x.k + e0 + 32 * G);                      \
-      for (int j = 0; j < NR; ++j) acc[j][i] = _mm512_dpwssd_epi32(acc[j][i], w[j], xv);           \
+      for (int j = 0; j < NR; ++j) acc[j][i][H] = _mm512_dpwssd_epi32(acc[j][i][H], w[j], xv);     \
     }                                                                                              \
   }
       Q6I(0, 0, _mm512_slli_epi16(qh[j], 4))
@@ -817,7 +820,8 @@ struct K_q6_k {
     for (int j = 0; j < NR; ++j)
       for (int i = 0; i < M; ++i)
         a.v[j][i][P] = _mm512_fmadd_ps(_mm512_set1_ps(d[j] * x.dxk[i * (x.k / 256) + e0 / 256]),
-                                       _mm512_cvtepi32_ps(acc[j][i]), a.v[j][i][P]);
+                                       _mm512_cvtepi32_ps(_mm512_add_epi32(acc[j][i][0], acc[j][i][1])),
+                                       a.v[j][i][P]);
   }
 
 };
@@ -865,7 +869,7 @@ inline void rows_bf(const uint8_t* src, int64_t rb, int64_t r, const XP& x, floa
     }
 }
 
-int g_nr1 = 0;  // 0: the type's NR1 (measured: 4 for the 4-bit types, 1 for Q8_0 / Q6_K)
+int g_nr1 = 0;  // 0: the type's NR1 (measured: 4 for Q4_0 / Q4_1, 1 for the others)
 // one row range of one weight; x rows processed in groups of up to 4 per weight row
 template <class T>
 void range_bf(const uint8_t* src, int64_t rb, int64_t r0, int64_t r1, const XP& x, int64_t m, float* y, int64_t ldy) {

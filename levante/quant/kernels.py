@@ -922,6 +922,19 @@ void range_bf_any(int64_t qt, const uint8_t* src, int64_t rb, int64_t r0, int64_
   }
 }
 
+// the forms of x a type's small-batch kernel reads (XBuf builds only those)
+enum : int { XF_SPLIT = 1, XF_Q16 = 2, XF_K = 4, XF_SUM = 8 };
+inline int x_forms(int64_t qt, int64_t k) {
+  const int tail = ((k / 32) % 2 || !g_pair) ? XF_SPLIT : 0;  // Q4_0 / Q4_1's one-block bf16 kernel
+  switch (qt) {
+    case 0: return XF_Q16 | tail;
+    case 1: return XF_Q16 | XF_SUM | tail;
+    case 7: case 8: return XF_K | XF_SUM;
+    case 9: return XF_K;
+    default: return 0;  // Q8_0 and the generic loop read x as float
+  }
+}
+
 struct XBuf {  // owns the prepared activations (not copyable: p points into the buffers)
   std::vector<uint16_t> h, l;
   std::vector<int16_t> q16, q16k;
@@ -931,8 +944,22 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
   int64_t m;
   XBuf(const XBuf&) = delete;
   XBuf& operator=(const XBuf&) = delete;
-  XBuf(const float* xf, int64_t m_, int64_t k)
-      : h(m_ * k), l(m_ * k), q16(m_ * k), dx(m_ * (k / 32)), s(m_ * (k / 32)), m(m_) {
+  XBuf(const float* xf, int64_t m_, int64_t k, int forms) : m(m_) {
+    if (forms & XF_SPLIT) build_split(xf, k);
+    if (forms & XF_SUM) {
+      s.resize(m * (k / 32));
+      for (int64_t g = 0; g < m * (k / 32); ++g)
+        s[g] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(xf + 32 * g), _mm512_loadu_ps(xf + 32 * g + 16)));
+    }
+    if (forms & XF_Q16) build_q16(xf, k);
+    if ((forms & XF_K) && k % 256 == 0) build_q16k(xf, k);
+    p = XP{h.data(), l.data(), xf, s.data(), k, q16.data(), dx.data(), q16k.data(), dxk.data(), sk.data()};
+  }
+
+ private:
+  void build_split(const float* xf, int64_t k) {
+    h.resize(m * k);
+    l.resize(m * k);
     for (int64_t i = 0; i < m * k; i += 16) {  // k is a multiple of 32
       const __m512 v = _mm512_loadu_ps(xf + i);
       const __m256i hi = (__m256i)_mm512_cvtneps_pbh(v);
@@ -941,11 +968,14 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
       _mm256_storeu_si256((__m256i*)(h.data() + i), hi);
       _mm256_storeu_si256((__m256i*)(l.data() + i), lo);
     }
-    for (int64_t g = 0; g < m * (k / 32); ++g)
-      s[g] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(xf + 32 * g), _mm512_loadu_ps(xf + 32 * g + 16)));
-    // int16 per 32-block, stored in pair order: per 64 elements (blocks a, b of a row)
-    // [a0..15 b0..15 a16..31 b16..31]; a row's last odd block stays in natural order
+  }
+
+  // int16 per 32-block, stored in pair order: per 64 elements (blocks a, b of a row)
+  // [a0..15 b0..15 a16..31 b16..31]; a row's last odd block stays in natural order
+  void build_q16(const float* xf, int64_t k) {
     const int64_t nb = k / 32;
+    q16.resize(m * k);
+    dx.resize(m * nb);
     for (int64_t i = 0; i < m; ++i)
       for (int64_t g = 0; g < nb; ++g) {
         const float* v = xf + i * k + 32 * g;
@@ -965,27 +995,28 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
           _mm256_storeu_si256((__m256i*)(o + ((g & 1) ? 48 : 32)), c1);
         }
       }
-    if (k % 256 == 0) {  // int16 per 256-block, natural order (the K types' integer kernels)
-      q16k.resize(m * k);
-      dxk.resize(m * (k / 256));
-      sk.resize(m * (k / 32));
-      for (int64_t g = 0; g < m * (k / 256); ++g) {
-        const float* v = xf + 256 * g;
-        __m512 mx = _mm512_setzero_ps();
-        for (int t = 0; t < 256; t += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(v + t)));
-        const float amax = _mm512_reduce_max_ps(mx);
-        const __m512 inv = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
-        dxk[g] = amax / 32767.f;
-        for (int t = 0; t < 256; t += 32) {
-          const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + t), inv));
-          const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + t + 16), inv));
-          _mm256_storeu_si256((__m256i*)(q16k.data() + 256 * g + t), _mm512_cvtepi32_epi16(c0));
-          _mm256_storeu_si256((__m256i*)(q16k.data() + 256 * g + t + 16), _mm512_cvtepi32_epi16(c1));
-          sk[8 * g + t / 32] = dxk[g] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
-        }
+  }
+
+  // int16 per 256-block, natural order (the K types' integer kernels)
+  void build_q16k(const float* xf, int64_t k) {
+    q16k.resize(m * k);
+    dxk.resize(m * (k / 256));
+    sk.resize(m * (k / 32));
+    for (int64_t g = 0; g < m * (k / 256); ++g) {
+      const float* v = xf + 256 * g;
+      __m512 mx = _mm512_setzero_ps();
+      for (int t = 0; t < 256; t += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(v + t)));
+      const float amax = _mm512_reduce_max_ps(mx);
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+      dxk[g] = amax / 32767.f;
+      for (int t = 0; t < 256; t += 32) {
+        const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + t), inv));
+        const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + t + 16), inv));
+        _mm256_storeu_si256((__m256i*)(q16k.data() + 256 * g + t), _mm512_cvtepi32_epi16(c0));
+        _mm256_storeu_si256((__m256i*)(q16k.data() + 256 * g + t + 16), _mm512_cvtepi32_epi16(c1));
+        sk[8 * g + t / 32] = dxk[g] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
       }
     }
-    p = XP{h.data(), l.data(), xf, s.data(), k, q16.data(), dx.data(), q16k.data(), dxk.data(), sk.data()};
   }
 };
 #endif
@@ -1026,7 +1057,7 @@ torch::Tensor gemv(torch::Tensor raw, int64_t qt, int64_t k, torch::Tensor x) {
     const uint8_t* src = raw.data_ptr<uint8_t>();
     float* yp = out.data_ptr<float>();
     const int64_t rb = raw.size(1);
-    XBuf xb(x.data_ptr<float>(), m, k);
+    XBuf xb(x.data_ptr<float>(), m, k, x_forms(qt, k));
     at::parallel_for(0, n, grain_rows(rb, m), [&](int64_t r0, int64_t r1) {
       range_bf_any(qt, src, rb, r0, r1, xb.p, m, yp, n);
     });
@@ -1152,7 +1183,9 @@ torch::Tensor gemv_multi(std::vector<torch::Tensor> raws, std::vector<int64_t> q
   if (m <= GEMV_MAX) {
     auto out = torch::empty({m, N}, torch::kFloat32);
     if (m == 0 || N == 0) return out;
-    XBuf xb(x.data_ptr<float>(), m, k);
+    int forms = 0;
+    for (int64_t w = 0; w < nw; ++w) forms |= x_forms(qts[w], k);
+    XBuf xb(x.data_ptr<float>(), m, k, forms);
     std::vector<Job> jobs;
     int64_t off = 0;
     for (int64_t w = 0; w < nw; ++w) {
@@ -1416,7 +1449,7 @@ torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor logits, std::vector<torc
     xs[a].resize(me * h);
     for (int64_t r = 0; r < me; ++r)
       std::memcpy(xs[a].data() + r * h, x.data_ptr<float>() + rows[e][r] * h, h * sizeof(float));
-    xb[a] = std::make_unique<XBuf>(xs[a].data(), me, h);
+    xb[a] = std::make_unique<XBuf>(xs[a].data(), me, h, x_forms(qts[3 * e], h) | x_forms(qts[3 * e + 1], h));
     gu[a].resize(me * 2 * inter);  // [me, 2 inter]: gate | up
     jobs.push_back(Job{qts[3 * e], ws[3 * e].data_ptr<uint8_t>(), ws[3 * e].size(1), inter, xb[a].get(),
                        gu[a].data(), 2 * inter});
@@ -1430,7 +1463,7 @@ torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor logits, std::vector<torc
     // silu(gate) * up with ATen's vectorised silu (a scalar exp loop here cost ~35 us per layer)
     auto g = torch::from_blob(gu[a].data(), {me, 2 * inter}, torch::kFloat32);
     hs[a] = (at::silu(g.narrow(1, 0, inter)) * g.narrow(1, inter, inter)).contiguous();
-    hb[a] = std::make_unique<XBuf>(hs[a].data_ptr<float>(), me, inter);
+    hb[a] = std::make_unique<XBuf>(hs[a].data_ptr<float>(), me, inter, x_forms(qts[3 * e + 2], inter));
     ys[a].resize(me * h);
     jobs.push_back(Job{qts[3 * e + 2], ws[3 * e + 2].data_ptr<uint8_t>(), ws[3 * e + 2].size(1), h, hb[a].get(),
                        ys[a].data(), h});

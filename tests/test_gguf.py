@@ -20,7 +20,7 @@ from fixtures import hf_model, smollm2_gguf  # noqa: E402
 from gguf_fixtures import write_gguf_from_hf  # noqa: E402
 
 from levante.errors import ConfigError, UnsupportedQuantError, WeightsError  # noqa: E402
-from levante.formats.gguf import gguf_fields, read_gguf  # noqa: E402
+from levante.formats.gguf import _open, gguf_fields, read_gguf  # noqa: E402
 from levante.model import build_model  # noqa: E402
 from levante.quant.base import QuantWeight  # noqa: E402
 
@@ -146,18 +146,52 @@ def test_gguf_fields_plain_values(models, tmp_path):
         "tokenizer.ggml.add_bos_token": True,
         "tokenizer.chat_template": "{{ x }}",
     }
-    path = write_gguf_from_hf(models["llama_tied"], tmp_path / "f.gguf", "F32", tokenizer_fields=tok)
-    for reader in (gguf.GGUFReader(path), None):
-        if reader is None:  # levante's faster reader subclass
-            from levante.formats.gguf import _open
-
-            reader = _open(Path(path))
-        f = gguf_fields(reader)
+    path = write_gguf_from_hf(models["llama_tied"], tmp_path / "f.gguf", "Q8_0", tokenizer_fields=tok)
+    stock = gguf.GGUFReader(path)
+    ours = _open(Path(path))  # levante's own reader (no gguf import)
+    for f in (gguf_fields(stock), ours.fields):
         for k, v in tok.items():
             assert f[k] == v and type(f[k]) is type(v), k
         assert f["llama.block_count"] == 2 and f["general.architecture"] == "llama"
         assert f["llama.rope.freq_base"] == 10000.0
         assert isinstance(f["tokenizer.ggml.token_type"][0], int)
+    want = gguf_fields(stock)
+    assert ours.fields.keys() == want.keys()
+    for k, v in want.items():
+        assert ours.fields[k] == v and type(ours.fields[k]) is type(v), k
+    assert ours.version == 3 and ours.alignment == stock.alignment
+    # the tensor table: names, types, dims and the very bytes
+    assert [t.name for t in ours.tensors] == [t.name for t in stock.tensors]
+    for a, b in zip(ours.tensors, stock.tensors):
+        assert a.qtype == b.tensor_type.name and a.dims == tuple(int(d) for d in b.shape)
+        assert a.n_elements == int(b.n_elements)
+        assert np.array_equal(a.data.reshape(-1), np.asarray(b.data).view(np.uint8).reshape(-1)), a.name
+
+
+def test_ggml_type_table_matches_gguf():
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from levante.formats.gguf import GGML_TYPES
+
+    for t, (bs, ts) in GGML_QUANT_SIZES.items():
+        if t.value in GGML_TYPES:
+            assert GGML_TYPES[t.value] == (t.name, bs, ts)
+    for tid, (name, _bs, _ts) in GGML_TYPES.items():
+        assert GGMLQuantizationType(tid).name == name
+    from gguf.constants import LlamaFileType
+
+    from levante.formats.gguf import _FILE_TYPES
+
+    for ft, name in _FILE_TYPES.items():
+        assert LlamaFileType(ft).name.removeprefix("MOSTLY_") == name
+
+
+def test_reading_a_gguf_does_not_import_gguf(models, tmp_path):
+    path = write_gguf_from_hf(models["llama_tied"], tmp_path / "f.gguf", "Q8_0")
+    code = (f"import sys; from levante.formats.gguf import read_gguf; read_gguf({str(path)!r}); "
+            "print('gguf' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 # ------------------------------------------------------------------------------------- real file
@@ -188,7 +222,7 @@ def test_smollm2(smollm2):
         assert ckpt.tokenizer is not None
 
     model = build_model(cfg, ckpt.weights, sources=ckpt.sources)
-    fields = gguf_fields(_reader(smollm2))
+    fields = _open(Path(smollm2)).fields
     vocab = fields["tokenizer.ggml.tokens"]
     prompt = [vocab.index(t) for t in ["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis"]]
     x = torch.tensor([prompt])
@@ -205,12 +239,6 @@ def test_smollm2(smollm2):
     text = "".join(vocab[i] for i in gen).replace("Ġ", " ").replace("Ċ", "\n")
     print("SmolLM2 greedy:", repr(text))
     assert vocab[gen[0]] == "ĠParis"  # not a hard text check beyond the obvious first token
-
-
-def _reader(path):
-    from levante.formats.gguf import _open
-
-    return _open(Path(path))
 
 
 # ------------------------------------------------------------------------------------ memory use

@@ -41,74 +41,137 @@ _STRING = 8  # GGUFValueType.STRING
 
 
 # ------------------------------------------------------------------------------------ the reader
-def _make_reader_class():
-    from gguf import GGUFReader
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
-
-    class _Reader(GGUFReader):
-        """GGUFReader with fast array metadata and tensor-extent checks.
-
-        Arrays of scalars are kept as one numpy view (parts[data[0]] holds all elements); arrays of
-        strings are decoded at once into a numpy object array. `gguf_fields` understands both this
-        and the stock per-element layout.
-        """
-
-        def _get_field_parts(self, orig_offs: int, raw_type: int):
-            if raw_type != GGUFValueType.ARRAY:
-                return super()._get_field_parts(orig_offs, raw_type)
-            raw_itype = self._get(orig_offs, np.uint32)
-            alen = self._get(orig_offs + 4, np.uint64)
-            if len(raw_itype) != 1 or len(alen) != 1:
-                raise ValueError(f"metadata array header at offset {orig_offs} is cut off")
-            n = int(alen[0])
-            sub = GGUFValueType(int(raw_itype[0]))
-            offs = orig_offs + 12
-            nptype = self.gguf_scalar_to_np.get(sub)
-            if nptype is not None:
-                arr = self._get(offs, nptype, n)
-                if len(arr) != n:
-                    raise ValueError(f"metadata array at offset {orig_offs} runs past the end of the file")
-                return 12 + int(arr.nbytes), [raw_itype, alen, arr], [2], [GGUFValueType.ARRAY, sub]
-            if sub == GGUFValueType.STRING and self.byte_order == "I":
-                strs, end = _decode_strings(self.data, offs, n)
-                return end - orig_offs, [raw_itype, alen, strs], [2], [GGUFValueType.ARRAY, sub]
-            return super()._get_field_parts(orig_offs, raw_type)
-
-        def _build_tensors(self, start_offs: int, fields) -> None:
-            size = len(self.data)
-            for field in fields:
-                _nl, name_data, _nd, dims, raw_dtype, offset_tensor = field.parts
-                name = bytes(name_data).decode("utf-8", "replace")
-                try:
-                    qt = GGMLQuantizationType(int(raw_dtype[0]))
-                except ValueError:
-                    raise UnsupportedQuantError(f"tensor {name}: unknown GGML type id {int(raw_dtype[0])}") from None
-                bs, ts = GGML_QUANT_SIZES[qt]
-                n_el = math.prod(int(d) for d in dims)
-                if dims.size and int(dims[0]) % bs:
-                    raise WeightsError(
-                        f"tensor {name}: row length {int(dims[0])} is not a multiple of the {qt.name} block size {bs}"
-                    )
-                start = start_offs + int(offset_tensor[0])
-                end = start + n_el * ts // bs
-                if end > size:
-                    raise WeightsError(
-                        f"truncated file: tensor {name} ({qt.name}, {[int(d) for d in dims]}) needs bytes "
-                        f"{start}..{end} but the file has only {size} bytes"
-                    )
-            super()._build_tensors(start_offs, fields)
-
-    return _Reader
+# GGML tensor types: id -> (name, elements per block, bytes per block) (ggml.h / gguf.constants)
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+}
+# metadata value types: id -> numpy scalar type (8: string, 9: array)
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
+            12: "<f8"}
 
 
-_READER_CLS = None
+class GGUFTensor:
+    """One tensor of a GGUF file: name, GGML type, dims (GGUF order: row length first) and its bytes
+    as a uint8 [..., bytes per row] view of the mapping."""
+
+    __slots__ = ("name", "qtype", "dims", "data")
+
+    def __init__(self, name: str, qtype: str, dims: tuple[int, ...], data: np.ndarray) -> None:
+        self.name, self.qtype, self.dims, self.data = name, qtype, dims, data
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """numpy / torch order (row length last)."""
+        return tuple(reversed(self.dims))
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.dims)
 
 
-def _reader_class():
-    global _READER_CLS
-    if _READER_CLS is None:
-        _READER_CLS = _make_reader_class()
-    return _READER_CLS
+class GGUFFile:
+    """A GGUF file (v2 / v3, little-endian), memory-mapped: `fields` are the metadata as plain Python
+    values (arrays as lists), `tensors` the tensor table. Reading it needs no `gguf` package (whose
+    import pulls in ~30 MB of modules); every malformed part raises ValueError / WeightsError."""
+
+    def __init__(self, path: Path) -> None:
+        self.data = np.memmap(path, dtype=np.uint8, mode="c")
+        self._mv = memoryview(self.data)
+        self._pos = 0
+        magic, self.version, n_tensors, n_kv = self._unpack("<4sIQQ")
+        assert magic == b"GGUF"  # checked by _open
+        self.fields: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.fields[key] = self._value(self._unpack("<I")[0])
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            (nd,) = self._unpack("<I")
+            if nd > 8:
+                raise ValueError(f"tensor {name}: {nd} dimensions")
+            dims = self._unpack(f"<{nd}Q")
+            tid, off = self._unpack("<IQ")
+            infos.append((name, tuple(int(d) for d in dims), tid, off))
+        self.alignment = int(self.fields.get("general.alignment", 32))
+        if self.alignment <= 0 or self.alignment & (self.alignment - 1):
+            raise ValueError(f"general.alignment {self.alignment} is not a power of two")
+        start = -(-self._pos // self.alignment) * self.alignment
+        self.tensors: list[GGUFTensor] = []
+        seen = set()
+        size = len(self.data)
+        for name, dims, tid, off in infos:
+            if name in seen:
+                raise WeightsError(f"duplicate tensor name {name}")
+            seen.add(name)
+            if tid not in GGML_TYPES:
+                raise UnsupportedQuantError(f"tensor {name}: unknown GGML type id {tid}")
+            qtype, bs, ts = GGML_TYPES[tid]
+            if dims and dims[0] % bs:
+                raise WeightsError(
+                    f"tensor {name}: row length {dims[0]} is not a multiple of the {qtype} block size {bs}"
+                )
+            begin = start + off
+            end = begin + math.prod(dims) * ts // bs
+            if end > size:
+                raise WeightsError(
+                    f"truncated file: tensor {name} ({qtype}, {list(dims)}) needs bytes "
+                    f"{begin}..{end} but the file has only {size} bytes"
+                )
+            row = dims[0] * ts // bs if dims else ts
+            shape = tuple(reversed(dims[1:])) + (row,)
+            self.tensors.append(GGUFTensor(name, qtype, dims, self.data[begin:end].reshape(shape)))
+
+    def _unpack(self, fmt: str) -> tuple:
+        st = struct.Struct(fmt)
+        if self._pos + st.size > len(self._mv):
+            raise ValueError(f"header cut off at byte {self._pos}")
+        out = st.unpack_from(self._mv, self._pos)
+        self._pos += st.size
+        return out
+
+    def _scalar(self, dt: np.dtype) -> Any:
+        if self._pos + dt.itemsize > len(self._mv):
+            raise ValueError(f"header cut off at byte {self._pos}")
+        v = np.frombuffer(self._mv, dt, 1, self._pos)[0].item()
+        self._pos += dt.itemsize
+        return v
+
+    def _string(self) -> str:
+        (n,) = self._unpack("<Q")
+        if self._pos + n > len(self._mv):
+            raise ValueError(f"string at byte {self._pos} runs past the end of the file")
+        b = bytes(self._mv[self._pos : self._pos + n])
+        self._pos += n
+        return b.decode("utf-8", "replace")
+
+    def _value(self, vt: int) -> Any:
+        if vt == 8:
+            return self._string()
+        if vt in _SCALARS:
+            v = self._scalar(np.dtype(_SCALARS[vt]))
+            return bool(v) if vt == 7 else v
+        if vt == 9:
+            sub, n = self._unpack("<IQ")
+            if sub == 8:
+                strs, self._pos = _decode_strings(self.data, self._pos, n)
+                return strs.tolist()
+            if sub in _SCALARS:
+                dt = np.dtype(_SCALARS[sub])
+                if self._pos + n * dt.itemsize > len(self._mv):
+                    raise ValueError(f"metadata array at byte {self._pos} runs past the end of the file")
+                arr = np.frombuffer(self._mv, dt, n, self._pos)
+                self._pos += n * dt.itemsize
+                return [bool(v) for v in arr] if sub == 7 else arr.tolist()
+            return [self._value(sub) for _ in range(n)]  # nested arrays (rare)
+        raise ValueError(f"unknown metadata value type {vt} at byte {self._pos}")
 
 
 def _decode_strings(buf: np.ndarray, offs: int, n: int) -> tuple[np.ndarray, int]:
@@ -136,7 +199,7 @@ def _decode_strings(buf: np.ndarray, offs: int, n: int) -> tuple[np.ndarray, int
 
 
 def gguf_fields(reader: Any) -> dict[str, Any]:
-    """All metadata of a GGUFReader as plain Python values (str, int, float, bool, lists)."""
+    """All metadata of a `gguf.GGUFReader` (levante quantize reads sources with it) as plain Python values."""
     out: dict[str, Any] = {}
     for key, f in reader.fields.items():
         if key.startswith("GGUF."):
@@ -157,8 +220,6 @@ def _field_value(f: Any) -> Any:
         sub = types[-1] if len(types) > 1 else None
         first = f.parts[f.data[0]]
         if sub == _STRING:
-            if first.dtype == object:
-                return first.tolist()
             return [_utf8(f.parts[i]) for i in f.data]
         if len(f.data) == 1:
             return first.tolist()
@@ -197,10 +258,10 @@ def _open(path: Path) -> Any:
             f"{path}: unsupported GGUF version {version} (supported: {', '.join(map(str, SUPPORTED_VERSIONS))})"
         )
     try:
-        return _reader_class()(path, "c")
+        return GGUFFile(path)
     except LevanteError as e:
         raise type(e)(f"{path}: {e}") from None
-    except Exception as e:  # GGUFReader raises ValueError / IndexError / KeyError on bad data
+    except Exception as e:  # ValueError / struct.error / UnicodeError on bad data
         raise WeightsError(f"{path}: truncated or corrupt GGUF header: {type(e).__name__}: {e}") from e
 
 
@@ -247,7 +308,7 @@ def _config(fields: dict[str, Any], path: Path, tensors: dict[str, Any]) -> Mode
     elif "tokenizer.ggml.tokens" in fields:
         vocab = len(fields["tokenizer.ggml.tokens"])
     elif "token_embd.weight" in tensors:
-        vocab = int(tensors["token_embd.weight"].shape[1])
+        vocab = int(tensors["token_embd.weight"].dims[1])
     else:
         raise ConfigError(f"{path}: missing required key 'llama.vocab_size' (and no tokenizer.ggml.tokens)")
     scaling = None
@@ -329,16 +390,9 @@ _EXPERT_NAMES = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}
 _FLOAT_NP = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _np_shape(rt: Any) -> tuple[int, ...]:
-    return tuple(int(d) for d in reversed(rt.shape.tolist()))
-
-
-def _raw(rt: Any) -> Tensor:
+def _raw(rt: GGUFTensor) -> Tensor:
     """The tensor's bytes as uint8 [..., bytes_per_row] (zero-copy view of the mapping)."""
-    a = rt.data
-    if a.dtype != np.uint8:
-        a = a.view(np.uint8)
-    return torch.from_numpy(a)
+    return torch.from_numpy(rt.data)
 
 
 def _qk_perm(n_head: int, head_dim: int) -> Tensor:
@@ -350,9 +404,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
     """Read a GGUF file into a Checkpoint (quantized weights stay packed, memory-mapped)."""
     path = Path(path)
     reader = _open(path)
-    if reader.byte_order != "I":
-        raise WeightsError(f"{path}: big-endian GGUF files are not supported")
-    fields = gguf_fields(reader)
+    fields = reader.fields
     tensors = {t.name: t for t in reader.tensors}
     try:
         cfg = _config(fields, path, tensors)
@@ -363,7 +415,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
     if "rope_freqs.weight" in tensors:
         rf = tensors["rope_freqs.weight"]
         cfg.rope_scaling = _llama3_scaling(
-            dequantize(_raw(rf).reshape(1, -1), rf.tensor_type.name).numpy(), cfg, fields, path
+            dequantize(_raw(rf).reshape(1, -1), rf.qtype).numpy(), cfg, fields, path
         )
     shapes = expected_shapes(cfg)
     if cfg.tie_word_embeddings:
@@ -375,7 +427,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
 
     def check(rt: Any, qtype: str, want: tuple[int, ...], what: str) -> None:
         check_qtype(qtype, rt.name)
-        got = _np_shape(rt)
+        got = rt.shape
         if got != want:
             raise WeightsError(
                 f"{path}: tensor {rt.name} has shape {got}, expected {want} for {what} (from the llama.* metadata)"
@@ -396,12 +448,12 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
 
     def small_float(rt: Any, qtype: str) -> Tensor:
         raw = _raw(rt)
-        return dequantize(raw.reshape(-1, raw.shape[-1]), qtype).reshape(_np_shape(rt))
+        return dequantize(raw.reshape(-1, raw.shape[-1]), qtype).reshape(rt.shape)
 
     layers_seen = set()
     factors: dict[str, dict[str, Any]] = {}  # canonical name -> {"a": rt, "b": rt} (low-rank GGUFs)
     for name, rt in tensors.items():
-        qtype = rt.tensor_type.name
+        qtype = rt.qtype
         if name == "rope_freqs.weight":
             continue
         lr = _LOW_RANK.match(name)
@@ -495,7 +547,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
         "format": "gguf",
         "file": str(path),
         "file_size": size,
-        "gguf_version": int(reader.fields["GGUF.version"].parts[-1][0]),
+        "gguf_version": reader.version,
         "architecture": "llama",
         "name": fields.get("general.name"),
         "file_type": fields.get("general.file_type"),
@@ -503,7 +555,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
         "quantization_version": fields.get("general.quantization_version"),
         "context_length": cfg.max_position_embeddings,
         "tensor_count": len(tensors),
-        "tensor_types": dict(Counter(t.tensor_type.name for t in tensors.values())),
+        "tensor_types": dict(Counter(t.qtype for t in tensors.values())),
         "n_params": int(sum(int(t.n_elements) for t in tensors.values())),
         "alignment": int(reader.alignment),
         "tokenizer_model": fields.get("tokenizer.ggml.model"),
@@ -538,7 +590,7 @@ def _low_rank_weights(factors: dict[str, dict[str, Any]], shapes: dict[str, tupl
                                    f"(found {pair[other].name})")
         ra, rb = pair["a"], pair["b"]
         out_f, in_f = shapes[canon]
-        sa, sb = _np_shape(ra), _np_shape(rb)
+        sa, sb = ra.shape, rb.shape
         if len(sa) != 2 or sa[1] != in_f or sa[0] < 1:
             raise WeightsError(f"{path}: tensor {ra.name} has shape {sa}, expected (rank, {in_f}) for the A factor "
                                f"of {canon} [{out_f}, {in_f}]")
@@ -549,8 +601,8 @@ def _low_rank_weights(factors: dict[str, dict[str, Any]], shapes: dict[str, tupl
         if base in declared and not 0 < declared[base] <= r:
             raise WeightsError(f"{path}: levante.low_rank.ranks gives rank {declared[base]} for {base}, "
                                f"but its factors {ra.name} / {rb.name} have rank {r}")
-        a = linear(_raw(ra), ra.tensor_type.name, (r, in_f), ra.name)
-        b = linear(_raw(rb), rb.tensor_type.name, (out_f, r), rb.name)
+        a = linear(_raw(ra), ra.qtype, (r, in_f), ra.name)
+        b = linear(_raw(rb), rb.qtype, (out_f, r), rb.name)
         put(canon, LowRankWeight(a, b, true_rank=declared.get(base)), ra)
     extra = sorted(set(declared) - seen)
     if extra:
@@ -573,14 +625,20 @@ def _gguf_name(canon: str) -> str:
     return f"blk.{layer}.{kind}.weight"
 
 
-def _file_type_name(ft: Any) -> str | None:
-    if ft is None:
-        return None
-    try:
-        from gguf.constants import LlamaFileType
+# general.file_type -> name (llama.h's llama_ftype, without "MOSTLY_")
+_FILE_TYPES = {
+    0: "ALL_F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS",
+    20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M",
+    28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
+    1024: "GUESSED",
+}
 
-        return LlamaFileType(int(ft)).name.removeprefix("MOSTLY_")
-    except Exception:
+
+def _file_type_name(ft: Any) -> str | None:
+    try:
+        return _FILE_TYPES.get(int(ft))
+    except (TypeError, ValueError):
         return None
 
 

@@ -381,28 +381,29 @@ class Block(nn.Module):
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, plan: _Plan, layer: int) -> Tensor:
-        if plan.fast is not None and (spec := self._decode_spec()) is not None:
+        if plan.fast is not None and (args := self.decode_args()) is not None:
             # One new token per row and GGML weights: the whole layer is one C++ call.
             B = x.shape[0]
-            attn_raws, attn_qts, router, ffn_raws, ffn_qts, top_k = spec
-            y = plan.fast.layer_decode(
-                x.reshape(B, -1), self.attn_norm.weight, self.ffn_norm.weight, self.attn_norm.eps, attn_raws,
-                attn_qts, cos.reshape(B, -1), sin.reshape(B, -1), plan.cache.k[layer], plan.cache.v[layer],
-                plan.row0, plan.fast_slots, plan.bias2d, self.attn.n_heads, self.attn.n_kv, router, ffn_raws,
-                ffn_qts, top_k,
-            )
+            y = _layer_decode(plan, args, x.reshape(B, -1), cos.reshape(B, -1), sin.reshape(B, -1), layer)
             return y.view(x.shape)
         x = x + self.attn(self.attn_norm(x), cos, sin, plan, layer)
         return x + self.ffn(self.ffn_norm(x))
 
-    def _decode_spec(self) -> tuple | None:
-        """Raw weights for `layer_decode` (cached; rebuilt if the weights move), or None when this layer
-        has weights that are not CPU GGML blocks (then the modules run one by one)."""
+    def decode_args(self) -> tuple[tuple, tuple] | None:
+        """`layer_decode`'s per-layer arguments (before, after the per-step ones), cached and rebuilt if
+        the weights move; None when this layer has weights that are not CPU GGML blocks (then the
+        modules run one by one)."""
         key = id(self.attn.wq._buffers.get("data"))
-        cached = self.__dict__.get("_spec")
+        cached = self.__dict__.get("_args")
         if cached is None or cached[0] != key:
-            cached = (key, self._build_decode_spec())
-            self.__dict__["_spec"] = cached
+            spec = self._build_decode_spec()
+            args = None
+            if spec is not None:
+                attn_raws, attn_qts, router, ffn_raws, ffn_qts, top_k = spec
+                args = ((self.attn_norm.weight, self.ffn_norm.weight, self.attn_norm.eps, attn_raws, attn_qts),
+                        (self.attn.n_heads, self.attn.n_kv, router, ffn_raws, ffn_qts, top_k))
+            cached = (key, args)
+            self.__dict__["_args"] = cached
         return cached[1]
 
     def _build_decode_spec(self) -> tuple | None:
@@ -421,6 +422,13 @@ class Block(nn.Module):
         else:
             router, ffn, top_k = _EMPTY, ffn_raw([self.ffn]), 1
         return None if ffn is None else (*attn, router, *ffn, top_k)
+
+
+def _layer_decode(plan: _Plan, args: tuple[tuple, tuple], x: Tensor, cos: Tensor, sin: Tensor, layer: int) -> Tensor:
+    """One decoder layer for one new token per row (x, cos, sin: [B, ...]) as one C++ call."""
+    before, after = args
+    return plan.fast.layer_decode(x, *before, cos, sin, plan.cache.k[layer], plan.cache.v[layer], plan.row0,
+                                  plan.fast_slots, plan.bias2d, *after)
 
 
 class Transformer(nn.Module):
@@ -464,8 +472,16 @@ class Transformer(nn.Module):
         plan = _Plan(cache, positions, self.cfg.sliding_window, rows, self.dtype)
         x = self.embed.rows(tokens, self.dtype)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, plan, i)
+        args = [layer.decode_args() for layer in self.layers] if plan.fast is not None else None
+        if args is not None and None not in args:
+            # decode step, every layer one C++ call: loop here, without the per-module Python overhead
+            h, cos, sin = x.reshape(B, -1), cos.reshape(B, -1), sin.reshape(B, -1)
+            for i, a in enumerate(args):
+                h = _layer_decode(plan, a, h, cos, sin, i)
+            x = h.view(B, T, -1)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, plan, i)
         plan.finish()
         return self.norm(x)
 

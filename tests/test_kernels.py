@@ -114,6 +114,26 @@ def test_prefill_tiles_match(monkeypatch):
     monkeypatch.setattr(kq, "TILE_BYTES", 4 * k * 8)  # 8 rows per tile
     x = torch.randn(100, k)  # > GEMV_MAX_ROWS
     assert rel_err(w.matmul(x), x @ reference(raw, "Q4_K").T) < 1e-5
+    # the tiles share one reused buffer: a second weight (other shape) right after gets its own numbers
+    raw2 = make_raw("Q6_K", 20, 256, seed=4)
+    w2 = kq.fast_weight(torch.from_numpy(raw2), "Q6_K", 20, 256)
+    x2 = torch.randn(70, 256)
+    assert rel_err(w2.matmul(x2), x2 @ reference(raw2, "Q6_K").T) < 1e-5
+    assert rel_err(w.matmul(x), x @ reference(raw, "Q4_K").T) < 1e-5
+    assert torch.equal(w.dequantize(), reference(raw, "Q4_K"))  # dequantize() is never the shared buffer
+
+
+def test_dequant_into():
+    ext = kq.extension()
+    if ext is None:
+        pytest.skip("no C++ extension on this machine")
+    raw = torch.from_numpy(make_raw("Q4_0", 7, 64, seed=2))
+    buf = torch.full((1000,), float("nan"))
+    got = ext.dequant_into(raw, kq.QTYPES["Q4_0"][0], 64, buf)
+    assert got.shape == (7, 64) and got.data_ptr() == buf.data_ptr()
+    assert torch.equal(got, ext.dequant(raw, kq.QTYPES["Q4_0"][0], 64))
+    with pytest.raises(RuntimeError, match="bad out"):
+        ext.dequant_into(raw, kq.QTYPES["Q4_0"][0], 64, torch.empty(100))
 
 
 def test_numpy_input_and_bad_shapes():

@@ -1046,6 +1046,15 @@ torch::Tensor dequant(torch::Tensor raw, int64_t qt, int64_t k) {
   return out;
 }
 
+// the same into out (float32, contiguous, at least rows * k elements); returns out's first rows * k as [rows, k]
+torch::Tensor dequant_into(torch::Tensor raw, int64_t qt, int64_t k, torch::Tensor out) {
+  check(raw, qt, k);
+  const int64_t n = raw.size(0);
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() >= n * k, "dequant_into: bad out");
+  DISPATCH(qt, dequant_t, raw.data_ptr<uint8_t>(), out.data_ptr<float>(), n, k);
+  return out.view({-1}).narrow(0, 0, n * k).view({n, k});
+}
+
 // y[m, n] = sum_k x[m, k] * W[n, k], W given as raw blocks; x float32 [M, k] contiguous.
 torch::Tensor gemv(torch::Tensor raw, int64_t qt, int64_t k, torch::Tensor x) {
   check(raw, qt, k);
@@ -1571,8 +1580,8 @@ def extension():
             _EXT = load_inline(
                 name=name,
                 cpp_sources=[_CPP],
-                functions=["dequant", "gemv", "gemv_multi", "set_nr1", "set_pf", "set_pair", "decode_ops",
-                           "rmsnorm", "attn_decode", "ffn_decode", "layer_decode"],
+                functions=["dequant", "dequant_into", "gemv", "gemv_multi", "set_nr1", "set_pf", "set_pair",
+                           "decode_ops", "rmsnorm", "attn_decode", "ffn_decode", "layer_decode"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build),
@@ -1662,10 +1671,30 @@ class GGMLKernelWeight(QuantWeight):
         ext = extension()
         if ext is not None and x2.shape[0] <= gemv_max_rows(self.qtype, ext) and self.data.device.type == "cpu":
             y = ext.gemv(self.data, QTYPES[self.qtype][0], self.in_features, x2)
+        elif ext is not None and self.data.device.type == "cpu":
+            # tiles are dequantized into one reused buffer: a fresh 10-30 MB tensor per call would be
+            # fresh pages for the kernel to fault in and zero (~4 % of a MoE prefill, measured)
+            rows = self._tile_rows()
+            buf = _tile_buffer(rows * self.in_features)
+            qt = QTYPES[self.qtype][0]
+            y = tiled_linear(x2, self.out_features, rows,
+                             lambda s, e: ext.dequant_into(self.data[s:e], qt, self.in_features, buf))
         else:
             y = tiled_linear(x2, self.out_features, self._tile_rows(),
                              lambda s, e: dequantize_raw(self.data[s:e], self.qtype, self.in_features))
         return y.to(x.dtype).reshape(*lead, self.out_features)
+
+
+_SCRATCH = threading.local()
+
+
+def _tile_buffer(numel: int) -> Tensor:
+    """This thread's reusable float32 buffer for dequantized weight tiles (at least `numel` elements)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, TILE_BYTES // 4), dtype=torch.float32)
+        _SCRATCH.buf = buf
+    return buf
 
 
 def fused_matmul(weights, x: Tensor, cat: bool = False) -> list[Tensor] | Tensor:

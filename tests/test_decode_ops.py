@@ -33,16 +33,18 @@ def test_rmsnorm():
         EXT.rmsnorm(x, torch.ones(7), 1e-5)
 
 
-@pytest.mark.parametrize("nh,nkv,hd", [(4, 2, 24), (8, 8, 64), (6, 1, 16)])
-def test_attn_decode(nh, nkv, hd):
-    B, cap, m, row0 = 4, 11, 3, 1
+@pytest.mark.parametrize("nh,nkv,hd,cap", [(4, 2, 24, 11), (8, 8, 64, 11), (6, 1, 16, 11), (8, 2, 64, 700)])
+def test_attn_decode(nh, nkv, hd, cap):
+    """cap 700: keys walked in several blocks (256 keys for head_dim 64), the last one partial."""
+    B, m, row0 = 4, 3, 1
+    nk = cap - 2
     kc, vc = torch.randn(B, nkv, cap, hd), torch.randn(B, nkv, cap, hd)
     qkv = torch.randn(m, (nh + 2 * nkv) * hd)
     ang = torch.randn(m, hd // 2)
     cos = torch.cat([ang.cos(), ang.cos()], -1)
     sin = torch.cat([-ang.sin(), ang.sin()], -1)
     slots = torch.tensor([2, 7, 0])
-    bias = torch.zeros(m, 9)
+    bias = torch.zeros(m, nk)
     bias[0, 5:] = float("-inf")
     bias[2, ::2] = float("-inf")
     ref_k, ref_v = kc.clone(), vc.clone()
@@ -58,11 +60,11 @@ def test_attn_decode(nh, nkv, hd):
     untouched = torch.ones(B, cap, dtype=torch.bool)
     untouched[row0 + torch.arange(m), slots] = False
     assert torch.equal(kc.transpose(1, 2)[untouched], ref_k.transpose(1, 2)[untouched])
-    K, V = ref_k[row0 : row0 + m, :, :9], ref_v[row0 : row0 + m, :, :9]
+    K, V = ref_k[row0 : row0 + m, :, :nk], ref_v[row0 : row0 + m, :, :nk]
     want = F.scaled_dot_product_attention(q[:, :, None], K, V, attn_mask=bias[:, None, None], enable_gqa=nh != nkv)
     assert close(out, want.reshape(m, nh * hd), 1e-5)
     with pytest.raises(RuntimeError, match="slot out of range"):
-        EXT.attn_decode(qkv, cos, sin, kc, vc, row0, torch.tensor([2, 99, 0]), bias, nh, nkv)
+        EXT.attn_decode(qkv, cos, sin, kc, vc, row0, torch.tensor([2, cap + 5, 0]), bias, nh, nkv)
     with pytest.raises(RuntimeError, match="rows out of range"):
         EXT.attn_decode(qkv, cos, sin, kc, vc, 2, slots, bias, nh, nkv)
 

@@ -1255,29 +1255,27 @@ inline void scores(const float* q, const float* K, int64_t n, int64_t hd, float*
   for (; j < n; ++j) s[j] = dot(q, K + j * hd, (int)hd);
 }
 
-// o = scale * sum_j p[j] V[j] (rows of hd floats); accumulators in registers when hd is a multiple of 16
-inline void weighted_sum(const float* p, const float* V, int64_t n, int64_t hd, float scale, float* o) {
+// o += sum_j p[j] V[j] (rows of hd floats); accumulators in registers when hd is a multiple of 16
+inline void weighted_sum(const float* p, const float* V, int64_t n, int64_t hd, float* o) {
 #ifdef __AVX512F__
   if (hd % 16 == 0 && hd <= 256) {
     const int nc = (int)(hd / 16);
     __m512 acc[16];
-    for (int c = 0; c < nc; ++c) acc[c] = _mm512_setzero_ps();
+    for (int c = 0; c < nc; ++c) acc[c] = _mm512_loadu_ps(o + 16 * c);
     for (int64_t j = 0; j < n; ++j) {
       if (p[j] == 0.f) continue;
       const __m512 pj = _mm512_set1_ps(p[j]);
       for (int c = 0; c < nc; ++c) acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(V + j * hd + 16 * c), acc[c]);
     }
-    for (int c = 0; c < nc; ++c) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(scale)));
+    for (int c = 0; c < nc; ++c) _mm512_storeu_ps(o + 16 * c, acc[c]);
     return;
   }
 #endif
-  std::vector<float> acc(hd, 0.f);
   for (int64_t j = 0; j < n; ++j) {
     if (p[j] == 0.f) continue;
     const float pj = p[j], *v = V + j * hd;
-    for (int64_t d = 0; d < hd; ++d) acc[d] += pj * v[d];
+    for (int64_t d = 0; d < hd; ++d) o[d] += pj * v[d];
   }
-  for (int64_t d = 0; d < hd; ++d) o[d] = acc[d] * scale;
 }
 
 // p[j] = exp(p[j] - mx) in place (exactly 0 where p[j] = -inf), returns the sum. AVX-512: Cephes-style
@@ -1375,21 +1373,41 @@ torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor si
   const int64_t grp = nh / nkv;
   const float* bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, m * nh, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, nk * hd)), [&](int64_t t0, int64_t t1) {
-    std::vector<float> p(nk);
+  // One task per (row, kv head): its grp query heads walk the keys in blocks of ~64 KB, all heads per
+  // block, so each K / V block is read from memory once and re-read by the other heads from L2 (one
+  // head after the other over the whole cache re-read it from L3 or DRAM once the cache outgrows L2).
+  const int64_t kb = std::max<int64_t>(16, (65536 / 4 / hd) / 16 * 16);
+  at::parallel_for(0, m * nkv, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, nk * hd * grp)),
+                   [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(grp * nk), inv(grp);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i = t / nh, h = t % nh;
-      const float* qv = qp + t * hd;
-      const float* K = kp + ((row0 + i) * nkv + h / grp) * cap * hd;
-      const float* V = vp + ((row0 + i) * nkv + h / grp) * cap * hd;
-      scores(qv, K, nk, hd, p.data());
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < nk; ++j) {
-        p[j] = p[j] * scale + bp[i * nk + j];
-        mx = std::max(mx, p[j]);
+      const int64_t i = t / nkv, g = t % nkv;
+      const float* K = kp + ((row0 + i) * nkv + g) * cap * hd;
+      const float* V = vp + ((row0 + i) * nkv + g) * cap * hd;
+      const float* Q = qp + (i * nh + g * grp) * hd;
+      float* O = op + (i * nh + g * grp) * hd;
+      for (int64_t j0 = 0; j0 < nk; j0 += kb)
+        for (int64_t h = 0; h < grp; ++h)
+          scores(Q + h * hd, K + j0 * hd, std::min(kb, nk - j0), hd, p.data() + h * nk + j0);
+      for (int64_t h = 0; h < grp; ++h) {
+        float* ph = p.data() + h * nk;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < nk; ++j) {
+          ph[j] = ph[j] * scale + bp[i * nk + j];
+          mx = std::max(mx, ph[j]);
+        }
+        inv[h] = 1.f / exp_sub_sum(ph, nk, mx);
+        std::fill(O + h * hd, O + (h + 1) * hd, 0.f);
       }
-      const float sum = exp_sub_sum(p.data(), nk, mx);
-      weighted_sum(p.data(), V, nk, hd, 1.f / sum, op + i * nh * hd + h * hd);
+      for (int64_t j0 = 0; j0 < nk; j0 += kb)
+        for (int64_t h = 0; h < grp; ++h)
+          weighted_sum(p.data() + h * nk + j0, V + j0 * hd, std::min(kb, nk - j0), hd, O + h * hd);
+      for (int64_t h = 0; h < grp; ++h) {
+        float* o = O + h * hd;
+        const float w = inv[h];
+#pragma omp simd
+        for (int64_t d = 0; d < hd; ++d) o[d] *= w;
+      }
     }
   });
   return out;

@@ -1278,30 +1278,56 @@ inline void weighted_sum(const float* p, const float* V, int64_t n, int64_t hd, 
   }
 }
 
-// p[j] = exp(p[j] - mx) in place (exactly 0 where p[j] = -inf), returns the sum. AVX-512: Cephes-style
-// polynomial (max relative error ~2e-7, like expf), 16 keys at a time.
+#ifdef __AVX512F__
+// exp(x) for x in [-87.3, 88.7] (smaller x give exp(-87.3) ~ 1e-38): Cephes-style polynomial, max relative
+// error ~2e-7, like expf
+inline __m512 exp512(__m512 x) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(fx, c2, _mm512_fnmadd_ps(fx, c1, x));
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, fx);
+}
+#endif
+
+inline void add_into(float* y, const float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += x[j];
+}
+
+// o[j] = silu(g[j]) * u[j] = g u / (1 + exp(-g))
+inline void silu_mul(const float* g, const float* u, float* o, int64_t n) {
+  int64_t j = 0;
+#ifdef __AVX512F__
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; j + 16 <= n; j += 16) {
+    const __m512 gv = _mm512_loadu_ps(g + j);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    _mm512_storeu_ps(o + j, _mm512_div_ps(_mm512_mul_ps(gv, _mm512_loadu_ps(u + j)), _mm512_add_ps(one, e)));
+  }
+#endif
+  for (; j < n; ++j) o[j] = g[j] * u[j] / (1.f + std::exp(-g[j]));
+}
+
+// p[j] = exp(p[j] - mx) in place (exactly 0 where p[j] = -inf), returns the sum; 16 keys at a time
 inline float exp_sub_sum(float* p, int64_t n, float mx) {
   int64_t j = 0;
   float sum = 0.f;
 #ifdef __AVX512F__
-  const __m512 vmx = _mm512_set1_ps(mx), log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
-  const __m512 lo = _mm512_set1_ps(-87.3f);
+  const __m512 vmx = _mm512_set1_ps(mx);
   __m512 acc = _mm512_setzero_ps();
   for (; j + 16 <= n; j += 16) {
     const __m512 v = _mm512_loadu_ps(p + j);
     const __mmask16 live = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-    const __m512 x = _mm512_max_ps(_mm512_sub_ps(v, vmx), lo);
-    const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_fnmadd_ps(fx, c2, _mm512_fnmadd_ps(fx, c1, x));
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    const __m512 e = _mm512_maskz_mov_ps(live, _mm512_scalef_ps(y, fx));
+    const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(v, vmx)));
     _mm512_storeu_ps(p + j, e);
     acc = _mm512_add_ps(acc, e);
   }
@@ -1468,7 +1494,7 @@ torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor logits, std::vector<torc
     if (!rows[e].empty()) active.push_back(e);
   const int64_t na = (int64_t)active.size();
   std::vector<std::vector<float>> xs(na), gu(na), ys(na);
-  std::vector<torch::Tensor> hs(na);  // XBuf keeps a pointer to its x
+  std::vector<std::vector<float>> hs(na);  // XBuf keeps a pointer to its x
   std::vector<std::unique_ptr<XBuf>> xb(na), hb(na);
   std::vector<Job> jobs;
   for (int64_t a = 0; a < na; ++a) {
@@ -1487,10 +1513,10 @@ torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor logits, std::vector<torc
   jobs.clear();
   for (int64_t a = 0; a < na; ++a) {
     const int64_t e = active[a], me = (int64_t)rows[e].size();
-    // silu(gate) * up with ATen's vectorised silu (a scalar exp loop here cost ~35 us per layer)
-    auto g = torch::from_blob(gu[a].data(), {me, 2 * inter}, torch::kFloat32);
-    hs[a] = (at::silu(g.narrow(1, 0, inter)) * g.narrow(1, inter, inter)).contiguous();
-    hb[a] = std::make_unique<XBuf>(hs[a].data_ptr<float>(), me, inter, x_forms(qts[3 * e + 2], inter));
+    hs[a].resize(me * inter);
+    for (int64_t r = 0; r < me; ++r)
+      silu_mul(gu[a].data() + r * 2 * inter, gu[a].data() + r * 2 * inter + inter, hs[a].data() + r * inter, inter);
+    hb[a] = std::make_unique<XBuf>(hs[a].data(), me, inter, x_forms(qts[3 * e + 2], inter));
     ys[a].resize(me * h);
     jobs.push_back(Job{qts[3 * e + 2], ws[3 * e + 2].data_ptr<uint8_t>(), ws[3 * e + 2].size(1), h, hb[a].get(),
                        ys[a].data(), h});
@@ -1524,7 +1550,8 @@ torch::Tensor layer_decode(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
   auto hn = rmsnorm(x, attn_norm, eps);
   auto qkv = gemv_multi({attn[0], attn[1], attn[2]}, {attn_qts[0], attn_qts[1], attn_qts[2]}, h, hn);
   auto a = attn_decode(qkv, cos, sin, kc, vc, row0, slots, bias, nh, nkv);
-  auto x1 = x + gemv(attn[3], attn_qts[3], a.size(1), a);
+  auto x1 = gemv(attn[3], attn_qts[3], a.size(1), a);
+  add_into(x1.data_ptr<float>(), x.data_ptr<float>(), x.numel());  // residual (x checked by rmsnorm)
   auto hf = rmsnorm(x1, ffn_norm, eps);
   torch::Tensor logits;
   if (router.numel() > 0) {
@@ -1539,7 +1566,9 @@ torch::Tensor layer_decode(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
   } else {
     logits = torch::empty({0}, torch::kFloat32);
   }
-  return x1 + ffn_decode(hf, logits, ffn, ffn_qts, top_k);
+  auto y = ffn_decode(hf, logits, ffn, ffn_qts, top_k);
+  add_into(y.data_ptr<float>(), x1.data_ptr<float>(), x1.numel());
+  return y;
 }
 #else
 torch::Tensor ffn_decode(torch::Tensor, torch::Tensor, std::vector<torch::Tensor>, std::vector<int64_t>, int64_t) {

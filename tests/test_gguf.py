@@ -340,10 +340,18 @@ def test_memory_growth_q4_mixtral(tmp_path):
         f"after a forward pass {m['forward'] / 1e6:.1f} MB (anonymous {m['forward_anon'] / 1e6:.1f} MB)"
     )
     assert m["finite"]
-    assert m["load"] <= 0.25 * size  # loading touches only norms, router, wq/wk (brief: <= 1.3x)
-    # a forward pass pages in the experts it uses (file-backed); anonymous growth stays small
-    assert m["forward_anon"] <= 0.75 * size
-    assert m["forward"] <= 1.5 * size
+    from levante.quant.kernels import decode_ext
+
+    if decode_ext() is not None:
+        # Q4_0 is regrouped at load (Q4_0x16Weight) into anonymous memory and the mapped pages are released:
+        # the weights are in memory once (measured 1.08x the file after load, 1.14x after a forward pass)
+        assert m["load"] <= 1.15 * size
+        assert m["forward"] <= 1.2 * size
+    else:
+        assert m["load"] <= 0.25 * size  # loading touches only norms, router, wq/wk (brief: <= 1.3x)
+        # a forward pass pages in the experts it uses (file-backed); anonymous growth stays small
+        assert m["forward_anon"] <= 0.75 * size
+        assert m["forward"] <= 1.5 * size
 
 
 # ------------------------------------------------------------------------------------- bad files

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import math
+import mmap
 import re
 import struct
 from collections import Counter
@@ -32,7 +33,7 @@ from ..model import expected_shapes
 from ..quant.base import QuantWeight
 from ..quant.ggml import FLOAT_TYPES, GGMLWeight, check_qtype, dequantize
 from ..quant.kernels import QTYPES as KERNEL_TYPES
-from ..quant.kernels import fast_weight
+from ..quant.kernels import Q4_0x16Weight, fast_weight
 from . import Checkpoint
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -128,6 +129,19 @@ class GGUFFile:
             row = dims[0] * ts // bs if dims else ts
             shape = tuple(reversed(dims[1:])) + (row,)
             self.tensors.append(GGUFTensor(name, qtype, dims, self.data[begin:end].reshape(shape)))
+
+    def release(self, t: GGUFTensor) -> None:
+        """Drop the mapped pages of a tensor whose bytes were copied elsewhere (e.g. regrouped at load), so
+        they stop counting in the process's memory; a later read of them faults them back in from the file
+        (the mapping is private and never written)."""
+        mm = getattr(self.data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = t.data.ctypes.data - self.data.ctypes.data
+        page = mmap.PAGESIZE
+        a, b = -(-start // page) * page, (start + t.data.nbytes) // page * page
+        if b > a:
+            mm.madvise(mmap.MADV_DONTNEED, a, b - a)
 
     def _unpack(self, fmt: str) -> tuple:
         st = struct.Struct(fmt)
@@ -540,6 +554,15 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
             f"{path}: missing tensor(s) {', '.join(_gguf_name(k) for k in missing[:5])}"
             f"{' ...' if len(missing) > 5 else ''}"
         )
+
+    # tensors whose weights were all regrouped into new memory (Q4_0x16): their mapped pages can go
+    regrouped: dict[str, bool] = {}
+    for canon, w in weights.items():
+        src = sources[canon].split(":", 1)[1]
+        regrouped[src] = regrouped.get(src, True) and isinstance(w, Q4_0x16Weight)
+    for rt in tensors.values():
+        if regrouped.get(rt.name):
+            reader.release(rt)
 
     tokenizer = _tokenizer(fields)
     size = path.stat().st_size

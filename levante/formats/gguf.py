@@ -452,6 +452,15 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
             raise WeightsError(f"{path}: tensor {rt.name} duplicates {sources[canon]} ({canon})")
         weights[canon] = w
         sources[canon] = f"{fname}:{rt.name}"
+        regrouped[rt.name] = regrouped.get(rt.name, True) and isinstance(w, Q4_0x16Weight)
+
+    # A tensor whose weights were all regrouped into new memory (Q4_0x16) gives its mapped pages back as
+    # soon as it is done, so the file and the regrouped copy are never both resident.
+    regrouped: dict[str, bool] = {}
+
+    def release_if_regrouped(rt: GGUFTensor | None) -> None:
+        if rt is not None and regrouped.get(rt.name):
+            reader.release(rt)
 
     def linear(raw: Tensor, qtype: str, shape: tuple[int, int], name: str) -> Tensor | QuantWeight:
         if qtype in FLOAT_TYPES and _FLOAT_NP[qtype] == dtype:
@@ -466,7 +475,10 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
 
     layers_seen = set()
     factors: dict[str, dict[str, Any]] = {}  # canonical name -> {"a": rt, "b": rt} (low-rank GGUFs)
+    prev = None
     for name, rt in tensors.items():
+        release_if_regrouped(prev)
+        prev = rt
         qtype = rt.qtype
         if name == "rope_freqs.weight":
             continue
@@ -542,6 +554,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
             n_head = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
             raw = raw.reshape(want[0], -1).index_select(0, _qk_perm(n_head, cfg.head_dim))
         put(canon, linear(raw, qtype, want, name), rt)
+    release_if_regrouped(prev)
 
     if factors:
         _low_rank_weights(factors, shapes, fields, path, put, linear)
@@ -554,15 +567,6 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
             f"{path}: missing tensor(s) {', '.join(_gguf_name(k) for k in missing[:5])}"
             f"{' ...' if len(missing) > 5 else ''}"
         )
-
-    # tensors whose weights were all regrouped into new memory (Q4_0x16): their mapped pages can go
-    regrouped: dict[str, bool] = {}
-    for canon, w in weights.items():
-        src = sources[canon].split(":", 1)[1]
-        regrouped[src] = regrouped.get(src, True) and isinstance(w, Q4_0x16Weight)
-    for rt in tensors.values():
-        if regrouped.get(rt.name):
-            reader.release(rt)
 
     tokenizer = _tokenizer(fields)
     size = path.stat().st_size

@@ -306,7 +306,12 @@ def test_q4_0x16_exact(n, k):
                 x[:, ::17] *= 200.0
                 x *= torch.rand(m, k, generator=gen) ** 4
             err = dot_err(w.matmul(x), x, ref.double())
-            assert err < (1e-3 if scale == "outliers" else 1e-4), f"{n}x{k} m={m} {scale}: {err:.2e}"
+            # adversarial outliers with few blocks per row: a 200x channel sets the int16 step of its block,
+            # and where it meets a zero code the small channels' rounding is all that is left; worst seen
+            # 1.6e-3 at k = 96 over 1280 outputs, the per-row Q4_0 kernel the same (it rounds x the same way),
+            # below 1e-3 from k = 576. Gaussian x: ~1e-5.
+            tol = (2e-3 if k < 512 else 1e-3) if scale == "outliers" else 1e-4
+            assert err < tol, f"{n}x{k} m={m} {scale}: {err:.2e}"
     # the fused multi-weight call mixes it with other layouts
     raw2 = make_raw("Q4_K", 7, k, seed=1) if k % 256 == 0 else make_raw("Q8_0", 7, k, seed=1)
     q2 = "Q4_K" if k % 256 == 0 else "Q8_0"

@@ -29,10 +29,12 @@ is a slow reference loop (20-100x slower than F.linear). So the fast exact path 
   At m == 1 Q4_0 / Q4_1 read 4 weight rows per pass; that group is prefetched linearly in
   software 8 KiB ahead (the hardware prefetcher follows 4 interleaved row streams badly: 2.5x slower
   from DRAM without it). Typical output error ~1e-5 of sum |x||w|; a block holding one huge
-  channel next to tiny ones loses the tiny ones (worst seen in the tests: 7e-4, inside the 1e-3 rule).
+  channel next to tiny ones loses the tiny ones (adversarial test, 200x channels: worst seen 7e-4 at
+  k >= 576, 1.6e-3 at k = 96 where a row has only 3 blocks).
   `fused_matmul` runs several weights that share x (q/k/v, gate/up) in one such call.
 * prefill (more rows): dequantize row tiles (C++ or torch) to float32 and run MKL's F.linear per tile,
-  so transient memory stays bounded by `TILE_BYTES`.
+  so transient memory stays bounded by `TILE_BYTES` — except Q4_0x16, whose 16-row integer kernel
+  beats that at any number of rows (1.2-1.6x at 128-512 rows) and so runs prefill too.
 
 Every weight value used is exactly the GGML float32 dequantization (no second rounding of
 weights); only the summation order differs from `x @ W.T` (plus, on the small-batch paths, x's
@@ -1196,15 +1198,17 @@ torch::Tensor gemv(torch::Tensor raw, int64_t qt, int64_t k, torch::Tensor x) {
   const int64_t n = rows_of(raw, qt), m = x.size(0);
   auto out = torch::empty({m, n}, torch::kFloat32);
 #ifdef HAVE_BF16DOT
-  if (qt == X16) {
+  if (qt == X16) {  // any number of rows (measured 1.2-1.6x tile dequant + MKL at 128-512 rows)
     if (m == 0 || n == 0) return out;
-    if (m > GEMV_MAX) return at::linear(x, dequant(raw, qt, k));
-    XBuf xb(x.data_ptr<float>(), m, k, XF_Q16);
     const uint8_t* src = raw.data_ptr<uint8_t>();
     float* yp = out.data_ptr<float>();
-    at::parallel_for(0, raw.size(0), grain_rows(raw.size(1), m), [&](int64_t g0, int64_t g1) {
-      range_x16(src, g0, g1, xb.p, m, yp, n);
-    });
+    for (int64_t i0 = 0; i0 < m; i0 += GEMV_MAX) {  // x in chunks of 64 rows, whose int16 form stays in L2
+      const int64_t mi = std::min(GEMV_MAX, m - i0);
+      XBuf xb(x.data_ptr<float>() + i0 * k, mi, k, XF_Q16);
+      at::parallel_for(0, raw.size(0), grain_rows(raw.size(1), mi), [&](int64_t g0, int64_t g1) {
+        range_x16(src, g0, g1, xb.p, mi, yp + i0 * n, n);
+      });
+    }
     return out;
   }
   if (m <= GEMV_MAX && bf_type(qt) && n > 0) {
@@ -1909,20 +1913,12 @@ class Q4_0x16Weight(GGMLKernelWeight):
         out = block.view(-1, 16, self.in_features)[inverse, flat % 16]
         return out.to(dtype).reshape(*ids.shape, self.in_features)
 
-    def _tile_rows(self) -> int:
-        return max(16, min(self.out_features, TILE_BYTES // (4 * self.in_features)) // 16 * 16)
-
     def matmul(self, x: Tensor) -> Tensor:
+        # the 16-row kernel at any number of rows of x: 1.2-1.6x tile dequant + MKL even at 128-512 rows
+        # (2 threads, 3584x1024 and 1024x3584; benchmarks/README.md), so prefill uses it too
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-        ext = extension()
-        if x2.shape[0] <= gemv_max_rows(self.qtype, ext):
-            y = ext.gemv(self.data, X16_ID, k, x2)
-        else:
-            rows = self._tile_rows()
-            buf = _tile_buffer(rows * k)
-            y = tiled_linear(x2, self.out_features, rows,
-                             lambda s, e: ext.dequant_into(self.data[s // 16 : e // 16], X16_ID, k, buf))
+        y = extension().gemv(self.data, X16_ID, k, x2)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def ggml_blocks(self) -> Tensor:

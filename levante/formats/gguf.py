@@ -151,65 +151,49 @@ class GGUFFile:
         self._pos += st.size
         return out
 
-    def _scalar(self, dt: np.dtype) -> Any:
-        if self._pos + dt.itemsize > len(self._mv):
-            raise ValueError(f"header cut off at byte {self._pos}")
-        v = np.frombuffer(self._mv, dt, 1, self._pos)[0].item()
-        self._pos += dt.itemsize
-        return v
+    def _array(self, dt: np.dtype, n: int) -> np.ndarray:
+        if self._pos + n * dt.itemsize > len(self._mv):
+            raise ValueError(f"metadata at byte {self._pos} runs past the end of the file")
+        arr = np.frombuffer(self._mv, dt, n, self._pos)
+        self._pos += n * dt.itemsize
+        return arr
+
+    def _strings(self, n: int) -> list[str]:
+        """n GGUF strings (u64 length + utf-8 bytes; invalid utf-8 replaced)."""
+        mv, size, p = self._mv, len(self._mv), self._pos
+        unpack = struct.Struct("<Q").unpack_from
+        dec = codecs.utf_8_decode
+        out = []
+        for _ in range(n):
+            if p + 8 > size:
+                raise ValueError(f"string at byte {p} runs past the end of the file")
+            (ln,) = unpack(mv, p)
+            p += 8
+            if p + ln > size:
+                raise ValueError(f"string at byte {p} runs past the end of the file")
+            out.append(dec(mv[p : p + ln], "replace", True)[0])
+            p += ln
+        self._pos = p
+        return out
 
     def _string(self) -> str:
-        (n,) = self._unpack("<Q")
-        if self._pos + n > len(self._mv):
-            raise ValueError(f"string at byte {self._pos} runs past the end of the file")
-        b = bytes(self._mv[self._pos : self._pos + n])
-        self._pos += n
-        return b.decode("utf-8", "replace")
+        return self._strings(1)[0]
 
     def _value(self, vt: int) -> Any:
         if vt == 8:
             return self._string()
         if vt in _SCALARS:
-            v = self._scalar(np.dtype(_SCALARS[vt]))
+            v = self._array(np.dtype(_SCALARS[vt]), 1)[0].item()
             return bool(v) if vt == 7 else v
         if vt == 9:
             sub, n = self._unpack("<IQ")
             if sub == 8:
-                strs, self._pos = _decode_strings(self.data, self._pos, n)
-                return strs.tolist()
+                return self._strings(n)
             if sub in _SCALARS:
-                dt = np.dtype(_SCALARS[sub])
-                if self._pos + n * dt.itemsize > len(self._mv):
-                    raise ValueError(f"metadata array at byte {self._pos} runs past the end of the file")
-                arr = np.frombuffer(self._mv, dt, n, self._pos)
-                self._pos += n * dt.itemsize
+                arr = self._array(np.dtype(_SCALARS[sub]), n)
                 return [bool(v) for v in arr] if sub == 7 else arr.tolist()
             return [self._value(sub) for _ in range(n)]  # nested arrays (rare)
         raise ValueError(f"unknown metadata value type {vt} at byte {self._pos}")
-
-
-def _decode_strings(buf: np.ndarray, offs: int, n: int) -> tuple[np.ndarray, int]:
-    """n GGUF strings (u64 length + utf-8 bytes) from offset offs -> (object array, end offset)."""
-    mv = memoryview(buf)
-    size = len(mv)
-    out = np.empty(n, dtype=object)
-    unpack = struct.Struct("<Q").unpack_from
-    dec = codecs.utf_8_decode
-    p = offs
-    for i in range(n):
-        if p + 8 > size:
-            raise ValueError(f"string array at offset {offs} runs past the end of the file")
-        (ln,) = unpack(mv, p)
-        p += 8
-        if p + ln > size:
-            raise ValueError(f"string array at offset {offs} runs past the end of the file")
-        chunk = mv[p : p + ln]
-        try:
-            out[i] = dec(chunk, "strict", True)[0]
-        except UnicodeDecodeError:
-            out[i] = dec(chunk, "replace", True)[0]
-        p += ln
-    return out, p
 
 
 def gguf_fields(reader: Any) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -1868,23 +1869,26 @@ class GGMLKernelWeight(QuantWeight):
     def _tile_rows(self) -> int:
         return max(1, min(self.out_features, TILE_BYTES // (4 * self.in_features)))
 
+    def _kernel_max_rows(self, ext) -> int:
+        """Rows of x up to which the C++ kernel runs (above: dequantized tiles + MKL)."""
+        return gemv_max_rows(self.qtype, ext)
+
     def matmul(self, x: Tensor) -> Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-        ext = extension()
-        if ext is not None and x2.shape[0] <= gemv_max_rows(self.qtype, ext) and self.data.device.type == "cpu":
+        ext = extension() if self.data.device.type == "cpu" else None
+        if ext is not None and x2.shape[0] <= self._kernel_max_rows(ext):
             y = ext.gemv(self.data, self.kernel_id, self.in_features, x2)
-        elif ext is not None and self.data.device.type == "cpu":
-            # tiles are dequantized into one reused buffer: a fresh 10-30 MB tensor per call would be
-            # fresh pages for the kernel to fault in and zero (~4 % of a MoE prefill, measured)
-            rows = self._tile_rows()
-            buf = _tile_buffer(rows * self.in_features)
-            qt = QTYPES[self.qtype][0]
-            y = tiled_linear(x2, self.out_features, rows,
-                             lambda s, e: ext.dequant_into(self.data[s:e], qt, self.in_features, buf))
         else:
-            y = tiled_linear(x2, self.out_features, self._tile_rows(),
-                             lambda s, e: dequantize_raw(self.data[s:e], self.qtype, self.in_features))
+            rows = self._tile_rows()
+            if ext is not None:
+                # tiles are dequantized into one reused buffer: a fresh 10-30 MB tensor per call would be
+                # fresh pages for the kernel to fault in and zero (~4 % of a MoE prefill, measured)
+                buf = _tile_buffer(rows * self.in_features)
+                tile = lambda s, e: ext.dequant_into(self.data[s:e], self.kernel_id, self.in_features, buf)  # noqa: E731
+            else:
+                tile = lambda s, e: dequantize_raw(self.data[s:e], self.qtype, self.in_features)  # noqa: E731
+            y = tiled_linear(x2, self.out_features, rows, tile)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
 
@@ -1913,13 +1917,10 @@ class Q4_0x16Weight(GGMLKernelWeight):
         out = block.view(-1, 16, self.in_features)[inverse, flat % 16]
         return out.to(dtype).reshape(*ids.shape, self.in_features)
 
-    def matmul(self, x: Tensor) -> Tensor:
+    def _kernel_max_rows(self, ext) -> int:
         # the 16-row kernel at any number of rows of x: 1.2-1.6x tile dequant + MKL even at 128-512 rows
         # (2 threads, 3584x1024 and 1024x3584; benchmarks/README.md), so prefill uses it too
-        lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-        y = extension().gemv(self.data, X16_ID, k, x2)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        return sys.maxsize
 
     def ggml_blocks(self) -> Tensor:
         """The weight as GGML Q4_0 blocks, uint8 [out, in / 32 * 18]."""

@@ -536,3 +536,12 @@ def test_smollm2_matches_llama_cpp(smollm2):
         got = build_model(ckpt.config, ckpt.weights)(torch.tensor([toks]))[0].numpy()
     assert (got.argmax(-1) == ref.argmax(-1)).all()
     assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] >= 0.995
+
+
+def test_corrupt_tokenizer_metadata_is_a_weights_error(models, tmp_path):
+    tok = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+           "tokenizer.ggml.token_type": [1, 1, 1], "tokenizer.ggml.merges": ["ab"]}  # a merge needs two parts
+    path = write_gguf_from_hf(models["llama_tied"], tmp_path / "t.gguf", "F32", tokenizer_fields=tok)
+    with pytest.raises(WeightsError, match=r"t\.gguf: bad tokenizer\.ggml\.\* metadata"):
+        read_gguf(path)
+

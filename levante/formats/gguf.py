@@ -552,7 +552,10 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
             f"{' ...' if len(missing) > 5 else ''}"
         )
 
-    tokenizer = _tokenizer(fields)
+    try:
+        tokenizer = _tokenizer(fields)
+    except (ValueError, KeyError, TypeError) as e:  # e.g. a corrupt merges entry
+        raise WeightsError(f"{path}: bad tokenizer.ggml.* metadata: {type(e).__name__}: {e}") from e
     size = path.stat().st_size
     info = {
         "format": "gguf",

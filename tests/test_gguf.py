@@ -347,7 +347,7 @@ def test_memory_growth_q4_mixtral(tmp_path):
     from levante.quant.kernels import decode_ext
 
     if decode_ext() is not None:
-        # Q4_0 is regrouped at load (Q4_0x16Weight) into anonymous memory and each tensor's mapped pages are
+        # Q4_0 is regrouped at load (Grouped16Weight) into anonymous memory and each tensor's mapped pages are
         # released right after: the weights are in memory once, also at the peak while loading (measured
         # 1.08x the file after load, 1.14x after a forward pass)
         assert m["load"] <= 1.15 * size

@@ -285,21 +285,27 @@ def test_gemv_prefetch_does_not_change_results(qtype):
     assert rel_err(y_on, ref) < 5e-5
 
 
-# ------------------------------------------------------------------ Q4_0 in 16-row groups (Q4_0x16Weight)
-@pytest.mark.parametrize("n,k", [(16, 96), (48, 576), (64, 1024), (32, 160)])
-def test_q4_0x16_exact(n, k):
+# ------------------------------------------------------- Q4_0 / Q4_K / Q6_K in 16-row groups (Grouped16Weight)
+GROUPED_CASES = [("Q4_0", 16, 96), ("Q4_0", 48, 576), ("Q4_0", 64, 1024), ("Q4_0", 32, 160),
+                 ("Q4_K", 16, 256), ("Q4_K", 48, 768), ("Q4_K", 32, 1024), ("Q6_K", 16, 256), ("Q6_K", 48, 768),
+                 ("Q6_K", 32, 1024)]
+
+
+@pytest.mark.parametrize("qtype,n,k", GROUPED_CASES)
+def test_grouped16_exact(qtype, n, k):
     if kq.decode_ext() is None:
-        pytest.skip("the Q4_0x16 kernels need the AVX512_BF16 build")
-    raw = make_raw("Q4_0", n, k, seed=n + k)
-    w = kq.fast_weight(torch.from_numpy(raw), "Q4_0", n, k)
-    assert isinstance(w, kq.Q4_0x16Weight) and w.qtype == "Q4_0" and w.nbytes == raw.nbytes
-    ref = reference(raw, "Q4_0")
+        pytest.skip("the 16-row group kernels need the AVX512_BF16 build")
+    raw = make_raw(qtype, n, k, seed=n + k)
+    w = kq.fast_weight(torch.from_numpy(raw), qtype, n, k)
+    assert isinstance(w, kq.Grouped16Weight) and w.qtype == qtype and w.nbytes == raw.nbytes
+    assert w.kernel_id == kq.GROUPED_IDS[qtype]
+    ref = reference(raw, qtype)
     assert torch.equal(w.dequantize().view(torch.int32), ref.view(torch.int32))
     assert torch.equal(w.ggml_blocks(), torch.from_numpy(raw))  # the same bytes, moved
     ids = torch.tensor([[0, 5, n - 1], [7, 7, 1]])
     assert torch.equal(w.rows(ids, torch.float32), ref[ids])
     gen = torch.Generator().manual_seed(n)
-    for m in (1, 3, 8, 70):  # 70 > GEMV_MAX_ROWS: tiles
+    for m in (1, 2, 3, 5, 8, 70, 131):  # every mix of 4-, 2- and 1-row passes; > 64 rows: chunks of 64
         for scale in (1.0, "outliers"):
             x = torch.randn(m, k, generator=gen)
             if scale == "outliers":
@@ -311,25 +317,29 @@ def test_q4_0x16_exact(n, k):
             # 1.6e-3 at k = 96 over 1280 outputs, the per-row Q4_0 kernel the same (it rounds x the same way),
             # below 1e-3 from k = 576. Gaussian x: ~1e-5.
             tol = (2e-3 if k < 512 else 1e-3) if scale == "outliers" else 1e-4
-            assert err < tol, f"{n}x{k} m={m} {scale}: {err:.2e}"
+            assert err < tol, f"{qtype} {n}x{k} m={m} {scale}: {err:.2e}"
     # the fused multi-weight call mixes it with other layouts
-    raw2 = make_raw("Q4_K", 7, k, seed=1) if k % 256 == 0 else make_raw("Q8_0", 7, k, seed=1)
-    q2 = "Q4_K" if k % 256 == 0 else "Q8_0"
+    raw2 = make_raw("Q5_K", 7, k, seed=1) if k % 256 == 0 else make_raw("Q8_0", 7, k, seed=1)
+    q2 = "Q5_K" if k % 256 == 0 else "Q8_0"
     w2 = kq.fast_weight(torch.from_numpy(raw2), q2, 7, k)
     x = torch.randn(2, k)
     y1, y2 = kq.fused_matmul([w, w2], x)
     assert dot_err(y1, x, ref.double()) < 1e-4 and dot_err(y2, x, reference(raw2, q2).double()) < 1e-4
 
 
-def test_q4_0x16_only_when_it_applies():
-    raw = torch.from_numpy(make_raw("Q4_0", 24, 64, seed=1))
-    assert type(kq.fast_weight(raw, "Q4_0", 24, 64)) is kq.GGMLKernelWeight  # 24 rows: not 16-row groups
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q6_K"])
+def test_grouped16_only_when_it_applies(qtype):
+    k = 64 if qtype == "Q4_0" else 256
+    raw = torch.from_numpy(make_raw(qtype, 24, k, seed=1))
+    assert type(kq.fast_weight(raw, qtype, 24, k)) is kq.GGMLKernelWeight  # 24 rows: not 16-row groups
     if kq.decode_ext() is None:
-        pytest.skip("the Q4_0x16 kernels need the AVX512_BF16 build")
+        pytest.skip("the 16-row group kernels need the AVX512_BF16 build")
     with pytest.raises(RuntimeError, match="multiple of 16"):
-        kq.extension().repack_q4_0x16(raw, 64)
-    raw = make_raw("Q4_0", 32, 64, seed=2)
-    w = kq.fast_weight(torch.from_numpy(raw), "Q4_0", 32, 64)
-    assert isinstance(w, kq.Q4_0x16Weight)
+        kq.extension().regroup_rows(raw, kq.GROUPED_IDS[qtype], k)
+    with pytest.raises(RuntimeError, match="not a grouped type"):
+        kq.extension().regroup_rows(raw, kq.QTYPES[qtype][0], k)
+    raw = make_raw(qtype, 32, k, seed=2)
+    w = kq.fast_weight(torch.from_numpy(raw), qtype, 32, k)
+    assert isinstance(w, kq.Grouped16Weight)
     w = w.to("meta")  # leaving the CPU: back to GGML blocks and the generic class (CUDA takes this path)
-    assert type(w) is kq.GGMLKernelWeight and w.data.shape == (32, 36) and w.kernel_id == kq.QTYPES["Q4_0"][0]
+    assert type(w) is kq.GGMLKernelWeight and w.data.shape == raw.shape and w.kernel_id == kq.QTYPES[qtype][0]

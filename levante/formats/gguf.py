@@ -33,7 +33,7 @@ from ..model import expected_shapes
 from ..quant.base import QuantWeight
 from ..quant.ggml import FLOAT_TYPES, GGMLWeight, check_qtype, dequantize
 from ..quant.kernels import QTYPES as KERNEL_TYPES
-from ..quant.kernels import Q4_0x16Weight, fast_weight
+from ..quant.kernels import Grouped16Weight, fast_weight
 from . import Checkpoint
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -436,9 +436,9 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
             raise WeightsError(f"{path}: tensor {rt.name} duplicates {sources[canon]} ({canon})")
         weights[canon] = w
         sources[canon] = f"{fname}:{rt.name}"
-        regrouped[rt.name] = regrouped.get(rt.name, True) and isinstance(w, Q4_0x16Weight)
+        regrouped[rt.name] = regrouped.get(rt.name, True) and isinstance(w, Grouped16Weight)
 
-    # A tensor whose weights were all regrouped into new memory (Q4_0x16) gives its mapped pages back as
+    # A tensor whose weights were all regrouped into new memory (Grouped16Weight) gives its mapped pages back as
     # soon as it is done, so the file and the regrouped copy are never both resident.
     regrouped: dict[str, bool] = {}
 

@@ -426,12 +426,13 @@ DEF_V(q6_k)
 #endif
 
 typedef void (*deq_fn)(const uint8_t*, float*);
-// id 10 is levante's own Q4_0x16 layout (Q4_0 in 16-row groups, see repack_q4_0x16): a "row" of raw
-// is a group of 16 weight rows, 288 bytes per 32 columns
-const int BLK[11] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 32};
-const int BYT[11] = {18, 20, 22, 24, 34, 84, 110, 144, 176, 210, 288};
-constexpr int64_t X16 = 10;
-inline int64_t rows_of(const torch::Tensor& raw, int64_t qt) { return qt == X16 ? 16 * raw.size(0) : raw.size(0); }
+// ids 10-12 are levante's own 16-row group layouts of Q4_0, Q4_K and Q6_K (see `regroup`): a "row" of raw
+// is a group of 16 weight rows, the 16 GGML blocks of each column block moved together
+const int BLK[13] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 32, 256, 256};
+const int BYT[13] = {18, 20, 22, 24, 34, 84, 110, 144, 176, 210, 288, 2304, 3360};
+constexpr int64_t X16 = 10;  // Q4_0x16 (X4K = 11: Q4_Kx16, X6K = 12: Q6_Kx16)
+inline bool grouped(int64_t qt) { return qt >= X16; }
+inline int64_t rows_of(const torch::Tensor& raw, int64_t qt) { return grouped(qt) ? 16 * raw.size(0) : raw.size(0); }
 
 inline float dot(const float* __restrict a, const float* __restrict b, int n) {
   float s = 0.f;
@@ -441,7 +442,7 @@ inline float dot(const float* __restrict a, const float* __restrict b, int n) {
 }
 
 void check(const torch::Tensor& raw, int64_t qt, int64_t k) {
-  TORCH_CHECK(qt >= 0 && qt < 11, "unknown qtype id ", qt);
+  TORCH_CHECK(qt >= 0 && qt < 13, "unknown qtype id ", qt);
   TORCH_CHECK(raw.dtype() == torch::kUInt8 && raw.dim() == 2 && raw.is_contiguous(),
               "raw must be contiguous uint8 2-D");
   TORCH_CHECK(k % BLK[qt] == 0 && raw.size(1) == k / BLK[qt] * BYT[qt], "row bytes do not match in_features");
@@ -573,6 +574,7 @@ struct XP {  // prepared activations, m rows
   const float* dxk;    // [m][k/256]
   const float* sk;     // sums of the rounded x per 32 elements, dxk * sum(q16k) [m][k/32]
   const int32_t* qs;   // sums of q16 per 32-block [m][k/32] (Q4_0x16's -8 offset)
+  const int32_t* ks16; // sums of q16k per 16 elements [m][k/16] (Q4_Kx16 / Q6_Kx16's offsets)
 };
 
 template <int NR, int M>
@@ -907,6 +909,7 @@ void range_bf(const uint8_t* src, int64_t rb, int64_t r0, int64_t r1, const XP& 
       xi.dxk += i0 * (x.k / 256);
       xi.sk += i0 * (x.k / 32);
       xi.qs += i0 * (x.k / 32);
+      xi.ks16 += i0 * (x.k / 16);
       float* yi = y + i0 * ldy;
       switch (std::min<int64_t>(4, m - i0)) {
         case 1: rows_bf<T, 1, 1>(src, rb, r, xi, yi, ldy); break;
@@ -946,6 +949,8 @@ inline int x_forms(int64_t qt, int64_t k) {
     case 7: case 8: return XF_K | XF_SUM;
     case 9: return XF_K;
     case X16: return XF_Q16;
+    case 11: return XF_K | XF_SUM;
+    case 12: return XF_K;
     default: return 0;  // Q8_0 and the generic loop read x as float
   }
 }
@@ -954,7 +959,7 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
   std::vector<uint16_t> h, l;
   std::vector<int16_t> q16, q16k;
   std::vector<float> dx, dxk, sk;
-  std::vector<int32_t> qs;
+  std::vector<int32_t> qs, ks16;
   std::vector<float> s;
   XP p;
   int64_t m;
@@ -969,7 +974,8 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
     }
     if (forms & XF_Q16) build_q16(xf, k);
     if ((forms & XF_K) && k % 256 == 0) build_q16k(xf, k);
-    p = XP{h.data(), l.data(), xf, s.data(), k, q16.data(), dx.data(), q16k.data(), dxk.data(), sk.data(), qs.data()};
+    p = XP{h.data(), l.data(), xf, s.data(), k, q16.data(), dx.data(), q16k.data(), dxk.data(), sk.data(), qs.data(),
+            ks16.data()};
   }
 
  private:
@@ -1020,6 +1026,7 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
     q16k.resize(m * k);
     dxk.resize(m * (k / 256));
     sk.resize(m * (k / 32));
+    ks16.resize(m * (k / 16));
     for (int64_t g = 0; g < m * (k / 256); ++g) {
       const float* v = xf + 256 * g;
       __m512 mx = _mm512_setzero_ps();
@@ -1032,7 +1039,10 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
         const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + t + 16), inv));
         _mm256_storeu_si256((__m256i*)(q16k.data() + 256 * g + t), _mm512_cvtepi32_epi16(c0));
         _mm256_storeu_si256((__m256i*)(q16k.data() + 256 * g + t + 16), _mm512_cvtepi32_epi16(c1));
-        sk[8 * g + t / 32] = dxk[g] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
+        const int32_t s0 = _mm512_reduce_add_epi32(c0), s1 = _mm512_reduce_add_epi32(c1);
+        ks16[16 * g + t / 16] = s0;
+        ks16[16 * g + t / 16 + 1] = s1;
+        sk[8 * g + t / 32] = dxk[g] * (float)(s0 + s1);
       }
     }
   }
@@ -1045,21 +1055,6 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
 // rows. The same 288 bytes as the 16 GGML blocks, only moved. The GEMV runs vpdpwssd on 16 rows at once
 // with a broadcast int16 pair of x, and a block's scales are one vector for the 16 rows (measured
 // 1.2-1.7x the per-row Q4_0 kernel, benchmarks/q4_0_interleaved.py).
-inline void x16_codes(const uint8_t* blk, uint8_t* dst, int j) {  // GGML block -> lane j of dst (288 B)
-  std::memcpy(dst + 2 * j, blk, 2);
-  uint8_t q[32];
-  for (int i = 0; i < 16; ++i) {
-    q[i] = blk[2 + i] & 15;
-    q[i + 16] = blk[2 + i] >> 4;
-  }
-  for (int kk = 0; kk < 4; ++kk) {
-    const uint8_t* c = q + 8 * kk;
-    const uint32_t d = (uint32_t)c[0] | (uint32_t)c[2] << 4 | (uint32_t)c[4] << 8 | (uint32_t)c[6] << 12 |
-                       (uint32_t)c[1] << 16 | (uint32_t)c[3] << 20 | (uint32_t)c[5] << 24 | (uint32_t)c[7] << 28;
-    std::memcpy(dst + 32 + 64 * kk + 4 * j, &d, 4);
-  }
-}
-
 // groups [0, ng) -> float32 rows 0 .. 16 ng of dst (row stride k)
 void dequant_x16(const uint8_t* src, float* dst, int64_t ng, int64_t k) {
   const int64_t nb = k / 32;
@@ -1090,39 +1085,355 @@ void dequant_x16(const uint8_t* src, float* dst, int64_t ng, int64_t k) {
   });
 }
 
-// y[i * ldy + 16 g + j] for groups [g0, g1), x rows i < m (x as int16 pairs in XBuf's pair order)
-void range_x16(const uint8_t* src, int64_t g0, int64_t g1, const XP& x, int64_t m, float* y, int64_t ldy) {
+// The grouped kernels handle R = 1, 2 or 4 rows of x per pass over a group's codes (prefill: the codes
+// are unpacked once for R rows), with C independent int32 accumulator chains per row of x (vpdpwssd's
+// latency: one chain per row of x is too few at R = 1).
+template <int R, int C>
+inline void zero_acc(__m512i (&t)[R][C]) {
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) t[r][c] = _mm512_setzero_si512();
+}
+template <int R, int C>
+inline __m512 sum_acc(const __m512i (&t)[R][C], int r) {
+  __m512i s = t[r][0];
+  for (int c = 1; c < C; ++c) s = _mm512_add_epi32(s, t[r][c]);
+  return _mm512_cvtepi32_ps(s);
+}
+// t[r][n % C] += codes . (the int16 pair xp[r][e] of x row r, broadcast)
+template <int R, int C>
+inline void dp(__m512i (&t)[R][C], int n, __m512i codes, const int32_t* const* xp, int64_t e) {
+  for (int r = 0; r < R; ++r) t[r][n % C] = _mm512_dpwssd_epi32(t[r][n % C], codes, _mm512_set1_epi32(xp[r][e]));
+}
+
+// Q4_0x16: y[(i0 + r) * ldy + j] for the group at base, x rows i0 .. i0 + R (x as int16 pairs in XBuf's pair order)
+template <int R>
+void x16_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
+  constexpr int C = R == 1 ? 4 : 2;
   const int64_t nb = x.k / 32;
   const __m512i mk = _mm512_set1_epi32(0x000F000F), mh = _mm512_set1_epi32((int)0xF000F000u);
-  for (int64_t g = g0; g < g1; ++g) {
-    const uint8_t* base = src + g * nb * 288;
-    _mm_prefetch((const char*)base + 4096, _MM_HINT_T0);
-    for (int64_t i = 0; i < m; ++i) {
-      const int16_t* xq = x.q16 + i * x.k;
-      __m512 acc = _mm512_setzero_ps();
-      const uint8_t* p = base;
-      for (int64_t b = 0; b < nb; ++b, p += 288) {
-        // block b's x pairs: elements < 16 at lo, >= 16 at hi (XBuf's pair order; an unpaired last block is
-        // in natural order)
-        const int16_t* c = xq + 32 * (b & ~int64_t(1));
-        const bool natural = (b % 2 == 0) && (b + 1 == nb);
-        const int32_t* lo = (const int32_t*)(c + (natural ? 0 : (b & 1) ? 16 : 0));
-        const int32_t* hi = (const int32_t*)(c + (natural ? 16 : (b & 1) ? 48 : 32));
-        __m512i t0 = _mm512_set1_epi32(-8 * x.qs[i * nb + b]), t1 = _mm512_setzero_si512();
-        for (int kk = 0; kk < 4; ++kk) {
-          const int32_t* xp = (kk < 2 ? lo : hi) + 4 * (kk & 1);
-          const __m512i v = _mm512_loadu_si512(p + 32 + 64 * kk);
-          t0 = _mm512_dpwssd_epi32(t0, _mm512_and_si512(v, mk), _mm512_set1_epi32(xp[0]));
-          t1 = _mm512_dpwssd_epi32(t1, _mm512_and_si512(_mm512_srli_epi32(v, 4), mk), _mm512_set1_epi32(xp[1]));
-          t0 = _mm512_dpwssd_epi32(t0, _mm512_and_si512(_mm512_srli_epi32(v, 8), mk), _mm512_set1_epi32(xp[2]));
-          t1 = _mm512_dpwssd_epi32(t1, _mm512_srli_epi32(_mm512_and_si512(v, mh), 12), _mm512_set1_epi32(xp[3]));
-        }
-        const __m512 d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)),
-                                       _mm512_set1_ps(x.dx[i * nb + b]));
-        acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_add_epi32(t0, t1)), acc);
-      }
-      _mm512_storeu_ps(y + i * ldy + 16 * g, acc);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const uint8_t* p = base;
+  for (int64_t b = 0; b < nb; ++b, p += 288) {
+    // block b's x pairs: elements < 16 at lo, >= 16 at hi (XBuf's pair order; an unpaired last block is
+    // in natural order)
+    const bool natural = (b % 2 == 0) && (b + 1 == nb);
+    const int64_t c = 32 * (b & ~int64_t(1)), lo = c + (natural ? 0 : (b & 1) ? 16 : 0),
+                  hi = c + (natural ? 16 : (b & 1) ? 48 : 32);
+    __m512i t[R][C];
+    zero_acc(t);
+    const int32_t* xl[R];
+    const int32_t* xh[R];
+    for (int r = 0; r < R; ++r) {
+      t[r][0] = _mm512_set1_epi32(-8 * x.qs[(i0 + r) * nb + b]);
+      xl[r] = (const int32_t*)(x.q16 + (i0 + r) * x.k + lo);
+      xh[r] = (const int32_t*)(x.q16 + (i0 + r) * x.k + hi);
     }
+#pragma GCC unroll 4
+    for (int kk = 0; kk < 4; ++kk) {
+      const __m512i v = _mm512_loadu_si512(p + 32 + 64 * kk);
+      const int64_t e = 4 * (kk & 1);
+      const int32_t* const* xp = kk < 2 ? xl : xh;
+      dp(t, 4 * kk, _mm512_and_si512(v, mk), xp, e);
+      dp(t, 4 * kk + 1, _mm512_and_si512(_mm512_srli_epi32(v, 4), mk), xp, e + 1);
+      dp(t, 4 * kk + 2, _mm512_and_si512(_mm512_srli_epi32(v, 8), mk), xp, e + 2);
+      dp(t, 4 * kk + 3, _mm512_srli_epi32(_mm512_and_si512(v, mh), 12), xp, e + 3);
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(x.dx[(i0 + r) * nb + b])), sum_acc(t, r), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (i0 + r) * ldy, acc[r]);
+}
+
+// ------------------------------------------------------------------ Q4_Kx16 / Q6_Kx16: K types in 16-row groups
+// The Q4_0x16 idea for the K types: per group of 16 rows and per 256 columns, the same bytes as the 16 GGML
+// superblocks, moved so that one int32 lane holds one row. vpdpwssd then sums a sub-block of 16 rows at once
+// in int32 (exact), and the sub-block scales are applied in f32 per 16 rows (one FMA), where the per-row
+// kernels spend a vpmullw on every 32 codes.
+// Q4_Kx16 (2304 bytes): d[16] f16 | dmin[16] f16 | 3 x 64 bytes: lane j = packed scale bytes 4u..4u+3 of
+// row j | 32 x 64 bytes: vector kk, lane j = row j's codes 8kk..8kk+7 (pack8 order).
+// Q6_Kx16 (3360 bytes): d[16] f16 | 4 x 64 bytes: lane j = int8 scales 4v..4v+3 of row j | per 16-element
+// sub-block s: two code vectors (low nibbles, pack8 order) and one vector of the high bits (lane j: element
+// 2t's two bits at bits 2t, element 2t+1's at 16 + 2t).
+
+constexpr int64_t X4K = 11, X6K = 12;
+
+inline uint32_t pack8(const uint8_t* c) {  // 8 nibbles -> [c0 c2 c4 c6 | c1 c3 c5 c7] (the Q4_0x16 order)
+  return (uint32_t)c[0] | (uint32_t)c[2] << 4 | (uint32_t)c[4] << 8 | (uint32_t)c[6] << 12 | (uint32_t)c[1] << 16 |
+         (uint32_t)c[3] << 20 | (uint32_t)c[5] << 24 | (uint32_t)c[7] << 28;
+}
+inline void unpack8(uint32_t d, uint8_t* c) {
+  for (int t = 0; t < 4; ++t) {
+    c[2 * t] = (d >> (4 * t)) & 15;
+    c[2 * t + 1] = (d >> (16 + 4 * t)) & 15;
+  }
+}
+
+// one row's GGML superblock <-> its 256 codes in element order
+inline void q4k_get(const uint8_t* b, uint8_t* q) {
+  for (int p = 0; p < 4; ++p)
+    for (int i = 0; i < 32; ++i) {
+      q[64 * p + i] = b[16 + 32 * p + i] & 15;
+      q[64 * p + 32 + i] = b[16 + 32 * p + i] >> 4;
+    }
+}
+inline void q4k_put(const uint8_t* q, uint8_t* b) {
+  for (int p = 0; p < 4; ++p)
+    for (int i = 0; i < 32; ++i) b[16 + 32 * p + i] = (uint8_t)(q[64 * p + i] | q[64 * p + 32 + i] << 4);
+}
+// Q6_K element e = g*128 + s*64 + h*32 + j: low nibble (shift 4s) of ql[g*64 + h*32 + j], high bits
+// (shift 2*(2s+h)) of qh[g*32 + j] (as deq_q6_k)
+inline void q6k_get(const uint8_t* b, uint8_t* q) {
+  for (int g = 0; g < 2; ++g)
+    for (int s = 0; s < 2; ++s)
+      for (int h = 0; h < 2; ++h)
+        for (int j = 0; j < 32; ++j)
+          q[g * 128 + s * 64 + h * 32 + j] = (uint8_t)(((b[g * 64 + h * 32 + j] >> (4 * s)) & 15) |
+                                                       (((b[128 + g * 32 + j] >> (2 * (2 * s + h))) & 3) << 4));
+}
+inline void q6k_put(const uint8_t* q, uint8_t* b) {
+  std::memset(b, 0, 192);
+  for (int g = 0; g < 2; ++g)
+    for (int s = 0; s < 2; ++s)
+      for (int h = 0; h < 2; ++h)
+        for (int j = 0; j < 32; ++j) {
+          const uint8_t v = q[g * 128 + s * 64 + h * 32 + j];
+          b[g * 64 + h * 32 + j] |= (uint8_t)((v & 15) << (4 * s));
+          b[128 + g * 32 + j] |= (uint8_t)((v >> 4) << (2 * (2 * s + h)));
+        }
+}
+
+// row j's GGML block (base type) <-> lane j of a group block (grouped type); `to` selects the direction
+template <bool TO>
+void lane_x16(const uint8_t* blk, uint8_t* dst, int j) {  // Q4_0: 18 <-> 288 bytes
+  uint8_t* b = const_cast<uint8_t*>(blk);
+  uint8_t q[32];
+  if (TO) {
+    std::memcpy(dst + 2 * j, b, 2);
+    for (int i = 0; i < 16; ++i) q[i] = b[2 + i] & 15, q[i + 16] = b[2 + i] >> 4;
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t d = pack8(q + 8 * kk);
+      std::memcpy(dst + 32 + 64 * kk + 4 * j, &d, 4);
+    }
+  } else {
+    std::memcpy(b, dst + 2 * j, 2);
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t d;
+      std::memcpy(&d, dst + 32 + 64 * kk + 4 * j, 4);
+      unpack8(d, q + 8 * kk);
+    }
+    for (int i = 0; i < 16; ++i) b[2 + i] = (uint8_t)(q[i] | q[i + 16] << 4);
+  }
+}
+template <bool TO>
+void lane_x4k(const uint8_t* blk, uint8_t* dst, int j) {  // Q4_K: 144 <-> 2304 bytes
+  uint8_t* b = const_cast<uint8_t*>(blk);
+  uint8_t q[256];
+  auto mv = [&](uint8_t* grp, uint8_t* row, int n) { TO ? std::memcpy(grp, row, n) : std::memcpy(row, grp, n); };
+  mv(dst + 2 * j, b, 2);
+  mv(dst + 32 + 2 * j, b + 2, 2);
+  for (int u = 0; u < 3; ++u) mv(dst + 64 + 64 * u + 4 * j, b + 4 + 4 * u, 4);
+  if (TO) {
+    q4k_get(b, q);
+    for (int kk = 0; kk < 32; ++kk) {
+      const uint32_t d = pack8(q + 8 * kk);
+      std::memcpy(dst + 256 + 64 * kk + 4 * j, &d, 4);
+    }
+  } else {
+    for (int kk = 0; kk < 32; ++kk) {
+      uint32_t d;
+      std::memcpy(&d, dst + 256 + 64 * kk + 4 * j, 4);
+      unpack8(d, q + 8 * kk);
+    }
+    q4k_put(q, b);
+  }
+}
+template <bool TO>
+void lane_x6k(const uint8_t* blk, uint8_t* dst, int j) {  // Q6_K: 210 <-> 3360 bytes
+  uint8_t* b = const_cast<uint8_t*>(blk);
+  uint8_t q[256];
+  auto mv = [&](uint8_t* grp, uint8_t* row, int n) { TO ? std::memcpy(grp, row, n) : std::memcpy(row, grp, n); };
+  mv(dst + 2 * j, b + 208, 2);
+  for (int v = 0; v < 4; ++v) mv(dst + 32 + 64 * v + 4 * j, b + 192 + 4 * v, 4);
+  if (TO) q6k_get(b, q);
+  for (int s = 0; s < 16; ++s) {
+    uint8_t* o = dst + 288 + 192 * s;
+    uint8_t* c = q + 16 * s;
+    if (TO) {
+      uint8_t lo[16];
+      uint32_t hi = 0;
+      for (int e = 0; e < 16; ++e) {
+        lo[e] = c[e] & 15;
+        hi |= (uint32_t)(c[e] >> 4) << ((e & 1) * 16 + 2 * (e >> 1));
+      }
+      const uint32_t d0 = pack8(lo), d1 = pack8(lo + 8);
+      std::memcpy(o + 4 * j, &d0, 4);
+      std::memcpy(o + 64 + 4 * j, &d1, 4);
+      std::memcpy(o + 128 + 4 * j, &hi, 4);
+    } else {
+      uint32_t d0, d1, hi;
+      std::memcpy(&d0, o + 4 * j, 4);
+      std::memcpy(&d1, o + 64 + 4 * j, 4);
+      std::memcpy(&hi, o + 128 + 4 * j, 4);
+      unpack8(d0, c);
+      unpack8(d1, c + 8);
+      for (int e = 0; e < 16; ++e) c[e] |= (uint8_t)(((hi >> ((e & 1) * 16 + 2 * (e >> 1))) & 3) << 4);
+    }
+  }
+  if (!TO) q6k_put(q, b);
+}
+
+inline int64_t base_of(int64_t qt) { return qt == X16 ? 0 : qt == X4K ? 7 : 9; }
+
+// GGML rows [N, k / BL * BY] <-> groups [N / 16, k / BL * 16 BY] (TO: rows -> groups)
+template <bool TO>
+void regroup(uint8_t* rows, uint8_t* groups, int64_t qt, int64_t ng, int64_t k) {
+  const int64_t bt = base_of(qt), nb = k / BLK[bt], by = BYT[bt], gy = BYT[qt];
+  auto f = qt == X16 ? lane_x16<TO> : qt == X4K ? lane_x4k<TO> : lane_x6k<TO>;
+  at::parallel_for(0, ng, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t b = 0; b < nb; ++b)
+        for (int j = 0; j < 16; ++j) f(rows + ((g * 16 + j) * nb + b) * by, groups + (g * nb + b) * gy, j);
+  });
+}
+
+// groups [0, ng) -> float32 rows (row stride k), through each row's GGML block and its reference dequantizer
+void dequant_grouped(const uint8_t* src, int64_t qt, float* dst, int64_t ng, int64_t k) {
+  if (qt == X16) return dequant_x16(src, dst, ng, k);
+  const int64_t bt = base_of(qt), nb = k / 256, gy = BYT[qt];
+  at::parallel_for(0, ng, 1, [&](int64_t g0, int64_t g1) {
+    alignas(64) uint8_t blk[256];
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t b = 0; b < nb; ++b)
+        for (int j = 0; j < 16; ++j) {
+          uint8_t* grp = const_cast<uint8_t*>(src) + (g * nb + b) * gy;
+          float* o = dst + (g * 16 + j) * k + b * 256;
+          if (bt == 7) {
+            lane_x4k<false>(blk, grp, j);
+            V(deq_q4_k)(blk, o);
+          } else {
+            lane_x6k<false>(blk, grp, j);
+            V(deq_q6_k)(blk, o);
+          }
+        }
+  });
+}
+
+template <int R>
+void x4k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
+  constexpr int C = R == 1 ? 4 : 2;
+  const int64_t nb = x.k / 256;
+  const __m512i mk = _mm512_set1_epi32(0x000F000F), mh = _mm512_set1_epi32((int)0xF000F000u);
+  const __m512i k1 = _mm512_set1_epi32(0x3f3f3f3f), k2 = _mm512_set1_epi32(0x0f0f0f0f),
+                k3 = _mm512_set1_epi32(0x03030303), mff = _mm512_set1_epi32(0xff);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = base + b * 2304;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 32)));
+    const __m512 d8 = _mm512_mul_ps(d, _mm512_set1_ps(8.f));
+    const __m512i u0 = _mm512_loadu_si512(p + 64), u1 = _mm512_loadu_si512(p + 128), u2 = _mm512_loadu_si512(p + 192);
+    // the 6-bit scales and mins of 16 rows at once (k_scales_u8 with one row per lane)
+    const __m512i sc[2] = {_mm512_and_si512(u0, k1),
+                           _mm512_or_si512(_mm512_and_si512(u2, k2),
+                                           _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u0, 6), k3), 4))};
+    const __m512i mn[2] = {_mm512_and_si512(u1, k1),
+                           _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u2, 4), k2),
+                                           _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u1, 6), k3), 4))};
+    const int32_t* xp[R];
+    for (int r = 0; r < R; ++r) xp[r] = (const int32_t*)(x.q16k + (i0 + r) * x.k + 256 * b);
+#pragma GCC unroll 8
+    for (int s = 0; s < 8; ++s) {
+      const int sh = 8 * (s & 3);
+      const __m512 scf = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(sc[s >> 2], sh), mff));
+      const __m512 mnf = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(mn[s >> 2], sh), mff));
+      // w = d sc q - dmin m = d sc (q - 8) + (8 d sc - dmin m); sum over the sub-block of (q - 8) xq in int32
+      const __m512 dsc = _mm512_mul_ps(d, scf), bm = _mm512_fmsub_ps(d8, scf, _mm512_mul_ps(dmin, mnf));
+      __m512i t[R][C];
+      zero_acc(t);
+      for (int r = 0; r < R; ++r) {
+        const int32_t* ks = x.ks16 + (i0 + r) * (x.k / 16) + 16 * b + 2 * s;
+        t[r][0] = _mm512_set1_epi32(-8 * (ks[0] + ks[1]));
+      }
+      const uint8_t* cv = p + 256 + 256 * s;
+#pragma GCC unroll 4
+      for (int kk = 0; kk < 4; ++kk) {
+        const __m512i v = _mm512_loadu_si512(cv + 64 * kk);
+        const int64_t e = 16 * s + 4 * kk;
+        dp(t, 4 * kk, _mm512_and_si512(v, mk), xp, e);
+        dp(t, 4 * kk + 1, _mm512_and_si512(_mm512_srli_epi32(v, 4), mk), xp, e + 1);
+        dp(t, 4 * kk + 2, _mm512_and_si512(_mm512_srli_epi32(v, 8), mk), xp, e + 2);
+        dp(t, 4 * kk + 3, _mm512_srli_epi32(_mm512_and_si512(v, mh), 12), xp, e + 3);
+      }
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = i0 + r;
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dsc, _mm512_set1_ps(x.dxk[i * nb + b])), sum_acc(t, r), acc[r]);
+        acc[r] = _mm512_fmadd_ps(bm, _mm512_set1_ps(x.xs[i * (x.k / 32) + 8 * b + s]), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (i0 + r) * ldy, acc[r]);
+}
+
+template <int R>
+void x6k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
+  constexpr int C = R == 1 ? 4 : 2;
+  const int64_t nb = x.k / 256;
+  const __m512i mk = _mm512_set1_epi32(0x000F000F), m30 = _mm512_set1_epi32(0x00300030);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = base + b * 3360;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+    const int32_t* xp[R];
+    for (int r = 0; r < R; ++r) xp[r] = (const int32_t*)(x.q16k + (i0 + r) * x.k + 256 * b);
+    __m512i sv = _mm512_setzero_si512();
+#pragma GCC unroll 16
+    for (int s = 0; s < 16; ++s) {
+      if ((s & 3) == 0) sv = _mm512_loadu_si512(p + 32 + 16 * s);
+      // the int8 scale s of each row, sign-extended
+      const __m512i sc = _mm512_srai_epi32(_mm512_slli_epi32(sv, 24 - 8 * (s & 3)), 24);
+      const __m512 dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+      const uint8_t* cv = p + 288 + 192 * s;
+      const __m512i v[2] = {_mm512_loadu_si512(cv), _mm512_loadu_si512(cv + 64)};
+      const __m512i hv = _mm512_loadu_si512(cv + 128);
+      __m512i t[R][C];
+      zero_acc(t);
+      for (int r = 0; r < R; ++r) t[r][0] = _mm512_set1_epi32(-32 * x.ks16[(i0 + r) * (x.k / 16) + 16 * b + s]);
+#pragma GCC unroll 8
+      for (int T = 0; T < 8; ++T) {
+        const int sl = 4 * (T & 3);
+        const __m512i lo = sl ? _mm512_srli_epi32(v[T >> 2], sl) : v[T >> 2];
+        const __m512i hs = 2 * T < 4 ? _mm512_slli_epi32(hv, 4 - 2 * T) : _mm512_srli_epi32(hv, 2 * T - 4);
+        const __m512i hb = _mm512_and_si512(hs, m30);
+        dp(t, T, _mm512_ternarylogic_epi32(lo, mk, hb, 0xEA), xp, 8 * s + T);  // (lo & mk) | hb
+      }
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dsc, _mm512_set1_ps(x.dxk[(i0 + r) * nb + b])), sum_acc(t, r), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (i0 + r) * ldy, acc[r]);
+}
+
+typedef void (*rows_fn)(const uint8_t*, const XP&, int64_t, float*, int64_t);
+
+// y[i * ldy + 16 g + j] for groups [g0, g1), x rows i < m, four rows of x per pass
+void range_grouped(int64_t qt, const uint8_t* src, int64_t g0, int64_t g1, const XP& x, int64_t m, float* y,
+                   int64_t ldy) {
+  rows_fn f1 = x16_rows<1>, f2 = x16_rows<2>, f4 = x16_rows<4>;
+  if (qt == X4K) f1 = x4k_rows<1>, f2 = x4k_rows<2>, f4 = x4k_rows<4>;
+  if (qt == X6K) f1 = x6k_rows<1>, f2 = x6k_rows<2>, f4 = x6k_rows<4>;
+  const int64_t gbytes = x.k / BLK[qt] * BYT[qt];
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* base = src + g * gbytes;
+    _mm_prefetch((const char*)base + 4096, _MM_HINT_T0);
+    float* yg = y + 16 * g;
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) f4(base, x, i, yg, ldy);
+    if (i + 2 <= m) f2(base, x, i, yg, ldy), i += 2;
+    if (i < m) f1(base, x, i, yg, ldy);
   }
 }
 #endif
@@ -1144,11 +1455,11 @@ void range_x16(const uint8_t* src, int64_t g0, int64_t g1, const XP& x, int64_t 
 }  // namespace
 
 void dequant_any(const torch::Tensor& raw, int64_t qt, int64_t k, float* out) {
-  if (qt == X16) {
+  if (grouped(qt)) {
 #ifdef HAVE_BF16DOT
-    dequant_x16(raw.data_ptr<uint8_t>(), out, raw.size(0), k);
+    dequant_grouped(raw.data_ptr<uint8_t>(), qt, out, raw.size(0), k);
 #else
-    TORCH_CHECK(false, "Q4_0x16 needs the AVX512_BF16 build");
+    TORCH_CHECK(false, "the 16-row group layouts need the AVX512_BF16 build");
 #endif
     return;
   }
@@ -1172,24 +1483,32 @@ torch::Tensor dequant_into(torch::Tensor raw, int64_t qt, int64_t k, torch::Tens
   return out.view({-1}).narrow(0, 0, n * k).view({n, k});
 }
 
-// Q4_0 raw [N, k / 32 * 18] (N a multiple of 16) -> Q4_0x16 [N / 16, k / 32 * 288] (the same bytes, moved)
-torch::Tensor repack_q4_0x16(torch::Tensor raw, int64_t k) {
-  check(raw, 0, k);
-  TORCH_CHECK(raw.size(0) % 16 == 0, "repack_q4_0x16: rows must be a multiple of 16");
-  const int64_t ng = raw.size(0) / 16, nb = k / 32;
-  auto out = torch::empty({ng, nb * 288}, torch::kUInt8);
+// GGML rows of the grouped type's base type (Q4_0, Q4_K, Q6_K) [N, row bytes], N a multiple of 16 ->
+// the 16-row groups [N / 16, 16 * row bytes] (the same bytes, moved)
+torch::Tensor regroup_rows(torch::Tensor raw, int64_t qt, int64_t k) {
+  TORCH_CHECK(grouped(qt) && qt < 13, "regroup_rows: not a grouped type id: ", qt);
 #ifdef HAVE_BF16DOT
-  const uint8_t* s = raw.data_ptr<uint8_t>();
-  uint8_t* o = out.data_ptr<uint8_t>();
-  at::parallel_for(0, ng, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t b = 0; b < nb; ++b)
-        for (int j = 0; j < 16; ++j) x16_codes(s + ((g * 16 + j) * nb + b) * 18, o + (g * nb + b) * 288, j);
-  });
-#else
-  TORCH_CHECK(false, "Q4_0x16 needs the AVX512_BF16 build");
-#endif
+  check(raw, base_of(qt), k);
+  TORCH_CHECK(raw.size(0) % 16 == 0, "regroup_rows: rows must be a multiple of 16");
+  auto out = torch::empty({raw.size(0) / 16, raw.size(1) * 16}, torch::kUInt8);
+  regroup<true>(raw.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), qt, out.size(0), k);
   return out;
+#else
+  TORCH_CHECK(false, "the 16-row group layouts need the AVX512_BF16 build");
+#endif
+}
+
+// the inverse: groups -> GGML rows of the base type
+torch::Tensor ungroup_rows(torch::Tensor raw, int64_t qt, int64_t k) {
+  TORCH_CHECK(grouped(qt) && qt < 13, "ungroup_rows: not a grouped type id: ", qt);
+#ifdef HAVE_BF16DOT
+  check(raw, qt, k);
+  auto out = torch::empty({raw.size(0) * 16, raw.size(1) / 16}, torch::kUInt8);
+  regroup<false>(out.data_ptr<uint8_t>(), raw.data_ptr<uint8_t>(), qt, raw.size(0), k);
+  return out;
+#else
+  TORCH_CHECK(false, "the 16-row group layouts need the AVX512_BF16 build");
+#endif
 }
 
 // y[m, n] = sum_k x[m, k] * W[n, k], W given as raw blocks; x float32 [M, k] contiguous.
@@ -1199,15 +1518,15 @@ torch::Tensor gemv(torch::Tensor raw, int64_t qt, int64_t k, torch::Tensor x) {
   const int64_t n = rows_of(raw, qt), m = x.size(0);
   auto out = torch::empty({m, n}, torch::kFloat32);
 #ifdef HAVE_BF16DOT
-  if (qt == X16) {  // any number of rows (measured 1.2-1.6x tile dequant + MKL at 128-512 rows)
+  if (grouped(qt)) {  // any number of rows (Q4_0x16: 1.2-1.6x tile dequant + MKL at 128-512 rows)
     if (m == 0 || n == 0) return out;
     const uint8_t* src = raw.data_ptr<uint8_t>();
     float* yp = out.data_ptr<float>();
     for (int64_t i0 = 0; i0 < m; i0 += GEMV_MAX) {  // x in chunks of 64 rows, whose int16 form stays in L2
       const int64_t mi = std::min(GEMV_MAX, m - i0);
-      XBuf xb(x.data_ptr<float>() + i0 * k, mi, k, XF_Q16);
+      XBuf xb(x.data_ptr<float>() + i0 * k, mi, k, x_forms(qt, k));
       at::parallel_for(0, raw.size(0), grain_rows(raw.size(1), mi), [&](int64_t g0, int64_t g1) {
-        range_x16(src, g0, g1, xb.p, mi, yp + i0 * n, n);
+        range_grouped(qt, src, g0, g1, xb.p, mi, yp + i0 * n, n);
       });
     }
     return out;
@@ -1241,7 +1560,7 @@ torch::Tensor gemv(torch::Tensor raw, int64_t qt, int64_t k, torch::Tensor x) {
     return out;
   }
 #endif
-  TORCH_CHECK(qt != X16, "Q4_0x16 needs the AVX512_BF16 build");
+  TORCH_CHECK(!grouped(qt), "the 16-row group layouts need the AVX512_BF16 build");
   DISPATCH(qt, gemv_t, raw.data_ptr<uint8_t>(), x.data_ptr<float>(), out.data_ptr<float>(), n, k, m);
   return out;
 }
@@ -1291,14 +1610,14 @@ struct Job {  // y [m, n] (row stride ldy) = x [m, k] @ W.T, W = n rows of raw b
   int64_t ldy;
 };
 
-// a job's parallel units: rows, or groups of 16 rows for Q4_0x16 (rb: bytes per unit)
-inline int64_t job_units(const Job& j) { return j.qt == X16 ? j.n / 16 : j.n; }
+// a job's parallel units: rows, or groups of 16 rows for the grouped layouts (rb: bytes per unit)
+inline int64_t job_units(const Job& j) { return grouped(j.qt) ? j.n / 16 : j.n; }
 
 void job_range(const Job& j, int64_t lo, int64_t hi) {  // units [lo, hi)
   const XP& x = j.x->p;
   const int64_t m = j.x->m;
-  if (j.qt == X16) {
-    range_x16(j.raw, lo, hi, x, m, j.y, j.ldy);
+  if (grouped(j.qt)) {
+    range_grouped(j.qt, j.raw, lo, hi, x, m, j.y, j.ldy);
   } else if (bf_type(j.qt)) {
     range_bf_any(j.qt, j.raw, j.rb, lo, hi, x, m, j.y, j.ldy);
   } else {
@@ -1783,8 +2102,8 @@ def extension():
             _EXT = load_inline(
                 name=name,
                 cpp_sources=[_CPP],
-                functions=["dequant", "dequant_into", "repack_q4_0x16", "gemv", "gemv_multi", "set_nr1", "set_pf",
-                           "set_pair", "decode_ops", "rmsnorm", "attn_decode", "ffn_decode", "layer_decode"],
+                functions=["dequant", "dequant_into", "regroup_rows", "ungroup_rows", "gemv", "gemv_multi", "set_nr1",
+                           "set_pf", "set_pair", "decode_ops", "rmsnorm", "attn_decode", "ffn_decode", "layer_decode"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build),
@@ -1892,59 +2211,55 @@ class GGMLKernelWeight(QuantWeight):
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
 
-class Q4_0x16Weight(GGMLKernelWeight):
-    """Q4_0 in levante's 16-row group layout (`repack_q4_0x16` in the C++ code): per 16 rows and 32 columns
-    the 16 scales, then the codes with one row per int32 lane, so the GEMV works on 16 rows at once
-    (1.2-1.7x the per-row kernel, benchmarks/q4_0_interleaved.py). The same bytes as the GGML blocks,
-    moved once at load: data is uint8 [out / 16, in / 32 * 288]. Values, `dequantize` and `rows` are
-    exactly Q4_0's; moving the weight off the CPU turns it back into a GGMLKernelWeight of GGML blocks.
+# GGML type -> id of its 16-row group layout in the C++ code (`regroup` there)
+GROUPED_IDS: dict[str, int] = {"Q4_0": 10, "Q4_K": 11, "Q6_K": 12}
+
+
+class Grouped16Weight(GGMLKernelWeight):
+    """Q4_0 / Q4_K / Q6_K in levante's 16-row group layouts (`regroup` in the C++ code): per 16 rows and
+    column block, the 16 rows' GGML blocks moved so that one int32 lane holds one row, so the GEMV works on
+    16 rows at once: vpdpwssd with a broadcast pair of x, a block's scales one vector for the 16 rows
+    (Q4_0: 1.2-1.7x the per-row kernel, benchmarks/q4_0_interleaved.py). The same bytes, moved once at
+    load: data is uint8 [out / 16, 16 * row bytes]. Values, `dequantize` and `rows` are exactly the GGML
+    type's; moving the weight off the CPU turns it back into a GGMLKernelWeight of GGML blocks.
     """
 
-    def __init__(self, raw: Tensor, out_features: int, in_features: int) -> None:
-        super().__init__(raw, "Q4_0", out_features, in_features)
+    def __init__(self, raw: Tensor, qtype: str, out_features: int, in_features: int) -> None:
+        super().__init__(raw, qtype, out_features, in_features)
+        if qtype not in GROUPED_IDS:
+            raise ValueError(f"no 16-row group layout for {qtype}; have: {', '.join(GROUPED_IDS)}")
         if out_features % 16:
-            raise ValueError(f"Q4_0x16 needs out_features divisible by 16, got {out_features}")
-        self.kernel_id = X16_ID
-        self.data = extension().repack_q4_0x16(self.data, in_features)
+            raise ValueError(f"{qtype}x16 needs out_features divisible by 16, got {out_features}")
+        self.kernel_id = GROUPED_IDS[qtype]
+        self.data = extension().regroup_rows(self.data, self.kernel_id, in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return extension().dequant(self.data, X16_ID, self.in_features).to(dtype)
+        return extension().dequant(self.data, self.kernel_id, self.in_features).to(dtype)
 
     def rows(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
         flat = ids.reshape(-1).to(torch.long)
         groups, inverse = torch.unique(flat // 16, return_inverse=True)
-        block = extension().dequant(self.data.index_select(0, groups), X16_ID, self.in_features)
+        block = extension().dequant(self.data.index_select(0, groups), self.kernel_id, self.in_features)
         out = block.view(-1, 16, self.in_features)[inverse, flat % 16]
         return out.to(dtype).reshape(*ids.shape, self.in_features)
 
     def _kernel_max_rows(self, ext) -> int:
-        # the 16-row kernel at any number of rows of x: 1.2-1.6x tile dequant + MKL even at 128-512 rows
-        # (2 threads, 3584x1024 and 1024x3584; benchmarks/README.md), so prefill uses it too
+        # the 16-row kernels at any number of rows of x: they beat tile dequant + MKL even at 128-512 rows
+        # (2 threads, 3584x1024 and 1024x3584; benchmarks/README.md), so prefill uses them too
         return sys.maxsize
 
     def ggml_blocks(self) -> Tensor:
-        """The weight as GGML Q4_0 blocks, uint8 [out, in / 32 * 18]."""
-        g, nb = self.data.shape[0], self.in_features // 32
-        a = self.data.cpu().numpy().reshape(g, nb, 288)
-        d = a[:, :, :32].reshape(g, nb, 16, 2)  # [group, block, row, 2 bytes]
-        v = a[:, :, 32:].copy().view(np.uint32).reshape(g, nb, 4, 16)  # [group, block, kk, row]
-        q = np.empty((g, nb, 16, 32), np.uint8)  # [group, block, row, code]
-        for kk in range(4):
-            for t in range(8):
-                q[:, :, :, 8 * kk + t] = (v[:, :, kk] >> (4 * (t // 2) + 16 * (t % 2))) & 15
-        blk = np.concatenate([d, q[..., :16] | (q[..., 16:] << 4)], axis=-1)  # [group, block, row, 18]
-        return torch.from_numpy(np.ascontiguousarray(blk.transpose(0, 2, 1, 3)).reshape(16 * g, nb * 18))
+        """The weight as GGML blocks of its type, uint8 [out, row bytes]."""
+        return extension().ungroup_rows(self.data.cpu(), self.kernel_id, self.in_features)
 
     def _apply(self, fn, recurse=True):
         if fn(torch.empty(0)).device.type != "cpu":  # off the CPU: back to GGML blocks and the generic class
             self.data = self.ggml_blocks()
-            self.kernel_id = QTYPES["Q4_0"][0]
+            self.kernel_id = QTYPES[self.qtype][0]
             self.__class__ = GGMLKernelWeight
             return GGMLKernelWeight._apply(self, fn, recurse)
         return super()._apply(fn, recurse)
 
-
-X16_ID = 10  # Q4_0x16's id in the C++ code
 
 _SCRATCH = threading.local()
 
@@ -2114,10 +2429,16 @@ def int4_exactness(raw: Tensor, qtype: str, in_features: int, dtype: torch.dtype
 
 
 def fast_weight(raw_u8: Tensor, qtype: str, out_features: int, in_features: int) -> QuantWeight:
-    """The fastest exact weight for GGML `qtype` (all of QTYPES use the fused kernel / tile path; Q4_0 is
-    regrouped in 16-row groups where the AVX512_BF16 kernels are built and out_features allows)."""
-    if qtype == "Q4_0" and out_features % 16 == 0 and out_features > 0 and in_features >= 64 and decode_ext():
-        return Q4_0x16Weight(raw_u8, out_features, in_features)
+    """The fastest exact weight for GGML `qtype` (all of QTYPES use the fused kernel / tile path; Q4_0, Q4_K
+    and Q6_K are regrouped in 16-row groups where the AVX512_BF16 kernels are built and out_features allows)."""
+    if (
+        qtype in GROUPED_IDS
+        and out_features % 16 == 0
+        and out_features > 0
+        and in_features >= 64
+        and decode_ext()
+    ):
+        return Grouped16Weight(raw_u8, qtype, out_features, in_features)
     if qtype in QTYPES:
         return GGMLKernelWeight(raw_u8, qtype, out_features, in_features)
     from .ggml import GGMLWeight

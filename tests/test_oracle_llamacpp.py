@@ -104,7 +104,7 @@ def test_teacher_forced_top1_agreement(both):
     assert same[clear].float().mean() >= 0.99
 
 
-def test_logits_equal_transformers_on_dequantized_gguf():
+def test_logits_equal_transformers_on_dequantized_gguf(monkeypatch):
     """The reference for the float math: transformers loading the same GGUF (dequantized)."""
     pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM
@@ -115,11 +115,15 @@ def test_logits_equal_transformers_on_dequantized_gguf():
     ids = ours.tokenize("The harbour town woke slowly on winter mornings.", add_bos=True)
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0]
-    # The int16-activation Q4_0/Q4_1 kernels (<= 64 rows) are off for the exact float comparison...
+    # The int16-activation kernels (the 16-row groups; Q4_0/Q4_1's pair kernels) are off for the exact
+    # float comparison...
+    with monkeypatch.context() as mp:
+        mp.setattr(kernels, "GROUPED_IDS", {})
+        plain = LLM(str(path), n_ctx=256)
     ext = kernels.extension()
     old = ext.set_pair(0) if ext is not None else None
     try:
-        assert (ours.logits(ids) - want).abs().max().item() <= 1e-3
+        assert (plain.logits(ids) - want).abs().max().item() <= 1e-3
     finally:
         if ext is not None:
             ext.set_pair(old)

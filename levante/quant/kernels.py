@@ -426,11 +426,12 @@ DEF_V(q6_k)
 #endif
 
 typedef void (*deq_fn)(const uint8_t*, float*);
-// ids 10-12 are levante's own 16-row group layouts of Q4_0, Q4_K and Q6_K (see `regroup`): a "row" of raw
-// is a group of 16 weight rows, the 16 GGML blocks of each column block moved together
-const int BLK[13] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 32, 256, 256};
-const int BYT[13] = {18, 20, 22, 24, 34, 84, 110, 144, 176, 210, 288, 2304, 3360};
-constexpr int64_t X16 = 10;  // Q4_0x16 (X4K = 11: Q4_Kx16, X6K = 12: Q6_Kx16)
+// ids 10-14 are levante's own 16-row group layouts of Q4_0, Q4_K, Q6_K, Q5_K and Q8_0 (see `regroup`): a
+// "row" of raw is a group of 16 weight rows, the 16 GGML blocks of each column block moved together
+const int BLK[15] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 32, 256, 256, 256, 32};
+const int BYT[15] = {18, 20, 22, 24, 34, 84, 110, 144, 176, 210, 288, 2304, 3360, 2816, 544};
+constexpr int64_t NQT = 15;  // type ids
+constexpr int64_t X16 = 10;  // Q4_0x16 (11: Q4_Kx16, 12: Q6_Kx16, 13: Q5_Kx16, 14: Q8_0x16)
 inline bool grouped(int64_t qt) { return qt >= X16; }
 inline int64_t rows_of(const torch::Tensor& raw, int64_t qt) { return grouped(qt) ? 16 * raw.size(0) : raw.size(0); }
 
@@ -442,7 +443,7 @@ inline float dot(const float* __restrict a, const float* __restrict b, int n) {
 }
 
 void check(const torch::Tensor& raw, int64_t qt, int64_t k) {
-  TORCH_CHECK(qt >= 0 && qt < 13, "unknown qtype id ", qt);
+  TORCH_CHECK(qt >= 0 && qt < NQT, "unknown qtype id ", qt);
   TORCH_CHECK(raw.dtype() == torch::kUInt8 && raw.dim() == 2 && raw.is_contiguous(),
               "raw must be contiguous uint8 2-D");
   TORCH_CHECK(k % BLK[qt] == 0 && raw.size(1) == k / BLK[qt] * BYT[qt], "row bytes do not match in_features");
@@ -949,8 +950,9 @@ inline int x_forms(int64_t qt, int64_t k) {
     case 7: case 8: return XF_K | XF_SUM;
     case 9: return XF_K;
     case X16: return XF_Q16;
-    case 11: return XF_K | XF_SUM;
+    case 11: case 13: return XF_K | XF_SUM;
     case 12: return XF_K;
+    case 14: return XF_Q16;
     default: return 0;  // Q8_0 and the generic loop read x as float
   }
 }
@@ -1157,7 +1159,11 @@ void x16_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
 // sub-block s: two code vectors (low nibbles, pack8 order) and one vector of the high bits (lane j: element
 // 2t's two bits at bits 2t, element 2t+1's at 16 + 2t).
 
-constexpr int64_t X4K = 11, X6K = 12;
+// Q5_Kx16 (2816 bytes): as Q4_Kx16, but per sub-block the four code vectors are followed by one vector of the
+// fifth bits (lane j: element 2P's bit at bit P, element 2P+1's at bit 16 + P).
+// Q8_0x16 (544 bytes): d[16] f16 | 8 x 64 bytes: vector kk, lane j = row j's codes 4kk .. 4kk+3 as bytes
+// [c0 c2 c1 c3], so the int16 words' low and high bytes are the pairs (c0, c1) and (c2, c3).
+constexpr int64_t X4K = 11, X6K = 12, X5K = 13, X80 = 14;
 
 inline uint32_t pack8(const uint8_t* c) {  // 8 nibbles -> [c0 c2 c4 c6 | c1 c3 c5 c7] (the Q4_0x16 order)
   return (uint32_t)c[0] | (uint32_t)c[2] << 4 | (uint32_t)c[4] << 8 | (uint32_t)c[6] << 12 | (uint32_t)c[1] << 16 |
@@ -1284,13 +1290,88 @@ void lane_x6k(const uint8_t* blk, uint8_t* dst, int j) {  // Q6_K: 210 <-> 3360 
   if (!TO) q6k_put(q, b);
 }
 
-inline int64_t base_of(int64_t qt) { return qt == X16 ? 0 : qt == X4K ? 7 : 9; }
+template <bool TO>
+void lane_x5k(const uint8_t* blk, uint8_t* dst, int j) {  // Q5_K: 176 <-> 2816 bytes
+  uint8_t* b = const_cast<uint8_t*>(blk);
+  uint8_t q[256];
+  auto mv = [&](uint8_t* grp, uint8_t* row, int n) { TO ? std::memcpy(grp, row, n) : std::memcpy(row, grp, n); };
+  mv(dst + 2 * j, b, 2);
+  mv(dst + 32 + 2 * j, b + 2, 2);
+  for (int u = 0; u < 3; ++u) mv(dst + 64 + 64 * u + 4 * j, b + 4 + 4 * u, 4);
+  // element 32 s + e: low nibble (shift 4 (s & 1)) of qs[32 (s >> 1) + e], fifth bit (shift s) of qh[e]
+  if (TO)
+    for (int s = 0; s < 8; ++s)
+      for (int e = 0; e < 32; ++e)
+        q[32 * s + e] = (uint8_t)(((b[48 + 32 * (s >> 1) + e] >> (4 * (s & 1))) & 15) | (((b[16 + e] >> s) & 1) << 4));
+  for (int s = 0; s < 8; ++s) {
+    uint8_t* o = dst + 256 + 320 * s;
+    uint8_t* c = q + 32 * s;
+    if (TO) {
+      uint8_t lo[32];
+      uint32_t hi = 0;
+      for (int e = 0; e < 32; ++e) {
+        lo[e] = c[e] & 15;
+        hi |= (uint32_t)(c[e] >> 4) << ((e & 1) * 16 + (e >> 1));
+      }
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint32_t d = pack8(lo + 8 * kk);
+        std::memcpy(o + 64 * kk + 4 * j, &d, 4);
+      }
+      std::memcpy(o + 256 + 4 * j, &hi, 4);
+    } else {
+      uint32_t hi;
+      for (int kk = 0; kk < 4; ++kk) {
+        uint32_t d;
+        std::memcpy(&d, o + 64 * kk + 4 * j, 4);
+        unpack8(d, c + 8 * kk);
+      }
+      std::memcpy(&hi, o + 256 + 4 * j, 4);
+      for (int e = 0; e < 32; ++e) c[e] |= (uint8_t)(((hi >> ((e & 1) * 16 + (e >> 1))) & 1) << 4);
+    }
+  }
+  if (!TO) {
+    std::memset(b + 16, 0, 160);
+    for (int s = 0; s < 8; ++s)
+      for (int e = 0; e < 32; ++e) {
+        b[48 + 32 * (s >> 1) + e] |= (uint8_t)((q[32 * s + e] & 15) << (4 * (s & 1)));
+        b[16 + e] |= (uint8_t)((q[32 * s + e] >> 4) << s);
+      }
+  }
+}
+template <bool TO>
+void lane_x80(const uint8_t* blk, uint8_t* dst, int j) {  // Q8_0: 34 <-> 544 bytes
+  uint8_t* b = const_cast<uint8_t*>(blk);
+  static constexpr int ORD[4] = {0, 2, 1, 3};  // byte t of a lane holds code ORD[t]
+  if (TO) std::memcpy(dst + 2 * j, b, 2);
+  else std::memcpy(b, dst + 2 * j, 2);
+  for (int kk = 0; kk < 8; ++kk)
+    for (int t = 0; t < 4; ++t) {
+      uint8_t* g = dst + 32 + 64 * kk + 4 * j + t;
+      uint8_t* r = b + 2 + 4 * kk + ORD[t];
+      if (TO) *g = *r;
+      else *r = *g;
+    }
+}
+
+inline int64_t base_of(int64_t qt) {
+  switch (qt) {
+    case X16: return 0;
+    case X4K: return 7;
+    case X6K: return 9;
+    case X5K: return 8;
+    default: return 4;
+  }
+}
 
 // GGML rows [N, k / BL * BY] <-> groups [N / 16, k / BL * 16 BY] (TO: rows -> groups)
 template <bool TO>
 void regroup(uint8_t* rows, uint8_t* groups, int64_t qt, int64_t ng, int64_t k) {
   const int64_t bt = base_of(qt), nb = k / BLK[bt], by = BYT[bt], gy = BYT[qt];
-  auto f = qt == X16 ? lane_x16<TO> : qt == X4K ? lane_x4k<TO> : lane_x6k<TO>;
+  void (*f)(const uint8_t*, uint8_t*, int) = lane_x80<TO>;
+  if (qt == X16) f = lane_x16<TO>;
+  if (qt == X4K) f = lane_x4k<TO>;
+  if (qt == X6K) f = lane_x6k<TO>;
+  if (qt == X5K) f = lane_x5k<TO>;
   at::parallel_for(0, ng, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t b = 0; b < nb; ++b)
@@ -1301,39 +1382,40 @@ void regroup(uint8_t* rows, uint8_t* groups, int64_t qt, int64_t ng, int64_t k) 
 // groups [0, ng) -> float32 rows (row stride k), through each row's GGML block and its reference dequantizer
 void dequant_grouped(const uint8_t* src, int64_t qt, float* dst, int64_t ng, int64_t k) {
   if (qt == X16) return dequant_x16(src, dst, ng, k);
-  const int64_t bt = base_of(qt), nb = k / 256, gy = BYT[qt];
+  const int64_t bl = BLK[qt], nb = k / bl, gy = BYT[qt];
+  void (*lane)(const uint8_t*, uint8_t*, int) = lane_x80<false>;
+  deq_fn deq = V(deq_q8_0);
+  if (qt == X4K) lane = lane_x4k<false>, deq = V(deq_q4_k);
+  if (qt == X6K) lane = lane_x6k<false>, deq = V(deq_q6_k);
+  if (qt == X5K) lane = lane_x5k<false>, deq = V(deq_q5_k);
   at::parallel_for(0, ng, 1, [&](int64_t g0, int64_t g1) {
     alignas(64) uint8_t blk[256];
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t b = 0; b < nb; ++b)
         for (int j = 0; j < 16; ++j) {
-          uint8_t* grp = const_cast<uint8_t*>(src) + (g * nb + b) * gy;
-          float* o = dst + (g * 16 + j) * k + b * 256;
-          if (bt == 7) {
-            lane_x4k<false>(blk, grp, j);
-            V(deq_q4_k)(blk, o);
-          } else {
-            lane_x6k<false>(blk, grp, j);
-            V(deq_q6_k)(blk, o);
-          }
+          lane(blk, const_cast<uint8_t*>(src) + (g * nb + b) * gy, j);
+          deq(blk, dst + (g * 16 + j) * k + b * bl);
         }
   });
 }
 
-template <int R>
-void x4k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
+template <int R, bool Q5>  // Q4_Kx16, or Q5_Kx16 (the fifth bits after each sub-block's codes)
+void x45k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
   constexpr int C = R == 1 ? 4 : 2;
+  constexpr int GB = Q5 ? 2816 : 2304, SB = Q5 ? 320 : 256;  // bytes per group superblock, per sub-block
+  constexpr float CT = Q5 ? 16.f : 8.f;                     // the codes' centre
   const int64_t nb = x.k / 256;
-  const __m512i mk = _mm512_set1_epi32(0x000F000F), mh = _mm512_set1_epi32((int)0xF000F000u);
+  const __m512i mk = _mm512_set1_epi32(0x000F000F), mh = _mm512_set1_epi32((int)0xF000F000u),
+                m10 = _mm512_set1_epi32(0x00100010);
   const __m512i k1 = _mm512_set1_epi32(0x3f3f3f3f), k2 = _mm512_set1_epi32(0x0f0f0f0f),
                 k3 = _mm512_set1_epi32(0x03030303), mff = _mm512_set1_epi32(0xff);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* p = base + b * 2304;
+    const uint8_t* p = base + b * GB;
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
     const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 32)));
-    const __m512 d8 = _mm512_mul_ps(d, _mm512_set1_ps(8.f));
+    const __m512 dc = _mm512_mul_ps(d, _mm512_set1_ps(CT));
     const __m512i u0 = _mm512_loadu_si512(p + 64), u1 = _mm512_loadu_si512(p + 128), u2 = _mm512_loadu_si512(p + 192);
     // the 6-bit scales and mins of 16 rows at once (k_scales_u8 with one row per lane)
     const __m512i sc[2] = {_mm512_and_si512(u0, k1),
@@ -1349,23 +1431,34 @@ void x4k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
       const int sh = 8 * (s & 3);
       const __m512 scf = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(sc[s >> 2], sh), mff));
       const __m512 mnf = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(mn[s >> 2], sh), mff));
-      // w = d sc q - dmin m = d sc (q - 8) + (8 d sc - dmin m); sum over the sub-block of (q - 8) xq in int32
-      const __m512 dsc = _mm512_mul_ps(d, scf), bm = _mm512_fmsub_ps(d8, scf, _mm512_mul_ps(dmin, mnf));
+      // w = d sc q - dmin m = d sc (q - CT) + (CT d sc - dmin m); sum over the sub-block of (q - CT) xq in int32
+      const __m512 dsc = _mm512_mul_ps(d, scf), bm = _mm512_fmsub_ps(dc, scf, _mm512_mul_ps(dmin, mnf));
       __m512i t[R][C];
       zero_acc(t);
       for (int r = 0; r < R; ++r) {
         const int32_t* ks = x.ks16 + (i0 + r) * (x.k / 16) + 16 * b + 2 * s;
-        t[r][0] = _mm512_set1_epi32(-8 * (ks[0] + ks[1]));
+        t[r][0] = _mm512_set1_epi32(-(int)CT * (ks[0] + ks[1]));
       }
-      const uint8_t* cv = p + 256 + 256 * s;
+      const uint8_t* cv = p + 256 + SB * s;
+      const __m512i hv = Q5 ? _mm512_loadu_si512(cv + 256) : _mm512_setzero_si512();
 #pragma GCC unroll 4
       for (int kk = 0; kk < 4; ++kk) {
         const __m512i v = _mm512_loadu_si512(cv + 64 * kk);
         const int64_t e = 16 * s + 4 * kk;
-        dp(t, 4 * kk, _mm512_and_si512(v, mk), xp, e);
-        dp(t, 4 * kk + 1, _mm512_and_si512(_mm512_srli_epi32(v, 4), mk), xp, e + 1);
-        dp(t, 4 * kk + 2, _mm512_and_si512(_mm512_srli_epi32(v, 8), mk), xp, e + 2);
-        dp(t, 4 * kk + 3, _mm512_srli_epi32(_mm512_and_si512(v, mh), 12), xp, e + 3);
+        if constexpr (Q5) {
+#pragma GCC unroll 4
+          for (int u = 0; u < 4; ++u) {  // pair P = 4 kk + u: its fifth bits from bits P and 16 + P to 4 and 20
+            const int P = 4 * kk + u;
+            const __m512i lo = u ? _mm512_srli_epi32(v, 4 * u) : v;
+            const __m512i hs = P < 4 ? _mm512_slli_epi32(hv, 4 - P) : _mm512_srli_epi32(hv, P - 4);
+            dp(t, P, _mm512_ternarylogic_epi32(lo, mk, _mm512_and_si512(hs, m10), 0xEA), xp, e + u);
+          }
+        } else {
+          dp(t, 4 * kk, _mm512_and_si512(v, mk), xp, e);
+          dp(t, 4 * kk + 1, _mm512_and_si512(_mm512_srli_epi32(v, 4), mk), xp, e + 1);
+          dp(t, 4 * kk + 2, _mm512_and_si512(_mm512_srli_epi32(v, 8), mk), xp, e + 2);
+          dp(t, 4 * kk + 3, _mm512_srli_epi32(_mm512_and_si512(v, mh), 12), xp, e + 3);
+        }
       }
       for (int r = 0; r < R; ++r) {
         const int64_t i = i0 + r;
@@ -1373,6 +1466,41 @@ void x4k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
         acc[r] = _mm512_fmadd_ps(bm, _mm512_set1_ps(x.xs[i * (x.k / 32) + 8 * b + s]), acc[r]);
       }
     }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (i0 + r) * ldy, acc[r]);
+}
+
+// Q8_0x16 (x as int16 pairs in XBuf's pair order, as Q4_0x16)
+template <int R>
+void x80_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
+  constexpr int C = R == 1 ? 4 : 2;
+  const int64_t nb = x.k / 32;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const uint8_t* p = base;
+  for (int64_t b = 0; b < nb; ++b, p += 544) {
+    const bool natural = (b % 2 == 0) && (b + 1 == nb);
+    const int64_t c = 32 * (b & ~int64_t(1)), lo = c + (natural ? 0 : (b & 1) ? 16 : 0),
+                  hi = c + (natural ? 16 : (b & 1) ? 48 : 32);
+    __m512i t[R][C];
+    zero_acc(t);
+    const int32_t* xl[R];
+    const int32_t* xh[R];
+    for (int r = 0; r < R; ++r) {
+      xl[r] = (const int32_t*)(x.q16 + (i0 + r) * x.k + lo);
+      xh[r] = (const int32_t*)(x.q16 + (i0 + r) * x.k + hi);
+    }
+#pragma GCC unroll 8
+    for (int kk = 0; kk < 8; ++kk) {
+      const __m512i v = _mm512_loadu_si512(p + 32 + 64 * kk);
+      const int64_t e = 2 * (kk & 3);
+      const int32_t* const* xq = kk < 4 ? xl : xh;
+      dp(t, 2 * kk, _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8), xq, e);  // (c0, c1), sign-extended
+      dp(t, 2 * kk + 1, _mm512_srai_epi16(v, 8), xq, e + 1);                // (c2, c3)
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(x.dx[(i0 + r) * nb + b])), sum_acc(t, r), acc[r]);
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (i0 + r) * ldy, acc[r]);
 }
@@ -1423,8 +1551,10 @@ typedef void (*rows_fn)(const uint8_t*, const XP&, int64_t, float*, int64_t);
 void range_grouped(int64_t qt, const uint8_t* src, int64_t g0, int64_t g1, const XP& x, int64_t m, float* y,
                    int64_t ldy) {
   rows_fn f1 = x16_rows<1>, f2 = x16_rows<2>, f4 = x16_rows<4>;
-  if (qt == X4K) f1 = x4k_rows<1>, f2 = x4k_rows<2>, f4 = x4k_rows<4>;
+  if (qt == X4K) f1 = x45k_rows<1, false>, f2 = x45k_rows<2, false>, f4 = x45k_rows<4, false>;
+  if (qt == X5K) f1 = x45k_rows<1, true>, f2 = x45k_rows<2, true>, f4 = x45k_rows<4, true>;
   if (qt == X6K) f1 = x6k_rows<1>, f2 = x6k_rows<2>, f4 = x6k_rows<4>;
+  if (qt == X80) f1 = x80_rows<1>, f2 = x80_rows<2>, f4 = x80_rows<4>;
   const int64_t gbytes = x.k / BLK[qt] * BYT[qt];
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* base = src + g * gbytes;
@@ -1486,7 +1616,7 @@ torch::Tensor dequant_into(torch::Tensor raw, int64_t qt, int64_t k, torch::Tens
 // GGML rows of the grouped type's base type (Q4_0, Q4_K, Q6_K) [N, row bytes], N a multiple of 16 ->
 // the 16-row groups [N / 16, 16 * row bytes] (the same bytes, moved)
 torch::Tensor regroup_rows(torch::Tensor raw, int64_t qt, int64_t k) {
-  TORCH_CHECK(grouped(qt) && qt < 13, "regroup_rows: not a grouped type id: ", qt);
+  TORCH_CHECK(grouped(qt) && qt < NQT, "regroup_rows: not a grouped type id: ", qt);
 #ifdef HAVE_BF16DOT
   check(raw, base_of(qt), k);
   TORCH_CHECK(raw.size(0) % 16 == 0, "regroup_rows: rows must be a multiple of 16");
@@ -1500,7 +1630,7 @@ torch::Tensor regroup_rows(torch::Tensor raw, int64_t qt, int64_t k) {
 
 // the inverse: groups -> GGML rows of the base type
 torch::Tensor ungroup_rows(torch::Tensor raw, int64_t qt, int64_t k) {
-  TORCH_CHECK(grouped(qt) && qt < 13, "ungroup_rows: not a grouped type id: ", qt);
+  TORCH_CHECK(grouped(qt) && qt < NQT, "ungroup_rows: not a grouped type id: ", qt);
 #ifdef HAVE_BF16DOT
   check(raw, qt, k);
   auto out = torch::empty({raw.size(0) * 16, raw.size(1) / 16}, torch::kUInt8);
@@ -2212,7 +2342,7 @@ class GGMLKernelWeight(QuantWeight):
 
 
 # GGML type -> id of its 16-row group layout in the C++ code (`regroup` there)
-GROUPED_IDS: dict[str, int] = {"Q4_0": 10, "Q4_K": 11, "Q6_K": 12}
+GROUPED_IDS: dict[str, int] = {"Q4_0": 10, "Q4_K": 11, "Q6_K": 12, "Q5_K": 13, "Q8_0": 14}
 
 
 class Grouped16Weight(GGMLKernelWeight):

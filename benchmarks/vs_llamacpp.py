@@ -74,10 +74,13 @@ def files(selected: list[str]) -> dict[str, Path]:
     return out
 
 
+_PROBE: dict[int, torch.Tensor] = {}
+
+
 def bandwidth_gbs(threads: int, mib: int = 1024, reps: int = 5) -> float:
     """Read bandwidth: sum over a buffer much larger than the caches, best of reps."""
     torch.set_num_threads(threads)
-    a = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    a = _PROBE.setdefault(mib, torch.ones(mib * 2**20 // 4, dtype=torch.float32))  # paged in once
     best = 0.0
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -168,6 +171,7 @@ def bench_file(path: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -
     vocab = runners[0].llm.config.vocab_size
     ids = torch.randint(100, vocab, (n_prompt,), generator=torch.Generator().manual_seed(1)).tolist()
     res = {r.name: {"pp": [], "tg": []} for r in runners}
+    res["bw"] = []
     for r in runners:  # warm-up (page in the weights, build caches)
         dt, tok = r.prefill(ids[:32])
         r.decode(tok, 2)
@@ -177,6 +181,7 @@ def bench_file(path: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -
             dt, tok = r.prefill(ids)
             res[r.name]["pp"].append(n_prompt / dt)
             res[r.name]["tg"].append(n_gen / r.decode(tok, n_gen))
+        res["bw"].append(bandwidth_gbs(threads, reps=3))  # this VM's bandwidth moves: probe it every rep
     res["bytes_per_token"] = decode_bytes_per_token(runners[0].model)
     res["quant"] = path.name
     return res
@@ -208,28 +213,32 @@ def main() -> None:
         print(f"benchmarking {name} ({path.stat().st_size / 2**20:.0f} MiB) ...", flush=True)
         r = bench_file(path, args.threads, args.n_prompt, args.n_gen, args.reps)
         lv, lc = r["levante"], r["llama.cpp"]
-        limit = bw * 1e9 / r["bytes_per_token"]
+        limits = [b * 1e9 / r["bytes_per_token"] for b in r["bw"]]  # per rep
+        limit = statistics.median(limits)
         rows.append([
             name, f"{path.stat().st_size / 2**20:.0f} MiB", str(args.threads),
             fmt(lv["pp"]), fmt(lc["pp"]), ratio(lv["pp"], lc["pp"]),
             fmt(lv["tg"]), fmt(lc["tg"]), ratio(lv["tg"], lc["tg"]),
-            f"{r['bytes_per_token'] / 2**20:.1f} MiB", f"{limit:.0f}",
-            f"{statistics.mean(lv['tg']) / limit:.0%}", f"{statistics.mean(lc['tg']) / limit:.0%}",
+            f"{r['bytes_per_token'] / 2**20:.1f} MiB", f"{statistics.median(r['bw']):.1f}", f"{limit:.0f}",
+            f"{statistics.median(t / lim for t, lim in zip(lv['tg'], limits, strict=True)):.0%}",
+            f"{statistics.median(t / lim for t, lim in zip(lc['tg'], limits, strict=True)):.0%}",
         ])
         print(rows[-1], flush=True)
     header = ["file", "size", "threads", f"levante pp{args.n_prompt} tok/s", "llama.cpp pp tok/s", "pp ratio",
               f"levante tg{args.n_gen} tok/s", "llama.cpp tg tok/s", "tg ratio", "bytes/token",
-              "bandwidth limit tok/s", "levante % of limit", "llama.cpp % of limit"]
+              "bandwidth GB/s (median of reps)", "bandwidth limit tok/s", "levante % of limit", "llama.cpp % of limit"]
     import platform
 
     text = [
         "# levante vs llama.cpp (llama-cpp-python), same GGUF files, same threads",
         "",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{args.threads} threads, measured read bandwidth {bw:.1f} GB/s. Reps: {args.reps}, interleaved.",
+        f"{args.threads} threads, read bandwidth {bw:.1f} GB/s at the start (and probed again after every rep, "
+        f"below). Reps: {args.reps}, interleaved.",
         "Ratios are levante / llama.cpp (> 1: levante faster), the median of the per-rep ratios (each rep runs "
         "the two engines back to back). The bandwidth limit is bandwidth / decode bytes "
-        "per token (weights read for one token: non-expert weights + top-k/E of the experts + the output matrix).",
+        "per token (weights read for one token: non-expert weights + top-k/E of the experts + the output matrix; "
+        "the KV cache, read too, is not counted); % of limit is the median over reps of tok/s / that rep's limit.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

@@ -1088,8 +1088,7 @@ void dequant_x16(const uint8_t* src, float* dst, int64_t ng, int64_t k) {
 }
 
 // The grouped kernels handle R = 1, 2 or 4 rows of x per pass over a group's codes (prefill: the codes
-// are unpacked once for R rows), with C independent int32 accumulator chains per row of x (vpdpwssd's
-// latency: one chain per row of x is too few at R = 1).
+// are unpacked once for R rows), with C independent int32 accumulator chains per row of x.
 template <int R, int C>
 inline void zero_acc(__m512i (&t)[R][C]) {
   for (int r = 0; r < R; ++r)
@@ -1110,7 +1109,7 @@ inline void dp(__m512i (&t)[R][C], int n, __m512i codes, const int32_t* const* x
 // Q4_0x16: y[(i0 + r) * ldy + j] for the group at base, x rows i0 .. i0 + R (x as int16 pairs in XBuf's pair order)
 template <int R>
 void x16_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
-  constexpr int C = R == 1 ? 4 : 2;
+  constexpr int C = 2;  // int32 accumulator chains per row of x (4 measured no faster at R = 1)
   const int64_t nb = x.k / 32;
   const __m512i mk = _mm512_set1_epi32(0x000F000F), mh = _mm512_set1_epi32((int)0xF000F000u);
   __m512 acc[R];
@@ -1401,7 +1400,7 @@ void dequant_grouped(const uint8_t* src, int64_t qt, float* dst, int64_t ng, int
 
 template <int R, bool Q5>  // Q4_Kx16, or Q5_Kx16 (the fifth bits after each sub-block's codes)
 void x45k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
-  constexpr int C = R == 1 ? 4 : 2;
+  constexpr int C = 2;  // int32 accumulator chains per row of x (4 measured no faster at R = 1)
   constexpr int GB = Q5 ? 2816 : 2304, SB = Q5 ? 320 : 256;  // bytes per group superblock, per sub-block
   constexpr float CT = Q5 ? 16.f : 8.f;                     // the codes' centre
   const int64_t nb = x.k / 256;
@@ -1473,7 +1472,7 @@ void x45k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t l
 // Q8_0x16 (x as int16 pairs in XBuf's pair order, as Q4_0x16)
 template <int R>
 void x80_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
-  constexpr int C = R == 1 ? 4 : 2;
+  constexpr int C = 2;  // int32 accumulator chains per row of x (4 measured no faster at R = 1)
   const int64_t nb = x.k / 32;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -1507,7 +1506,7 @@ void x80_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
 
 template <int R>
 void x6k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
-  constexpr int C = R == 1 ? 4 : 2;
+  constexpr int C = 2;  // int32 accumulator chains per row of x (4 measured no faster at R = 1)
   const int64_t nb = x.k / 256;
   const __m512i mk = _mm512_set1_epi32(0x000F000F), m30 = _mm512_set1_epi32(0x00300030);
   __m512 acc[R];
@@ -1755,21 +1754,24 @@ void job_range(const Job& j, int64_t lo, int64_t hi) {  // units [lo, hi)
   }
 }
 
-// every job's rows in one parallel region (threads split the concatenated rows)
+// every job's rows in one parallel region. Threads split the work, not the units: a unit (a row, or a group
+// of 16 rows) of one weight can hold several times the bytes of another's (q/k/v: a Q8_0 group of k/v is
+// 1.9x a Q4_K group of q), and an even split of units left one thread waiting for the other at the end.
 void run_jobs(const std::vector<Job>& jobs) {
-  int64_t N = 0, bytes = 0, m = 1;
-  for (const Job& j : jobs) {
-    N += job_units(j);
-    bytes += job_units(j) * j.rb;
-    m = std::max<int64_t>(m, j.x->m);
+  const size_t nj = jobs.size();
+  std::vector<int64_t> off(nj + 1, 0), w(nj);
+  for (size_t j = 0; j < nj; ++j) {
+    w[j] = std::max<int64_t>(1, jobs[j].rb * (1 + (jobs[j].x->m - 1) / 2));  // work per unit (as grain_rows)
+    off[j + 1] = off[j] + job_units(jobs[j]) * w[j];
   }
-  if (N == 0) return;
-  at::parallel_for(0, N, grain_rows(std::max<int64_t>(1, bytes / N), m), [&](int64_t r0, int64_t r1) {
-    int64_t off = 0;
-    for (const Job& j : jobs) {
-      const int64_t u = job_units(j), lo = std::max(r0, off), hi = std::min(r1, off + u);
-      if (lo < hi) job_range(j, lo - off, hi - off);
-      off += u;
+  constexpr int64_t Q = 64;  // work quantum
+  const int64_t nq = (off[nj] + Q - 1) / Q;
+  if (nq == 0) return;
+  auto cdiv = [](int64_t x, int64_t y) { return x <= 0 ? int64_t(0) : (x + y - 1) / y; };
+  at::parallel_for(0, nq, 49152 / Q, [&](int64_t q0, int64_t q1) {
+    for (size_t j = 0; j < nj; ++j) {  // the units whose work starts in [q0 Q, q1 Q)
+      const int64_t lo = cdiv(q0 * Q - off[j], w[j]), hi = std::min(job_units(jobs[j]), cdiv(q1 * Q - off[j], w[j]));
+      if (lo < hi) job_range(jobs[j], lo, hi);
     }
   });
 }

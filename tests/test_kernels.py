@@ -344,3 +344,6 @@ def test_grouped16_only_when_it_applies(qtype):
     assert isinstance(w, kq.Grouped16Weight)
     w = w.to("meta")  # leaving the CPU: back to GGML blocks and the generic class (CUDA takes this path)
     assert type(w) is kq.GGMLKernelWeight and w.data.shape == raw.shape and w.kernel_id == kq.QTYPES[qtype][0]
+    w = kq.fast_weight(torch.from_numpy(raw), qtype, 32, k)
+    with pytest.raises(RuntimeError, match="row id out of range"):
+        w.rows(torch.tensor([0, 32]), torch.float32)

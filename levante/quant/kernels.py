@@ -1362,6 +1362,25 @@ inline int64_t base_of(int64_t qt) {
   }
 }
 
+// rows ids of the grouped weight (groups [ng, ...]) -> float32 [n_ids, k]
+void dequant_grouped_rows(const uint8_t* src, int64_t qt, const int64_t* ids, int64_t n, float* dst, int64_t k) {
+  const int64_t bl = BLK[qt], nb = k / bl, gy = BYT[qt];
+  void (*lane)(const uint8_t*, uint8_t*, int) = lane_x80<false>;
+  deq_fn deq = V(deq_q8_0);
+  if (qt == X16) lane = lane_x16<false>, deq = V(deq_q4_0);
+  if (qt == X4K) lane = lane_x4k<false>, deq = V(deq_q4_k);
+  if (qt == X6K) lane = lane_x6k<false>, deq = V(deq_q6_k);
+  if (qt == X5K) lane = lane_x5k<false>, deq = V(deq_q5_k);
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    alignas(64) uint8_t blk[256];
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t b = 0; b < nb; ++b) {
+        lane(blk, const_cast<uint8_t*>(src) + ((ids[i] / 16) * nb + b) * gy, (int)(ids[i] % 16));
+        deq(blk, dst + i * k + b * bl);
+      }
+  });
+}
+
 // GGML rows [N, k / BL * BY] <-> groups [N / 16, k / BL * 16 BY] (TO: rows -> groups)
 template <bool TO>
 void regroup(uint8_t* rows, uint8_t* groups, int64_t qt, int64_t ng, int64_t k) {
@@ -1625,6 +1644,23 @@ torch::Tensor regroup_rows(torch::Tensor raw, int64_t qt, int64_t k) {
 #else
   TORCH_CHECK(false, "the 16-row group layouts need the AVX512_BF16 build");
 #endif
+}
+
+// rows `ids` (int64, any shape) of a grouped weight -> float32 [ids.numel(), k]
+torch::Tensor grouped_rows(torch::Tensor raw, int64_t qt, int64_t k, torch::Tensor ids) {
+  TORCH_CHECK(grouped(qt) && qt < NQT, "grouped_rows: not a grouped type id: ", qt);
+  check(raw, qt, k);
+  ids = ids.to(torch::kLong).contiguous().view({-1});
+  const int64_t n = ids.numel(), rows = rows_of(raw, qt);
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < rows, "grouped_rows: row id out of range");
+  auto out = torch::empty({n, k}, torch::kFloat32);
+#ifdef HAVE_BF16DOT
+  dequant_grouped_rows(raw.data_ptr<uint8_t>(), qt, ip, n, out.data_ptr<float>(), k);
+#else
+  TORCH_CHECK(false, "the 16-row group layouts need the AVX512_BF16 build");
+#endif
+  return out;
 }
 
 // the inverse: groups -> GGML rows of the base type
@@ -2234,8 +2270,9 @@ def extension():
             _EXT = load_inline(
                 name=name,
                 cpp_sources=[_CPP],
-                functions=["dequant", "dequant_into", "regroup_rows", "ungroup_rows", "gemv", "gemv_multi", "set_nr1",
-                           "set_pf", "set_pair", "decode_ops", "rmsnorm", "attn_decode", "ffn_decode", "layer_decode"],
+                functions=["dequant", "dequant_into", "regroup_rows", "ungroup_rows", "grouped_rows", "gemv",
+                           "gemv_multi", "set_nr1", "set_pf", "set_pair", "decode_ops", "rmsnorm", "attn_decode",
+                           "ffn_decode", "layer_decode"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build),
@@ -2369,10 +2406,7 @@ class Grouped16Weight(GGMLKernelWeight):
         return extension().dequant(self.data, self.kernel_id, self.in_features).to(dtype)
 
     def rows(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
-        flat = ids.reshape(-1).to(torch.long)
-        groups, inverse = torch.unique(flat // 16, return_inverse=True)
-        block = extension().dequant(self.data.index_select(0, groups), self.kernel_id, self.in_features)
-        out = block.view(-1, 16, self.in_features)[inverse, flat % 16]
+        out = extension().grouped_rows(self.data, self.kernel_id, self.in_features, ids)
         return out.to(dtype).reshape(*ids.shape, self.in_features)
 
     def _kernel_max_rows(self, ext) -> int:

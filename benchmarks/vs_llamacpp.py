@@ -112,10 +112,10 @@ def decode_bytes_per_token(model) -> int:
 class LevanteRunner:
     name = "levante"
 
-    def __init__(self, path: Path, threads: int, n_ctx: int) -> None:
+    def __init__(self, path: Path, threads: int, n_ctx: int, cache_type: str) -> None:
         from levante import LLM
 
-        self.llm = LLM(str(path), n_ctx=n_ctx, n_threads=threads)
+        self.llm = LLM(str(path), n_ctx=n_ctx, n_threads=threads, cache_type=cache_type)
         self.model = self.llm.model
 
     def prefill(self, ids: list[int]) -> tuple[float, int]:
@@ -166,8 +166,9 @@ class LlamaCppRunner:
         return time.perf_counter() - t0
 
 
-def bench_file(path: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -> dict:
-    runners = [LevanteRunner(path, threads, n_prompt + n_gen + 8), LlamaCppRunner(path, threads, n_prompt + n_gen + 8)]
+def bench_file(path: Path, threads: int, n_prompt: int, n_gen: int, reps: int, cache_type: str) -> dict:
+    n_ctx = n_prompt + n_gen + 8
+    runners = [LevanteRunner(path, threads, n_ctx, cache_type), LlamaCppRunner(path, threads, n_ctx)]
     vocab = runners[0].llm.config.vocab_size
     ids = torch.randint(100, vocab, (n_prompt,), generator=torch.Generator().manual_seed(1)).tolist()
     res = {r.name: {"pp": [], "tg": []} for r in runners}
@@ -204,6 +205,8 @@ def main() -> None:
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("-r", "--reps", type=int, default=3)
     ap.add_argument("--files", default="smollm2-Q4_1,mixtral-Q4_0,mixtral-Q8_0,mixtral-Q4_K_M")
+    ap.add_argument("--cache-type", default="f16", choices=["auto", "f32", "f16"],
+                    help="levante's KV cache type (default f16: llama.cpp's default, so both read the same bytes)")
     ap.add_argument("--out", default=str(ROOT / "results" / "vs_llamacpp.md"))
     args = ap.parse_args()
     bw = bandwidth_gbs(args.threads)
@@ -211,7 +214,7 @@ def main() -> None:
     rows = []
     for name, path in files(args.files.split(",")).items():
         print(f"benchmarking {name} ({path.stat().st_size / 2**20:.0f} MiB) ...", flush=True)
-        r = bench_file(path, args.threads, args.n_prompt, args.n_gen, args.reps)
+        r = bench_file(path, args.threads, args.n_prompt, args.n_gen, args.reps, args.cache_type)
         lv, lc = r["levante"], r["llama.cpp"]
         limits = [b * 1e9 / r["bytes_per_token"] for b in r["bw"]]  # per rep
         limit = statistics.median(limits)
@@ -234,7 +237,8 @@ def main() -> None:
         "",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{args.threads} threads, read bandwidth {bw:.1f} GB/s at the start (and probed again after every rep, "
-        f"below). Reps: {args.reps}, interleaved.",
+        f"below). Reps: {args.reps}, interleaved. KV cache: levante `-ctk {args.cache_type}`, llama.cpp its "
+        "default (f16).",
         "Ratios are levante / llama.cpp (> 1: levante faster), the median of the per-rep ratios (each rep runs "
         "the two engines back to back). The bandwidth limit is bandwidth / decode bytes "
         "per token (weights read for one token: non-expert weights + top-k/E of the experts + the output matrix; "

@@ -22,6 +22,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="compute dtype for float weights (auto: bfloat16 for bf16 checkpoints, else float32)")
     p.add_argument("-b", "--n-batch", type=int, default=512, help="prompt tokens per forward pass (prefill chunk)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("-ctk", "--cache-type", default="auto", choices=["auto", "f32", "f16"],
+                   help="KV cache type: auto = the compute dtype (exact); f16 = llama.cpp's default, half the "
+                        "cache memory and reads, keys/values rounded to f16")
 
 
 def _add_sampling(p: argparse.ArgumentParser, temp: float) -> None:
@@ -162,7 +165,7 @@ def _llm(args):
     from .api import LLM
 
     return LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads, dtype=args.dtype, n_batch=args.n_batch,
-               verbose=True, device=args.device)
+               verbose=True, device=args.device, cache_type=args.cache_type)
 
 
 def _sampling_kwargs(args) -> dict:
@@ -367,7 +370,7 @@ def cmd_perplexity(args) -> int:
 
     n_ctx = args.ctx_size or 512
     llm = LLM(args.model, n_ctx=n_ctx, n_threads=args.threads, dtype=args.dtype, n_batch=args.n_batch,
-              verbose=False, device=args.device)
+              verbose=False, device=args.device, cache_type=args.cache_type)
     ids = llm.tokenize(_read_text(args.file))  # add_special like llama.cpp's common_tokenize(..., true)
     res = perplexity(llm, ids, n_ctx, stride=args.stride, n_chunks=args.chunks, progress=True)
     mode = f"stride {args.stride}" if args.stride else "second half of each chunk scored"
@@ -384,7 +387,8 @@ def cmd_compare(args) -> int:
     from .quality import compare, plot_report, report_markdown
 
     n_ctx = args.ctx_size or 512
-    kw = dict(n_ctx=n_ctx, n_threads=args.threads, dtype=args.dtype, n_batch=args.n_batch, device=args.device)
+    kw = dict(n_ctx=n_ctx, n_threads=args.threads, dtype=args.dtype, n_batch=args.n_batch, device=args.device,
+              cache_type=args.cache_type)
     base, other = LLM(args.model, **kw), LLM(args.model2, **kw)
     ids = base.tokenize(_read_text(args.file))
     rep = compare(base, other, ids, n_ctx, stride=args.stride, n_chunks=args.chunks, progress=True)

@@ -224,7 +224,8 @@ class _Plan:
                 kpos = new_pos[:, : self.n_keys]
             self.new_pos = new_pos
         self.fast = None
-        if T == 1 and B <= _SMALL and self.mode in ("shared", "scatter") and dtype == torch.float32:
+        if (T == 1 and B <= _SMALL and self.mode in ("shared", "scatter") and dtype == torch.float32
+                and cache.k[0].dtype in (torch.float32, torch.float16)):
             # One token per row (<= _SMALL rows: above that the tile + MKL matmuls win) on a float32 CPU cache:
             # C++ decode ops (layer_decode / attn_decode).
             self.fast = decode_ext() if cache.k[0].device.type == "cpu" else None
@@ -249,16 +250,17 @@ class _Plan:
         if self.mode == "none":
             return k, v
         ck, cv = self.cache.k[layer][self.rows], self.cache.v[layer][self.rows]
+        dt = k.dtype  # the cache may hold another type (f16): attend in the compute dtype
         if self.mode == "shared":
-            ck[:, :, self.slots] = k
-            cv[:, :, self.slots] = v
-            return ck[:, :, : self.n_keys], cv[:, :, : self.n_keys]
+            ck[:, :, self.slots] = k.to(ck.dtype)
+            cv[:, :, self.slots] = v.to(cv.dtype)
+            return ck[:, :, : self.n_keys].to(dt), cv[:, :, : self.n_keys].to(dt)
         if self.mode == "scatter":
-            ck[self.batch_idx, :, self.slots] = k[:, :, 0]
-            cv[self.batch_idx, :, self.slots] = v[:, :, 0]
-            return ck[:, :, : self.n_keys], cv[:, :, : self.n_keys]
-        k_all = torch.cat([ck[:, :, : self.n_old], k], dim=2)
-        v_all = torch.cat([cv[:, :, : self.n_old], v], dim=2)
+            ck[self.batch_idx, :, self.slots] = k[:, :, 0].to(ck.dtype)
+            cv[self.batch_idx, :, self.slots] = v[:, :, 0].to(cv.dtype)
+            return ck[:, :, : self.n_keys].to(dt), cv[:, :, : self.n_keys].to(dt)
+        k_all = torch.cat([ck[:, :, : self.n_old].to(dt), k], dim=2)
+        v_all = torch.cat([cv[:, :, : self.n_old].to(dt), v], dim=2)
         ck[:, :, self.slots] = k[:, :, self.src]
         cv[:, :, self.slots] = v[:, :, self.src]
         return k_all, v_all
@@ -512,8 +514,10 @@ class CausalLM(nn.Module):
             h = h[:, -1:]
         return self.lm_head(h).float()
 
+    kv_dtype: torch.dtype | None = None  # the KV cache's element type (None: the compute dtype)
+
     def new_cache(self, batch_size: int, max_tokens: int) -> KVCache:
-        return KVCache(self.cfg, batch_size, max_tokens, self.model.dtype, self.model.device)
+        return KVCache(self.cfg, batch_size, max_tokens, self.kv_dtype or self.model.dtype, self.model.device)
 
 
 def _last_non_pad(tokens: Tensor, pad_id: int | None) -> Tensor:

@@ -33,12 +33,14 @@ def test_rmsnorm():
         EXT.rmsnorm(x, torch.ones(7), 1e-5)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("nh,nkv,hd,cap", [(4, 2, 24, 11), (8, 8, 64, 11), (6, 1, 16, 11), (8, 2, 64, 700)])
-def test_attn_decode(nh, nkv, hd, cap):
-    """cap 700: keys walked in several blocks (256 keys for head_dim 64), the last one partial."""
+def test_attn_decode(nh, nkv, hd, cap, kv_dtype):
+    """cap 700: keys walked in several blocks (256 keys for head_dim 64), the last one partial. A float16
+    cache (llama.cpp's KV type): the new keys / values are stored rounded, the math is float32."""
     B, m, row0 = 4, 3, 1
     nk = cap - 2
-    kc, vc = torch.randn(B, nkv, cap, hd), torch.randn(B, nkv, cap, hd)
+    kc, vc = torch.randn(B, nkv, cap, hd).to(kv_dtype), torch.randn(B, nkv, cap, hd).to(kv_dtype)
     qkv = torch.randn(m, (nh + 2 * nkv) * hd)
     ang = torch.randn(m, hd // 2)
     cos = torch.cat([ang.cos(), ang.cos()], -1)
@@ -54,19 +56,22 @@ def test_attn_decode(nh, nkv, hd, cap):
     q = apply_rotary(q.view(m, nh, hd), c, s)
     k = apply_rotary(k.view(m, nkv, hd), c, s)
     for i in range(m):
-        ref_k[row0 + i, :, slots[i]] = k[i]
-        ref_v[row0 + i, :, slots[i]] = v.view(m, nkv, hd)[i]
-    assert torch.equal(vc, ref_v) and close(kc, ref_k, 1e-6)  # only the new slots written
+        ref_k[row0 + i, :, slots[i]] = k[i].to(kv_dtype)
+        ref_v[row0 + i, :, slots[i]] = v.view(m, nkv, hd)[i].to(kv_dtype)
+    assert torch.equal(vc, ref_v)  # only the new slots written
+    assert close(kc.float(), ref_k.float(), 1e-6 if kv_dtype == torch.float32 else 1e-3)
     untouched = torch.ones(B, cap, dtype=torch.bool)
     untouched[row0 + torch.arange(m), slots] = False
     assert torch.equal(kc.transpose(1, 2)[untouched], ref_k.transpose(1, 2)[untouched])
-    K, V = ref_k[row0 : row0 + m, :, :nk], ref_v[row0 : row0 + m, :, :nk]
+    K, V = kc[row0 : row0 + m, :, :nk].float(), vc[row0 : row0 + m, :, :nk].float()
     want = F.scaled_dot_product_attention(q[:, :, None], K, V, attn_mask=bias[:, None, None], enable_gqa=nh != nkv)
     assert close(out, want.reshape(m, nh * hd), 1e-5)
     with pytest.raises(RuntimeError, match="slot out of range"):
         EXT.attn_decode(qkv, cos, sin, kc, vc, row0, torch.tensor([2, cap + 5, 0]), bias, nh, nkv)
     with pytest.raises(RuntimeError, match="rows out of range"):
         EXT.attn_decode(qkv, cos, sin, kc, vc, 2, slots, bias, nh, nkv)
+    with pytest.raises(RuntimeError, match="bad cache"):
+        EXT.attn_decode(qkv, cos, sin, kc.to(torch.bfloat16), vc.to(torch.bfloat16), row0, slots, bias, nh, nkv)
 
 
 def _expert(types, h, inter, seed):
@@ -171,3 +176,46 @@ def test_decode_steps_equal_torch_path(kind, qtype, extra, tmp_path, monkeypatch
     # 1.1e-4 (Q4_K) of the largest logit on these random models, against ~1e-6 for the other types
     assert close(fast, slow, 3e-4 if qtype in ("Q4_0", "Q4_K", "Q8_0") else 1e-5)
     assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+
+
+def test_f16_kv_cache(tmp_path, monkeypatch):
+    """cache_type f16 (LLM(cache_type="f16"), `-ctk f16`): half the cache bytes; the fused decode step and the
+    torch path agree on it (both store the keys/values rounded to f16 and attend in float32), and the logits
+    stay within f16 rounding of the float32 cache's."""
+    torch.set_num_threads(1)
+    path = write_gguf_from_hf(hf_model("mixtral_window"), tmp_path / "m.gguf", "Q8_0")  # window 6: rolling
+    ckpt = read_gguf(path)
+    model = build_model(ckpt.config, ckpt.weights)
+
+    def run(kv_dtype, fast: bool) -> torch.Tensor:
+        model.kv_dtype = kv_dtype
+        if not fast:
+            monkeypatch.setattr(lm, "decode_ext", lambda: None)
+        cache = model.new_cache(2, 64)
+        assert cache.k[0].dtype == (kv_dtype or torch.float32)
+        outs = []
+        with torch.no_grad():
+            outs.append(model(torch.tensor([[5, 6, 7, 8, 9, 10, 11], [3, 4, 5, 6, 7, 8, 9]]), cache=cache))
+            tok = torch.tensor([[20], [30]])
+            for _ in range(10):
+                logits = model(tok, cache=cache, last_only=True)
+                outs.append(logits)
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+        monkeypatch.undo()
+        model.kv_dtype = None
+        return torch.cat(outs, 1)
+
+    f16_fast, f16_slow, f32 = run(torch.float16, True), run(torch.float16, False), run(None, True)
+    assert close(f16_fast, f16_slow, 3e-4)  # as test_decode_steps_equal_torch_path's int16 types
+    assert close(f16_fast, f32, 1e-2) and not torch.equal(f16_fast, f32)
+
+
+def test_cache_type_option():
+    from levante.api import LLM
+
+    with pytest.raises(ValueError, match="cache_type"):
+        LLM(cache_type="q8_0")
+    from levante.cli import build_parser
+
+    args = build_parser().parse_args(["run", "-p", "hi", "-ctk", "f16"])
+    assert args.cache_type == "f16"

@@ -1875,8 +1875,17 @@ inline __m512 hsum16(__m512 (&v)[16]) {
 }
 #endif
 
-// s[j] = q . K[j] for keys j < n (rows of hd floats); 16 keys at a time when hd is a multiple of 16
-inline void scores(const float* q, const float* K, int64_t n, int64_t hd, float* s) {
+// the KV cache holds float32 or float16 (c10::Half: llama.cpp's default KV type, half the bytes to read)
+inline float to_f(float v) { return v; }
+inline float to_f(c10::Half v) { return (float)v; }
+#ifdef __AVX512F__
+inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 ld16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+#endif
+
+// s[j] = q . K[j] for keys j < n (rows of hd values); 16 keys at a time when hd is a multiple of 16
+template <class T>
+inline void scores(const float* q, const T* K, int64_t n, int64_t hd, float* s) {
   int64_t j = 0;
 #ifdef __AVX512F__
   if (hd % 16 == 0 && hd <= 256) {
@@ -1886,20 +1895,26 @@ inline void scores(const float* q, const float* K, int64_t n, int64_t hd, float*
     for (; j + 16 <= n; j += 16) {
       __m512 acc[16];
       for (int l = 0; l < 16; ++l) {
-        const float* k = K + (j + l) * hd;
-        __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
-        for (int c = 1; c < nc; ++c) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), a);
+        const T* k = K + (j + l) * hd;
+        __m512 a = _mm512_mul_ps(qv[0], ld16(k));
+        for (int c = 1; c < nc; ++c) a = _mm512_fmadd_ps(qv[c], ld16(k + 16 * c), a);
         acc[l] = a;
       }
       _mm512_storeu_ps(s + j, hsum16(acc));
     }
   }
 #endif
-  for (; j < n; ++j) s[j] = dot(q, K + j * hd, (int)hd);
+  for (; j < n; ++j) {
+    const T* k = K + j * hd;
+    float t = 0.f;
+    for (int64_t d = 0; d < hd; ++d) t += q[d] * to_f(k[d]);
+    s[j] = t;
+  }
 }
 
-// o += sum_j p[j] V[j] (rows of hd floats); accumulators in registers when hd is a multiple of 16
-inline void weighted_sum(const float* p, const float* V, int64_t n, int64_t hd, float* o) {
+// o += sum_j p[j] V[j] (rows of hd values); accumulators in registers when hd is a multiple of 16
+template <class T>
+inline void weighted_sum(const float* p, const T* V, int64_t n, int64_t hd, float* o) {
 #ifdef __AVX512F__
   if (hd % 16 == 0 && hd <= 256) {
     const int nc = (int)(hd / 16);
@@ -1908,7 +1923,7 @@ inline void weighted_sum(const float* p, const float* V, int64_t n, int64_t hd, 
     for (int64_t j = 0; j < n; ++j) {
       if (p[j] == 0.f) continue;
       const __m512 pj = _mm512_set1_ps(p[j]);
-      for (int c = 0; c < nc; ++c) acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(V + j * hd + 16 * c), acc[c]);
+      for (int c = 0; c < nc; ++c) acc[c] = _mm512_fmadd_ps(pj, ld16(V + j * hd + 16 * c), acc[c]);
     }
     for (int c = 0; c < nc; ++c) _mm512_storeu_ps(o + 16 * c, acc[c]);
     return;
@@ -1916,8 +1931,9 @@ inline void weighted_sum(const float* p, const float* V, int64_t n, int64_t hd, 
 #endif
   for (int64_t j = 0; j < n; ++j) {
     if (p[j] == 0.f) continue;
-    const float pj = p[j], *v = V + j * hd;
-    for (int64_t d = 0; d < hd; ++d) o[d] += pj * v[d];
+    const float pj = p[j];
+    const T* v = V + j * hd;
+    for (int64_t d = 0; d < hd; ++d) o[d] += pj * to_f(v[d]);
   }
 }
 
@@ -2002,30 +2018,52 @@ torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps) {
 // qkv [m, (nh + 2 nkv) hd]: RoPE on q and k (cos / sign-folded sin [m, hd], see model.Rotary), k and v
 // written to cache rows row0 + i at slots[i] (kc, vc: one layer's [B, nkv, cap, hd]), then attention of
 // each query head over the first nk slots with the additive mask bias [m, nk]. Returns [m, nh hd].
+template <class T>
+void attn_cache(torch::Tensor& q, torch::Tensor& out, const torch::Tensor& qkv, const torch::Tensor& cos,
+                const torch::Tensor& sin, T* kp, T* vp, int64_t cap, int64_t row0, const torch::Tensor& slots,
+                const torch::Tensor& bias, int64_t nh, int64_t nkv);
+
 torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc,
                           torch::Tensor vc, int64_t row0, torch::Tensor slots, torch::Tensor bias, int64_t nh,
                           int64_t nkv) {
   const auto f32 = torch::kFloat32;
   TORCH_CHECK(cos.dtype() == f32 && cos.dim() == 2 && cos.is_contiguous() && sin.sizes() == cos.sizes() &&
                   sin.dtype() == f32 && sin.is_contiguous(), "attn_decode: bad cos/sin");
-  const int64_t m = cos.size(0), hd = cos.size(1), half = hd / 2;
+  const int64_t m = cos.size(0), hd = cos.size(1);
   TORCH_CHECK(hd % 2 == 0 && nh > 0 && nkv > 0 && nh % nkv == 0, "attn_decode: bad head counts");
   TORCH_CHECK(qkv.dtype() == f32 && qkv.is_contiguous() && qkv.dim() == 2 && qkv.size(0) == m &&
                   qkv.size(1) == (nh + 2 * nkv) * hd, "attn_decode: bad qkv");
-  TORCH_CHECK(kc.dtype() == f32 && vc.dtype() == f32 && kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 4 &&
-                  kc.sizes() == vc.sizes() && kc.size(1) == nkv && kc.size(3) == hd, "attn_decode: bad cache");
+  TORCH_CHECK((kc.dtype() == f32 || kc.dtype() == torch::kHalf) && vc.dtype() == kc.dtype() && kc.is_contiguous() &&
+                  vc.is_contiguous() && kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.size(1) == nkv &&
+                  kc.size(3) == hd, "attn_decode: bad cache");
   const int64_t cap = kc.size(2);
   TORCH_CHECK(row0 >= 0 && row0 + m <= kc.size(0), "attn_decode: rows out of range");
   TORCH_CHECK(slots.dtype() == torch::kInt64 && slots.numel() == m && slots.is_contiguous(), "attn_decode: bad slots");
   TORCH_CHECK(bias.dtype() == f32 && bias.dim() == 2 && bias.size(0) == m && bias.is_contiguous() &&
                   bias.size(1) <= cap, "attn_decode: bad bias");
-  const int64_t nk = bias.size(1), stride = (nh + 2 * nkv) * hd;
   auto q = torch::empty({m, nh, hd}, f32);
   auto out = torch::empty({m, nh * hd}, f32);
-  float *qp = q.data_ptr<float>(), *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
+  if (kc.dtype() == torch::kHalf)
+    attn_cache<c10::Half>(q, out, qkv, cos, sin, kc.data_ptr<c10::Half>(), vc.data_ptr<c10::Half>(), cap, row0, slots,
+                          bias, nh, nkv);
+  else
+    attn_cache<float>(q, out, qkv, cos, sin, kc.data_ptr<float>(), vc.data_ptr<float>(), cap, row0, slots, bias, nh,
+                      nkv);
+  return out;
+}
+
+// attn_decode's work on a cache of T (float or c10::Half): rope q and the new k, store k / v at the slots,
+// attention over the first bias.size(1) keys
+template <class T>
+void attn_cache(torch::Tensor& q, torch::Tensor& out, const torch::Tensor& qkv, const torch::Tensor& cos,
+                const torch::Tensor& sin, T* kp, T* vp, int64_t cap, int64_t row0, const torch::Tensor& slots,
+                const torch::Tensor& bias, int64_t nh, int64_t nkv) {
+  const int64_t m = cos.size(0), hd = cos.size(1), half = hd / 2;
+  const int64_t nk = bias.size(1), stride = (nh + 2 * nkv) * hd;
+  float* qp = q.data_ptr<float>();
   const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   const int64_t* slot = slots.data_ptr<int64_t>();
-  auto rope = [&](const float* x, float* y, const float* c, const float* s) {
+  auto rope = [&](const float* x, auto* y, const float* c, const float* s) {
     for (int64_t d = 0; d < hd; ++d) y[d] = x[d] * c[d] + x[d < half ? d + half : d - half] * s[d];
   };
   for (int64_t i = 0; i < m; ++i) {
@@ -2035,7 +2073,8 @@ torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor si
     for (int64_t h = 0; h < nkv; ++h) {
       const int64_t at = (((row0 + i) * nkv + h) * cap + slot[i]) * hd;
       rope(row + (nh + h) * hd, kp + at, c, s);
-      std::memcpy(vp + at, row + (nh + nkv + h) * hd, hd * sizeof(float));
+      const float* v = row + (nh + nkv + h) * hd;
+      for (int64_t d = 0; d < hd; ++d) vp[at + d] = v[d];
     }
   }
   const float scale = 1.f / std::sqrt((float)hd);
@@ -2045,14 +2084,14 @@ torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor si
   // One task per (row, kv head): its grp query heads walk the keys in blocks of ~64 KB, all heads per
   // block, so each K / V block is read from memory once and re-read by the other heads from L2 (one
   // head after the other over the whole cache re-read it from L3 or DRAM once the cache outgrows L2).
-  const int64_t kb = std::max<int64_t>(16, (65536 / 4 / hd) / 16 * 16);
+  const int64_t kb = std::max<int64_t>(16, (65536 / (int64_t)sizeof(T) / hd) / 16 * 16);
   at::parallel_for(0, m * nkv, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, nk * hd * grp)),
                    [&](int64_t t0, int64_t t1) {
     std::vector<float> p(grp * nk), inv(grp);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = t / nkv, g = t % nkv;
-      const float* K = kp + ((row0 + i) * nkv + g) * cap * hd;
-      const float* V = vp + ((row0 + i) * nkv + g) * cap * hd;
+      const T* K = kp + ((row0 + i) * nkv + g) * cap * hd;
+      const T* V = vp + ((row0 + i) * nkv + g) * cap * hd;
       const float* Q = qp + (i * nh + g * grp) * hd;
       float* O = op + (i * nh + g * grp) * hd;
       for (int64_t j0 = 0; j0 < nk; j0 += kb)
@@ -2079,7 +2118,6 @@ torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor si
       }
     }
   });
-  return out;
 }
 
 // SwiGLU feed-forward of x [m, h] (already normalised): dense (ws = [w1, w3, w2], logits empty) or a

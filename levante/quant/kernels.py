@@ -576,6 +576,9 @@ struct XP {  // prepared activations, m rows
   const float* sk;     // sums of the rounded x per 32 elements, dxk * sum(q16k) [m][k/32]
   const int32_t* qs;   // sums of q16 per 32-block [m][k/32] (Q4_0x16's -8 offset)
   const int32_t* ks16; // sums of q16k per 16 elements [m][k/16] (Q4_Kx16 / Q6_Kx16's offsets)
+  // q16k in two bytes, q16k = 256 * kh + kl (kh signed, kl unsigned: Q4_Kx16's vpdpbusd) [m][k]
+  const uint8_t* kl;
+  const int8_t* kh;
 };
 
 template <int NR, int M>
@@ -911,6 +914,8 @@ void range_bf(const uint8_t* src, int64_t rb, int64_t r0, int64_t r1, const XP& 
       xi.sk += i0 * (x.k / 32);
       xi.qs += i0 * (x.k / 32);
       xi.ks16 += i0 * (x.k / 16);
+      xi.kl += i0 * x.k;
+      xi.kh += i0 * x.k;
       float* yi = y + i0 * ldy;
       switch (std::min<int64_t>(4, m - i0)) {
         case 1: rows_bf<T, 1, 1>(src, rb, r, xi, yi, ldy); break;
@@ -941,7 +946,7 @@ void range_bf_any(int64_t qt, const uint8_t* src, int64_t rb, int64_t r0, int64_
 }
 
 // the forms of x a type's small-batch kernel reads (XBuf builds only those)
-enum : int { XF_SPLIT = 1, XF_Q16 = 2, XF_K = 4, XF_SUM = 8 };
+enum : int { XF_SPLIT = 1, XF_Q16 = 2, XF_K = 4, XF_SUM = 8, XF_K8 = 16 };
 inline int x_forms(int64_t qt, int64_t k) {
   const int tail = ((k / 32) % 2 || !g_pair) ? XF_SPLIT : 0;  // Q4_0 / Q4_1's one-block bf16 kernel
   switch (qt) {
@@ -950,7 +955,8 @@ inline int x_forms(int64_t qt, int64_t k) {
     case 7: case 8: return XF_K | XF_SUM;
     case 9: return XF_K;
     case X16: return XF_Q16;
-    case 11: case 13: return XF_K | XF_SUM;
+    case 11: return XF_K | XF_SUM | XF_K8;
+    case 13: return XF_K | XF_SUM;
     case 12: return XF_K;
     case 14: return XF_Q16;
     default: return 0;  // Q8_0 and the generic loop read x as float
@@ -962,6 +968,8 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
   std::vector<int16_t> q16, q16k;
   std::vector<float> dx, dxk, sk;
   std::vector<int32_t> qs, ks16;
+  std::vector<uint8_t> kl;
+  std::vector<int8_t> kh;
   std::vector<float> s;
   XP p;
   int64_t m;
@@ -976,8 +984,17 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
     }
     if (forms & XF_Q16) build_q16(xf, k);
     if ((forms & XF_K) && k % 256 == 0) build_q16k(xf, k);
+    if ((forms & XF_K8) && k % 256 == 0) {
+      kl.resize(m * k);
+      kh.resize(m * k);
+      for (int64_t i = 0; i < m * k; ++i) {
+        const int v = q16k[i];  // v = 256 h + l, h signed, l unsigned
+        kh[i] = (int8_t)(v >> 8);
+        kl[i] = (uint8_t)(v & 255);
+      }
+    }
     p = XP{h.data(), l.data(), xf, s.data(), k, q16.data(), dx.data(), q16k.data(), dxk.data(), sk.data(), qs.data(),
-            ks16.data()};
+            ks16.data(), kl.data(), kh.data()};
   }
 
  private:
@@ -1153,13 +1170,13 @@ void x16_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
 // in int32 (exact), and the sub-block scales are applied in f32 per 16 rows (one FMA), where the per-row
 // kernels spend a vpmullw on every 32 codes.
 // Q4_Kx16 (2304 bytes): d[16] f16 | dmin[16] f16 | 3 x 64 bytes: lane j = packed scale bytes 4u..4u+3 of
-// row j | 32 x 64 bytes: vector kk, lane j = row j's codes 8kk..8kk+7 (pack8 order).
+// row j | 32 x 64 bytes: vector kk, lane j = row j's codes 8kk..8kk+7 (pack8b order: as bytes for vpdpbusd).
 // Q6_Kx16 (3360 bytes): d[16] f16 | 4 x 64 bytes: lane j = int8 scales 4v..4v+3 of row j | per 16-element
 // sub-block s: two code vectors (low nibbles, pack8 order) and one vector of the high bits (lane j: element
 // 2t's two bits at bits 2t, element 2t+1's at 16 + 2t).
 
-// Q5_Kx16 (2816 bytes): as Q4_Kx16, but per sub-block the four code vectors are followed by one vector of the
-// fifth bits (lane j: element 2P's bit at bit P, element 2P+1's at bit 16 + P).
+// Q5_Kx16 (2816 bytes): as Q4_Kx16, but the codes in pack8 order and per sub-block the four code vectors are
+// followed by one vector of the fifth bits (lane j: element 2P's bit at bit P, element 2P+1's at bit 16 + P).
 // Q8_0x16 (544 bytes): d[16] f16 | 8 x 64 bytes: vector kk, lane j = row j's codes 4kk .. 4kk+3 as bytes
 // [c0 c2 c1 c3], so the int16 words' low and high bytes are the pairs (c0, c1) and (c2, c3).
 constexpr int64_t X4K = 11, X6K = 12, X5K = 13, X80 = 14;
@@ -1167,6 +1184,19 @@ constexpr int64_t X4K = 11, X6K = 12, X5K = 13, X80 = 14;
 inline uint32_t pack8(const uint8_t* c) {  // 8 nibbles -> [c0 c2 c4 c6 | c1 c3 c5 c7] (the Q4_0x16 order)
   return (uint32_t)c[0] | (uint32_t)c[2] << 4 | (uint32_t)c[4] << 8 | (uint32_t)c[6] << 12 | (uint32_t)c[1] << 16 |
          (uint32_t)c[3] << 20 | (uint32_t)c[5] << 24 | (uint32_t)c[7] << 28;
+}
+// 8 codes -> [c0 | c4 << 4, c1 | c5 << 4, c2 | c6 << 4, c3 | c7 << 4]: one AND gives c0..c3 as bytes, a shift
+// and an AND c4..c7 (Q4_Kx16, read with vpdpbusd)
+inline uint32_t pack8b(const uint8_t* c) {
+  uint32_t d = 0;
+  for (int b = 0; b < 4; ++b) d |= (uint32_t)(c[b] | c[b + 4] << 4) << (8 * b);
+  return d;
+}
+inline void unpack8b(uint32_t d, uint8_t* c) {
+  for (int b = 0; b < 4; ++b) {
+    c[b] = (d >> (8 * b)) & 15;
+    c[b + 4] = (d >> (8 * b + 4)) & 15;
+  }
 }
 inline void unpack8(uint32_t d, uint8_t* c) {
   for (int t = 0; t < 4; ++t) {
@@ -1242,14 +1272,14 @@ void lane_x4k(const uint8_t* blk, uint8_t* dst, int j) {  // Q4_K: 144 <-> 2304 
   if (TO) {
     q4k_get(b, q);
     for (int kk = 0; kk < 32; ++kk) {
-      const uint32_t d = pack8(q + 8 * kk);
+      const uint32_t d = pack8b(q + 8 * kk);
       std::memcpy(dst + 256 + 64 * kk + 4 * j, &d, 4);
     }
   } else {
     for (int kk = 0; kk < 32; ++kk) {
       uint32_t d;
       std::memcpy(&d, dst + 256 + 64 * kk + 4 * j, 4);
-      unpack8(d, q + 8 * kk);
+      unpack8b(d, q + 8 * kk);
     }
     q4k_put(q, b);
   }
@@ -1417,14 +1447,15 @@ void dequant_grouped(const uint8_t* src, int64_t qt, float* dst, int64_t ng, int
   });
 }
 
-template <int R, bool Q5>  // Q4_Kx16, or Q5_Kx16 (the fifth bits after each sub-block's codes)
-void x45k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
+// Q5_Kx16: as Q4_Kx16 (scales, mins), the codes in pack8 order with the fifth bits after each sub-block's codes,
+// read as int16 pairs (vpdpwssd)
+template <int R>
+void x5k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
   constexpr int C = 2;  // int32 accumulator chains per row of x (4 measured no faster at R = 1)
-  constexpr int GB = Q5 ? 2816 : 2304, SB = Q5 ? 320 : 256;  // bytes per group superblock, per sub-block
-  constexpr float CT = Q5 ? 16.f : 8.f;                     // the codes' centre
+  constexpr int GB = 2816, SB = 320;  // bytes per group superblock, per sub-block
+  constexpr float CT = 16.f;          // the codes' centre
   const int64_t nb = x.k / 256;
-  const __m512i mk = _mm512_set1_epi32(0x000F000F), mh = _mm512_set1_epi32((int)0xF000F000u),
-                m10 = _mm512_set1_epi32(0x00100010);
+  const __m512i mk = _mm512_set1_epi32(0x000F000F), m10 = _mm512_set1_epi32(0x00100010);
   const __m512i k1 = _mm512_set1_epi32(0x3f3f3f3f), k2 = _mm512_set1_epi32(0x0f0f0f0f),
                 k3 = _mm512_set1_epi32(0x03030303), mff = _mm512_set1_epi32(0xff);
   __m512 acc[R];
@@ -1458,29 +1489,88 @@ void x45k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t l
         t[r][0] = _mm512_set1_epi32(-(int)CT * (ks[0] + ks[1]));
       }
       const uint8_t* cv = p + 256 + SB * s;
-      const __m512i hv = Q5 ? _mm512_loadu_si512(cv + 256) : _mm512_setzero_si512();
+      const __m512i hv = _mm512_loadu_si512(cv + 256);
 #pragma GCC unroll 4
       for (int kk = 0; kk < 4; ++kk) {
         const __m512i v = _mm512_loadu_si512(cv + 64 * kk);
         const int64_t e = 16 * s + 4 * kk;
-        if constexpr (Q5) {
 #pragma GCC unroll 4
-          for (int u = 0; u < 4; ++u) {  // pair P = 4 kk + u: its fifth bits from bits P and 16 + P to 4 and 20
-            const int P = 4 * kk + u;
-            const __m512i lo = u ? _mm512_srli_epi32(v, 4 * u) : v;
-            const __m512i hs = P < 4 ? _mm512_slli_epi32(hv, 4 - P) : _mm512_srli_epi32(hv, P - 4);
-            dp(t, P, _mm512_ternarylogic_epi32(lo, mk, _mm512_and_si512(hs, m10), 0xEA), xp, e + u);
-          }
-        } else {
-          dp(t, 4 * kk, _mm512_and_si512(v, mk), xp, e);
-          dp(t, 4 * kk + 1, _mm512_and_si512(_mm512_srli_epi32(v, 4), mk), xp, e + 1);
-          dp(t, 4 * kk + 2, _mm512_and_si512(_mm512_srli_epi32(v, 8), mk), xp, e + 2);
-          dp(t, 4 * kk + 3, _mm512_srli_epi32(_mm512_and_si512(v, mh), 12), xp, e + 3);
+        for (int u = 0; u < 4; ++u) {  // pair P = 4 kk + u: its fifth bits from bits P and 16 + P to 4 and 20
+          const int P = 4 * kk + u;
+          const __m512i lo = u ? _mm512_srli_epi32(v, 4 * u) : v;
+          const __m512i hs = P < 4 ? _mm512_slli_epi32(hv, 4 - P) : _mm512_srli_epi32(hv, P - 4);
+          dp(t, P, _mm512_ternarylogic_epi32(lo, mk, _mm512_and_si512(hs, m10), 0xEA), xp, e + u);
         }
       }
       for (int r = 0; r < R; ++r) {
         const int64_t i = i0 + r;
         acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dsc, _mm512_set1_ps(x.dxk[i * nb + b])), sum_acc(t, r), acc[r]);
+        acc[r] = _mm512_fmadd_ps(bm, _mm512_set1_ps(x.xs[i * (x.k / 32) + 8 * b + s]), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (i0 + r) * ldy, acc[r]);
+}
+
+// Q4_Kx16: the codes as bytes (pack8b) times x's two int8 halves with vpdpbusd (4 products per lane): one AND
+// (and a shift) unpacks 4 codes of 16 rows, where the int16 pairs of x16_rows need two ops per 2 codes
+template <int R>
+void x4k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
+  const int64_t nb = x.k / 256;
+  const __m512i m0f = _mm512_set1_epi8(15);
+  const __m512i k1 = _mm512_set1_epi32(0x3f3f3f3f), k2 = _mm512_set1_epi32(0x0f0f0f0f),
+                k3 = _mm512_set1_epi32(0x03030303), mff = _mm512_set1_epi32(0xff);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = base + b * 2304;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 32)));
+    const __m512 d8 = _mm512_mul_ps(d, _mm512_set1_ps(8.f));
+    const __m512i u0 = _mm512_loadu_si512(p + 64), u1 = _mm512_loadu_si512(p + 128), u2 = _mm512_loadu_si512(p + 192);
+    const __m512i sc[2] = {_mm512_and_si512(u0, k1),
+                           _mm512_or_si512(_mm512_and_si512(u2, k2),
+                                           _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u0, 6), k3), 4))};
+    const __m512i mn[2] = {_mm512_and_si512(u1, k1),
+                           _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u2, 4), k2),
+                                           _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u1, 6), k3), 4))};
+    const int32_t* xl[R];
+    const int32_t* xh[R];
+    for (int r = 0; r < R; ++r) {
+      xl[r] = (const int32_t*)(x.kl + (i0 + r) * x.k + 256 * b);
+      xh[r] = (const int32_t*)(x.kh + (i0 + r) * x.k + 256 * b);
+    }
+#pragma GCC unroll 8
+    for (int s = 0; s < 8; ++s) {
+      const int sh = 8 * (s & 3);
+      const __m512 scf = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(sc[s >> 2], sh), mff));
+      const __m512 mnf = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(mn[s >> 2], sh), mff));
+      const __m512 dsc = _mm512_mul_ps(d, scf), bm = _mm512_fmsub_ps(d8, scf, _mm512_mul_ps(dmin, mnf));
+      __m512i tl[R], th[R];  // sum (q - 8) xq = 256 th + tl, exact in int32; tl starts at -8 sum(xq)
+      for (int r = 0; r < R; ++r) {
+        const int32_t* ks = x.ks16 + (i0 + r) * (x.k / 16) + 16 * b + 2 * s;
+        tl[r] = _mm512_set1_epi32(-8 * (ks[0] + ks[1]));
+        th[r] = _mm512_setzero_si512();
+      }
+      const uint8_t* cv = p + 256 + 256 * s;
+#pragma GCC unroll 4
+      for (int kk = 0; kk < 4; ++kk) {
+        const __m512i v = _mm512_loadu_si512(cv + 64 * kk);
+        const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+        const int64_t e = 8 * s + 2 * kk;  // int32 index of elements 32 s + 8 kk .. + 3
+        for (int r = 0; r < R; ++r) {
+          // vpdpbusd multiplies unsigned bytes (first) by signed ones: x's low bytes are unsigned, its high
+          // bytes signed, the codes (0..15) either
+          tl[r] = _mm512_dpbusd_epi32(tl[r], _mm512_set1_epi32(xl[r][e]), lo);
+          th[r] = _mm512_dpbusd_epi32(th[r], lo, _mm512_set1_epi32(xh[r][e]));
+          tl[r] = _mm512_dpbusd_epi32(tl[r], _mm512_set1_epi32(xl[r][e + 1]), hi);
+          th[r] = _mm512_dpbusd_epi32(th[r], hi, _mm512_set1_epi32(xh[r][e + 1]));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = i0 + r;
+        const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(th[r], 8), tl[r]));
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dsc, _mm512_set1_ps(x.dxk[i * nb + b])), isum, acc[r]);
         acc[r] = _mm512_fmadd_ps(bm, _mm512_set1_ps(x.xs[i * (x.k / 32) + 8 * b + s]), acc[r]);
       }
     }
@@ -1569,8 +1659,8 @@ typedef void (*rows_fn)(const uint8_t*, const XP&, int64_t, float*, int64_t);
 void range_grouped(int64_t qt, const uint8_t* src, int64_t g0, int64_t g1, const XP& x, int64_t m, float* y,
                    int64_t ldy) {
   rows_fn f1 = x16_rows<1>, f2 = x16_rows<2>, f4 = x16_rows<4>;
-  if (qt == X4K) f1 = x45k_rows<1, false>, f2 = x45k_rows<2, false>, f4 = x45k_rows<4, false>;
-  if (qt == X5K) f1 = x45k_rows<1, true>, f2 = x45k_rows<2, true>, f4 = x45k_rows<4, true>;
+  if (qt == X4K) f1 = x4k_rows<1>, f2 = x4k_rows<2>, f4 = x4k_rows<4>;
+  if (qt == X5K) f1 = x5k_rows<1>, f2 = x5k_rows<2>, f4 = x5k_rows<4>;
   if (qt == X6K) f1 = x6k_rows<1>, f2 = x6k_rows<2>, f4 = x6k_rows<4>;
   if (qt == X80) f1 = x80_rows<1>, f2 = x80_rows<2>, f4 = x80_rows<4>;
   const int64_t gbytes = x.k / BLK[qt] * BYT[qt];

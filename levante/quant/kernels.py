@@ -579,6 +579,9 @@ struct XP {  // prepared activations, m rows
   // q16k in two bytes, q16k = 256 * kh + kl (kh signed, kl unsigned: Q4_Kx16's vpdpbusd) [m][k]
   const uint8_t* kl;
   const int8_t* kh;
+  // the per-32-block int16 x (q16's values) in two bytes, natural order (Q4_0x16's vpdpbusd) [m][k]
+  const uint8_t* bl;
+  const int8_t* bh;
 };
 
 template <int NR, int M>
@@ -916,6 +919,8 @@ void range_bf(const uint8_t* src, int64_t rb, int64_t r0, int64_t r1, const XP& 
       xi.ks16 += i0 * (x.k / 16);
       xi.kl += i0 * x.k;
       xi.kh += i0 * x.k;
+      xi.bl += i0 * x.k;
+      xi.bh += i0 * x.k;
       float* yi = y + i0 * ldy;
       switch (std::min<int64_t>(4, m - i0)) {
         case 1: rows_bf<T, 1, 1>(src, rb, r, xi, yi, ldy); break;
@@ -946,7 +951,7 @@ void range_bf_any(int64_t qt, const uint8_t* src, int64_t rb, int64_t r0, int64_
 }
 
 // the forms of x a type's small-batch kernel reads (XBuf builds only those)
-enum : int { XF_SPLIT = 1, XF_Q16 = 2, XF_K = 4, XF_SUM = 8, XF_K8 = 16 };
+enum : int { XF_SPLIT = 1, XF_Q16 = 2, XF_K = 4, XF_SUM = 8, XF_K8 = 16, XF_B8 = 32 };
 inline int x_forms(int64_t qt, int64_t k) {
   const int tail = ((k / 32) % 2 || !g_pair) ? XF_SPLIT : 0;  // Q4_0 / Q4_1's one-block bf16 kernel
   switch (qt) {
@@ -954,7 +959,7 @@ inline int x_forms(int64_t qt, int64_t k) {
     case 1: return XF_Q16 | XF_SUM | tail;
     case 7: case 8: return XF_K | XF_SUM;
     case 9: return XF_K;
-    case X16: return XF_Q16;
+    case X16: return XF_B8;
     case 11: return XF_K | XF_SUM | XF_K8;
     case 13: return XF_K | XF_SUM;
     case 12: return XF_K;
@@ -968,8 +973,8 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
   std::vector<int16_t> q16, q16k;
   std::vector<float> dx, dxk, sk;
   std::vector<int32_t> qs, ks16;
-  std::vector<uint8_t> kl;
-  std::vector<int8_t> kh;
+  std::vector<uint8_t> kl, bl;
+  std::vector<int8_t> kh, bh;
   std::vector<float> s;
   XP p;
   int64_t m;
@@ -982,7 +987,7 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
       for (int64_t g = 0; g < m * (k / 32); ++g)
         s[g] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(xf + 32 * g), _mm512_loadu_ps(xf + 32 * g + 16)));
     }
-    if (forms & XF_Q16) build_q16(xf, k);
+    if (forms & (XF_Q16 | XF_B8)) build_q16(xf, k, forms);
     if ((forms & XF_K) && k % 256 == 0) build_q16k(xf, k);
     if ((forms & XF_K8) && k % 256 == 0) {
       kl.resize(m * k);
@@ -994,7 +999,7 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
       }
     }
     p = XP{h.data(), l.data(), xf, s.data(), k, q16.data(), dx.data(), q16k.data(), dxk.data(), sk.data(), qs.data(),
-            ks16.data(), kl.data(), kh.data()};
+            ks16.data(), kl.data(), kh.data(), bl.data(), bh.data()};
   }
 
  private:
@@ -1013,9 +1018,12 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
 
   // int16 per 32-block, stored in pair order: per 64 elements (blocks a, b of a row)
   // [a0..15 b0..15 a16..31 b16..31]; a row's last odd block stays in natural order
-  void build_q16(const float* xf, int64_t k) {
+  // (and / or, XF_B8: the same values as two bytes in natural order, v = 256 bh + bl)
+  void build_q16(const float* xf, int64_t k, int forms) {
     const int64_t nb = k / 32;
-    q16.resize(m * k);
+    const bool pairs = forms & XF_Q16, bytes = forms & XF_B8;
+    if (pairs) q16.resize(m * k);
+    if (bytes) bl.resize(m * k), bh.resize(m * k);
     dx.resize(m * nb);
     qs.resize(m * nb);
     for (int64_t i = 0; i < m; ++i)
@@ -1028,6 +1036,14 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
         // round to nearest even (the MXCSR default), like std::nearbyint
         const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
         qs[i * nb + g] = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        if (bytes) {
+          const int64_t o = i * k + 32 * g;
+          _mm_storeu_si128((__m128i*)(bl.data() + o), _mm512_cvtepi32_epi8(i0));  // low bytes (truncation)
+          _mm_storeu_si128((__m128i*)(bl.data() + o + 16), _mm512_cvtepi32_epi8(i1));
+          _mm_storeu_si128((__m128i*)(bh.data() + o), _mm512_cvtepi32_epi8(_mm512_srai_epi32(i0, 8)));
+          _mm_storeu_si128((__m128i*)(bh.data() + o + 16), _mm512_cvtepi32_epi8(_mm512_srai_epi32(i1, 8)));
+        }
+        if (!pairs) continue;
         const __m256i c0 = _mm512_cvtepi32_epi16(i0), c1 = _mm512_cvtepi32_epi16(i1);
         int16_t* o = q16.data() + i * k + 32 * (g & ~int64_t(1));
         if ((g & 1) == 0 && g + 1 == nb) {  // unpaired last block: natural order
@@ -1067,45 +1083,17 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
   }
 };
 
-// ------------------------------------------------------------------ Q4_0x16: Q4_0 in 16-row groups
-// Per group of 16 rows and per 32-column block: the 16 rows' f16 scales (32 bytes), then their codes as
-// four 64-byte vectors: vector kk, int32 lane j = row j's codes 8kk..8kk+7 with the nibbles ordered
-// [c0 c2 c4 c6 | c1 c3 c5 c7], so (v >> 4s) & 0x000F000F is the int16 pair (c_2s, c_2s+1) of all 16
-// rows. The same 288 bytes as the 16 GGML blocks, only moved. The GEMV runs vpdpwssd on 16 rows at once
-// with a broadcast int16 pair of x, and a block's scales are one vector for the 16 rows (measured
-// 1.2-1.7x the per-row Q4_0 kernel, benchmarks/q4_0_interleaved.py).
-// groups [0, ng) -> float32 rows 0 .. 16 ng of dst (row stride k)
-void dequant_x16(const uint8_t* src, float* dst, int64_t ng, int64_t k) {
-  const int64_t nb = k / 32;
-  at::parallel_for(0, ng, 1, [&](int64_t g0, int64_t g1) {
-    const __m128i m4 = _mm_set1_epi8(15);
-    // per 8 nibbles [c0 c2 c4 c6 c1 c3 c5 c7] (after splitting into bytes) -> [c0 .. c7]
-    const __m256i order = _mm256_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15,
-                                           0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
-    const __m512 e8 = _mm512_set1_ps(8.f);
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* p = src + (g * nb + b) * 288;
-        for (int j = 0; j < 16; ++j) {
-          uint32_t w[4];
-          for (int kk = 0; kk < 4; ++kk) std::memcpy(w + kk, p + 32 + 64 * kk + 4 * j, 4);
-          const __m128i v = _mm_loadu_si128((const __m128i*)w);
-          const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-          const __m256i c = _mm256_shuffle_epi8(
-              _mm256_setr_m128i(_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)), order);
-          const __m512 d = _mm512_set1_ps(h2f(p + 2 * j));
-          float* o = dst + (g * 16 + j) * k + b * 32;
-          _mm512_storeu_ps(o, _mm512_mul_ps(d, _mm512_sub_ps(
-              _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(c))), e8)));
-          _mm512_storeu_ps(o + 16, _mm512_mul_ps(d, _mm512_sub_ps(
-              _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(c, 1))), e8)));
-        }
-      }
-  });
-}
+// ------------------------------------------------------------------ 16-row groups (Grouped16Weight)
+// Q4_0x16: per group of 16 rows and per 32-column block, the 16 rows' f16 scales (32 bytes), then their codes
+// as four 64-byte vectors: vector kk, int32 lane j = row j's codes 8kk..8kk+7 as bytes [c0 | c4 << 4,
+// c1 | c5 << 4, c2 | c6 << 4, c3 | c7 << 4] (pack8b), so v & 0x0F.. gives codes 0-3 and (v >> 4) & 0x0F.. codes
+// 4-7 of all 16 rows as bytes. The same 288 bytes as the 16 GGML blocks, only moved. The GEMV runs vpdpbusd
+// on 16 rows at once with a broadcast 4 bytes of x (x as int16 in two bytes: two vpdpbusd per 4 codes), and
+// a block's scales are one vector for the 16 rows (benchmarks/grouped16.py).
 
 // The grouped kernels handle R = 1, 2 or 4 rows of x per pass over a group's codes (prefill: the codes
-// are unpacked once for R rows), with C independent int32 accumulator chains per row of x.
+// are unpacked once for R rows). The int16-pair kernels (Q5_K, Q6_K, Q8_0) keep C independent int32
+// accumulator chains per row of x.
 template <int R, int C>
 inline void zero_acc(__m512i (&t)[R][C]) {
   for (int r = 0; r < R; ++r)
@@ -1123,43 +1111,41 @@ inline void dp(__m512i (&t)[R][C], int n, __m512i codes, const int32_t* const* x
   for (int r = 0; r < R; ++r) t[r][n % C] = _mm512_dpwssd_epi32(t[r][n % C], codes, _mm512_set1_epi32(xp[r][e]));
 }
 
-// Q4_0x16: y[(i0 + r) * ldy + j] for the group at base, x rows i0 .. i0 + R (x as int16 pairs in XBuf's pair order)
+// Q4_0x16: y[(i0 + r) * ldy + j] for the group at base, x rows i0 .. i0 + R. The codes are bytes (pack8b order)
+// read with vpdpbusd against x's two bytes per element (as x4k_rows)
 template <int R>
 void x16_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
-  constexpr int C = 2;  // int32 accumulator chains per row of x (4 measured no faster at R = 1)
   const int64_t nb = x.k / 32;
-  const __m512i mk = _mm512_set1_epi32(0x000F000F), mh = _mm512_set1_epi32((int)0xF000F000u);
+  const __m512i m0f = _mm512_set1_epi8(15);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const uint8_t* p = base;
   for (int64_t b = 0; b < nb; ++b, p += 288) {
-    // block b's x pairs: elements < 16 at lo, >= 16 at hi (XBuf's pair order; an unpaired last block is
-    // in natural order)
-    const bool natural = (b % 2 == 0) && (b + 1 == nb);
-    const int64_t c = 32 * (b & ~int64_t(1)), lo = c + (natural ? 0 : (b & 1) ? 16 : 0),
-                  hi = c + (natural ? 16 : (b & 1) ? 48 : 32);
-    __m512i t[R][C];
-    zero_acc(t);
+    __m512i tl[R], th[R];  // sum (q - 8) xq = 256 th + tl, exact in int32; tl starts at -8 sum(xq)
     const int32_t* xl[R];
     const int32_t* xh[R];
     for (int r = 0; r < R; ++r) {
-      t[r][0] = _mm512_set1_epi32(-8 * x.qs[(i0 + r) * nb + b]);
-      xl[r] = (const int32_t*)(x.q16 + (i0 + r) * x.k + lo);
-      xh[r] = (const int32_t*)(x.q16 + (i0 + r) * x.k + hi);
+      tl[r] = _mm512_set1_epi32(-8 * x.qs[(i0 + r) * nb + b]);
+      th[r] = _mm512_setzero_si512();
+      xl[r] = (const int32_t*)(x.bl + (i0 + r) * x.k + 32 * b);
+      xh[r] = (const int32_t*)(x.bh + (i0 + r) * x.k + 32 * b);
     }
 #pragma GCC unroll 4
     for (int kk = 0; kk < 4; ++kk) {
       const __m512i v = _mm512_loadu_si512(p + 32 + 64 * kk);
-      const int64_t e = 4 * (kk & 1);
-      const int32_t* const* xp = kk < 2 ? xl : xh;
-      dp(t, 4 * kk, _mm512_and_si512(v, mk), xp, e);
-      dp(t, 4 * kk + 1, _mm512_and_si512(_mm512_srli_epi32(v, 4), mk), xp, e + 1);
-      dp(t, 4 * kk + 2, _mm512_and_si512(_mm512_srli_epi32(v, 8), mk), xp, e + 2);
-      dp(t, 4 * kk + 3, _mm512_srli_epi32(_mm512_and_si512(v, mh), 12), xp, e + 3);
+      const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+      for (int r = 0; r < R; ++r) {  // unsigned bytes first: x's low bytes, or the codes against x's high bytes
+        tl[r] = _mm512_dpbusd_epi32(tl[r], _mm512_set1_epi32(xl[r][2 * kk]), lo);
+        th[r] = _mm512_dpbusd_epi32(th[r], lo, _mm512_set1_epi32(xh[r][2 * kk]));
+        tl[r] = _mm512_dpbusd_epi32(tl[r], _mm512_set1_epi32(xl[r][2 * kk + 1]), hi);
+        th[r] = _mm512_dpbusd_epi32(th[r], hi, _mm512_set1_epi32(xh[r][2 * kk + 1]));
+      }
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(x.dx[(i0 + r) * nb + b])), sum_acc(t, r), acc[r]);
+    for (int r = 0; r < R; ++r) {
+      const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(th[r], 8), tl[r]));
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(x.dx[(i0 + r) * nb + b])), isum, acc[r]);
+    }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (i0 + r) * ldy, acc[r]);
 }
@@ -1181,7 +1167,8 @@ void x16_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
 // [c0 c2 c1 c3], so the int16 words' low and high bytes are the pairs (c0, c1) and (c2, c3).
 constexpr int64_t X4K = 11, X6K = 12, X5K = 13, X80 = 14;
 
-inline uint32_t pack8(const uint8_t* c) {  // 8 nibbles -> [c0 c2 c4 c6 | c1 c3 c5 c7] (the Q4_0x16 order)
+// 8 nibbles -> [c0 c2 c4 c6 | c1 c3 c5 c7]: (v >> 4s) & 0x000F000F is the int16 pair (c_2s, c_2s+1)
+inline uint32_t pack8(const uint8_t* c) {
   return (uint32_t)c[0] | (uint32_t)c[2] << 4 | (uint32_t)c[4] << 8 | (uint32_t)c[6] << 12 | (uint32_t)c[1] << 16 |
          (uint32_t)c[3] << 20 | (uint32_t)c[5] << 24 | (uint32_t)c[7] << 28;
 }
@@ -1248,7 +1235,7 @@ void lane_x16(const uint8_t* blk, uint8_t* dst, int j) {  // Q4_0: 18 <-> 288 by
     std::memcpy(dst + 2 * j, b, 2);
     for (int i = 0; i < 16; ++i) q[i] = b[2 + i] & 15, q[i + 16] = b[2 + i] >> 4;
     for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t d = pack8(q + 8 * kk);
+      const uint32_t d = pack8b(q + 8 * kk);
       std::memcpy(dst + 32 + 64 * kk + 4 * j, &d, 4);
     }
   } else {
@@ -1256,7 +1243,7 @@ void lane_x16(const uint8_t* blk, uint8_t* dst, int j) {  // Q4_0: 18 <-> 288 by
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t d;
       std::memcpy(&d, dst + 32 + 64 * kk + 4 * j, 4);
-      unpack8(d, q + 8 * kk);
+      unpack8b(d, q + 8 * kk);
     }
     for (int i = 0; i < 16; ++i) b[2 + i] = (uint8_t)(q[i] | q[i + 16] << 4);
   }
@@ -1429,10 +1416,10 @@ void regroup(uint8_t* rows, uint8_t* groups, int64_t qt, int64_t ng, int64_t k) 
 
 // groups [0, ng) -> float32 rows (row stride k), through each row's GGML block and its reference dequantizer
 void dequant_grouped(const uint8_t* src, int64_t qt, float* dst, int64_t ng, int64_t k) {
-  if (qt == X16) return dequant_x16(src, dst, ng, k);
   const int64_t bl = BLK[qt], nb = k / bl, gy = BYT[qt];
   void (*lane)(const uint8_t*, uint8_t*, int) = lane_x80<false>;
   deq_fn deq = V(deq_q8_0);
+  if (qt == X16) lane = lane_x16<false>, deq = V(deq_q4_0);
   if (qt == X4K) lane = lane_x4k<false>, deq = V(deq_q4_k);
   if (qt == X6K) lane = lane_x6k<false>, deq = V(deq_q6_k);
   if (qt == X5K) lane = lane_x5k<false>, deq = V(deq_q5_k);

@@ -17,15 +17,19 @@ is a slow reference loop (20-100x slower than F.linear). So the fast exact path 
   Q4_0 / Q4_1 per 32-block: the codes q - 8 are int16 and vpdpwssd sums exact integer products for
   two blocks per register (lanes 0-7 block a, 8-15 block b), so one scale vector and one FMA serve
   both blocks (measured 1.3x / 1.1x faster at one thread than the bf16-split kernel before it).
-  Q4_0 weights with a multiple of 16 rows are regrouped once at load (`Q4_0x16Weight`: per 16 rows and
-  32 columns, the 16 scales then the codes with one row per int32 lane; the same bytes, moved), so
-  vpdpwssd with a broadcast pair of x works on 16 rows at once and a block's scales are one vector:
-  1.2-1.7x the per-row kernel (benchmarks/q4_0_interleaved.py). The GGUF reader then releases the
-  mapped pages of those tensors, so the weights are in memory once.
+  Q4_0, Q4_K, Q5_K, Q6_K and Q8_0 weights with a multiple of 16 rows are regrouped once at load
+  (`Grouped16Weight`: per 16 rows and column block, the 16 rows' GGML blocks moved so that one int32
+  lane holds one row; the same bytes): one instruction then works on 16 rows at once, and a block's
+  scales are one vector for the 16 rows (the K types: their sub-block scales applied in f32 per 16
+  rows instead of a `vpmullw` per row and 32 codes). Q4_0 / Q4_K codes are bytes read with `vpdpbusd`
+  against x's int16 in two bytes; Q5_K / Q6_K / Q8_0 codes are int16 pairs read with `vpdpwssd`.
+  1.3-2x the per-row kernels at one thread (benchmarks/grouped16.py); every number of rows of x
+  (prefill too: 1, 2 or 4 rows of x per pass over a group, 1.7-4x dequantized tiles + MKL). The GGUF
+  reader then releases the mapped pages of the regrouped tensors, so the weights are in memory once.
+  The per-row kernels serve the other types and row counts:
   Q4_K / Q5_K / Q6_K per 256-block: each code times its sub-block's integer scale is an int16, so
-  vpdpwssd sums a whole superblock exactly in int32 and one FMA applies d * dx (1.25x / 1.35x / 1.9x
-  faster at one thread than the bf16-split kernels they replaced: 10.0 -> 12.5, 9.3 -> 12.4,
-  8.7 -> 16.1 GB/s). Q8_0 keeps f32 products with the scale per block.
+  vpdpwssd sums a whole superblock exactly in int32 and one FMA applies d * dx. Q8_0 keeps f32
+  products with the scale per block.
   At m == 1 Q4_0 / Q4_1 read 4 weight rows per pass; that group is prefetched linearly in
   software 8 KiB ahead (the hardware prefetcher follows 4 interleaved row streams badly: 2.5x slower
   from DRAM without it). Typical output error ~1e-5 of sum |x||w|; a block holding one huge
@@ -33,8 +37,8 @@ is a slow reference loop (20-100x slower than F.linear). So the fast exact path 
   k >= 576, 1.6e-3 at k = 96 where a row has only 3 blocks).
   `fused_matmul` runs several weights that share x (q/k/v, gate/up) in one such call.
 * prefill (more rows): dequantize row tiles (C++ or torch) to float32 and run MKL's F.linear per tile,
-  so transient memory stays bounded by `TILE_BYTES` — except Q4_0x16, whose 16-row integer kernel
-  beats that at any number of rows (1.2-1.6x at 128-512 rows) and so runs prefill too.
+  so transient memory stays bounded by `TILE_BYTES` — except the 16-row groups, whose integer kernels
+  beat that at any number of rows and so run prefill too.
 
 Every weight value used is exactly the GGML float32 dequantization (no second rounding of
 weights); only the summation order differs from `x @ W.T` (plus, on the small-batch paths, x's

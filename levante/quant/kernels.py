@@ -966,7 +966,7 @@ inline int x_forms(int64_t qt, int64_t k) {
     case X16: return XF_B8;
     case 11: return XF_K | XF_SUM | XF_K8;
     case 13: return XF_K | XF_SUM;
-    case 12: return XF_K;
+    case 12: return XF_K | XF_K8;
     case 14: return XF_Q16;
     default: return 0;  // Q8_0 and the generic loop read x as float
   }
@@ -1162,8 +1162,9 @@ void x16_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
 // Q4_Kx16 (2304 bytes): d[16] f16 | dmin[16] f16 | 3 x 64 bytes: lane j = packed scale bytes 4u..4u+3 of
 // row j | 32 x 64 bytes: vector kk, lane j = row j's codes 8kk..8kk+7 (pack8b order: as bytes for vpdpbusd).
 // Q6_Kx16 (3360 bytes): d[16] f16 | 4 x 64 bytes: lane j = int8 scales 4v..4v+3 of row j | per 16-element
-// sub-block s: two code vectors (low nibbles, pack8 order) and one vector of the high bits (lane j: element
-// 2t's two bits at bits 2t, element 2t+1's at 16 + 2t).
+// sub-block s: two code vectors (low nibbles, pack8b order) and one vector of the high bits (lane j: code e's
+// two bits in byte e % 4 at bits 2 (e / 4)), so codes 4g..4g+3 come out as bytes with an AND, a shift and
+// a ternary-logic op, read with vpdpbusd as Q4_Kx16.
 
 // Q5_Kx16 (2816 bytes): as Q4_Kx16, but the codes in pack8 order and per sub-block the four code vectors are
 // followed by one vector of the fifth bits (lane j: element 2P's bit at bit P, element 2P+1's at bit 16 + P).
@@ -1275,6 +1276,8 @@ void lane_x4k(const uint8_t* blk, uint8_t* dst, int j) {  // Q4_K: 144 <-> 2304 
     q4k_put(q, b);
   }
 }
+// Q6_Kx16: the high two bits of a sub-block's code e sit in byte e % 4 of the lane, at bits 2 (e / 4)
+#define Q6HI(e) (8 * ((e) % 4) + 2 * ((e) / 4))
 template <bool TO>
 void lane_x6k(const uint8_t* blk, uint8_t* dst, int j) {  // Q6_K: 210 <-> 3360 bytes
   uint8_t* b = const_cast<uint8_t*>(blk);
@@ -1291,9 +1294,9 @@ void lane_x6k(const uint8_t* blk, uint8_t* dst, int j) {  // Q6_K: 210 <-> 3360 
       uint32_t hi = 0;
       for (int e = 0; e < 16; ++e) {
         lo[e] = c[e] & 15;
-        hi |= (uint32_t)(c[e] >> 4) << ((e & 1) * 16 + 2 * (e >> 1));
+        hi |= (uint32_t)(c[e] >> 4) << Q6HI(e);
       }
-      const uint32_t d0 = pack8(lo), d1 = pack8(lo + 8);
+      const uint32_t d0 = pack8b(lo), d1 = pack8b(lo + 8);
       std::memcpy(o + 4 * j, &d0, 4);
       std::memcpy(o + 64 + 4 * j, &d1, 4);
       std::memcpy(o + 128 + 4 * j, &hi, 4);
@@ -1302,9 +1305,9 @@ void lane_x6k(const uint8_t* blk, uint8_t* dst, int j) {  // Q6_K: 210 <-> 3360 
       std::memcpy(&d0, o + 4 * j, 4);
       std::memcpy(&d1, o + 64 + 4 * j, 4);
       std::memcpy(&hi, o + 128 + 4 * j, 4);
-      unpack8(d0, c);
-      unpack8(d1, c + 8);
-      for (int e = 0; e < 16; ++e) c[e] |= (uint8_t)(((hi >> ((e & 1) * 16 + 2 * (e >> 1))) & 3) << 4);
+      unpack8b(d0, c);
+      unpack8b(d1, c + 8);
+      for (int e = 0; e < 16; ++e) c[e] |= (uint8_t)(((hi >> Q6HI(e)) & 3) << 4);
     }
   }
   if (!TO) q6k_put(q, b);
@@ -1606,16 +1609,19 @@ void x80_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
 
 template <int R>
 void x6k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
-  constexpr int C = 2;  // int32 accumulator chains per row of x (4 measured no faster at R = 1)
   const int64_t nb = x.k / 256;
-  const __m512i mk = _mm512_set1_epi32(0x000F000F), m30 = _mm512_set1_epi32(0x00300030);
+  const __m512i m0f = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* p = base + b * 3360;
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
-    const int32_t* xp[R];
-    for (int r = 0; r < R; ++r) xp[r] = (const int32_t*)(x.q16k + (i0 + r) * x.k + 256 * b);
+    const int32_t* xl[R];
+    const int32_t* xh[R];
+    for (int r = 0; r < R; ++r) {
+      xl[r] = (const int32_t*)(x.kl + (i0 + r) * x.k + 256 * b);
+      xh[r] = (const int32_t*)(x.kh + (i0 + r) * x.k + 256 * b);
+    }
     __m512i sv = _mm512_setzero_si512();
 #pragma GCC unroll 16
     for (int s = 0; s < 16; ++s) {
@@ -1624,21 +1630,28 @@ void x6k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
       const __m512i sc = _mm512_srai_epi32(_mm512_slli_epi32(sv, 24 - 8 * (s & 3)), 24);
       const __m512 dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
       const uint8_t* cv = p + 288 + 192 * s;
-      const __m512i v[2] = {_mm512_loadu_si512(cv), _mm512_loadu_si512(cv + 64)};
-      const __m512i hv = _mm512_loadu_si512(cv + 128);
-      __m512i t[R][C];
-      zero_acc(t);
-      for (int r = 0; r < R; ++r) t[r][0] = _mm512_set1_epi32(-32 * x.ks16[(i0 + r) * (x.k / 16) + 16 * b + s]);
-#pragma GCC unroll 8
-      for (int T = 0; T < 8; ++T) {
-        const int sl = 4 * (T & 3);
-        const __m512i lo = sl ? _mm512_srli_epi32(v[T >> 2], sl) : v[T >> 2];
-        const __m512i hs = 2 * T < 4 ? _mm512_slli_epi32(hv, 4 - 2 * T) : _mm512_srli_epi32(hv, 2 * T - 4);
-        const __m512i hb = _mm512_and_si512(hs, m30);
-        dp(t, T, _mm512_ternarylogic_epi32(lo, mk, hb, 0xEA), xp, 8 * s + T);  // (lo & mk) | hb
+      const __m512i v0 = _mm512_loadu_si512(cv), v1 = _mm512_loadu_si512(cv + 64), hv = _mm512_loadu_si512(cv + 128);
+      __m512i tl[R], th[R];  // sum (q - 32) xq = 256 th + tl, exact in int32; tl starts at -32 sum(xq)
+      for (int r = 0; r < R; ++r) {
+        tl[r] = _mm512_set1_epi32(-32 * x.ks16[(i0 + r) * (x.k / 16) + 16 * b + s]);
+        th[r] = _mm512_setzero_si512();
       }
-      for (int r = 0; r < R; ++r)
-        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dsc, _mm512_set1_ps(x.dxk[(i0 + r) * nb + b])), sum_acc(t, r), acc[r]);
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {  // codes 4g .. 4g + 3 of the sub-block, as bytes
+        const __m512i v = g < 2 ? v0 : v1;
+        const __m512i lo = (g & 1) ? _mm512_srli_epi16(v, 4) : v;
+        const __m512i hs = g == 0 ? _mm512_slli_epi32(hv, 4) : g == 1 ? _mm512_slli_epi32(hv, 2)
+                                                               : g == 2 ? hv : _mm512_srli_epi32(hv, 2);
+        const __m512i c = _mm512_ternarylogic_epi32(lo, m0f, _mm512_and_si512(hs, m30), 0xEA);  // (lo & 15) | hi
+        for (int r = 0; r < R; ++r) {
+          tl[r] = _mm512_dpbusd_epi32(tl[r], _mm512_set1_epi32(xl[r][4 * s + g]), c);
+          th[r] = _mm512_dpbusd_epi32(th[r], c, _mm512_set1_epi32(xh[r][4 * s + g]));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(th[r], 8), tl[r]));
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dsc, _mm512_set1_ps(x.dxk[(i0 + r) * nb + b])), isum, acc[r]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (i0 + r) * ldy, acc[r]);

@@ -13,7 +13,9 @@ GGML dequantization.
 
 Part 1, decode: GB/s of weight bytes read, M = 1, 48 matrices 3584 x 1024 (DRAM-resident), best of 4
 passes, alternating rounds per thread count.
-Part 2, prefill: ms per 3584 x 1024 matmul at M = 64 / 128 / 512 rows of x, 2 threads: the grouped
+Part 2, compute: the same at 1 thread on one 256 x 1024 matrix that stays in L2 (500 calls per timing,
+best of 5): the kernels' own speed, free of this VM's memory speed, which moved 2x within an hour.
+Part 3, prefill: ms per 3584 x 1024 matmul at M = 64 / 128 / 512 rows of x, 2 threads: the grouped
 kernel (x in chunks of 64 rows) vs dequantized tiles + MKL (what the per-row types do above 64 rows).
 """
 
@@ -47,7 +49,7 @@ def best_time(f, passes: int = 4) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--types", default="Q4_0,Q4_K,Q6_K")
+    ap.add_argument("--types", default="Q4_0,Q4_K,Q5_K,Q6_K,Q8_0")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "results" / "grouped16.md"))
     args = ap.parse_args()
@@ -55,7 +57,7 @@ def main() -> None:
     if ext is None or kq.decode_ext() is None:
         sys.exit("levante's C++ extension (AVX512_BF16 build) is not available on this machine")
     n, k = 3584, 1024
-    decode, prefill = [], []
+    decode, compute, prefill = [], [], []
     for qt in args.types.split(","):
         tid, gid = kq.QTYPES[qt][0], kq.GROUPED_IDS[qt]
         raw = make_raw(qt, n, k, seed=3)
@@ -73,6 +75,13 @@ def main() -> None:
                 t_grp = best_time(lambda: [ext.gemv(g, gid, k, x) for g in grouped])  # noqa: B023
                 decode.append((qt, threads, nbytes / t_row / 1e9, nbytes / t_grp / 1e9, err))
                 print(decode[-1], flush=True)
+        torch.set_num_threads(1)
+        small = torch.from_numpy(make_raw(qt, 256, k, seed=7))
+        small_g = ext.regroup_rows(small, gid, k)
+        t_row = best_time(lambda: [ext.gemv(small, tid, k, x) for _ in range(500)], 5)  # noqa: B023
+        t_grp = best_time(lambda: [ext.gemv(small_g, gid, k, x) for _ in range(500)], 5)  # noqa: B023
+        compute.append((qt, small.numel() * 500 / t_row / 1e9, small.numel() * 500 / t_grp / 1e9))
+        print(compute[-1], flush=True)
         torch.set_num_threads(2)
         r0, g0 = raws[0], grouped[0]
         buf = torch.empty(n * k)
@@ -87,6 +96,9 @@ def main() -> None:
             "max error of the grouped kernel as a fraction of sum |x||w| (rule 1e-3).", "",
             "| type | threads | per-row GB/s | grouped GB/s | ratio | grouped max error |", "|---|---|---|---|---|---|"]
     text += [f"| {q} | {t} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {e:.1e} |" for q, t, a, b, e in decode]
+    text += ["", "Compute: M = 1, 1 thread, one 256 x 1024 matrix resident in L2, GB/s of the type's bytes.", "",
+             "| type | per-row GB/s | grouped GB/s | ratio |", "|---|---|---|---|"]
+    text += [f"| {q} | {a:.1f} | {b:.1f} | {b / a:.2f}x |" for q, a, b in compute]
     text += ["", f"Prefill: one {n} x {k} matmul, 2 threads, ms (best of 4).", "",
              "| type | rows of x | grouped kernel | tile dequant + MKL | ratio |", "|---|---|---|---|---|"]
     text += [f"| {q} | {m} | {a:.2f} | {b:.2f} | {b / a:.2f}x |" for q, m, a, b in prefill]

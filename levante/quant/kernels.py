@@ -2517,12 +2517,13 @@ GROUPED_IDS: dict[str, int] = {"Q4_0": 10, "Q4_K": 11, "Q6_K": 12, "Q5_K": 13, "
 
 
 class Grouped16Weight(GGMLKernelWeight):
-    """Q4_0 / Q4_K / Q6_K in levante's 16-row group layouts (`regroup` in the C++ code): per 16 rows and
-    column block, the 16 rows' GGML blocks moved so that one int32 lane holds one row, so the GEMV works on
-    16 rows at once: vpdpwssd with a broadcast pair of x, a block's scales one vector for the 16 rows
-    (Q4_0: 1.2-1.7x the per-row kernel, benchmarks/q4_0_interleaved.py). The same bytes, moved once at
-    load: data is uint8 [out / 16, 16 * row bytes]. Values, `dequantize` and `rows` are exactly the GGML
-    type's; moving the weight off the CPU turns it back into a GGMLKernelWeight of GGML blocks.
+    """Q4_0 / Q4_K / Q5_K / Q6_K / Q8_0 in levante's 16-row group layouts (`regroup` in the C++ code): per
+    16 rows and column block, the 16 rows' GGML blocks moved so that one int32 lane holds one row, so the
+    GEMV works on 16 rows at once (vpdpbusd / vpdpwssd with broadcast x) and a block's scales are one
+    vector for the 16 rows: 1.8-2.8x the per-row kernels at one thread (benchmarks/grouped16.py), and
+    ahead of tile dequant + MKL at every batch size. The same bytes, moved once at load: data is uint8
+    [out / 16, 16 * row bytes]. Values, `dequantize` and `rows` are exactly the GGML type's; moving the
+    weight off the CPU turns it back into a GGMLKernelWeight of GGML blocks.
     """
 
     def __init__(self, raw: Tensor, qtype: str, out_features: int, in_features: int) -> None:

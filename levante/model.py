@@ -261,8 +261,8 @@ class _Plan:
             return ck[:, :, : self.n_keys].to(dt), cv[:, :, : self.n_keys].to(dt)
         k_all = torch.cat([ck[:, :, : self.n_old].to(dt), k], dim=2)
         v_all = torch.cat([cv[:, :, : self.n_old].to(dt), v], dim=2)
-        ck[:, :, self.slots] = k[:, :, self.src]
-        cv[:, :, self.slots] = v[:, :, self.src]
+        ck[:, :, self.slots] = k[:, :, self.src].to(ck.dtype)
+        cv[:, :, self.slots] = v[:, :, self.src].to(cv.dtype)
         return k_all, v_all
 
     def finish(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,16 +185,17 @@ def test_f16_kv_cache(tmp_path, monkeypatch):
     torch path agree on it (both store the keys/values rounded to f16 and attend in float32), and the logits
     stay within f16 rounding of the float32 cache's."""
     torch.set_num_threads(1)
-    path = write_gguf_from_hf(hf_model("mixtral_window"), tmp_path / "m.gguf", "Q8_0")  # window 6: rolling
+    path = write_gguf_from_hf(hf_model("mixtral_window"), tmp_path / "m.gguf", "Q8_0")
     ckpt = read_gguf(path)
-    model = build_model(ckpt.config, ckpt.weights)
+    # GGUF keeps no sliding window: set it, so the 7-token prompt wraps the 6-slot rolling cache ("concat")
+    model = build_model(dataclasses.replace(ckpt.config, sliding_window=6), ckpt.weights)
 
     def run(kv_dtype, fast: bool) -> torch.Tensor:
         model.kv_dtype = kv_dtype
         if not fast:
             monkeypatch.setattr(lm, "decode_ext", lambda: None)
         cache = model.new_cache(2, 64)
-        assert cache.k[0].dtype == (kv_dtype or torch.float32)
+        assert cache.k[0].dtype == (kv_dtype or torch.float32) and cache.rolling and cache.capacity == 6
         outs = []
         with torch.no_grad():
             outs.append(model(torch.tensor([[5, 6, 7, 8, 9, 10, 11], [3, 4, 5, 6, 7, 8, 9]]), cache=cache))

@@ -1115,6 +1115,22 @@ inline void dp(__m512i (&t)[R][C], int n, __m512i codes, const int32_t* const* x
   for (int r = 0; r < R; ++r) t[r][n % C] = _mm512_dpwssd_epi32(t[r][n % C], codes, _mm512_set1_epi32(xp[r][e]));
 }
 
+// The byte kernels (Q4_0x16, Q4_Kx16, Q6_Kx16) read x's int16 as 256 h + l in two bytes, h signed and l
+// unsigned, so codes . x = 256 (codes . h) + (l . codes), exact in int32 with vpdpbusd (which takes the
+// unsigned bytes first: x's low bytes, or the codes against x's high bytes).
+// tl[r] / th[r] += 4 codes of 16 rows (bytes) . x row r's 4 elements at int32 index e
+template <int R>
+inline void dpb(__m512i (&tl)[R], __m512i (&th)[R], __m512i codes, const int32_t* const* xl, const int32_t* const* xh,
+                int64_t e) {
+  for (int r = 0; r < R; ++r) {
+    tl[r] = _mm512_dpbusd_epi32(tl[r], _mm512_set1_epi32(xl[r][e]), codes);
+    th[r] = _mm512_dpbusd_epi32(th[r], codes, _mm512_set1_epi32(xh[r][e]));
+  }
+}
+inline __m512 sum_b(__m512i tl, __m512i th) {  // 256 th + tl as float
+  return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(th, 8), tl));
+}
+
 // Q4_0x16: y[(i0 + r) * ldy + j] for the group at base, x rows i0 .. i0 + R. The codes are bytes (pack8b order)
 // read with vpdpbusd against x's two bytes per element (as x4k_rows)
 template <int R>
@@ -1138,18 +1154,12 @@ void x16_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
     for (int kk = 0; kk < 4; ++kk) {
       const __m512i v = _mm512_loadu_si512(p + 32 + 64 * kk);
       const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
-      for (int r = 0; r < R; ++r) {  // unsigned bytes first: x's low bytes, or the codes against x's high bytes
-        tl[r] = _mm512_dpbusd_epi32(tl[r], _mm512_set1_epi32(xl[r][2 * kk]), lo);
-        th[r] = _mm512_dpbusd_epi32(th[r], lo, _mm512_set1_epi32(xh[r][2 * kk]));
-        tl[r] = _mm512_dpbusd_epi32(tl[r], _mm512_set1_epi32(xl[r][2 * kk + 1]), hi);
-        th[r] = _mm512_dpbusd_epi32(th[r], hi, _mm512_set1_epi32(xh[r][2 * kk + 1]));
-      }
+      dpb(tl, th, lo, xl, xh, 2 * kk);
+      dpb(tl, th, hi, xl, xh, 2 * kk + 1);
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
-    for (int r = 0; r < R; ++r) {
-      const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(th[r], 8), tl[r]));
-      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(x.dx[(i0 + r) * nb + b])), isum, acc[r]);
-    }
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(x.dx[(i0 + r) * nb + b])), sum_b(tl[r], th[r]), acc[r]);
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (i0 + r) * ldy, acc[r]);
 }
@@ -1386,22 +1396,51 @@ inline int64_t base_of(int64_t qt) {
   }
 }
 
+typedef void (*lane_fn)(const uint8_t*, uint8_t*, int);
+// a grouped type's lane codec (TO: GGML block -> group block) and its base type's reference dequantizer
+template <bool TO>
+lane_fn lane_of(int64_t qt) {
+  switch (qt) {
+    case X16: return lane_x16<TO>;
+    case X4K: return lane_x4k<TO>;
+    case X6K: return lane_x6k<TO>;
+    case X5K: return lane_x5k<TO>;
+    default: return lane_x80<TO>;
+  }
+}
+inline deq_fn base_deq(int64_t qt) {
+  switch (qt) {
+    case X16: return V(deq_q4_0);
+    case X4K: return V(deq_q4_k);
+    case X6K: return V(deq_q6_k);
+    case X5K: return V(deq_q5_k);
+    default: return V(deq_q8_0);
+  }
+}
+
+// row r of a grouped weight -> float32 dst[0, k), through the row's GGML blocks and the reference dequantizer
+inline void grouped_row(const uint8_t* src, int64_t qt, int64_t r, float* dst, int64_t k) {
+  const int64_t bl = BLK[qt], nb = k / bl, gy = BYT[qt];
+  const lane_fn lane = lane_of<false>(qt);
+  const deq_fn deq = base_deq(qt);
+  alignas(64) uint8_t blk[256];
+  for (int64_t b = 0; b < nb; ++b) {
+    lane(blk, const_cast<uint8_t*>(src) + ((r / 16) * nb + b) * gy, (int)(r % 16));
+    deq(blk, dst + b * bl);
+  }
+}
+
 // rows ids of the grouped weight (groups [ng, ...]) -> float32 [n_ids, k]
 void dequant_grouped_rows(const uint8_t* src, int64_t qt, const int64_t* ids, int64_t n, float* dst, int64_t k) {
-  const int64_t bl = BLK[qt], nb = k / bl, gy = BYT[qt];
-  void (*lane)(const uint8_t*, uint8_t*, int) = lane_x80<false>;
-  deq_fn deq = V(deq_q8_0);
-  if (qt == X16) lane = lane_x16<false>, deq = V(deq_q4_0);
-  if (qt == X4K) lane = lane_x4k<false>, deq = V(deq_q4_k);
-  if (qt == X6K) lane = lane_x6k<false>, deq = V(deq_q6_k);
-  if (qt == X5K) lane = lane_x5k<false>, deq = V(deq_q5_k);
   at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
-    alignas(64) uint8_t blk[256];
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t b = 0; b < nb; ++b) {
-        lane(blk, const_cast<uint8_t*>(src) + ((ids[i] / 16) * nb + b) * gy, (int)(ids[i] % 16));
-        deq(blk, dst + i * k + b * bl);
-      }
+    for (int64_t i = i0; i < i1; ++i) grouped_row(src, qt, ids[i], dst + i * k, k);
+  });
+}
+
+// groups [0, ng) -> float32 rows (row stride k)
+void dequant_grouped(const uint8_t* src, int64_t qt, float* dst, int64_t ng, int64_t k) {
+  at::parallel_for(0, 16 * ng, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) grouped_row(src, qt, r, dst + r * k, k);
   });
 }
 
@@ -1409,11 +1448,7 @@ void dequant_grouped_rows(const uint8_t* src, int64_t qt, const int64_t* ids, in
 template <bool TO>
 void regroup(uint8_t* rows, uint8_t* groups, int64_t qt, int64_t ng, int64_t k) {
   const int64_t bt = base_of(qt), nb = k / BLK[bt], by = BYT[bt], gy = BYT[qt];
-  void (*f)(const uint8_t*, uint8_t*, int) = lane_x80<TO>;
-  if (qt == X16) f = lane_x16<TO>;
-  if (qt == X4K) f = lane_x4k<TO>;
-  if (qt == X6K) f = lane_x6k<TO>;
-  if (qt == X5K) f = lane_x5k<TO>;
+  const lane_fn f = lane_of<TO>(qt);
   at::parallel_for(0, ng, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t b = 0; b < nb; ++b)
@@ -1421,25 +1456,35 @@ void regroup(uint8_t* rows, uint8_t* groups, int64_t qt, int64_t ng, int64_t k) 
   });
 }
 
-// groups [0, ng) -> float32 rows (row stride k), through each row's GGML block and its reference dequantizer
-void dequant_grouped(const uint8_t* src, int64_t qt, float* dst, int64_t ng, int64_t k) {
-  const int64_t bl = BLK[qt], nb = k / bl, gy = BYT[qt];
-  void (*lane)(const uint8_t*, uint8_t*, int) = lane_x80<false>;
-  deq_fn deq = V(deq_q8_0);
-  if (qt == X16) lane = lane_x16<false>, deq = V(deq_q4_0);
-  if (qt == X4K) lane = lane_x4k<false>, deq = V(deq_q4_k);
-  if (qt == X6K) lane = lane_x6k<false>, deq = V(deq_q6_k);
-  if (qt == X5K) lane = lane_x5k<false>, deq = V(deq_q5_k);
-  at::parallel_for(0, ng, 1, [&](int64_t g0, int64_t g1) {
-    alignas(64) uint8_t blk[256];
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t b = 0; b < nb; ++b)
-        for (int j = 0; j < 16; ++j) {
-          lane(blk, const_cast<uint8_t*>(src) + (g * nb + b) * gy, j);
-          deq(blk, dst + (g * 16 + j) * k + b * bl);
-        }
-  });
-}
+// The head of a Q4_Kx16 / Q5_Kx16 group superblock: d, dmin and the 6-bit scales and mins of 16 rows
+// (k_scales_u8 with one row per lane). With the codes' centre ct, w = d sc q - dmin m = d sc (q - ct) + bm.
+struct KHead16 {
+  __m512 d, dmin, dc;
+  __m512i sc[2], mn[2];
+  KHead16(const uint8_t* p, float ct) {
+    const __m512i k1 = _mm512_set1_epi32(0x3f3f3f3f), k2 = _mm512_set1_epi32(0x0f0f0f0f),
+                  k3 = _mm512_set1_epi32(0x03030303);
+    d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+    dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 32)));
+    dc = _mm512_mul_ps(d, _mm512_set1_ps(ct));
+    const __m512i u0 = _mm512_loadu_si512(p + 64), u1 = _mm512_loadu_si512(p + 128), u2 = _mm512_loadu_si512(p + 192);
+    sc[0] = _mm512_and_si512(u0, k1);
+    sc[1] = _mm512_or_si512(_mm512_and_si512(u2, k2),
+                            _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u0, 6), k3), 4));
+    mn[0] = _mm512_and_si512(u1, k1);
+    mn[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u2, 4), k2),
+                            _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u1, 6), k3), 4));
+  }
+  // sub-block s: dsc = d sc, bm = ct d sc - dmin m
+  inline void sub(int s, __m512& dsc, __m512& bm) const {
+    const __m512i mff = _mm512_set1_epi32(0xff);
+    const int sh = 8 * (s & 3);
+    const __m512 scf = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(sc[s >> 2], sh), mff));
+    const __m512 mnf = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(mn[s >> 2], sh), mff));
+    dsc = _mm512_mul_ps(d, scf);
+    bm = _mm512_fmsub_ps(dc, scf, _mm512_mul_ps(dmin, mnf));
+  }
+};
 
 // Q5_Kx16: as Q4_Kx16 (scales, mins), the codes in pack8 order with the fifth bits after each sub-block's codes,
 // read as int16 pairs (vpdpwssd)
@@ -1450,32 +1495,17 @@ void x5k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
   constexpr float CT = 16.f;          // the codes' centre
   const int64_t nb = x.k / 256;
   const __m512i mk = _mm512_set1_epi32(0x000F000F), m10 = _mm512_set1_epi32(0x00100010);
-  const __m512i k1 = _mm512_set1_epi32(0x3f3f3f3f), k2 = _mm512_set1_epi32(0x0f0f0f0f),
-                k3 = _mm512_set1_epi32(0x03030303), mff = _mm512_set1_epi32(0xff);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* p = base + b * GB;
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
-    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 32)));
-    const __m512 dc = _mm512_mul_ps(d, _mm512_set1_ps(CT));
-    const __m512i u0 = _mm512_loadu_si512(p + 64), u1 = _mm512_loadu_si512(p + 128), u2 = _mm512_loadu_si512(p + 192);
-    // the 6-bit scales and mins of 16 rows at once (k_scales_u8 with one row per lane)
-    const __m512i sc[2] = {_mm512_and_si512(u0, k1),
-                           _mm512_or_si512(_mm512_and_si512(u2, k2),
-                                           _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u0, 6), k3), 4))};
-    const __m512i mn[2] = {_mm512_and_si512(u1, k1),
-                           _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u2, 4), k2),
-                                           _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u1, 6), k3), 4))};
+    const KHead16 hd(p, CT);
     const int32_t* xp[R];
     for (int r = 0; r < R; ++r) xp[r] = (const int32_t*)(x.q16k + (i0 + r) * x.k + 256 * b);
 #pragma GCC unroll 8
     for (int s = 0; s < 8; ++s) {
-      const int sh = 8 * (s & 3);
-      const __m512 scf = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(sc[s >> 2], sh), mff));
-      const __m512 mnf = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(mn[s >> 2], sh), mff));
-      // w = d sc q - dmin m = d sc (q - CT) + (CT d sc - dmin m); sum over the sub-block of (q - CT) xq in int32
-      const __m512 dsc = _mm512_mul_ps(d, scf), bm = _mm512_fmsub_ps(dc, scf, _mm512_mul_ps(dmin, mnf));
+      __m512 dsc, bm;  // sum over the sub-block of (q - CT) xq in int32, then times dsc, plus bm sum(x)
+      hd.sub(s, dsc, bm);
       __m512i t[R][C];
       zero_acc(t);
       for (int r = 0; r < R; ++r) {
@@ -1512,22 +1542,11 @@ template <int R>
 void x4k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
   const int64_t nb = x.k / 256;
   const __m512i m0f = _mm512_set1_epi8(15);
-  const __m512i k1 = _mm512_set1_epi32(0x3f3f3f3f), k2 = _mm512_set1_epi32(0x0f0f0f0f),
-                k3 = _mm512_set1_epi32(0x03030303), mff = _mm512_set1_epi32(0xff);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* p = base + b * 2304;
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
-    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 32)));
-    const __m512 d8 = _mm512_mul_ps(d, _mm512_set1_ps(8.f));
-    const __m512i u0 = _mm512_loadu_si512(p + 64), u1 = _mm512_loadu_si512(p + 128), u2 = _mm512_loadu_si512(p + 192);
-    const __m512i sc[2] = {_mm512_and_si512(u0, k1),
-                           _mm512_or_si512(_mm512_and_si512(u2, k2),
-                                           _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u0, 6), k3), 4))};
-    const __m512i mn[2] = {_mm512_and_si512(u1, k1),
-                           _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u2, 4), k2),
-                                           _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u1, 6), k3), 4))};
+    const KHead16 hd(p, 8.f);
     const int32_t* xl[R];
     const int32_t* xh[R];
     for (int r = 0; r < R; ++r) {
@@ -1536,10 +1555,8 @@ void x4k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
     }
 #pragma GCC unroll 8
     for (int s = 0; s < 8; ++s) {
-      const int sh = 8 * (s & 3);
-      const __m512 scf = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(sc[s >> 2], sh), mff));
-      const __m512 mnf = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(mn[s >> 2], sh), mff));
-      const __m512 dsc = _mm512_mul_ps(d, scf), bm = _mm512_fmsub_ps(d8, scf, _mm512_mul_ps(dmin, mnf));
+      __m512 dsc, bm;
+      hd.sub(s, dsc, bm);
       __m512i tl[R], th[R];  // sum (q - 8) xq = 256 th + tl, exact in int32; tl starts at -8 sum(xq)
       for (int r = 0; r < R; ++r) {
         const int32_t* ks = x.ks16 + (i0 + r) * (x.k / 16) + 16 * b + 2 * s;
@@ -1552,19 +1569,12 @@ void x4k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
         const __m512i v = _mm512_loadu_si512(cv + 64 * kk);
         const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
         const int64_t e = 8 * s + 2 * kk;  // int32 index of elements 32 s + 8 kk .. + 3
-        for (int r = 0; r < R; ++r) {
-          // vpdpbusd multiplies unsigned bytes (first) by signed ones: x's low bytes are unsigned, its high
-          // bytes signed, the codes (0..15) either
-          tl[r] = _mm512_dpbusd_epi32(tl[r], _mm512_set1_epi32(xl[r][e]), lo);
-          th[r] = _mm512_dpbusd_epi32(th[r], lo, _mm512_set1_epi32(xh[r][e]));
-          tl[r] = _mm512_dpbusd_epi32(tl[r], _mm512_set1_epi32(xl[r][e + 1]), hi);
-          th[r] = _mm512_dpbusd_epi32(th[r], hi, _mm512_set1_epi32(xh[r][e + 1]));
-        }
+        dpb(tl, th, lo, xl, xh, e);
+        dpb(tl, th, hi, xl, xh, e + 1);
       }
       for (int r = 0; r < R; ++r) {
         const int64_t i = i0 + r;
-        const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(th[r], 8), tl[r]));
-        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dsc, _mm512_set1_ps(x.dxk[i * nb + b])), isum, acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dsc, _mm512_set1_ps(x.dxk[i * nb + b])), sum_b(tl[r], th[r]), acc[r]);
         acc[r] = _mm512_fmadd_ps(bm, _mm512_set1_ps(x.xs[i * (x.k / 32) + 8 * b + s]), acc[r]);
       }
     }
@@ -1643,15 +1653,11 @@ void x6k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
         const __m512i hs = g == 0 ? _mm512_slli_epi32(hv, 4) : g == 1 ? _mm512_slli_epi32(hv, 2)
                                                                : g == 2 ? hv : _mm512_srli_epi32(hv, 2);
         const __m512i c = _mm512_ternarylogic_epi32(lo, m0f, _mm512_and_si512(hs, m30), 0xEA);  // (lo & 15) | hi
-        for (int r = 0; r < R; ++r) {
-          tl[r] = _mm512_dpbusd_epi32(tl[r], _mm512_set1_epi32(xl[r][4 * s + g]), c);
-          th[r] = _mm512_dpbusd_epi32(th[r], c, _mm512_set1_epi32(xh[r][4 * s + g]));
-        }
+        dpb(tl, th, c, xl, xh, 4 * s + g);
       }
-      for (int r = 0; r < R; ++r) {
-        const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(th[r], 8), tl[r]));
-        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dsc, _mm512_set1_ps(x.dxk[(i0 + r) * nb + b])), isum, acc[r]);
-      }
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dsc, _mm512_set1_ps(x.dxk[(i0 + r) * nb + b])), sum_b(tl[r], th[r]),
+                                 acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (i0 + r) * ldy, acc[r]);

@@ -972,6 +972,12 @@ inline int x_forms(int64_t qt, int64_t k) {
   }
 }
 
+// 16 ints in int16 range -> their low (unsigned) and high (signed) bytes, v = 256 hi + lo
+inline void store_bytes(__m512i v, uint8_t* lo, int8_t* hi) {
+  _mm_storeu_si128((__m128i*)lo, _mm512_cvtepi32_epi8(v));  // truncation: the low byte
+  _mm_storeu_si128((__m128i*)hi, _mm512_cvtepi32_epi8(_mm512_srai_epi32(v, 8)));
+}
+
 struct XBuf {  // owns the prepared activations (not copyable: p points into the buffers)
   std::vector<uint16_t> h, l;
   std::vector<int16_t> q16, q16k;
@@ -992,16 +998,7 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
         s[g] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(xf + 32 * g), _mm512_loadu_ps(xf + 32 * g + 16)));
     }
     if (forms & (XF_Q16 | XF_B8)) build_q16(xf, k, forms);
-    if ((forms & XF_K) && k % 256 == 0) build_q16k(xf, k);
-    if ((forms & XF_K8) && k % 256 == 0) {
-      kl.resize(m * k);
-      kh.resize(m * k);
-      for (int64_t i = 0; i < m * k; ++i) {
-        const int v = q16k[i];  // v = 256 h + l, h signed, l unsigned
-        kh[i] = (int8_t)(v >> 8);
-        kl[i] = (uint8_t)(v & 255);
-      }
-    }
+    if ((forms & (XF_K | XF_K8)) && k % 256 == 0) build_q16k(xf, k, forms & XF_K8);
     p = XP{h.data(), l.data(), xf, s.data(), k, q16.data(), dx.data(), q16k.data(), dxk.data(), sk.data(), qs.data(),
             ks16.data(), kl.data(), kh.data(), bl.data(), bh.data()};
   }
@@ -1042,10 +1039,8 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
         qs[i * nb + g] = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
         if (bytes) {
           const int64_t o = i * k + 32 * g;
-          _mm_storeu_si128((__m128i*)(bl.data() + o), _mm512_cvtepi32_epi8(i0));  // low bytes (truncation)
-          _mm_storeu_si128((__m128i*)(bl.data() + o + 16), _mm512_cvtepi32_epi8(i1));
-          _mm_storeu_si128((__m128i*)(bh.data() + o), _mm512_cvtepi32_epi8(_mm512_srai_epi32(i0, 8)));
-          _mm_storeu_si128((__m128i*)(bh.data() + o + 16), _mm512_cvtepi32_epi8(_mm512_srai_epi32(i1, 8)));
+          store_bytes(i0, bl.data() + o, bh.data() + o);
+          store_bytes(i1, bl.data() + o + 16, bh.data() + o + 16);
         }
         if (!pairs) continue;
         const __m256i c0 = _mm512_cvtepi32_epi16(i0), c1 = _mm512_cvtepi32_epi16(i1);
@@ -1061,8 +1056,10 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
   }
 
   // int16 per 256-block, natural order (the K types' integer kernels)
-  void build_q16k(const float* xf, int64_t k) {
+  // (bytes: also as two bytes, v = 256 kh + kl)
+  void build_q16k(const float* xf, int64_t k, bool bytes) {
     q16k.resize(m * k);
+    if (bytes) kl.resize(m * k), kh.resize(m * k);
     dxk.resize(m * (k / 256));
     sk.resize(m * (k / 32));
     ks16.resize(m * (k / 16));
@@ -1078,6 +1075,10 @@ struct XBuf {  // owns the prepared activations (not copyable: p points into the
         const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + t + 16), inv));
         _mm256_storeu_si256((__m256i*)(q16k.data() + 256 * g + t), _mm512_cvtepi32_epi16(c0));
         _mm256_storeu_si256((__m256i*)(q16k.data() + 256 * g + t + 16), _mm512_cvtepi32_epi16(c1));
+        if (bytes) {
+          store_bytes(c0, kl.data() + 256 * g + t, kh.data() + 256 * g + t);
+          store_bytes(c1, kl.data() + 256 * g + t + 16, kh.data() + 256 * g + t + 16);
+        }
         const int32_t s0 = _mm512_reduce_add_epi32(c0), s1 = _mm512_reduce_add_epi32(c1);
         ks16[16 * g + t / 16] = s0;
         ks16[16 * g + t / 16 + 1] = s1;

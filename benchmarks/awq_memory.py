@@ -7,8 +7,8 @@ subprocess (one thread) and prints that process's peak resident set size (ru_max
     python benchmarks/awq_memory.py [--layers 8] [--hidden 512] [--intermediate 1536] [--experts 8]
                                     [--calib-chars 2000] [--awq-module PATH]
 
-`--awq-module PATH` runs the CLI with another copy of levante/quant/awq.py (e.g. an older commit's,
-from `git show REV:levante/quant/awq.py > /tmp/awq_old.py`) to compare before / after.
+`--awq-module PATH` runs the CLI with another copy of the calibration tool levante/tools/awq.py (e.g. an
+older commit's, `git show REV:levante/tools/awq.py > /tmp/awq_old.py`) to compare before / after.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads(1)
 if {module!r}:
-    spec = importlib.util.spec_from_file_location("levante.quant.awq", {module!r})
+    spec = importlib.util.spec_from_file_location("levante.tools.awq", {module!r})
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["levante.quant.awq"] = mod
+    sys.modules["levante.tools.awq"] = mod
     spec.loader.exec_module(mod)
 from levante.cli import main
 rc = main({argv!r})
@@ -130,7 +130,7 @@ def main() -> None:
     print(f"model: {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
           f"{args.experts} experts; {nbytes / 2**20:.0f} MiB bf16 ({nbytes * 2 / 2**20:.0f} MiB as float32); "
           f"output {out_bytes / 2**20:.0f} MiB")
-    print(f"awq module: {args.awq_module or 'levante.quant.awq'}; {time.time() - t:.0f} s; "
+    print(f"awq module: {args.awq_module or 'levante.tools.awq'}; {time.time() - t:.0f} s; "
           f"peak RSS {peak / 1024:.0f} MiB")
 
 

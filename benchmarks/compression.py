@@ -37,8 +37,8 @@ from train_tiny_mixtral import DEFAULT_OUT as MIXTRAL_DIR  # noqa: E402
 from train_tiny_mixtral import split_text  # noqa: E402
 
 from levante import LLM  # noqa: E402
-from levante.compress import compress_model, dir_size  # noqa: E402
-from levante.quality import compare  # noqa: E402
+from levante.tools.compress import compress_model, dir_size  # noqa: E402
+from levante.tools.quality import compare  # noqa: E402
 
 THREADS = 1
 MIXTRAL_NAME = "tiny Mixtral, 8 experts (trained on Genesis)"

@@ -32,8 +32,8 @@ def main() -> None:
     import transformers
 
     from levante import LLM
-    from levante.bench import HEADER, markdown_table, run_bench
-    from levante.quantize import quantize_model
+    from levante.tools.bench import HEADER, markdown_table, run_bench
+    from levante.tools.quantize import quantize_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)

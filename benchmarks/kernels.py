@@ -5,7 +5,7 @@ prefetch off / on, 1 and 2 threads).
 
 `python benchmarks/kernels.py [threads] --gemv [--baseline OLD.so]` only times the small-batch kernel
 (`ext.gemv`, M = 1, 2, 4, 8) per type and shape, optionally next to another build of the extension
-(e.g. an older `levante_ggml_<hash>.so` from ~/.cache/levante/torch_extensions), and `fused_matmul`
+(e.g. an older `levante_ext_<hash>.so` from ~/.cache/levante/torch_extensions), and `fused_matmul`
 against separate calls.
 
 Prints a markdown table: op, shape (K x N), batch M, ms (best of several runs), GB/s (weight bytes

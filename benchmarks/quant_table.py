@@ -23,10 +23,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from compression import Model, parse_and_setup  # noqa: E402
 
-from levante.compress import compress_model  # noqa: E402
 from levante.loader import read_checkpoint  # noqa: E402
-from levante.quant.awq import awq_quantize  # noqa: E402
-from levante.quantize import quantize_model  # noqa: E402
+from levante.tools.awq import awq_quantize  # noqa: E402
+from levante.tools.compress import compress_model  # noqa: E402
+from levante.tools.quantize import quantize_model  # noqa: E402
 
 
 def size_of(path: Path) -> int:

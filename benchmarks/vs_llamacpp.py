@@ -38,7 +38,7 @@ def mixtral_gguf(qtype: str) -> Path:
     import llama_cpp
     import transformers
 
-    from levante.quantize import quantize_model
+    from levante.tools.quantize import quantize_model
 
     CACHE.mkdir(exist_ok=True)
     out = CACHE / f"mixtral-1.5b-{qtype}.gguf"

@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=4, help="report chunks (default: 4)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--force", action="store_true", help="write into a non-empty OUTPUT")
+
+    p = sub.add_parser("kernels", help="build the C++ CPU kernels now and print what they have",
+                       description="Compile levante/csrc for this machine (or load the cached build) and print the "
+                                   "module, its cache directory and its instruction-set paths. Exit 1 if the build "
+                                   "fails or cannot run here.")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the compiler's commands and output")
     return parser
 
 
@@ -235,8 +241,8 @@ def cmd_chat(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from .config import expected_shapes
     from .loader import read_checkpoint, resolve_path
-    from .model import expected_shapes
     from .quant.base import QuantWeight
 
     path = resolve_path(args.model_opt or args.model)
@@ -300,7 +306,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import HEADER, markdown_table, run_bench
+    from .tools.bench import HEADER, markdown_table, run_bench
 
     if args.ctx_size is None:
         args.ctx_size = args.n_prompt + args.n_gen
@@ -318,7 +324,7 @@ def cmd_quantize(args) -> int:
     if not src or not dst:
         raise ValueError("give the input and output paths (INPUT OUTPUT, or -m IN -o OUT)")
     if args.awq:
-        from .quant.awq import awq_quantize
+        from .tools.awq import awq_quantize
 
         calib = args.calib
         if not calib:
@@ -332,7 +338,7 @@ def cmd_quantize(args) -> int:
         return 0
     if not args.type:
         raise ValueError("--type is required (or use --awq)")
-    from .quantize import quantize_model
+    from .tools.quantize import quantize_model
 
     out = quantize_model(src, dst, args.type, force=args.force, progress=True,
                          expand_low_rank=getattr(args, "expand_low_rank", False))
@@ -366,7 +372,7 @@ def _read_text(path: str) -> str:
 
 def cmd_perplexity(args) -> int:
     from .api import LLM
-    from .quality import perplexity
+    from .tools.quality import perplexity
 
     n_ctx = args.ctx_size or 512
     llm = LLM(args.model, n_ctx=n_ctx, n_threads=args.threads, dtype=args.dtype, n_batch=args.n_batch,
@@ -384,7 +390,7 @@ def cmd_compare(args) -> int:
     from pathlib import Path
 
     from .api import LLM
-    from .quality import compare, plot_report, report_markdown
+    from .tools.quality import compare, plot_report, report_markdown
 
     n_ctx = args.ctx_size or 512
     kw = dict(n_ctx=n_ctx, n_threads=args.threads, dtype=args.dtype, n_batch=args.n_batch, device=args.device,
@@ -409,7 +415,7 @@ def cmd_compare(args) -> int:
 def cmd_compress(args) -> int:
     from pathlib import Path
 
-    from .compress import compress_model, quality_report
+    from .tools.compress import compress_model, quality_report
 
     calib_ids = None
     if args.calib:
@@ -440,8 +446,22 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def cmd_kernels(args) -> int:
+    from .quant import extension
+
+    if args.verbose and not extension.missing_tools() and not extension.disabled():
+        extension.build(verbose=True)
+    info = extension.describe()
+    if not info["built"]:
+        print(f"levante kernels: not built ({info['reason']}); the pure-torch path runs instead", file=sys.stderr)
+        return 1
+    print(f"module {info['module']}\npath   {info['path']}\nisa    {' '.join(info['isa'])}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "quantize": cmd_quantize,
-            "serve": cmd_serve, "perplexity": cmd_perplexity, "compare": cmd_compare, "compress": cmd_compress}
+            "serve": cmd_serve, "perplexity": cmd_perplexity, "compare": cmd_compare, "compress": cmd_compress,
+            "kernels": cmd_kernels}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -163,3 +163,36 @@ def read_json(path: Path, what: str = "config") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+# ---------------------------------------------------------------------------------- tensor shapes
+HEADS = ("causal_lm", "sequence_classification", "token_classification")
+
+
+def expected_shapes(cfg: ModelConfig, head: str = "causal_lm") -> dict[str, tuple[int, ...]]:
+    """Canonical tensor names and shapes. `lm_head` may be absent when embeddings are tied."""
+    H, hd = cfg.hidden_size, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"embed": (cfg.vocab_size, H), "norm": (H,)}
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        shapes[p + "attn_norm"] = (H,)
+        shapes[p + "ffn_norm"] = (H,)
+        shapes[p + "attn.wq"] = (cfg.num_heads * hd, H)
+        shapes[p + "attn.wk"] = (cfg.num_kv_heads * hd, H)
+        shapes[p + "attn.wv"] = (cfg.num_kv_heads * hd, H)
+        shapes[p + "attn.wo"] = (H, cfg.num_heads * hd)
+        ffns = [p + "ffn."]
+        if cfg.is_moe:
+            shapes[p + "ffn.gate"] = (cfg.num_experts, H)
+            ffns = [p + f"ffn.experts.{e}." for e in range(cfg.num_experts)]
+        for f in ffns:
+            shapes[f + "w1"] = (cfg.intermediate_size, H)
+            shapes[f + "w3"] = (cfg.intermediate_size, H)
+            shapes[f + "w2"] = (H, cfg.intermediate_size)
+    if head == "causal_lm":
+        shapes["lm_head"] = (cfg.vocab_size, H)
+    elif head in ("sequence_classification", "token_classification"):
+        shapes["score"] = (cfg.num_labels, H)
+    else:
+        raise ValueError(f"unknown head {head!r}; choose from {HEADS}")
+    return shapes

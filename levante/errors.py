@@ -27,3 +27,7 @@ class ContextLengthError(LevanteError, ValueError):
 
 class OverloadedError(LevanteError):
     """The server's request queue is full; the client should retry later."""
+
+
+class KernelBuildError(LevanteError, RuntimeError):
+    """The C++ extension (levante/csrc) failed to compile or load on a machine that has a compiler."""

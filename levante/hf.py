@@ -307,9 +307,9 @@ def _read_tokenizer(path: Path):
         if len(ggufs) != 1:
             raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.json, tokenizer.model or one .gguf")
         path = ggufs[0]
-    from .formats.gguf import _open, _tokenizer
+    from .formats.gguf import _tokenizer, open_gguf
 
-    tok = _tokenizer(_open(path).fields)  # metadata only: no tensor is read
+    tok = _tokenizer(open_gguf(path).fields)  # metadata only: no tensor is read
     if tok is None:
         raise FileNotFoundError(f"{path} holds no tokenizer")
     return tok

@@ -11,17 +11,17 @@ names into these and `build_model` assembles the modules.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .config import HEADS, ModelConfig, expected_shapes  # noqa: F401  (HEADS: re-exported)
 from .errors import ContextLengthError, WeightsError
 from .quant.base import DenseWeight, QuantWeight, as_weight
 from .quant.kernels import GEMV_MAX_ROWS, decode_ext, ffn_raw, fused_matmul, ggml_raw
+from .rope import inv_freq
 
 _SMALL = GEMV_MAX_ROWS  # token rows up to which the fused C++ decode ops are used (above: tile dequant + MKL)
 _EMPTY = torch.empty(0)
@@ -48,15 +48,7 @@ class Rotary(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        dim = cfg.head_dim
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        sc = cfg.rope_scaling or {}
-        rtype = sc.get("rope_type", sc.get("type"))
-        if rtype == "linear":
-            inv_freq = inv_freq / float(sc["factor"])
-        elif rtype == "llama3":
-            inv_freq = _llama3_inv_freq(inv_freq, sc)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos and sign-folded sin, shape [B, 1, T, head_dim], for integer positions [B, T].
@@ -70,19 +62,6 @@ class Rotary(nn.Module):
         half = sin.shape[-1] // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         return emb.cos().to(dtype)[:, None], sin.to(dtype)[:, None]
-
-
-def _llama3_inv_freq(inv_freq: Tensor, sc: dict) -> Tensor:
-    factor = float(sc["factor"])
-    low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
-    old_ctx = float(sc.get("original_max_position_embeddings", 8192))
-    low_wl, high_wl = old_ctx / low, old_ctx / high
-    wavelen = 2 * math.pi / inv_freq
-    out = torch.where(wavelen > low_wl, inv_freq / factor, inv_freq)
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * out / factor + smooth * out
-    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
-    return torch.where(medium, smoothed, out)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -556,38 +535,6 @@ class TokenClassifier(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- assembly
-HEADS = ("causal_lm", "sequence_classification", "token_classification")
-
-
-def expected_shapes(cfg: ModelConfig, head: str = "causal_lm") -> dict[str, tuple[int, ...]]:
-    """Canonical tensor names and shapes. `lm_head` may be absent when embeddings are tied."""
-    H, hd = cfg.hidden_size, cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"embed": (cfg.vocab_size, H), "norm": (H,)}
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        shapes[p + "attn_norm"] = (H,)
-        shapes[p + "ffn_norm"] = (H,)
-        shapes[p + "attn.wq"] = (cfg.num_heads * hd, H)
-        shapes[p + "attn.wk"] = (cfg.num_kv_heads * hd, H)
-        shapes[p + "attn.wv"] = (cfg.num_kv_heads * hd, H)
-        shapes[p + "attn.wo"] = (H, cfg.num_heads * hd)
-        ffns = [p + "ffn."]
-        if cfg.is_moe:
-            shapes[p + "ffn.gate"] = (cfg.num_experts, H)
-            ffns = [p + f"ffn.experts.{e}." for e in range(cfg.num_experts)]
-        for f in ffns:
-            shapes[f + "w1"] = (cfg.intermediate_size, H)
-            shapes[f + "w3"] = (cfg.intermediate_size, H)
-            shapes[f + "w2"] = (H, cfg.intermediate_size)
-    if head == "causal_lm":
-        shapes["lm_head"] = (cfg.vocab_size, H)
-    elif head in ("sequence_classification", "token_classification"):
-        shapes["score"] = (cfg.num_labels, H)
-    else:
-        raise ValueError(f"unknown head {head!r}; choose from {HEADS}")
-    return shapes
-
-
 def build_model(
     cfg: ModelConfig,
     weights: Mapping[str, Tensor | QuantWeight],

@@ -19,10 +19,12 @@ from levante.formats.hf import shard_files
 from levante.formats.safetensors import SafetensorsFile
 from levante.loader import read_checkpoint
 from levante.model import build_model, expected_shapes
-from levante.quant import awq as awq_mod
+from levante.quant import awq as awq_fmt
 from levante.quant import kernels as kernels_mod
-from levante.quant.awq import AWQWeight, awq_quantize, dequantize_awq, pack_awq, quantize_groups, unpack_awq
+from levante.quant.awq import AWQWeight, dequantize_awq, pack_awq, quantize_groups, unpack_awq
 from levante.quant.base import QuantWeight
+from levante.tools import awq as awq_mod
+from levante.tools.awq import awq_quantize
 from tests.fixtures import hf_model, save_hf
 
 TEXT = (Path(__file__).parent / "data" / "oracle_text.txt").read_text(encoding="utf-8")
@@ -67,7 +69,7 @@ def test_dequantize_formula():
 def test_matmul_matches_dequantize(shape, tiled, monkeypatch):
     out_f, in_f, g = shape
     if tiled:  # 8 rows per tile (Q5_0-stored weights tile in levante.quant.kernels)
-        monkeypatch.setattr(awq_mod, "TILE_BYTES", 8 * 4 * in_f)
+        monkeypatch.setattr(awq_fmt, "TILE_BYTES", 8 * 4 * in_f)
         monkeypatch.setattr(kernels_mod, "TILE_BYTES", 8 * 4 * in_f)
     w = AWQWeight(*pack_awq(*_random_awq(out_f, in_f, g, seed=out_f), g))
     dense = w.dequantize()
@@ -374,8 +376,8 @@ def test_q5_0_storage_is_exact(g):
 
 def test_bench_weight_summary_counts_nested_weights_once():
     """An AWQWeight holds its Q5_0 blocks as an inner QuantWeight: `levante bench` counts the owner only."""
-    from levante.bench import weight_summary
     from levante.quant.base import DenseWeight
+    from levante.tools.bench import weight_summary
 
     awq = AWQWeight(*pack_awq(*_random_awq(64, 128, 32), 32))
     dense = DenseWeight(torch.randn(8, 128))

@@ -7,13 +7,14 @@ import json
 import pytest
 import torch
 
-from levante.compress import compress_model, dir_size
 from levante.formats.safetensors import SafetensorsFile
 from levante.loader import read_checkpoint
 from levante.model import build_model
-from levante.quant import awq as awq_mod
-from levante.quant.awq import AWQWeight, awq_quantize
+from levante.quant.awq import AWQWeight
 from levante.quant.lowrank import LowRankWeight
+from levante.tools import awq as awq_mod
+from levante.tools.awq import awq_quantize
+from levante.tools.compress import compress_model, dir_size
 from tests.fixtures import hf_model, save_hf
 
 G = 32
@@ -67,7 +68,7 @@ def _payload(path) -> int:
 
 
 def _factored_bases(ranks: dict[str, int]) -> list[str]:
-    from levante.compress import hf_base_name
+    from levante.formats.hf import hf_base_name
 
     return [hf_base_name(n) for n in ranks]
 

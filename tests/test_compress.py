@@ -7,19 +7,11 @@ import torch
 from fixtures import hf_model, save_hf
 
 from levante.cli import main
-from levante.compress import (
-    choose_ranks,
-    compress_model,
-    compress_weights,
-    compressible_names,
-    factorize,
-    saved_params,
-    svd_factors,
-)
 from levante.formats.safetensors import SafetensorsFile
 from levante.loader import load, read_checkpoint
 from levante.model import build_model
-from levante.quant.lowrank import LowRankWeight
+from levante.quant.lowrank import LowRankWeight, choose_ranks, factorize, saved_params, svd_factors
+from levante.tools.compress import compress_model, compress_weights, compressible_names
 
 
 def test_full_rank_factors_reproduce_w():

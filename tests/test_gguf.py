@@ -20,7 +20,7 @@ from fixtures import hf_model, smollm2_gguf  # noqa: E402
 from gguf_fixtures import write_gguf_from_hf  # noqa: E402
 
 from levante.errors import ConfigError, UnsupportedQuantError, WeightsError  # noqa: E402
-from levante.formats.gguf import _open, gguf_fields, read_gguf  # noqa: E402
+from levante.formats.gguf import VALUE_TYPES, open_gguf, read_gguf  # noqa: E402
 from levante.model import build_model  # noqa: E402
 from levante.quant.base import QuantWeight  # noqa: E402
 
@@ -134,6 +134,45 @@ def test_f32_weights_zero_copy_and_other_dtypes(models, tmp_path):
     assert torch.isfinite(out).all()
 
 
+def gguf_fields(reader) -> dict:
+    """All metadata of a `gguf.GGUFReader` as plain Python values (the oracle for levante's reader)."""
+    out: dict = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        out[key] = _field_value(f)
+    return out
+
+
+def _field_value(f):
+    types = [int(t) for t in f.types]
+    if not types:
+        return None
+    if types[0] == 9:
+        if len(types) > 2:  # nested arrays: rare, take the slow generic path
+            return f.contents()
+        if not f.data:
+            return []
+        sub = types[-1] if len(types) > 1 else None
+        first = f.parts[f.data[0]]
+        if sub == 8:
+            return [_utf8(f.parts[i]) for i in f.data]
+        if len(f.data) == 1:
+            return first.tolist()
+        return np.concatenate([f.parts[i] for i in f.data]).tolist()
+    if types[0] == 8:
+        return _utf8(f.parts[-1])
+    return f.parts[-1].tolist()[0]
+
+
+def _utf8(a: np.ndarray) -> str:
+    b = a.tobytes()
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return b.decode("utf-8", "replace")
+
+
 def test_gguf_fields_plain_values(models, tmp_path):
     import gguf
 
@@ -149,7 +188,7 @@ def test_gguf_fields_plain_values(models, tmp_path):
     }
     path = write_gguf_from_hf(models["llama_tied"], tmp_path / "f.gguf", "Q8_0", tokenizer_fields=tok)
     stock = gguf.GGUFReader(path)
-    ours = _open(Path(path))  # levante's own reader (no gguf import)
+    ours = open_gguf(Path(path))  # levante's own reader (no gguf import)
     for f in (gguf_fields(stock), ours.fields):
         for k, v in tok.items():
             assert f[k] == v and type(f[k]) is type(v), k
@@ -160,6 +199,8 @@ def test_gguf_fields_plain_values(models, tmp_path):
     assert ours.fields.keys() == want.keys()
     for k, v in want.items():
         assert ours.fields[k] == v and type(ours.fields[k]) is type(v), k
+        types = [gguf.GGUFValueType(int(t)).name for t in stock.fields[k].types]
+        assert ours.field_types[k] == tuple(types[:2]), k  # what `levante quantize` writes back
     assert ours.version == 3 and ours.alignment == stock.alignment
     # the tensor table: names, types, dims and the very bytes
     assert [t.name for t in ours.tensors] == [t.name for t in stock.tensors]
@@ -170,7 +211,9 @@ def test_gguf_fields_plain_values(models, tmp_path):
 
 
 def test_ggml_type_table_matches_gguf():
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+    assert VALUE_TYPES == {t.value: t.name for t in GGUFValueType}
 
     from levante.formats.gguf import GGML_TYPES
 
@@ -223,7 +266,7 @@ def test_smollm2(smollm2):
         assert ckpt.tokenizer is not None
 
     model = build_model(cfg, ckpt.weights, sources=ckpt.sources)
-    fields = _open(Path(smollm2)).fields
+    fields = open_gguf(Path(smollm2)).fields
     vocab = fields["tokenizer.ggml.tokens"]
     prompt = [vocab.index(t) for t in ["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis"]]
     x = torch.tensor([prompt])

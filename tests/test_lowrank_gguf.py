@@ -10,13 +10,13 @@ import torch
 from fixtures import hf_model, save_hf
 
 from levante.cli import main
-from levante.compress import compress_model
 from levante.errors import WeightsError
 from levante.loader import read_checkpoint
 from levante.model import build_model
 from levante.quant.base import QuantWeight
 from levante.quant.lowrank import LowRankWeight
-from levante.quantize import LOW_RANK_PAD, _gguf_source_kv, quantize_model
+from levante.tools.compress import compress_model
+from levante.tools.quantize import LOW_RANK_PAD, _gguf_source_kv, quantize_model
 
 IDS = torch.tensor([[1, 17, 250, 3, 99, 140, 7, 301, 45, 12, 200, 5, 88, 160, 33, 2]])
 

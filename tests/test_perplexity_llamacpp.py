@@ -7,7 +7,7 @@ import torch
 from fixtures import smollm2_gguf
 
 from levante import LLM
-from levante.quality import perplexity, windows
+from levante.tools.quality import perplexity, windows
 
 pytestmark = pytest.mark.oracle
 llama_cpp = pytest.importorskip("llama_cpp")

@@ -9,7 +9,7 @@ from fixtures import hf_model, save_hf
 
 from levante import LLM
 from levante.cli import main
-from levante.quality import compare, perplexity, windows
+from levante.tools.quality import compare, perplexity, windows
 
 TEXT = (Path(__file__).parent.parent / "data" / "kjv_genesis_exodus.txt").read_text()[:6000]
 

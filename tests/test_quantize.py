@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from levante.config import ModelConfig
-from levante.quantize import quantize_model, tensor_types
+from levante.tools.quantize import quantize_model, tensor_types
 
 IDS = [1, 415, 2936, 9060, 285, 1142, 28705, 16]
 
@@ -176,7 +176,7 @@ def test_refuses_overwrite_and_cleans_up(mixtral_dir, tmp_path, monkeypatch):
         quantize_model(d, out, "Q8_0", progress=False)
     assert out.read_bytes() == b"keep me"
 
-    import levante.quantize as lq
+    import levante.tools.quantize as lq
 
     calls = {"n": 0}
     real = lq.quantize

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fixtures import smollm2_gguf
 
-from levante.quantize import quantize_model
+from levante.tools.quantize import quantize_model
 
 pytestmark = pytest.mark.oracle
 llama_cpp = pytest.importorskip("llama_cpp")

@@ -8,7 +8,7 @@ from fixtures import hf_model, save_hf
 from levante.loader import read_checkpoint
 from levante.model import build_model
 from levante.quant.base import QuantWeight
-from levante.quantize import quantize_model
+from levante.tools.quantize import quantize_model
 
 TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K"]
 

@@ -16,7 +16,7 @@ from ..quant.base import QuantWeight
 class Checkpoint:
     """What a format reader returns; `levante.model.build_model` turns it into a model.
 
-    `weights` uses the canonical names of `levante.model.expected_shapes`; `sources` maps a
+    `weights` uses the canonical names of `levante.config.expected_shapes`; `sources` maps a
     canonical name to "file:tensor" for error messages; `info` holds facts for `levante info`.
     """
 

@@ -27,18 +27,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import ModelConfig
+from ..config import ModelConfig, expected_shapes
 from ..errors import ConfigError, LevanteError, UnsupportedQuantError, WeightsError
-from ..model import expected_shapes
 from ..quant.base import QuantWeight
 from ..quant.ggml import FLOAT_TYPES, GGMLWeight, check_qtype, dequantize
 from ..quant.kernels import QTYPES as KERNEL_TYPES
 from ..quant.kernels import Grouped16Weight, fast_weight
+from ..rope import base_inv_freq, llama3_inv_freq
 from . import Checkpoint
 
 SUPPORTED_VERSIONS = (2, 3)
 _ARRAY = 9  # GGUFValueType.ARRAY
-_STRING = 8  # GGUFValueType.STRING
 
 
 # ------------------------------------------------------------------------------------ the reader
@@ -53,7 +52,9 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
     39: ("MXFP4", 32, 17),
 }
-# metadata value types: id -> numpy scalar type (8: string, 9: array)
+# metadata value types: id -> name (gguf.GGUFValueType's), and the numpy scalar type of each scalar
+VALUE_TYPES = {0: "UINT8", 1: "INT8", 2: "UINT16", 3: "INT16", 4: "UINT32", 5: "INT32", 6: "FLOAT32", 7: "BOOL",
+               8: "STRING", 9: "ARRAY", 10: "UINT64", 11: "INT64", 12: "FLOAT64"}
 _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
             12: "<f8"}
 
@@ -79,19 +80,29 @@ class GGUFTensor:
 
 class GGUFFile:
     """A GGUF file (v2 / v3, little-endian), memory-mapped: `fields` are the metadata as plain Python
-    values (arrays as lists), `tensors` the tensor table. Reading it needs no `gguf` package (whose
-    import pulls in ~30 MB of modules); every malformed part raises ValueError / WeightsError."""
+    values (arrays as lists), `field_types` their GGUF value types as names of VALUE_TYPES (("ARRAY", item
+    type) for arrays: what a writer needs to copy them), `tensors` the tensor table. Reading it needs no
+    `gguf` package (whose import pulls in ~30 MB of modules); every malformed part raises ValueError /
+    WeightsError. levante's one GGUF reader: models, `levante info` and `levante quantize`'s sources."""
 
     def __init__(self, path: Path) -> None:
         self.data = np.memmap(path, dtype=np.uint8, mode="c")
         self._mv = memoryview(self.data)
         self._pos = 0
         magic, self.version, n_tensors, n_kv = self._unpack("<4sIQQ")
-        assert magic == b"GGUF"  # checked by _open
+        assert magic == b"GGUF"  # checked by open_gguf
         self.fields: dict[str, Any] = {}
+        self.field_types: dict[str, tuple[str, ...]] = {}
         for _ in range(n_kv):
             key = self._string()
-            self.fields[key] = self._value(self._unpack("<I")[0])
+            (vt,) = self._unpack("<I")
+            start = self._pos
+            self.fields[key] = self._value(vt)  # checks vt, and that an array's header is in the file
+            if vt == _ARRAY:
+                sub = struct.unpack_from("<I", self._mv, start)[0]
+                self.field_types[key] = ("ARRAY", VALUE_TYPES[sub])
+            else:
+                self.field_types[key] = (VALUE_TYPES[vt],)
         infos = []
         for _ in range(n_tensors):
             name = self._string()
@@ -196,46 +207,7 @@ class GGUFFile:
         raise ValueError(f"unknown metadata value type {vt} at byte {self._pos}")
 
 
-def gguf_fields(reader: Any) -> dict[str, Any]:
-    """All metadata of a `gguf.GGUFReader` (levante quantize reads sources with it) as plain Python values."""
-    out: dict[str, Any] = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        out[key] = _field_value(f)
-    return out
-
-
-def _field_value(f: Any) -> Any:
-    types = [int(t) for t in f.types]
-    if not types:
-        return None
-    if types[0] == _ARRAY:
-        if len(types) > 2:  # nested arrays: rare, take the slow generic path
-            return f.contents()
-        if not f.data:
-            return []
-        sub = types[-1] if len(types) > 1 else None
-        first = f.parts[f.data[0]]
-        if sub == _STRING:
-            return [_utf8(f.parts[i]) for i in f.data]
-        if len(f.data) == 1:
-            return first.tolist()
-        return np.concatenate([f.parts[i] for i in f.data]).tolist()
-    if types[0] == _STRING:
-        return _utf8(f.parts[-1])
-    return f.parts[-1].tolist()[0]
-
-
-def _utf8(a: np.ndarray) -> str:
-    b = a.tobytes()
-    try:
-        return b.decode("utf-8")
-    except UnicodeDecodeError:
-        return b.decode("utf-8", "replace")
-
-
-def _open(path: Path) -> Any:
+def open_gguf(path: Path) -> Any:
     """Open a GGUF file, turning every failure into a WeightsError that names the problem."""
     if not path.exists():
         raise WeightsError(f"{path}: no such file")
@@ -347,10 +319,7 @@ def _config(fields: dict[str, Any], path: Path, tensors: dict[str, Any]) -> Mode
 
 def _llama3_scaling(factors: np.ndarray, cfg: ModelConfig, fields: dict[str, Any], path: Path) -> dict:
     """Recover llama3 rope-scaling parameters from a `rope_freqs` tensor (checked, else ConfigError)."""
-    from ..model import _llama3_inv_freq
-
-    dim = cfg.head_dim
-    base = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    base = base_inv_freq(cfg.head_dim, cfg.rope_theta)
     f = torch.from_numpy(np.asarray(factors, dtype=np.float32).reshape(-1).copy())
     if f.numel() != base.numel():
         raise ConfigError(f"{path}: rope_freqs has {f.numel()} entries, expected {base.numel()}")
@@ -362,7 +331,7 @@ def _llama3_scaling(factors: np.ndarray, cfg: ModelConfig, fields: dict[str, Any
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": orig,
     }
-    got = base / _llama3_inv_freq(base, sc)
+    got = base / llama3_inv_freq(base, sc)
     if not torch.allclose(got, f, rtol=1e-3, atol=1e-4):
         raise ConfigError(f"{path}: rope_freqs tensor does not match llama3 rope scaling; not supported")
     return sc
@@ -401,7 +370,7 @@ def _qk_perm(n_head: int, head_dim: int) -> Tensor:
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
     """Read a GGUF file into a Checkpoint (quantized weights stay packed, memory-mapped)."""
     path = Path(path)
-    reader = _open(path)
+    reader = open_gguf(path)
     fields = reader.fields
     tensors = {t.name: t for t in reader.tensors}
     try:

@@ -1,9 +1,14 @@
-"""Hugging Face model directories: config.json + model.safetensors (single or sharded)."""
+"""Hugging Face model directories: config.json + model.safetensors (single or sharded).
+
+Reading (`read_hf`), and the naming / config / tokenizer helpers the tools that write HF directories share
+(`levante compress`, `levante quantize --awq`)."""
 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -168,3 +173,77 @@ def _split_fused(weights, sources, cfg: ModelConfig, layer: int, kind: str, t: T
         else:
             weights[f"{p}{e}.w2"] = t[e]
             sources[f"{p}{e}.w2"] = f"{fname}:{kind}"
+
+# ------------------------------------------------------------------------------------ writing
+_HF_OUT_LAYER = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
+    "attn.wo": "self_attn.o_proj", "ffn.gate": "block_sparse_moe.gate",
+    "ffn.w1": "mlp.gate_proj", "ffn.w2": "mlp.down_proj", "ffn.w3": "mlp.up_proj",
+}
+_HF_OUT_TOP = {"embed": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "added_tokens.json")
+
+
+def hf_base_name(canon: str) -> str:
+    """HF module name (no `.weight`) of a canonical tensor name: layers.0.ffn.experts.3.w1 ->
+    model.layers.0.block_sparse_moe.experts.3.w1; layers.0.ffn.w1 -> model.layers.0.mlp.gate_proj."""
+    if canon in _HF_OUT_TOP:
+        return _HF_OUT_TOP[canon]
+    m = re.match(r"^layers\.(\d+)\.(.+)$", canon)
+    if not m:
+        raise ValueError(f"no HF name for {canon!r}")
+    layer, rest = m.groups()
+    e = re.match(r"^ffn\.experts\.(\d+)\.(w[123])$", rest)
+    if e:
+        return f"model.layers.{layer}.block_sparse_moe.experts.{e.group(1)}.{e.group(2)}"
+    return f"model.layers.{layer}.{_HF_OUT_LAYER[rest]}"
+
+
+def hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """A transformers-style config.json dict for a levante ModelConfig."""
+    d: dict[str, Any] = {
+        "architectures": [{"mixtral": "MixtralForCausalLM", "mistral": "MistralForCausalLM"}.get(
+            cfg.model_type, "LlamaForCausalLM")],
+        "model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu", "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "torch_dtype": "float32",
+    }
+    if cfg.pad_token_id is not None:
+        d["pad_token_id"] = cfg.pad_token_id
+    if cfg.rope_scaling:
+        d["rope_scaling"] = cfg.rope_scaling
+    if cfg.sliding_window:
+        d["sliding_window"] = cfg.sliding_window
+    if cfg.is_moe:
+        d["num_local_experts"] = cfg.num_experts
+        d["num_experts_per_tok"] = cfg.num_experts_per_tok
+    return d
+
+
+def natural_key(s: str) -> list:
+    """Sort key that orders embedded numbers numerically (layers.2 before layers.10)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def copy_tokenizer(src: Path, out_dir: Path) -> list[str]:
+    """Copy the tokenizer files of a HF directory; for a GGUF, convert its tokenizer with transformers."""
+    notes = []
+    if src.is_dir():
+        for f in TOKENIZER_FILES:
+            if (src / f).is_file():
+                shutil.copy(src / f, out_dir / f)
+        return notes
+    try:  # GGUF: transformers rebuilds tokenizer.json + tokenizer_config.json from the GGUF metadata
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(str(out_dir))
+        notes.append(f"tokenizer converted from {src.name} with transformers")
+    except Exception as e:  # noqa: BLE001 - any failure: the weights are still usable with the GGUF's tokenizer
+        notes.append(f"no tokenizer written ({type(e).__name__}: {e}); use the tokenizer of {src.name}")
+    return notes

@@ -50,10 +50,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .formats import Checkpoint
-from .formats.mistral import half_to_interleaved
-from .quant.kquants import BLOCK_SIZES, quantize
+from .. import tokenizer as tk
+from ..config import ModelConfig
+from ..formats import Checkpoint
+from ..formats.gguf import open_gguf
+from ..formats.mistral import half_to_interleaved
+from ..loader import read_checkpoint
+from ..quant.ggml import dequantize
+from ..quant.kquants import BLOCK_SIZES, quantize
+from ..quant.lowrank import LowRankWeight
 
 # --------------------------------------------------------------------------------- file types
 
@@ -282,8 +287,6 @@ class LowRankInfo:
 
 def _plan(ckpt: Checkpoint, extra: dict[str, np.ndarray], expand_low_rank: bool = False,
           rank_pad: int = 1) -> tuple[list[_Planned], LowRankInfo]:
-    from .quant.lowrank import LowRankWeight
-
     cfg = ckpt.config
     W = ckpt.weights
     plan: list[_Planned] = []
@@ -438,8 +441,6 @@ def _tokenizer_kv(directory: Path, vocab_size: int) -> tuple[list[_KV], Any]:
     """tokenizer.ggml.* keys as convert_hf_to_gguf writes them; returns (kvs, gguf.SpecialVocab)."""
     import gguf
 
-    from . import tokenizer as tk
-
     spm = directory / "tokenizer.model"
     tjson = directory / "tokenizer.json"
     if spm.is_file():
@@ -519,26 +520,15 @@ def _tokenizer_kv(directory: Path, vocab_size: int) -> tuple[list[_KV], Any]:
 
 
 def _gguf_source_kv(path: Path) -> tuple[list[_KV], dict[str, np.ndarray]]:
-    """All metadata of a GGUF file with its value types, plus its rope_freqs tensor if any."""
-    import gguf
-
-    from .formats.gguf import gguf_fields
-
-    reader = gguf.GGUFReader(path, "r")
-    values = gguf_fields(reader)
-    kv: list[_KV] = []
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key not in values:
-            continue
-        types = [gguf.GGUFValueType(int(t)).name for t in field.types]
-        kv.append((key, values[key], types[0], types[-1] if types[0] == "ARRAY" and len(types) > 1 else None))
+    """All metadata of a GGUF file with its value types, plus its rope_freqs tensor if any (levante's reader)."""
+    reader = open_gguf(path)
+    kv: list[_KV] = [(key, value, *reader.field_types[key][:1], (reader.field_types[key][1:] or (None,))[0])
+                     for key, value in reader.fields.items()]
     extra = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
-            from .quant.ggml import dequantize
-
-            raw = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).reshape(1, -1))
-            extra[t.name] = dequantize(raw, t.tensor_type.name).numpy().reshape(-1).astype(np.float32)
+            raw = torch.from_numpy(np.ascontiguousarray(t.data).reshape(1, -1))
+            extra[t.name] = dequantize(raw, t.qtype).numpy().reshape(-1).astype(np.float32)
     return kv, extra
 
 
@@ -588,8 +578,6 @@ def quantize_model(src: str | Path, dst: str | Path, qtype: str, force: bool = F
     `expand_low_rank`, which writes B @ A as full matrices that llama.cpp can load.
     """
     import gguf
-
-    from .loader import read_checkpoint
 
     src, dst = Path(src), Path(dst)
     file_type = normalize_file_type(qtype)

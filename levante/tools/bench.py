@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant.base import QuantWeight
+from ..quant.base import QuantWeight
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Low-rank compression of the MLP / expert matrices (`levante compress`).
+"""Low-rank compression of the MLP / expert matrices (`levante compress`); the SVD math is in
+levante.quant.lowrank.
 
 Each compressible matrix W [out, in] (Mixtral: every expert's w1 / w2 / w3; dense models: the MLP's
 gate / up / down projections) is replaced by two factors from a truncated SVD, W ~= B @ A with
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,35 +34,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import ModelConfig
-from .quant.base import QuantWeight
-from .quant.lowrank import LowRankWeight
-
-_HF_MLP = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
-_HF_LAYER = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
-    "attn.wo": "self_attn.o_proj", "ffn.gate": "block_sparse_moe.gate",
-    "ffn.w1": "mlp.gate_proj", "ffn.w2": "mlp.down_proj", "ffn.w3": "mlp.up_proj",
-}
-_HF_TOP = {"embed": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                    "generation_config.json", "chat_template.jinja", "added_tokens.json")
-
-
-def hf_base_name(canon: str) -> str:
-    """HF module name (no `.weight`) of a canonical tensor name: layers.0.ffn.experts.3.w1 ->
-    model.layers.0.block_sparse_moe.experts.3.w1; layers.0.ffn.w1 -> model.layers.0.mlp.gate_proj."""
-    if canon in _HF_TOP:
-        return _HF_TOP[canon]
-    m = re.match(r"^layers\.(\d+)\.(.+)$", canon)
-    if not m:
-        raise ValueError(f"no HF name for {canon!r}")
-    layer, rest = m.groups()
-    e = re.match(r"^ffn\.experts\.(\d+)\.(w[123])$", rest)
-    if e:
-        return f"model.layers.{layer}.block_sparse_moe.experts.{e.group(1)}.{e.group(2)}"
-    return f"model.layers.{layer}.{_HF_LAYER[rest]}"
+from ..api import LLM
+from ..config import ModelConfig, read_json
+from ..formats.hf import copy_tokenizer, hf_base_name, hf_config, natural_key
+from ..formats.safetensors import save_safetensors
+from ..loader import load, read_checkpoint, resolve_path
+from ..model import build_model
+from ..quant.base import QuantWeight
+from ..quant.lowrank import Factorization, LowRankWeight, choose_ranks, factorize, saved_params
+from .quality import compare, plot_report, report_markdown
 
 
 def compressible_names(cfg: ModelConfig) -> list[str]:
@@ -76,88 +56,6 @@ def compressible_names(cfg: ModelConfig) -> list[str]:
 
 def _float(w: Tensor | QuantWeight) -> Tensor:
     return w.dequantize(torch.float32) if isinstance(w, QuantWeight) else w.float()
-
-
-# ---------------------------------------------------------------------------------------------- SVD
-@dataclass
-class Factorization:
-    """SVD of W (or of W L when whitened): W = U diag(s) Vh (L^-1)."""
-
-    u: Tensor
-    s: Tensor
-    vh: Tensor
-    chol: Tensor | None = None  # lower-triangular L (whitening), or None
-
-    def factors(self, r: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-        sq = self.s[:r].sqrt()
-        a = sq[:, None] * self.vh[:r]
-        if self.chol is not None:  # A = X L^-1  <=>  L^T A^T = X^T
-            a = torch.linalg.solve_triangular(self.chol.T, a.T, upper=True).T
-        b = self.u[:, :r] * sq[None, :]
-        return a.to(dtype).contiguous(), b.to(dtype).contiguous()
-
-
-def factorize(w: Tensor, cov: Tensor | None = None, damp: float = 0.01) -> Factorization:
-    """SVD of W [out, in] in float64; with `cov` [in, in] (input covariance), of W whitened by chol(cov)."""
-    w = w.double()
-    if cov is None:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        return Factorization(u, s, vh)
-    c = cov.double()
-    c = c + damp * c.diagonal().mean().clamp(min=1e-12) * torch.eye(c.shape[0], dtype=c.dtype)
-    chol = torch.linalg.cholesky(c)
-    u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
-    return Factorization(u, s, vh, chol)
-
-
-def svd_factors(w: Tensor, r: int | None = None, cov: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Factors (A [r, in], B [out, r]) of the rank-r truncated SVD of W (full rank when r is None)."""
-    f = factorize(w, cov)
-    return f.factors(min(w.shape) if r is None else r, w.dtype if w.is_floating_point() else torch.float32)
-
-
-# ---------------------------------------------------------------------------------------------- ranks
-def break_even_rank(out: int, inp: int) -> int:
-    """Largest rank whose factors are not smaller than W: below it factoring saves parameters."""
-    return out * inp // (out + inp)
-
-
-def saved_params(shape: tuple[int, int], r: int | None) -> int:
-    """Parameters removed by storing a [out, in] matrix at rank r (None: dense, nothing removed)."""
-    if r is None:
-        return 0
-    out, inp = shape
-    return max(0, out * inp - r * (out + inp))
-
-
-def choose_ranks(svals: dict[str, Tensor], shapes: dict[str, tuple[int, int]], n_remove: int,
-                 multiple: int = 1) -> dict[str, int]:
-    """Greedy budget allocation (see module docstring). Returns {name: rank} for the matrices to factor;
-    the others stay dense. Removes >= n_remove parameters (less only if even rank 0 everywhere cannot).
-
-    `multiple` > 1: ranks are multiples of it (components are dropped in groups: from the full rank down
-    to the largest multiple below it, then `multiple` at a time, cheapest mean energy per parameter
-    first), e.g. 32 so that a quantized low-rank GGUF needs no rank padding (levante/quantize.py)."""
-    if multiple < 1:
-        raise ValueError(f"rank multiple must be >= 1, got {multiple}")
-    items = []
-    for name, s in svals.items():
-        out, inp = shapes[name]
-        e = s.double() ** 2
-        n = len(e)
-        levels = [n, *range((n - 1) // multiple * multiple, -1, -multiple)]
-        for hi, lo in zip(levels, levels[1:]):  # dropping components lo..hi-1 leaves rank lo
-            items.append((e[lo:hi].sum().item() / ((hi - lo) * (out + inp)), name, -lo))
-    items.sort()
-    ranks = {name: len(s) for name, s in svals.items()}
-    removed = 0
-    for _, name, negk in items:
-        if removed >= n_remove:
-            break
-        before = saved_params(shapes[name], ranks[name])
-        ranks[name] = -negk  # drop component k: keep the k largest
-        removed += saved_params(shapes[name], ranks[name]) - before
-    return {n: r for n, r in ranks.items() if saved_params(shapes[n], r) > 0}
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -279,36 +177,9 @@ def compress_weights(cfg: ModelConfig, weights: dict[str, Tensor | QuantWeight],
                           {"ratio": ratio, "activation_aware": covs is not None, "rank_multiple": rank_multiple})
 
 
-def hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    """A transformers-style config.json dict for a levante ModelConfig."""
-    d: dict[str, Any] = {
-        "architectures": [{"mixtral": "MixtralForCausalLM", "mistral": "MistralForCausalLM"}.get(
-            cfg.model_type, "LlamaForCausalLM")],
-        "model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "hidden_act": "silu", "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-        "torch_dtype": "float32",
-    }
-    if cfg.pad_token_id is not None:
-        d["pad_token_id"] = cfg.pad_token_id
-    if cfg.rope_scaling:
-        d["rope_scaling"] = cfg.rope_scaling
-    if cfg.sliding_window:
-        d["sliding_window"] = cfg.sliding_window
-    if cfg.is_moe:
-        d["num_local_experts"] = cfg.num_experts
-        d["num_experts_per_tok"] = cfg.num_experts_per_tok
-    return d
-
-
 def save_compressed(res: CompressResult, cfg: ModelConfig, out_dir: Path, src: Path,
                     raw_config: dict[str, Any] | None = None, max_shard_bytes: int = 4 << 30) -> list[str]:
     """Write an HF directory: config.json (+ `ranks`), model.safetensors, tokenizer files. Returns notes."""
-    from .formats.safetensors import save_safetensors
-
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     for name, w in res.weights.items():
@@ -321,31 +192,9 @@ def save_compressed(res: CompressResult, cfg: ModelConfig, out_dir: Path, src: P
     save_safetensors(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     conf = dict(raw_config) if raw_config is not None else hf_config(cfg)
     conf.pop("quantization_config", None)
-    conf["ranks"] = {hf_base_name(n): r for n, r in sorted(res.ranks.items(), key=lambda kv: _natural(kv[0]))}
+    conf["ranks"] = {hf_base_name(n): r for n, r in sorted(res.ranks.items(), key=lambda kv: natural_key(kv[0]))}
     (out_dir / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     return copy_tokenizer(src, out_dir)
-
-
-def _natural(s: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
-def copy_tokenizer(src: Path, out_dir: Path) -> list[str]:
-    """Copy the tokenizer files of a HF directory; for a GGUF, convert its tokenizer with transformers."""
-    notes = []
-    if src.is_dir():
-        for f in _TOKENIZER_FILES:
-            if (src / f).is_file():
-                shutil.copy(src / f, out_dir / f)
-        return notes
-    try:  # GGUF: transformers rebuilds tokenizer.json + tokenizer_config.json from the GGUF metadata
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(str(out_dir))
-        notes.append(f"tokenizer converted from {src.name} with transformers")
-    except Exception as e:  # noqa: BLE001 - any failure: the weights are still usable with the GGUF's tokenizer
-        notes.append(f"no tokenizer written ({type(e).__name__}: {e}); use the tokenizer of {src.name}")
-    return notes
 
 
 def parse_ranks(spec: str, cfg: ModelConfig) -> dict[str, int]:
@@ -382,9 +231,6 @@ def compress_model(src: str | Path, dst: str | Path, ratio: float | None = None,
                    calib_ids: list[int] | None = None, calib_ctx: int = 512, progress: bool = False,
                    force: bool = False, rank_multiple: int = 1) -> tuple[CompressResult, list[str]]:
     """Read `src` (any format levante reads), compress, write the HF directory `dst`."""
-    from .config import read_json
-    from .loader import read_checkpoint, resolve_path
-
     src_path = resolve_path(src)
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()) and not force:
@@ -396,8 +242,6 @@ def compress_model(src: str | Path, dst: str | Path, ratio: float | None = None,
         raise ValueError(f"{src_path} is already low-rank compressed")
     covs = None
     if calib_ids:
-        from .model import build_model
-
         model = build_model(cfg, {k: _float(v) for k, v in weights.items()}, torch.float32).eval()
         covs = collect_covariances(model, cfg, calib_ids, calib_ctx, progress)
         del model
@@ -418,9 +262,6 @@ def dir_size(path: Path) -> int:
 def quality_report(src: Path, dst: Path, res: CompressResult, ids_text: str, n_ctx: int = 512,
                    n_chunks: int = 4, threads: int | None = None, progress: bool = True) -> str:
     """Markdown quality report of the compressed model vs the original (written by `levante compress`)."""
-    from .api import LLM
-    from .quality import compare, plot_report, report_markdown
-
     base = LLM(str(src), n_ctx=n_ctx, n_threads=threads)
     other = LLM(str(dst), n_ctx=n_ctx, n_threads=threads, _loaded=None) if (dst / "tokenizer.json").is_file() or \
         (dst / "tokenizer.model").is_file() else _with_tokenizer(dst, base, n_ctx, threads)
@@ -452,9 +293,6 @@ def quality_report(src: Path, dst: Path, res: CompressResult, ids_text: str, n_c
 
 def _with_tokenizer(dst: Path, base: Any, n_ctx: int, threads: int | None) -> Any:
     """The compressed model with the source model's tokenizer (when none could be written next to it)."""
-    from .api import LLM
-    from .loader import load
-
     loaded = load(str(dst))
     loaded.tokenizer = base.tokenizer
     return LLM(n_ctx=n_ctx, n_threads=threads, _loaded=loaded)

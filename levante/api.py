@@ -6,6 +6,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from .chat import apply_chat
 from .errors import ContextLengthError
 from .generate import TokenEvent, generate_stream
 from .loader import LoadedModel, load
+from .model import check_token_ids
 from .sampling import SamplingParams
 
 DEFAULT_N_CTX = 4096
@@ -56,14 +58,20 @@ class LLM:
         cache_type: str = "auto",
         _loaded: LoadedModel | None = None,
     ) -> None:
-        torch.set_num_threads(n_threads or physical_cores())
         if cache_type not in CACHE_TYPES:
             raise ValueError(f"cache_type must be one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
-        self.loaded = _loaded or load(model_path, dtype=dtype, progress=verbose, device=device)
+        if n_threads is not None and n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+        # torch's thread pool is process-wide: this LLM's count (default: the physical cores, as llama.cpp) applies
+        # while it computes (`using_threads`), and the caller's setting is back in between
+        self.n_threads = n_threads or physical_cores()
+        with self.using_threads():
+            self.loaded = _loaded or load(model_path, dtype=dtype, progress=verbose, device=device)
         self.model = self.loaded.model
-        # KV cache element type: "auto" = the compute dtype (exact), "f16" = llama.cpp's default (half the
-        # bytes a decode step reads from the cache, ~1e-3 relative rounding of keys and values)
-        self.model.kv_dtype = CACHE_TYPES[cache_type]
+        # KV cache element type (this LLM's, not the model's: a loaded model may be shared): "auto" = the compute
+        # dtype (exact), "f16" = llama.cpp's default (half the bytes a decode step reads from the cache, ~1e-3
+        # relative rounding of keys and values)
+        self.kv_dtype = CACHE_TYPES[cache_type]
         self.config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         if self.tokenizer is None:
@@ -76,6 +84,29 @@ class LLM:
         self.seed = seed
         self.model_name = model_alias or self.loaded.path.name
         self.verbose = verbose
+
+    @contextmanager
+    def using_threads(self) -> Iterator[None]:
+        """torch's thread count set to this LLM's `n_threads` inside the block, restored after."""
+        old = torch.get_num_threads()
+        if self.n_threads == old:
+            yield
+            return
+        torch.set_num_threads(self.n_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+
+    def _threaded(self, it: Iterator[Any]) -> Iterator[Any]:
+        """A generator's steps run under `using_threads` (the caller's code between them does not)."""
+        while True:
+            with self.using_threads():
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+            yield item
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, text: str | bytes, add_bos: bool | None = None, special: bool = False) -> list[int]:
@@ -94,10 +125,11 @@ class LLM:
             raise ValueError("logits() takes a non-empty 1-D sequence of token ids")
         if t.numel() > self.n_ctx:
             raise ContextLengthError(f"{t.numel()} tokens exceed the context window n_ctx={self.n_ctx}")
+        check_token_ids(t, self.config.vocab_size)
         device = self.model.model.device
         out = []
-        with torch.inference_mode():
-            cache = self.model.new_cache(1, t.numel())
+        with torch.inference_mode(), self.using_threads():
+            cache = self.model.new_cache(1, t.numel(), self.kv_dtype)
             for s in range(0, t.numel(), self.n_batch):
                 out.append(self.model(t[None, s : s + self.n_batch].to(device), cache=cache)[0].cpu())
         return torch.cat(out)
@@ -151,8 +183,8 @@ class LLM:
             )
         n = self.n_ctx - longest if max_tokens is None or max_tokens <= 0 else max_tokens
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        events = generate_stream(self.model, self.tokenizer, ids, n, params, stops, None, logprobs,
-                                 self.n_ctx, self.n_batch, _fresh_text)
+        events = self._threaded(generate_stream(self.model, self.tokenizer, ids, n, params, stops, None, logprobs,
+                                                self.n_ctx, self.n_batch, _fresh_text, self.kv_dtype))
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         if stream:
             return self._stream_completion(events, meta, texts if echo else None, logprobs)
@@ -252,7 +284,7 @@ class LLM:
             "id": "chat" + completion["id"], "object": "chat.completion", "created": completion["created"],
             "model": completion["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": choice["text"]},
-                         "logprobs": _chat_logprobs(choice["logprobs"]), "finish_reason": choice["finish_reason"]}],
+                         "logprobs": chat_logprobs(choice["logprobs"]), "finish_reason": choice["finish_reason"]}],
             "usage": completion["usage"],
         }
 
@@ -268,7 +300,7 @@ class LLM:
             ch = c["choices"][0]
             if ch["text"]:
                 yield {**base, "choices": [{"index": 0, "delta": {"content": ch["text"]},
-                                            "logprobs": _chat_logprobs(ch["logprobs"]), "finish_reason": None}]}
+                                            "logprobs": chat_logprobs(ch["logprobs"]), "finish_reason": None}]}
             if ch["finish_reason"]:
                 yield {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
                                             "finish_reason": ch["finish_reason"]}]}
@@ -278,7 +310,7 @@ def _is_batch(prompt: Any) -> bool:
     return isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
 
 
-def _chat_logprobs(lp: dict[str, Any] | None) -> dict[str, Any] | None:
+def chat_logprobs(lp: dict[str, Any] | None) -> dict[str, Any] | None:
     """Completion-style logprobs -> the chat API's {"content": [{token, logprob, top_logprobs}]} shape."""
     if lp is None:
         return None

@@ -9,12 +9,18 @@ cancelled requests (their row is swapped behind the active ones and kept) and ad
 Prefix cache: a finished request's row keeps its tokens. A new request whose prompt starts with
 the same tokens (a shared system prompt, the earlier turns of a conversation) takes that row,
 truncates it to the common prefix and computes only the rest.
+
+Failures: an exception in a step is logged with its traceback (logger "levante.engine", with the request
+ids) and fails only the requests it concerns where that can be known: a request's own prefill, its own
+sampling, its own detokenization. A batched decode step that raises fails the requests in that batch. The
+requests get an `EngineError` with a generic message and their id; the details stay in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -24,10 +30,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ContextLengthError, OverloadedError
+from .errors import ContextLengthError, EngineError, OverloadedError
 from .generate import TokenEvent, _Row
 from .sampling import SamplingParams, sample, token_logprobs
 
+log = logging.getLogger("levante.engine")
 _DONE = object()
 
 
@@ -43,6 +50,7 @@ class Request:
     stop_ids: set[int]
     logprobs: int | None
     fresh_text: bool
+    tag: str = ""  # the caller's id for it (the server's response id), in logs and error messages
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
@@ -51,6 +59,10 @@ class Request:
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _loop: asyncio.AbstractEventLoop | None = None
     _aq: asyncio.Queue | None = None
+
+    @property
+    def name(self) -> str:
+        return self.tag or f"request {self.id}"
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client went away); the slot is freed at the next step."""
@@ -98,9 +110,11 @@ class _Slot:
 
 
 class Metrics:
-    """Counters for /metrics (Prometheus text format)."""
+    """Counters for /metrics (Prometheus text format). Written by the scheduler thread and the submitting
+    threads, read by the server's: every update and the export hold `lock`, so a scrape sees one state."""
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
         self.requests = 0
         self.prompt_tokens = 0
         self.cached_prompt_tokens = 0
@@ -111,15 +125,16 @@ class Metrics:
         self.decode_tokens_window: deque[tuple[float, int]] = deque(maxlen=256)
         self.queue_depth = 0
         self.batch_size = 0
+        self.failed_requests = 0
 
-    def observe_ttft(self, seconds: float) -> None:
+    def observe_ttft(self, seconds: float) -> None:  # with `lock` held
         self.ttft_sum += seconds
         self.ttft_count += 1
         for b in self.ttft_buckets:
             if seconds <= b:
                 self.ttft_buckets[b] += 1
 
-    def tokens_per_second(self) -> float:
+    def tokens_per_second(self) -> float:  # with `lock` held
         w = self.decode_tokens_window
         if len(w) < 2:
             return 0.0
@@ -127,6 +142,10 @@ class Metrics:
         return sum(n for _, n in list(w)[1:]) / dt if dt > 0 else 0.0
 
     def prometheus(self) -> str:
+        with self.lock:
+            return self._prometheus()
+
+    def _prometheus(self) -> str:
         lines = [
             "# TYPE levante_requests_total counter", f"levante_requests_total {self.requests}",
             "# TYPE levante_prompt_tokens_total counter", f"levante_prompt_tokens_total {self.prompt_tokens}",
@@ -134,6 +153,7 @@ class Metrics:
             f"levante_prompt_tokens_cached_total {self.cached_prompt_tokens}",
             "# TYPE levante_completion_tokens_total counter",
             f"levante_completion_tokens_total {self.completion_tokens}",
+            "# TYPE levante_requests_failed_total counter", f"levante_requests_failed_total {self.failed_requests}",
             "# TYPE levante_queue_depth gauge", f"levante_queue_depth {self.queue_depth}",
             "# TYPE levante_batch_size gauge", f"levante_batch_size {self.batch_size}",
             "# TYPE levante_decode_tokens_per_second gauge",
@@ -152,14 +172,18 @@ class Engine:
     """The scheduler. `submit` is thread-safe; a background thread runs the model."""
 
     def __init__(self, model, tokenizer, n_ctx: int, max_batch: int = 8, prefill_chunk: int = 512,
-                 prefix_cache: bool = True, max_queue: int = 256) -> None:
+                 prefix_cache: bool = True, max_queue: int = 256, kv_dtype: torch.dtype | None = None,
+                 n_threads: int | None = None) -> None:
+        """`kv_dtype`: the KV cache's element type (default: the compute dtype); `n_threads`: torch threads for
+        the scheduler thread's work (torch's pool is process-wide; default: leave it)."""
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        self.n_threads = n_threads
         self.max_queue = max_queue
         self.model, self.tokenizer = model, tokenizer
         self.n_ctx, self.max_batch, self.prefill_chunk = n_ctx, max_batch, prefill_chunk
         self.prefix_cache = prefix_cache
-        self.cache = model.new_cache(max_batch, n_ctx)
+        self.cache = model.new_cache(max_batch, n_ctx, kv_dtype)
         self.slots = [_Slot() for _ in range(max_batch)]
         self.n_active = 0
         self.waiting: deque[Request] = deque()
@@ -186,8 +210,10 @@ class Engine:
 
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop: list[str] | None = None,
                stop_ids: set[int] | None = None, logprobs: int | None = None, fresh_text: bool = False,
-               loop: asyncio.AbstractEventLoop | None = None) -> Request:
-        """Queue a request. Raises ContextLengthError / ValueError at once for a request that cannot run."""
+               loop: asyncio.AbstractEventLoop | None = None, tag: str = "") -> Request:
+        """Queue a request. Raises ContextLengthError / ValueError at once for a request that cannot run.
+
+        `tag`: the caller's id for the request (the server's response id), used in logs and error messages."""
         if not prompt:
             raise ValueError("prompt is empty")
         if len(prompt) >= self.n_ctx:
@@ -200,22 +226,25 @@ class Engine:
             raise ValueError(f"prompt token id out of range 0..{vocab - 1}")
         req = Request(next(self._ids), list(prompt), max(1, min(max_tokens, self.n_ctx - len(prompt))), params,
                       list(stop or []), set(self.tokenizer.eos_ids if stop_ids is None else stop_ids), logprobs,
-                      fresh_text)
+                      fresh_text, tag)
         if loop is not None:
             req._loop, req._aq = loop, asyncio.Queue()
         with self._cv:
             if len(self.waiting) >= self.max_queue:
                 raise OverloadedError(f"server overloaded: {len(self.waiting)} requests already waiting")
             self.waiting.append(req)
-            self.metrics.requests += 1
-            self.metrics.prompt_tokens += len(prompt)
-            self.metrics.queue_depth = len(self.waiting)
+            with self.metrics.lock:
+                self.metrics.requests += 1
+                self.metrics.prompt_tokens += len(prompt)
+                self.metrics.queue_depth = len(self.waiting)
             self._cv.notify()
         return req
 
     # ------------------------------------------------------------------ scheduler
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self.n_threads is not None:
+            torch.set_num_threads(self.n_threads)
         while True:
             with self._cv:
                 while not self._stop and not self.waiting and self.n_active == 0:
@@ -228,24 +257,34 @@ class Engine:
                     self._admit()
                     if self.n_active:
                         self._decode_step()
-            except Exception as e:  # never let one bad step kill the server: fail the running requests
+            except Exception as e:  # a batched step: every active request was in it
                 self._fail_all(e)
-        self._fail_all(RuntimeError("server shutting down"), include_waiting=True)
+        self._fail_all(None, include_waiting=True)
 
-    def _fail_all(self, err: BaseException, include_waiting: bool = False) -> None:
+    def _fail(self, req: Request, err: BaseException | None) -> None:
+        """End `req` with an EngineError (logged with `err`'s traceback; None: the engine is shutting down)."""
+        if err is not None:
+            log.error("%s failed", req.name, exc_info=err)
+            e = EngineError(f"internal error while generating ({req.name}); the server log has the details")
+        else:
+            e = EngineError(f"the engine shut down before {req.name} finished")
+        req.error = e
+        with self.metrics.lock:
+            self.metrics.failed_requests += 1
+        req._put(e)
+
+    def _fail_all(self, err: BaseException | None, include_waiting: bool = False) -> None:
         for i in range(self.n_active):
             s = self.slots[i]
             if s.req is not None:
-                s.req.error = err
-                s.req._put(err)
+                self._fail(s.req, err)
             self.slots[i] = _Slot()
             self.cache.reset(i)
         self.n_active = 0
         if include_waiting:
             with self._cv:
                 while self.waiting:
-                    r = self.waiting.popleft()
-                    r._put(err)
+                    self._fail(self.waiting.popleft(), err)
 
     def _release(self, i: int) -> None:
         """Row i's request is done: move it behind the active rows (keeping its tokens for reuse)."""
@@ -285,11 +324,16 @@ class Engine:
                 if not self.waiting:
                     break
                 req = self.waiting.popleft()
-                self.metrics.queue_depth = len(self.waiting)
+                with self.metrics.lock:
+                    self.metrics.queue_depth = len(self.waiting)
             if req.cancelled:
                 req._put(_DONE)
                 continue
-            self._start(req)
+            row = self.n_active
+            try:
+                self._start(req)
+            except Exception as e:  # its own prefill: only this request fails
+                self._fail_start(row, req, e)
 
     def _best_free_row(self, prompt: list[int]) -> tuple[int, int]:
         """The free row sharing the longest prefix with `prompt` (at most len(prompt) - 1 tokens)."""
@@ -320,7 +364,8 @@ class Engine:
         slot = self.slots[row]
         slot.tokens = slot.tokens[:common]
         req.cached_tokens = common
-        self.metrics.cached_prompt_tokens += common
+        with self.metrics.lock:
+            self.metrics.cached_prompt_tokens += common
         self.n_active += 1
         slot.req = req
         slot.row = _Row(req.id, req.prompt, req.params, req.max_tokens, self.tokenizer, req.stop, req.fresh_text)
@@ -342,28 +387,66 @@ class Engine:
             self.slots[i].tokens.append(self.slots[i].pending)
             self.slots[i].pending = None
         logits = self.model(toks, cache=self.cache, last_only=True, rows=slice(0, self.n_active))
-        self.metrics.decode_tokens_window.append((time.perf_counter(), len(rows)))
+        with self.metrics.lock:
+            self.metrics.decode_tokens_window.append((time.perf_counter(), len(rows)))
         self._emit(rows, logits[:, -1])
+
+    def _fail_start(self, row: int, req: Request, err: BaseException) -> None:
+        """`req` failed while being admitted into `row` (the row after the active ones, or the last active one
+        once counted): end it, and forget the row's possibly half-written cache."""
+        self._fail(req, err)
+        slot = self.slots[row]
+        slot.req, slot.row, slot.pending, slot.tokens = None, None, None, []
+        self.cache.reset(row)
+        self.n_active = min(self.n_active, row)
+
+    def _sample(self, slots: list[_Slot], logits: torch.Tensor) -> list[int | BaseException]:
+        """One token per slot; when the batched sampling raises, each row alone, so only its own error fails it."""
+        params = [s.row.params for s in slots]
+        gens = [s.row.generator for s in slots]
+        hist = [s.row.history for s in slots]
+        try:
+            return sample(logits, params, gens, history=hist).tolist()
+        except Exception:
+            if len(slots) == 1:
+                raise
+        out: list[int | BaseException] = []
+        for j in range(len(slots)):
+            try:
+                out.append(int(sample(logits[j : j + 1], params[j : j + 1], gens[j : j + 1],
+                                      history=hist[j : j + 1])[0]))
+            except Exception as e:  # noqa: BLE001 - this row's own failure
+                out.append(e)
+        return out
 
     def _emit(self, rows: list[int], logits: torch.Tensor) -> None:
         """Sample one token for each of `rows` and send the events."""
         slots = [self.slots[i] for i in rows]
-        chosen = sample(logits, [s.row.params for s in slots], [s.row.generator for s in slots],
-                        history=[s.row.history for s in slots]).tolist()
+        chosen = self._sample(slots, logits)
         want_lp = [s.req.logprobs for s in slots]
         lps = tops = None
         if any(n is not None for n in want_lp):
-            lps, tops = token_logprobs(logits, torch.tensor(chosen), max(n or 0 for n in want_lp))
+            ok = [c if isinstance(c, int) else 0 for c in chosen]
+            lps, tops = token_logprobs(logits, torch.tensor(ok), max(n or 0 for n in want_lp))
         now = time.perf_counter()
         for j, s in enumerate(slots):
             req = s.req
-            lp = lps[j] if lps is not None and req.logprobs is not None else None
-            top = tops[j][: req.logprobs] if tops is not None and req.logprobs is not None else None
-            ev = s.row.accept(chosen[j], req.stop_ids, lp, top)
+            try:
+                if isinstance(chosen[j], BaseException):
+                    raise chosen[j]
+                lp = lps[j] if lps is not None and req.logprobs is not None else None
+                top = tops[j][: req.logprobs] if tops is not None and req.logprobs is not None else None
+                ev = s.row.accept(chosen[j], req.stop_ids, lp, top)
+            except Exception as e:  # this request's own sampling / detokenization
+                self._fail(req, e)
+                s.req, s.row, s.pending = None, None, None
+                continue
+            with self.metrics.lock:
+                if req.first_token_at is None:
+                    self.metrics.observe_ttft(now - req.submitted)
+                self.metrics.completion_tokens += 1
             if req.first_token_at is None:
                 req.first_token_at = now
-                self.metrics.observe_ttft(now - req.submitted)
-            self.metrics.completion_tokens += 1
             req._put(ev)
             if ev.finish_reason is not None:
                 req._put(_DONE)
@@ -371,4 +454,5 @@ class Engine:
             else:
                 s.pending = chosen[j]
         self._drop_finished()
-        self.metrics.batch_size = self.n_active
+        with self.metrics.lock:
+            self.metrics.batch_size = self.n_active

@@ -25,6 +25,10 @@ class ContextLengthError(LevanteError, ValueError):
     """A prompt (plus requested tokens) does not fit in the context window."""
 
 
+class EngineError(LevanteError, RuntimeError):
+    """A request failed inside the serving engine; the message is generic, the server log has the traceback."""
+
+
 class OverloadedError(LevanteError):
     """The server's request queue is full; the client should retry later."""
 

@@ -158,6 +158,7 @@ def generate_stream(
     n_ctx: int | None = None,
     prefill_chunk: int = 512,
     fresh_text: bool = False,
+    kv_dtype: torch.dtype | None = None,
 ) -> Iterator[TokenEvent]:
     """Generate for several prompts at once, yielding a `TokenEvent` per sampled token.
 
@@ -171,7 +172,8 @@ def generate_stream(
     slots has its budget capped and finishes with "length".
 
     `fresh_text=True` decodes the output as a text of its own (a chat reply: SentencePiece's leading
-    dummy-prefix space is dropped); by default it continues the prompt's text and keeps it.
+    dummy-prefix space is dropped); by default it continues the prompt's text and keeps it. `kv_dtype`: the
+    KV cache's element type (default: the model's compute dtype).
     """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise ValueError("prompts must be a list of token-id lists")
@@ -220,7 +222,7 @@ def generate_stream(
 
     with torch.inference_mode():
         device = model.model.device if hasattr(model, "model") else torch.device("cpu")
-        cache = model.new_cache(len(rows), total_steps)
+        cache = model.new_cache(len(rows), total_steps, kv_dtype)
         tokens, positions = _prefill_positions(prompts, length)
         tokens, positions = tokens.to(device), positions.to(device)
         logits = None
@@ -270,6 +272,7 @@ def generate(
     n_ctx: int | None = None,
     prefill_chunk: int = 512,
     fresh_text: bool = False,
+    kv_dtype: torch.dtype | None = None,
 ) -> list[GenerationResult]:
     """Non-streaming `generate_stream`: one `GenerationResult` per prompt, in prompt order."""
     results = [
@@ -283,7 +286,7 @@ def generate(
     if stop_ids is None:
         stop_ids = set(getattr(tokenizer, "eos_ids", None) or ())
     for ev in generate_stream(model, tokenizer, prompts, max_tokens, params, stop, stop_ids, logprobs,
-                              n_ctx, prefill_chunk, fresh_text):
+                              n_ctx, prefill_chunk, fresh_text, kv_dtype):
         res = results[ev.row]
         res.events.append(ev)
         texts[ev.row].append(ev.text)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .loader import LoadedModel, load, resolve_path
+from .model import check_token_ids
 from .quant.base import DenseWeight, QuantWeight
 
 __all__ = [
@@ -491,6 +492,7 @@ class HFModel(nn.Module):
         ids = torch.as_tensor(input_ids, dtype=torch.long)
         if ids.ndim == 1:
             ids = ids[None]
+        check_token_ids(ids, self.loaded.config.vocab_size, "input")
         mask = None if attention_mask is None else torch.as_tensor(attention_mask).reshape(ids.shape)
         return ids, mask
 

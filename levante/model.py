@@ -11,7 +11,7 @@ names into these and `build_model` assembles the modules.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -412,6 +412,16 @@ def _layer_decode(plan: _Plan, args: tuple[tuple, tuple], x: Tensor, cos: Tensor
                                   plan.fast_slots, plan.bias2d, *after)
 
 
+def check_token_ids(ids: Tensor | Sequence[int], vocab_size: int, what: str = "token") -> None:
+    """ValueError naming the first id outside 0..vocab_size-1 (for ids that come from a user, once per request)."""
+    t = torch.as_tensor(ids) if not isinstance(ids, Tensor) else ids
+    if t.numel() == 0:
+        return
+    bad = t[(t < 0) | (t >= vocab_size)]
+    if bad.numel():
+        raise ValueError(f"{what} id {int(bad.reshape(-1)[0])} out of range 0..{vocab_size - 1}")
+
+
 class Transformer(nn.Module):
     """The decoder body: embeddings -> blocks -> final norm. Returns hidden states [B, T, H]."""
 
@@ -436,7 +446,9 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """tokens [B, T]; positions [B, T] absolute positions, -1 for padding (default: row length + arange).
 
-        `rows`: the contiguous range of cache rows this batch uses (default: all of them).
+        `rows`: the contiguous range of cache rows this batch uses (default: all of them). Token ids are not
+        checked here (a min / max per call is a host sync on a GPU): the entry points that take ids from
+        users check them once (`check_token_ids`).
         """
         if tokens.ndim == 1:
             tokens = tokens[None]
@@ -448,8 +460,6 @@ class Transformer(nn.Module):
             else:
                 start = torch.zeros(B, 1, dtype=torch.long, device=tokens.device)
             positions = start + torch.arange(T, device=tokens.device)
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
-            raise ValueError(f"token id out of range 0..{self.cfg.vocab_size - 1}")
         plan = _Plan(cache, positions, self.cfg.sliding_window, rows, self.dtype)
         x = self.embed.rows(tokens, self.dtype)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
@@ -493,10 +503,9 @@ class CausalLM(nn.Module):
             h = h[:, -1:]
         return self.lm_head(h).float()
 
-    kv_dtype: torch.dtype | None = None  # the KV cache's element type (None: the compute dtype)
-
-    def new_cache(self, batch_size: int, max_tokens: int) -> KVCache:
-        return KVCache(self.cfg, batch_size, max_tokens, self.kv_dtype or self.model.dtype, self.model.device)
+    def new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache for this model; `dtype`: its element type (default: the compute dtype)."""
+        return KVCache(self.cfg, batch_size, max_tokens, dtype or self.model.dtype, self.model.device)
 
 
 def _last_non_pad(tokens: Tensor, pad_id: int | None) -> Tensor:

@@ -146,3 +146,34 @@ def test_hub_repo_id_from_offline_cache(tmp_path, monkeypatch, ref_and_llm):
     assert llm.loaded.path == snap
     with pytest.raises(FileNotFoundError, match="acme/missing"):
         LLM("acme/missing")
+
+
+def test_token_ids_are_checked_at_the_entry_points(llm):
+    with pytest.raises(ValueError, match="token id 32005 out of range"):
+        llm.logits([1, 32005])
+    with pytest.raises(ValueError, match="out of range"):
+        llm([1, -3], max_tokens=2)
+
+
+def test_llms_sharing_a_model_keep_their_own_cache_type(llm):
+    """cache_type belongs to the LLM: a second LLM over the same loaded model does not change the first's."""
+    f16 = LLM(n_ctx=128, n_threads=2, cache_type="f16", _loaded=llm.loaded)
+    assert f16.model is llm.model and llm.kv_dtype is None and f16.kv_dtype == torch.float16
+    assert not hasattr(llm.model, "kv_dtype")
+    ids = llm.tokenize("The quick brown fox")
+    a, b = llm.logits(ids), f16.logits(ids)
+    assert torch.equal(a, llm.logits(ids)) and not torch.equal(a, b)  # f16 rounds the cached keys/values
+    assert (a - b).abs().max() < 1e-2 * a.abs().max()
+
+
+def test_n_threads_applies_only_while_the_llm_computes(llm, monkeypatch):
+    one = LLM(n_ctx=128, n_threads=1, _loaded=llm.loaded)
+    seen = []
+    real = one.model.forward
+    monkeypatch.setattr(one.model, "forward", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    torch.set_num_threads(2)
+    out = one("Hello", max_tokens=3, temperature=0)
+    assert out["usage"]["completion_tokens"] == 3
+    chunks = list(one("Hello", max_tokens=3, temperature=0, stream=True))
+    assert chunks and torch.get_num_threads() == 2
+    assert seen and set(seen) == {1}

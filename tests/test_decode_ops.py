@@ -191,10 +191,9 @@ def test_f16_kv_cache(tmp_path, monkeypatch):
     model = build_model(dataclasses.replace(ckpt.config, sliding_window=6), ckpt.weights)
 
     def run(kv_dtype, fast: bool) -> torch.Tensor:
-        model.kv_dtype = kv_dtype
         if not fast:
             monkeypatch.setattr(lm, "decode_ext", lambda: None)
-        cache = model.new_cache(2, 64)
+        cache = model.new_cache(2, 64, kv_dtype)
         assert cache.k[0].dtype == (kv_dtype or torch.float32) and cache.rolling and cache.capacity == 6
         outs = []
         with torch.no_grad():
@@ -205,7 +204,6 @@ def test_f16_kv_cache(tmp_path, monkeypatch):
                 outs.append(logits)
                 tok = logits[:, -1].argmax(-1, keepdim=True)
         monkeypatch.undo()
-        model.kv_dtype = None
         return torch.cat(outs, 1)
 
     f16_fast, f16_slow, f32 = run(torch.float16, True), run(torch.float16, False), run(None, True)

@@ -9,7 +9,7 @@ from fixtures import hf_model, save_hf
 
 from levante import LLM
 from levante.engine import Engine
-from levante.errors import ContextLengthError
+from levante.errors import ContextLengthError, EngineError
 from levante.generate import generate
 from levante.sampling import SamplingParams
 
@@ -124,3 +124,91 @@ def test_queue_is_bounded(llm):
     eng.submit(llm.tokenize("b"), 2, SamplingParams.greedy())
     with pytest.raises(OverloadedError, match="overloaded"):
         eng.submit(llm.tokenize("c"), 2, SamplingParams.greedy())
+
+
+POISON = 31999  # a token id the tests' broken model chokes on
+
+
+class _Broken(torch.nn.Module):
+    """The real model, raising when `when(tokens)` says so: a bug that shows up for one request's input."""
+
+    def __init__(self, model, when) -> None:
+        super().__init__()
+        self.inner, self.when = model, when
+        self.cfg = model.cfg
+        self.model = model.model
+
+    def new_cache(self, *a, **k):
+        return self.inner.new_cache(*a, **k)
+
+    def forward(self, tokens, *a, **k):
+        if self.when(tokens):
+            raise RuntimeError("secret detail of the failure")
+        return self.inner(tokens, *a, **k)
+
+
+def test_a_failing_prefill_fails_only_its_request(llm, caplog):
+    broken = _Broken(llm.model, lambda t: t.shape[1] > 1 and bool((t == POISON).any()))
+    eng = Engine(broken, llm.tokenizer, n_ctx=256, max_batch=3).start()
+    try:
+        good = [eng.submit(llm.tokenize(t), 6, SamplingParams.greedy(), stop_ids=set()) for t in ("Hello", "Hi there")]
+        bad = eng.submit(llm.tokenize("Hello") + [POISON], 6, SamplingParams.greedy(), stop_ids=set(), tag="cmpl-x/0")
+        with caplog.at_level("ERROR", logger="levante.engine"):
+            with pytest.raises(EngineError) as err:
+                list(bad)
+        assert "cmpl-x/0" in str(err.value) and "secret" not in str(err.value)
+        for r, t in zip(good, ("Hello", "Hi there")):
+            assert [ev.token for ev in r] == _solo(llm, llm.tokenize(t), 6).tokens
+        assert any("cmpl-x/0 failed" in rec.getMessage() and rec.exc_info for rec in caplog.records)
+        after = eng.submit(llm.tokenize("Hello"), 4, SamplingParams.greedy(), stop_ids=set())  # still serving
+        assert [ev.token for ev in after] == _solo(llm, llm.tokenize("Hello"), 4).tokens
+        assert "levante_requests_failed_total 1" in eng.metrics.prometheus()
+    finally:
+        eng.shutdown()
+
+
+def test_a_failing_sample_fails_only_its_row(llm, monkeypatch):
+    """The batched sampling raises for one row's parameters: each row alone, only that one fails."""
+    import levante.engine as engine_mod
+
+    real = engine_mod.sample
+    bad_params = SamplingParams(temperature=0.0)
+    armed = threading.Event()
+
+    def sample(logits, params, gens, history=None):
+        if armed.is_set() and any(p is bad_params for p in params):
+            raise ValueError("bad row")
+        return real(logits, params, gens, history=history)
+
+    monkeypatch.setattr(engine_mod, "sample", sample)
+    eng = Engine(llm.model, llm.tokenizer, n_ctx=256, max_batch=3).start()
+    try:
+        ok = eng.submit(llm.tokenize("Hello"), 40, SamplingParams.greedy(), stop_ids=set())
+        bad = eng.submit(llm.tokenize("Hi"), 12, bad_params, stop_ids=set())
+        it, bad_it = iter(ok), iter(bad)
+        got = [next(it).token]
+        next(bad_it)  # both admitted and decoding together
+        armed.set()
+        with pytest.raises(EngineError, match="request"):
+            list(bad_it)
+        assert got + [ev.token for ev in it] == _solo(llm, llm.tokenize("Hello"), 40).tokens
+    finally:
+        eng.shutdown()
+
+
+def test_a_failing_decode_step_fails_its_batch_and_the_engine_goes_on(llm):
+    state = {"armed": False}
+    broken = _Broken(llm.model, lambda t: state["armed"] and t.shape[1] == 1)
+    eng = Engine(broken, llm.tokenizer, n_ctx=256, max_batch=2).start()
+    try:
+        a = eng.submit(llm.tokenize("Hello"), 50, SamplingParams.greedy(), stop_ids=set())
+        it = iter(a)
+        next(it)
+        state["armed"] = True
+        with pytest.raises(EngineError):
+            list(it)
+        state["armed"] = False
+        b = eng.submit(llm.tokenize("Hi"), 3, SamplingParams.greedy(), stop_ids=set())
+        assert len(list(b)) == 3
+    finally:
+        eng.shutdown()

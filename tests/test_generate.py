@@ -61,8 +61,8 @@ class ChainModel(nn.Module):
                                num_heads=1, num_kv_heads=1, max_position_embeddings=64)
         self.calls: list[tuple[int, int]] = []
 
-    def new_cache(self, batch_size: int, max_tokens: int) -> KVCache:
-        return KVCache(self.cfg, batch_size, max_tokens)
+    def new_cache(self, batch_size: int, max_tokens: int, dtype=None) -> KVCache:
+        return KVCache(self.cfg, batch_size, max_tokens, dtype or torch.float32)
 
     def forward(self, tokens, positions=None, cache=None, last_only=False):
         B, T = tokens.shape

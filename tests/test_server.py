@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from fixtures import hf_model, save_hf
 
 from levante import LLM
@@ -50,7 +52,7 @@ class _Server:
 
     @property
     def engine(self):
-        return self.app.state.engine
+        return self.app.state.server.engine
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -480,3 +482,33 @@ def test_fuzz_no_5xx(fuzz_server):
     r = httpx.post(f"{fuzz_server.url}{CHAT}", json={"messages": USER, "max_tokens": 3}, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     assert fuzz_server.engine._thread.is_alive()
+
+
+# ---------------------------------------------------------------------------------------------- engine failures
+def test_a_failing_generation_gets_a_generic_500_with_its_id(server, http, monkeypatch, caplog):
+    """The client sees the response id and a generic message; the exception's text stays in the server log."""
+    eng = server.engine
+    real = eng.model
+
+    class Broken(torch.nn.Module):
+        cfg, model = real.cfg, real.model
+
+        def forward(self, tokens, *a, **k):
+            if bool((tokens == 31999).any()):
+                raise RuntimeError("secret detail of the failure")
+            return real(tokens, *a, **k)
+
+    monkeypatch.setattr(eng, "model", Broken())
+    with caplog.at_level("ERROR", logger="levante.engine"):
+        r = http.post(CMPL, json={"prompt": [1, 5, 31999], "max_tokens": 4})
+        assert r.status_code == 500
+        err = r.json()["error"]
+        assert err["type"] == "server_error" and err["code"] == "engine_error"
+        assert "secret" not in err["message"] and re.search(r"\(cmpl-[0-9a-f]+/0\)", err["message"])
+        rid = re.search(r"\((cmpl-[0-9a-f]+/0)\)", err["message"]).group(1)
+        assert any(rid in rec.getMessage() and rec.exc_info for rec in caplog.records)
+        with http.stream("POST", CMPL, json={"prompt": [1, 5, 31999], "max_tokens": 4, "stream": True}) as s:
+            events = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert "secret" not in "".join(events) and '"engine_error"' in events[-2] and events[-1] == "data: [DONE]"
+    ok = http.post(CMPL, json={"prompt": [1, 5, 6], "max_tokens": 3})  # the others are served as before
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3

@@ -77,13 +77,15 @@ def run_bench(llm, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, warmup:
     prompt = torch.randint(low, vocab, (1, n_prompt), generator=gen).to(device)
     prefill, decode = [], []
     total = n_prompt + n_gen
-    with torch.inference_mode():
+    kv = getattr(llm, "kv_dtype", None)
+    with torch.inference_mode(), llm.using_threads():
+        threads = torch.get_num_threads()
         if warmup:
-            cache = model.new_cache(1, total)
+            cache = model.new_cache(1, total, kv)
             model(prompt[:, : min(32, n_prompt)], cache=cache, last_only=True)
             model(prompt[:, :1], cache=cache, last_only=True)
         for _ in range(reps):
-            cache = model.new_cache(1, total)
+            cache = model.new_cache(1, total, kv)
             _sync(device)
             t0 = time.perf_counter()
             for s in range(0, n_prompt, llm.n_batch):
@@ -100,7 +102,7 @@ def run_bench(llm, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, warmup:
     nbytes, quant, params = weight_summary(model)
     size = llm.loaded.path.stat().st_size if llm.loaded.path.is_file() else nbytes
     return BenchResult(
-        model=llm.model_name, size_bytes=size, quant=quant, params=params, threads=torch.get_num_threads(),
+        model=llm.model_name, size_bytes=size, quant=quant, params=params, threads=threads,
         device=str(device), n_prompt=n_prompt, n_gen=n_gen, prefill_tps=prefill, decode_tps=decode,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )

@@ -7,7 +7,7 @@ from llama.cpp's interleaved rotary layout into the rotate-half layout (a permut
 rows, so quantized blocks are moved, never re-rounded).
 
 Low-rank GGUFs written by `levante quantize` (metadata `levante.low_rank`; tensors
-`blk.L.ffn_gate[.E].lr_a.weight` = A [r, in] and `.lr_b.weight` = B [out, r], see levante/quantize.py)
+`blk.L.ffn_gate[.E].lr_a.weight` = A [r, in] and `.lr_b.weight` = B [out, r], see levante/tools/quantize.py)
 become `LowRankWeight`s whose two factors are the same quantized weights as any other tensor, so
 both matmuls run on the packed factors and B @ A is never formed.
 """

@@ -6,7 +6,7 @@ multiply-adds per token instead of in * out.
 
 Each factor is either a float tensor (HF / safetensors checkpoints) or itself a `QuantWeight` (a
 low-rank GGUF made by `levante quantize`: A and B are separate GGML-quantized tensors, see
-levante/quantize.py), in which case both matmuls run on the quantized factors.
+levante/tools/quantize.py), in which case both matmuls run on the quantized factors.
 
 The truncated-SVD library `levante compress` (levante/tools/compress.py) and the tests build factors with:
 `factorize` (plain or activation-whitened SVD), `svd_factors`, and the greedy rank budget `choose_ranks`

@@ -15,6 +15,7 @@ import torch
 from .chat import apply_chat
 from .errors import ContextLengthError
 from .generate import TokenEvent, generate_stream
+from .grammar import Grammar, GrammarCompiler, compiler_for, grammar_of
 from .loader import LoadedModel, load
 from .model import check_token_ids
 from .sampling import SamplingParams
@@ -56,8 +57,11 @@ class LLM:
         model_alias: str | None = None,
         device: str = "cpu",
         cache_type: str = "auto",
+        special_in_prompt: bool = True,
         _loaded: LoadedModel | None = None,
     ) -> None:
+        """`special_in_prompt`: special-token strings in a text completion prompt become control tokens (as in
+        llama.cpp); False encodes them as text. Chat messages are always encoded as text."""
         if cache_type not in CACHE_TYPES:
             raise ValueError(f"cache_type must be one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
         if n_threads is not None and n_threads < 1:
@@ -72,6 +76,7 @@ class LLM:
         # dtype (exact), "f16" = llama.cpp's default (half the bytes a decode step reads from the cache, ~1e-3
         # relative rounding of keys and values)
         self.kv_dtype = CACHE_TYPES[cache_type]
+        self.special_in_prompt = special_in_prompt
         self.config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         if self.tokenizer is None:
@@ -146,7 +151,7 @@ class LLM:
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenize(prompt, special=True)
+            return self.tokenize(prompt, special=self.special_in_prompt)
         ids = [int(t) for t in prompt]
         return ids
 
@@ -168,9 +173,17 @@ class LLM:
         stream: bool = False,
         echo: bool = False,
         logprobs: int | None = None,
+        grammar: str | Grammar | None = None,
+        json_schema: dict | str | None = None,
+        regex: str | None = None,
+        response_format: dict | None = None,
         _fresh_text: bool = False,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """OpenAI-style text completion. A list of prompts runs as one batch (one choice each)."""
+        """OpenAI-style text completion. A list of prompts runs as one batch (one choice each).
+
+        Structured output (at most one): `grammar` (GBNF text, as llama-cpp-python's LlamaGrammar, or a
+        `levante.Grammar`), `json_schema`, `regex`, or an OpenAI `response_format`; every choice then matches
+        it. GrammarError (a ValueError) names what cannot be compiled."""
         prompts = prompt if _is_batch(prompt) else [prompt]
         ids = [self._prompt_ids(p) for p in prompts]
         texts = [p if isinstance(p, str) else self.detokenize(i) for p, i in zip(prompts, ids)]
@@ -183,14 +196,20 @@ class LLM:
             )
         n = self.n_ctx - longest if max_tokens is None or max_tokens <= 0 else max_tokens
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        g = grammar_of(grammar, json_schema, regex, response_format)
+        constraints = [self.grammar_compiler().constraint(g) for _ in ids] if g is not None else None
         events = self._threaded(generate_stream(self.model, self.tokenizer, ids, n, params, stops, None, logprobs,
-                                                self.n_ctx, self.n_batch, _fresh_text, self.kv_dtype))
+                                                self.n_ctx, self.n_batch, _fresh_text, self.kv_dtype, constraints))
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         if stream:
             return self._stream_completion(events, meta, texts if echo else None, logprobs)
         return self._collect_completion(events, meta, ids, texts if echo else None, logprobs)
 
     __call__ = create_completion
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The compiler of grammars for this model's tokenizer and vocabulary (shared, cached)."""
+        return compiler_for(self.tokenizer, self.config.vocab_size)
 
     def _lp_dict(self, evs: list[TokenEvent], offset: int) -> dict[str, Any]:
         toks = [self._token_str(e.token) for e in evs]
@@ -267,15 +286,18 @@ class LLM:
         stream: bool = False,
         logprobs: bool = False,
         top_logprobs: int | None = None,
+        response_format: dict | None = None,
+        grammar: str | Grammar | None = None,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """OpenAI-style chat completion for one conversation."""
+        """OpenAI-style chat completion for one conversation; `response_format` ({"type": "json_object"} or
+        {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}) or `grammar` constrain the reply."""
         ids = self.chat_prompt(messages)
         n_lp = (top_logprobs or 0) if logprobs else None
         completion = self.create_completion(
             ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             typical_p=typical_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty, logit_bias=logit_bias, seed=seed, stop=stop, stream=stream,
-            logprobs=n_lp, _fresh_text=True,
+            logprobs=n_lp, grammar=grammar, response_format=response_format, _fresh_text=True,
         )
         if stream:
             return self._stream_chat(completion)

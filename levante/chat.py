@@ -1,8 +1,18 @@
-"""Chat prompt construction: Mistral instruct v1 format, jinja chat templates, ChatML fallback."""
+"""Chat prompt construction: Mistral instruct v1 format, jinja chat templates, ChatML fallback.
+
+Message contents are text: whatever a user, system, assistant or tool message holds, it never becomes a
+control token. A template is rendered with every special-token string inside the messages (and tools)
+swapped for a unique marker; the markers are put back and their spans handed to the tokenizer as plain text,
+so only the template's own special tokens are parsed (`render_marked`). A conversation whose contents hold
+no special-token string renders and tokenizes exactly as before. (transformers, vLLM and llama.cpp parse
+special tokens in contents; mistral-common, like this module, does not.)
+"""
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from datetime import datetime
 from typing import Any
 
@@ -153,17 +163,74 @@ def chatml_text(messages: list[dict[str, str]], add_generation_prompt: bool = Tr
     return text
 
 
-def apply_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a chat prompt: the tokenizer's chat template, else Mistral instruct, else ChatML."""
+def _map_strings(obj: Any, fn) -> Any:
+    """`obj` with `fn` applied to every string in it (dict keys too), recursively through dicts and lists."""
+    if isinstance(obj, str):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_map_strings(v, fn) for v in obj]
+    return obj
+
+
+def render_marked(tok: Tokenizer, render, messages: list[dict], tools: list | None = None) -> tuple[str, list]:
+    """(text, plain spans) of `render(messages, tools)` where the special-token strings that came from the
+    messages / tools are spans of plain text (see the module docstring). Raises ValueError when the template
+    cut a marker apart (it transformed contents in a way whose special strings cannot be followed)."""
+    pattern = tok.special_pattern()
+    if pattern is None:
+        return render(messages, tools), []
+    nonce = secrets.token_hex(8)
+    found: list[str] = []
+    own = [0, 0]  # the marker characters the users' strings hold themselves
+
+    def mark(s: str) -> str:
+        own[0] += s.count("\ue002")
+        own[1] += s.count("\ue003")
+
+        def sub(m) -> str:
+            found.append(m.group())
+            return f"\ue002{nonce}{len(found) - 1}\ue003"
+
+        return pattern.sub(sub, s)
+
+    text = render(_map_strings(messages, mark), _map_strings(tools, mark) if tools is not None else None)
+    if not found:
+        return text, []
+    out, spans, pos, n = [], [], 0, 0
+    for m in re.finditer(f"\ue002{nonce}(\\d+)\ue003", text):
+        out.append(text[pos : m.start()])
+        n += len(out[-1])
+        piece = found[int(m.group(1))]
+        spans.append((n, n + len(piece)))
+        out.append(piece)
+        n += len(piece)
+        pos = m.end()
+    out.append(text[pos:])
+    text = "".join(out)
+    if text.count("\ue002") > own[0] or text.count("\ue003") > own[1]:  # a marker cut apart
+        raise ValueError("the chat template transformed a message's special-token text in a way that cannot be "
+                         "rendered safely (as text)")
+    return text, spans
+
+
+def apply_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+               tools: list | None = None) -> list[int]:
+    """Token ids of a chat prompt: the tokenizer's chat template, else Mistral instruct, else ChatML. Message
+    contents are always encoded as text (see the module docstring)."""
     msgs = normalize_messages(messages)
     if tok.chat_template:
-        text = render_chat_template(
-            tok.chat_template, msgs, add_generation_prompt=add_generation_prompt,
-            bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
-        )  # fmt: skip
+        def render(m, t):
+            extra = {"tools": t} if t is not None else {}
+            return render_chat_template(tok.chat_template, m, add_generation_prompt=add_generation_prompt,
+                                        bos_token=tok.bos_token or "", eos_token=tok.eos_token or "", **extra)
+
+        text, spans = render_marked(tok, render, msgs, tools)
         bos = tok.bos_token
         add_bos = False if bos and text.startswith(bos) else None
-        return tok.encode(text, add_bos=add_bos, special=True)
+        return tok.encode(text, add_bos=add_bos, special=True, plain_spans=spans)
     if isinstance(tok, SentencePieceTokenizer):
         return mistral_instruct_ids(tok, msgs)
-    return tok.encode(chatml_text(msgs, add_generation_prompt), special=True)
+    text, spans = render_marked(tok, lambda m, t: chatml_text(m, add_generation_prompt), msgs)
+    return tok.encode(text, special=True, plain_spans=spans)

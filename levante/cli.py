@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body in bytes (default: 1000000)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default: info)")
+    p.add_argument("--no-special-in-prompt", action="store_true",
+                   help="raw completions: encode special-token strings in the prompt as text (by default they "
+                        "become control tokens, as in llama.cpp). Chat messages are always text.")
 
     p = sub.add_parser("perplexity", help="perplexity of a model on a text file (llama.cpp-compatible)",
                        description="Perplexity over non-overlapping chunks of -c tokens, scoring the second half of "
@@ -346,6 +349,23 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server local (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+    import socket
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: loopback only if every address it resolves to is
+        try:
+            addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        except OSError:
+            return False
+        return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+
+
 def cmd_serve(args) -> int:
     from .server import serve
 
@@ -359,9 +379,12 @@ def cmd_serve(args) -> int:
         llm.model_name = args.model_alias
     print(f"levante serve: {llm.model_name} on http://{args.host}:{args.port}/v1 (n_ctx {llm.n_ctx}, "
           f"max batch {args.max_batch}{', API key required' if args.api_key else ''})", file=sys.stderr)
+    if args.api_key is None and not _is_loopback(args.host):
+        print(f"levante serve: warning: listening on {args.host}, reachable from other machines, without "
+              "--api-key: anyone who can reach this port can use the model", file=sys.stderr)
     serve(llm, host=args.host, port=args.port, log_level=args.log_level, api_key=args.api_key,
           model_alias=args.model_alias, max_batch=args.max_batch, max_tokens_cap=args.max_tokens_cap,
-          max_n=args.max_n, max_body_bytes=args.max_body_bytes)
+          max_n=args.max_n, max_body_bytes=args.max_body_bytes, special_in_prompt=not args.no_special_in_prompt)
     return 0
 
 

@@ -27,11 +27,13 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .errors import ContextLengthError, EngineError, OverloadedError
 from .generate import TokenEvent, _Row
+from .grammar import mask_logits
 from .sampling import SamplingParams, sample, token_logprobs
 
 log = logging.getLogger("levante.engine")
@@ -51,6 +53,7 @@ class Request:
     logprobs: int | None
     fresh_text: bool
     tag: str = ""  # the caller's id for it (the server's response id), in logs and error messages
+    constraint: Any = None  # levante.grammar.Constraint: structured output
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
@@ -210,10 +213,11 @@ class Engine:
 
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop: list[str] | None = None,
                stop_ids: set[int] | None = None, logprobs: int | None = None, fresh_text: bool = False,
-               loop: asyncio.AbstractEventLoop | None = None, tag: str = "") -> Request:
+               loop: asyncio.AbstractEventLoop | None = None, tag: str = "", constraint: Any = None) -> Request:
         """Queue a request. Raises ContextLengthError / ValueError at once for a request that cannot run.
 
-        `tag`: the caller's id for the request (the server's response id), used in logs and error messages."""
+        `tag`: the caller's id for the request (the server's response id), used in logs and error messages.
+        `constraint`: a fresh `levante.grammar.Constraint` the output must follow (its own, not shared)."""
         if not prompt:
             raise ValueError("prompt is empty")
         if len(prompt) >= self.n_ctx:
@@ -226,7 +230,7 @@ class Engine:
             raise ValueError(f"prompt token id out of range 0..{vocab - 1}")
         req = Request(next(self._ids), list(prompt), max(1, min(max_tokens, self.n_ctx - len(prompt))), params,
                       list(stop or []), set(self.tokenizer.eos_ids if stop_ids is None else stop_ids), logprobs,
-                      fresh_text, tag)
+                      fresh_text, tag, constraint=constraint)
         if loop is not None:
             req._loop, req._aq = loop, asyncio.Queue()
         with self._cv:
@@ -368,7 +372,8 @@ class Engine:
             self.metrics.cached_prompt_tokens += common
         self.n_active += 1
         slot.req = req
-        slot.row = _Row(req.id, req.prompt, req.params, req.max_tokens, self.tokenizer, req.stop, req.fresh_text)
+        slot.row = _Row(req.id, req.prompt, req.params, req.max_tokens, self.tokenizer, req.stop, req.fresh_text,
+                        req.constraint)
         rest = torch.tensor([req.prompt[common:]], device=self.device)
         logits = None
         for s in range(0, rest.shape[1], self.prefill_chunk):
@@ -422,6 +427,8 @@ class Engine:
     def _emit(self, rows: list[int], logits: torch.Tensor) -> None:
         """Sample one token for each of `rows` and send the events."""
         slots = [self.slots[i] for i in rows]
+        if any(s.row.constraint is not None for s in slots):  # every constrained row's mask in one op
+            logits = mask_logits(logits.contiguous(), [s.row.constraint for s in slots])
         chosen = self._sample(slots, logits)
         want_lp = [s.req.logprobs for s in slots]
         lps = tops = None

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ContextLengthError
+from .grammar import GrammarError, mask_logits
 from .sampling import SamplingParams, make_generator, sample, token_logprobs
 
 __all__ = ["TokenEvent", "GenerationResult", "generate_stream", "generate"]
@@ -99,8 +100,11 @@ class _StopFilter:
 
 class _Row:
     def __init__(self, index: int, prompt: list[int], params: SamplingParams, limit: int, tokenizer,
-                 stops: Sequence[str], at_start: bool = False) -> None:
+                 stops: Sequence[str], at_start: bool = False, constraint=None) -> None:
         self.index = index
+        self.constraint = constraint  # levante.grammar.Constraint | None
+        # a constrained row also stops on its grammar's stop tokens (the grammar allows only those once complete)
+        self.grammar_stops: set[int] = set(constraint.compiler.stop_ids) if constraint is not None else set()
         self.prompt = prompt
         self.params = params
         self.limit = limit  # max new tokens for this row
@@ -116,6 +120,9 @@ class _Row:
         self.n_new += 1
         self.history.append(tok)
         finish = None
+        if self.constraint is not None and not self.constraint.accept(tok):
+            raise GrammarError(f"token {tok} does not continue the output's grammar")
+        stop_ids = stop_ids | self.grammar_stops if self.grammar_stops else stop_ids
         if tok in stop_ids:
             text = self.stop.push(self.decoder.flush()) + self.stop.flush()
             finish = "stop"
@@ -159,6 +166,7 @@ def generate_stream(
     prefill_chunk: int = 512,
     fresh_text: bool = False,
     kv_dtype: torch.dtype | None = None,
+    constraints: Sequence | None = None,
 ) -> Iterator[TokenEvent]:
     """Generate for several prompts at once, yielding a `TokenEvent` per sampled token.
 
@@ -173,7 +181,9 @@ def generate_stream(
 
     `fresh_text=True` decodes the output as a text of its own (a chat reply: SentencePiece's leading
     dummy-prefix space is dropped); by default it continues the prompt's text and keeps it. `kv_dtype`: the
-    KV cache's element type (default: the model's compute dtype).
+    KV cache's element type (default: the model's compute dtype). `constraints`: one
+    `levante.grammar.Constraint` (or None) per prompt: that row's tokens are sampled among those its grammar
+    allows (structured output), and it ends when the grammar is complete.
     """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise ValueError("prompts must be a list of token-id lists")
@@ -213,8 +223,11 @@ def generate_stream(
     stop_ids = {int(t) for t in stop_token_ids}
     stops = [s for s in (stop or []) if s]
 
+    cons = list(constraints) if constraints is not None else [None] * len(prompts)
+    if len(cons) != len(prompts):
+        raise ValueError(f"got {len(cons)} constraints for {len(prompts)} prompts")
     rows = [
-        _Row(i, p, plist[i], min(max_tokens, n_ctx - len(p)), tokenizer, stops, fresh_text)
+        _Row(i, p, plist[i], min(max_tokens, n_ctx - len(p)), tokenizer, stops, fresh_text, cons[i])
         for i, p in enumerate(prompts)
     ]
     length = max(len(p) for p in prompts)
@@ -233,6 +246,8 @@ def generate_stream(
 
         active = rows
         while True:
+            if any(r.constraint is not None for r in active):
+                logits = mask_logits(logits.contiguous(), [r.constraint for r in active])
             chosen = sample(
                 logits,
                 [r.params for r in active],
@@ -273,6 +288,7 @@ def generate(
     prefill_chunk: int = 512,
     fresh_text: bool = False,
     kv_dtype: torch.dtype | None = None,
+    constraints: Sequence | None = None,
 ) -> list[GenerationResult]:
     """Non-streaming `generate_stream`: one `GenerationResult` per prompt, in prompt order."""
     results = [
@@ -286,7 +302,7 @@ def generate(
     if stop_ids is None:
         stop_ids = set(getattr(tokenizer, "eos_ids", None) or ())
     for ev in generate_stream(model, tokenizer, prompts, max_tokens, params, stop, stop_ids, logprobs,
-                              n_ctx, prefill_chunk, fresh_text, kv_dtype):
+                              n_ctx, prefill_chunk, fresh_text, kv_dtype, constraints):
         res = results[ev.row]
         res.events.append(ev)
         texts[ev.row].append(ev.text)

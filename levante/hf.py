@@ -259,7 +259,12 @@ class HFTokenizer:
         chat_template: str | None = None,
         **kwargs: Any,
     ):
-        """transformers 5 semantics: returns a BatchEncoding by default; the rendered string with tokenize=False."""
+        """transformers 5 semantics: returns a BatchEncoding by default; the rendered string with tokenize=False.
+
+        Like transformers, the rendered text is tokenized with special tokens parsed everywhere, so a special-
+        token string inside a message content becomes that control token (this class mirrors transformers).
+        `LLM.create_chat_completion`, the server and `levante chat` encode contents as text instead
+        (levante.chat.apply_chat)."""
         from .chat import mistral_instruct_ids, normalize_messages, render_chat_template
         from .tokenizer import SentencePieceTokenizer
 

@@ -14,7 +14,7 @@ ROOT = Path(levante.__file__).resolve().parent
 LAYERS: list[tuple[str, ...]] = [
     ("levante.errors",),
     ("levante.config", "levante.rope", "levante.tokenizer", "levante.sampling"),
-    ("levante.chat", "levante.quant"),  # chat templates; weight formats and kernels
+    ("levante.chat", "levante.grammar", "levante.quant"),  # chat templates; constrained decoding; weights, kernels
     ("levante.formats",),  # file readers
     ("levante.model",),
     ("levante.loader", "levante.generate"),

@@ -127,15 +127,19 @@ def create_app(
     max_tokens_cap: int = 4096,
     max_n: int = 8,
     max_body_bytes: int = 1_000_000,
+    special_in_prompt: bool = True,
 ) -> FastAPI:
-    """The FastAPI app serving `llm`. Without `engine` one is created (and stopped) by the app's lifespan."""
+    """The FastAPI app serving `llm`. Without `engine` one is created (and stopped) by the app's lifespan.
+
+    `special_in_prompt`: special-token strings in a raw completion prompt become control tokens (llama.cpp's
+    behaviour); False encodes them as text. Chat messages are always text."""
     model_id = model_alias or llm.model_name
     aliases = {model_id, llm.model_name}
     path = getattr(getattr(llm, "loaded", None), "path", None)
     if path is not None:
         aliases |= {str(path), path.name}
     st = ServerState(llm, model_id, aliases, api_key, max_batch, max_tokens_cap, max_n, max_body_bytes,
-                     engine=engine.start() if engine is not None else None)
+                     special_in_prompt=special_in_prompt, engine=engine.start() if engine is not None else None)
 
     app = FastAPI(title="levante", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = st

@@ -16,6 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 from ..api import chat_logprobs
 from ..errors import ContextLengthError, EngineError, LevanteError, OverloadedError
 from ..generate import TokenEvent
+from ..grammar import Grammar, GrammarError, grammar_of
 from ..sampling import SamplingParams
 from .http import ServerState, clean, dumps, json_response, request_body, state_of
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
@@ -106,16 +107,30 @@ def check_context(st: ServerState, ids: list[int], param: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- engine plumbing
+async def grammar(st: ServerState, body) -> Grammar | None:
+    """The request's structured-output grammar (response_format or GBNF `grammar`), compiled (cached) off the
+    event loop; APIError 400 naming the problem when it cannot be."""
+    try:
+        g = grammar_of(grammar=body.grammar, response_format=body.response_format)
+        if g is not None:
+            await asyncio.get_running_loop().run_in_executor(None, st.llm.grammar_compiler().compile, g)
+        return g
+    except GrammarError as e:
+        param = "grammar" if body.grammar is not None else "response_format"
+        raise APIError(400, str(e), param=param, code="invalid_value") from None
+
+
 def submit(st: ServerState, choices: list[Choice], limits: list[int], stops: list[str], logprobs: int | None,
-           fresh_text: bool, tag: str) -> None:
+           fresh_text: bool, tag: str, g: Grammar | None = None) -> None:
     eng = st.engine
     if eng is None:
         raise APIError(503, "the engine is not running", type="server_error", code="unavailable")
     loop = asyncio.get_running_loop()
     try:
         for c, mt in zip(choices, limits):
+            constraint = st.llm.grammar_compiler().constraint(g) if g is not None else None
             c.req = eng.submit(c.ids, mt, c.params, stop=stops, logprobs=logprobs, fresh_text=fresh_text,
-                               loop=loop, tag=f"{tag}/{c.index}")
+                               loop=loop, tag=f"{tag}/{c.index}", constraint=constraint)
     except OverloadedError as e:
         cancel(choices)
         raise APIError(503, str(e), type="server_error", code="overloaded") from None
@@ -238,7 +253,7 @@ async def completions(request: Request) -> Response:
     ids_list, texts = [], []
     for p in prompts:
         try:
-            ids = st.llm.tokenize(p, special=True) if isinstance(p, str) else list(p)
+            ids = st.llm.tokenize(p, special=st.special_in_prompt) if isinstance(p, str) else list(p)
         except (ValueError, TypeError) as e:
             raise APIError(400, f"cannot tokenize the prompt: {e}", param="prompt", code="invalid_value") from None
         check_context(st, ids, "prompt")
@@ -252,8 +267,9 @@ async def completions(request: Request) -> Response:
     echo = bool(body.echo)
     if echo:
         texts = [t if t is not None else st.llm.detokenize(ids) for t, ids in zip(texts, ids_list)]
+    g = await grammar(st, body)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    submit(st, choices, limits, body.stops(), body.logprobs, fresh_text=False, tag=rid)
+    submit(st, choices, limits, body.stops(), body.logprobs, fresh_text=False, tag=rid, g=g)
     meta = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": st.model_id,
             "system_fingerprint": st.fingerprint}
     n_prompt = sum(len(i) for i in ids_list)
@@ -310,8 +326,9 @@ async def chat_completions(request: Request) -> Response:
     mt = max_tokens(st, limit, None, len(ids), param)
     choices = [Choice(j, 0, ids, sampling_params(st, body, fold_seed(body.seed, j))) for j in range(n)]
     n_lp = (body.top_logprobs or 0) if body.logprobs else None
+    g = await grammar(st, body)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    submit(st, choices, [mt] * n, body.stops(), n_lp, fresh_text=True, tag=rid)
+    submit(st, choices, [mt] * n, body.stops(), n_lp, fresh_text=True, tag=rid, g=g)
     meta = {"id": rid, "created": int(time.time()), "model": st.model_id, "system_fingerprint": st.fingerprint}
 
     if body.stream:

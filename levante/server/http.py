@@ -119,6 +119,7 @@ class ServerState:
     max_tokens_cap: int = 4096
     max_n: int = 8
     max_body_bytes: int = 1_000_000
+    special_in_prompt: bool = True  # raw completion prompts: special-token strings become control tokens
     engine: Any = None
     created: int = field(default_factory=lambda: int(time.time()))
     http_metrics: HTTPMetrics = field(default_factory=HTTPMetrics)

@@ -134,6 +134,9 @@ class _Common(BaseModel):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repeat_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     typical_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    # structured output: OpenAI's response_format, or a llama.cpp GBNF grammar
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -202,16 +205,8 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-
-    @field_validator("response_format")
-    @classmethod
-    def _check_format(cls, v):
-        if v is not None and v.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return v
 
     @field_validator("tool_choice")
     @classmethod

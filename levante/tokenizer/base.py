@@ -203,7 +203,8 @@ class Tokenizer:
         return sorted(self.special_ids)
 
     # --- encoding -----------------------------------------------------------------------------------
-    def _special_pattern(self) -> regex.Pattern | None:
+    def special_pattern(self) -> regex.Pattern | None:
+        """The regex of the special-token strings `encode(special=True)` turns into their ids (None: there are none)."""
         if self._special_re is None:
             texts = {self.pieces[i] for i in self._parseable_ids() if self.pieces[i]}
             texts = sorted(texts, key=len, reverse=True)
@@ -213,29 +214,46 @@ class Tokenizer:
         return self._special_re
 
     def encode(
-        self, text: str, add_bos: bool | None = None, add_eos: bool | None = None, special: bool = False
+        self,
+        text: str,
+        add_bos: bool | None = None,
+        add_eos: bool | None = None,
+        special: bool = False,
+        plain_spans: Sequence[tuple[int, int]] = (),
     ) -> list[int]:
-        """Encode text to ids; ``special=True`` turns special-token strings in the text into their ids."""
+        """Encode text to ids; ``special=True`` turns special-token strings in the text into their ids, except
+        inside ``plain_spans`` ([start, end) character ranges, sorted, e.g. the parts of a rendered chat prompt
+        that came from users), whose text is encoded as text whatever it holds."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str, got {type(text).__name__}")
         ids: list[int] = []
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids.append(self.bos_id)
-        pattern = self._special_pattern() if special else None
+        pattern = self.special_pattern() if special else None
         if pattern is None:
             ids.extend(self._encode_fragment(text, True))
         else:
             pos = 0
-            for m in pattern.finditer(text):
-                if m.start() > pos:
-                    ids.extend(self._encode_fragment(text[pos : m.start()], pos == 0))
-                ids.append(self._vocab[m.group()])
-                pos = m.end()
+            for start, end in self._special_matches(pattern, text, plain_spans):
+                if start > pos:
+                    ids.extend(self._encode_fragment(text[pos:start], pos == 0))
+                ids.append(self._vocab[text[start:end]])
+                pos = end
             if pos < len(text):
                 ids.extend(self._encode_fragment(text[pos:], pos == 0))
         if (self.add_eos if add_eos is None else add_eos) and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
+
+    @staticmethod
+    def _special_matches(pattern: regex.Pattern, text: str, plain: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """(start, end) of the special-token strings of `text` outside the `plain` spans: each region between
+        plain spans is searched on its own, so no match reaches into one."""
+        out, pos = [], 0
+        for a, b in [*plain, (len(text), len(text))]:
+            out += [m.span() for m in pattern.finditer(text, pos, a)]
+            pos = max(pos, b)
+        return out
 
     def _encode_fragment(self, text: str, at_start: bool) -> list[int]:
         """Encode text containing no special tokens; ``at_start``: it begins the input."""

@@ -1,9 +1,9 @@
-"""Micro-benchmark of CPU matmul candidates for GGML weights: `python benchmarks/kernels.py [threads] [--quick]`.
+"""Micro-benchmark of CPU matmul candidates for GGML weights: `python benchmarks/ggml_kernels.py [threads] [--quick]`.
 
-`python benchmarks/kernels.py --dram` times M = 1 `ext.gemv` with DRAM-resident weights (software
+`python benchmarks/ggml_kernels.py --dram` times M = 1 `ext.gemv` with DRAM-resident weights (software
 prefetch off / on, 1 and 2 threads).
 
-`python benchmarks/kernels.py [threads] --gemv [--baseline OLD.so]` only times the small-batch kernel
+`python benchmarks/ggml_kernels.py [threads] --gemv [--baseline OLD.so]` only times the small-batch kernel
 (`ext.gemv`, M = 1, 2, 4, 8) per type and shape, optionally next to another build of the extension
 (e.g. an older `levante_ext_<hash>.so` from ~/.cache/levante/torch_extensions), and `fused_matmul`
 against separate calls.

@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 
-from .chat import apply_chat
+from .chat import apply_chat, chat_plan
 from .errors import ContextLengthError
 from .generate import TokenEvent, generate_stream
 from .grammar import Grammar, GrammarCompiler, compiler_for, grammar_of
 from .loader import LoadedModel, load
 from .model import check_token_ids
 from .sampling import SamplingParams
+from .toolcalls import ChatOutput
 
 DEFAULT_N_CTX = 4096
 
@@ -189,6 +190,17 @@ class LLM:
         texts = [p if isinstance(p, str) else self.detokenize(i) for p, i in zip(prompts, ids)]
         params = self._params(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
                               presence_penalty, logit_bias, seed)
+        g = grammar_of(grammar, json_schema, regex, response_format)
+        events = self._events(ids, max_tokens, params, stop, logprobs, g, fresh_text=False)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+        if stream:
+            return self._stream_completion(events, meta, texts if echo else None, logprobs)
+        return self._collect_completion(events, meta, ids, texts if echo else None, logprobs)
+
+    def _events(self, ids: list[list[int]], max_tokens: int | None, params: SamplingParams,
+                stop: str | list[str] | None, logprobs: int | None, g: Grammar | None,
+                fresh_text: bool) -> Iterator[TokenEvent]:
+        """Token events of generating from every prompt of `ids` (a batch), under grammar `g` if any."""
         longest = max(len(i) for i in ids)
         if longest >= self.n_ctx:
             raise ContextLengthError(
@@ -196,14 +208,9 @@ class LLM:
             )
         n = self.n_ctx - longest if max_tokens is None or max_tokens <= 0 else max_tokens
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        g = grammar_of(grammar, json_schema, regex, response_format)
         constraints = [self.grammar_compiler().constraint(g) for _ in ids] if g is not None else None
-        events = self._threaded(generate_stream(self.model, self.tokenizer, ids, n, params, stops, None, logprobs,
-                                                self.n_ctx, self.n_batch, _fresh_text, self.kv_dtype, constraints))
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
-        if stream:
-            return self._stream_completion(events, meta, texts if echo else None, logprobs)
-        return self._collect_completion(events, meta, ids, texts if echo else None, logprobs)
+        return self._threaded(generate_stream(self.model, self.tokenizer, ids, n, params, stops, None, logprobs,
+                                              self.n_ctx, self.n_batch, fresh_text, self.kv_dtype, constraints))
 
     __call__ = create_completion
 
@@ -264,9 +271,11 @@ class LLM:
                                 "finish_reason": ev.finish_reason}]}
 
     # ------------------------------------------------------------------ chat
-    def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list | None = None, tool_choice: Any = None) -> list[int]:
         """Token ids of a conversation in the model's chat format (template or Mistral instruct)."""
-        return apply_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        return apply_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                          tool_choice=tool_choice)
 
     def create_chat_completion(
         self,
@@ -288,44 +297,57 @@ class LLM:
         top_logprobs: int | None = None,
         response_format: dict | None = None,
         grammar: str | Grammar | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """OpenAI-style chat completion for one conversation; `response_format` ({"type": "json_object"} or
-        {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}) or `grammar` constrain the reply."""
-        ids = self.chat_prompt(messages)
+        {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}) or `grammar` constrain the reply.
+
+        `tools` / `tool_choice` ("auto", "none", "required", {"type": "function", "function": {"name"}}) /
+        `parallel_tool_calls`: OpenAI tool calling. The calls come back in `message.tool_calls` (streamed as
+        `delta.tool_calls`) with finish_reason "tool_calls"; their arguments are generated under the function's
+        parameters schema, so they parse and validate (levante.toolcalls)."""
+        plan = chat_plan(self.tokenizer, messages, tools, tool_choice, parallel_tool_calls, grammar, response_format)
+        params = self._params(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
+                              presence_penalty, logit_bias, seed)
         n_lp = (top_logprobs or 0) if logprobs else None
-        completion = self.create_completion(
-            ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            typical_p=typical_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty, logit_bias=logit_bias, seed=seed, stop=stop, stream=stream,
-            logprobs=n_lp, grammar=grammar, response_format=response_format, _fresh_text=True,
-        )
+        events = self._events([plan.ids], max_tokens, params, stop, n_lp, plan.grammar, fresh_text=True)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+        out = ChatOutput(plan.parser())
         if stream:
-            return self._stream_chat(completion)
-        choice = completion["choices"][0]
+            return self._stream_chat(events, meta, out, n_lp)
+        evs = list(events)
+        for ev in evs:
+            out.push(ev)
+        out.finish()
+        counted = [e for e in evs if not e.stop_token]
+        lp = chat_logprobs(self._lp_dict(counted, 0)) if n_lp is not None else None
         return {
-            "id": "chat" + completion["id"], "object": "chat.completion", "created": completion["created"],
-            "model": completion["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": choice["text"]},
-                         "logprobs": chat_logprobs(choice["logprobs"]), "finish_reason": choice["finish_reason"]}],
-            "usage": completion["usage"],
+            **meta, "object": "chat.completion",
+            "choices": [{"index": 0, "message": out.message(), "logprobs": lp,
+                         "finish_reason": out.finish_reason(evs[-1].finish_reason if evs else "length")}],
+            "usage": {"prompt_tokens": len(plan.ids), "completion_tokens": len(counted),
+                      "total_tokens": len(plan.ids) + len(counted)},
         }
 
-    def _stream_chat(self, chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        first = True
-        for c in chunks:
-            base = {"id": "chat" + c["id"], "object": "chat.completion.chunk", "created": c["created"],
-                    "model": c["model"]}
-            if first:
-                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
-                                            "finish_reason": None}]}
-                first = False
-            ch = c["choices"][0]
-            if ch["text"]:
-                yield {**base, "choices": [{"index": 0, "delta": {"content": ch["text"]},
-                                            "logprobs": chat_logprobs(ch["logprobs"]), "finish_reason": None}]}
-            if ch["finish_reason"]:
-                yield {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                            "finish_reason": ch["finish_reason"]}]}
+    def _stream_chat(self, events: Iterator[TokenEvent], meta: dict, out: ChatOutput,
+                     n_lp: int | None) -> Iterator[dict[str, Any]]:
+        base = {**meta, "object": "chat.completion.chunk"}
+
+        def chunk(delta: dict, finish: str | None = None, lp: Any = None) -> dict:
+            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+
+        yield chunk({"role": "assistant"})
+        finish = "length"
+        for ev in events:
+            for delta in out.push(ev):
+                lp = chat_logprobs(self._lp_dict([ev], 0)) if n_lp is not None and "content" in delta else None
+                yield chunk(delta, lp=lp)
+            finish = ev.finish_reason or finish
+        for delta in out.finish():
+            yield chunk(delta)
+        yield chunk({}, out.finish_reason(finish))
 
 
 def _is_batch(prompt: Any) -> bool:

@@ -92,7 +92,7 @@ class Grammar:
     @classmethod
     def structural_tag(cls, spec: dict) -> Grammar:
         """xgrammar's structural tag (free text with tagged, schema-constrained sections: tool calls)."""
-        return cls("structural_tag", json.dumps(spec, sort_keys=True))
+        return cls("structural_tag", json.dumps(spec))
 
 
 def response_format_grammar(rf: Any) -> Grammar | None:
@@ -168,10 +168,16 @@ class GrammarCompiler:
         self.stop_ids = stops
         vocab = token_vocab(tok, self.vocab_size)
         json_vocab = [b"" if any(c < 0x20 for c in b) else b for b in vocab]
-        self._text, self._json = (
+        # tool-call grammars: Mistral's [TOOL_CALLS] control token must be matchable (xgrammar never accepts a
+        # token whose bytes are empty), as bytes no JSON value or other token can hold
+        tool_vocab = list(vocab)
+        trigger = tok.piece_to_id("[TOOL_CALLS]")
+        if trigger is not None and trigger < self.vocab_size and tok.token_types[trigger] == CONTROL:
+            tool_vocab[trigger] = b"\x00[TOOL_CALLS]"
+        self._text, self._json, self._tools = (
             xgr.GrammarCompiler(xgr.TokenizerInfo(v, xgr.VocabType.RAW, vocab_size=self.vocab_size,
                                                   stop_token_ids=stops), max_threads=1, cache_enabled=False)
-            for v in (vocab, json_vocab)
+            for v in (vocab, json_vocab, tool_vocab)
         )
         self._cache: OrderedDict[Grammar, Any] = OrderedDict()
         self._lock = threading.Lock()
@@ -195,7 +201,7 @@ class GrammarCompiler:
             elif g.kind == "gbnf":
                 compiled = self._text.compile_grammar(g.source, root_rule_name="root")
             else:
-                compiled = self._text.compile_structural_tag(g.source)
+                compiled = self._tools.compile_structural_tag(g.source)
         except Exception as e:  # xgrammar raises RuntimeError / ValueError / its own errors on bad input
             what = {"json_schema": "JSON schema", "json_object": "JSON", "regex": "regex", "gbnf": "GBNF grammar",
                     "structural_tag": "structural tag"}[g.kind]

@@ -1,4 +1,7 @@
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,3 +38,39 @@ def _deterministic():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(tmp_path_factory):
+    """`levante serve` (the default model, SmolLM2-135M-Instruct, as model "levante") in its own process."""
+    import httpx
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "stderr.log"
+    with open(log, "w") as err:  # a file, not a pipe: a full pipe would block the server
+        proc = subprocess.Popen([sys.executable, "-m", "levante", "serve", "--port", str(port), "-c", "2048",
+                                 "--max-batch", "8", "--log-level", "warning", "--model-alias", "levante"],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        assert proc.poll() is None, f"levante serve exited: {log.read_text()[-2000:]}"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "levante serve did not come up"
+        time.sleep(0.3)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()

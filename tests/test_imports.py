@@ -14,7 +14,8 @@ ROOT = Path(levante.__file__).resolve().parent
 LAYERS: list[tuple[str, ...]] = [
     ("levante.errors",),
     ("levante.config", "levante.rope", "levante.tokenizer", "levante.sampling"),
-    ("levante.chat", "levante.grammar", "levante.quant"),  # chat templates; constrained decoding; weights, kernels
+    # structured output, tool calls, chat formats; weight formats and kernels
+    ("levante.grammar", "levante.toolcalls", "levante.chat", "levante.quant"),
     ("levante.formats",),  # file readers
     ("levante.model",),
     ("levante.loader", "levante.generate"),

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,36 +17,9 @@ jsonschema = pytest.importorskip("jsonschema")
 SCHEMAS = json.loads((Path(__file__).parent / "data" / "json_schemas.json").read_text())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server():
-    """`levante serve` (the default model, SmolLM2-135M-Instruct) in its own process."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "levante", "serve", "--port", str(port), "-c", "2048",
-                             "--max-batch", "8", "--log-level", "warning", "--model-alias", "levante"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        assert proc.poll() is None, f"levante serve exited: {proc.stderr.read()[-2000:]}"
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, "levante serve did not come up"
-        time.sleep(0.3)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+def server(smollm2_server):
+    return smollm2_server
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,12 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from ..api import chat_logprobs
+from ..chat import ChatPlan, chat_plan
 from ..errors import ContextLengthError, EngineError, LevanteError, OverloadedError
 from ..generate import TokenEvent
 from ..grammar import Grammar, GrammarError, grammar_of
 from ..sampling import SamplingParams
+from ..toolcalls import ChatOutput
 from .http import ServerState, clean, dumps, json_response, request_body, state_of
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 
@@ -310,26 +312,42 @@ async def completions(request: Request) -> Response:
     return json_response({**meta, "choices": out, "usage": usage(n_prompt, n_out)})
 
 
+async def chat_plan_of(st: ServerState, body) -> ChatPlan:
+    """The request's prompt, grammar and tool-call parser; APIError 400 naming the problem."""
+    messages = [({**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m)
+                for m in body.messages]
+    try:
+        plan = chat_plan(st.llm.tokenizer, messages, body.tools, body.tool_choice, body.parallel_tool_calls,
+                         body.grammar, body.response_format)
+        if plan.grammar is not None:
+            await asyncio.get_running_loop().run_in_executor(None, st.llm.grammar_compiler().compile, plan.grammar)
+        return plan
+    except GrammarError as e:
+        param = "tools" if body.tools and body.tool_choice != "none" and "tool" in str(e) else (
+            "grammar" if body.grammar is not None else "response_format")
+        raise APIError(400, str(e), param=param, code="invalid_value") from None
+    except (ValueError, TypeError, LevanteError) as e:
+        msg = str(e)
+        param = "tool_choice" if "tool_choice" in msg else "tools" if msg.startswith("tools") else "messages"
+        raise APIError(400, f"invalid {param}: {msg}", param=param, code="invalid_value") from None
+
+
 async def chat_completions(request: Request) -> Response:
     st = state_of(request)
     body = await request_body(request, ChatCompletionRequest)
     n = n_choices(st, body)
-    messages = [({**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m)
-                for m in body.messages]
-    try:
-        ids = st.llm.chat_prompt(messages)
-    except (ValueError, TypeError, LevanteError) as e:
-        raise APIError(400, f"invalid messages: {e}", param="messages", code="invalid_value") from None
+    plan = await chat_plan_of(st, body)
+    ids = plan.ids
     check_context(st, ids, "messages")
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     mt = max_tokens(st, limit, None, len(ids), param)
     choices = [Choice(j, 0, ids, sampling_params(st, body, fold_seed(body.seed, j))) for j in range(n)]
     n_lp = (body.top_logprobs or 0) if body.logprobs else None
-    g = await grammar(st, body)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    submit(st, choices, [mt] * n, body.stops(), n_lp, fresh_text=True, tag=rid, g=g)
+    submit(st, choices, [mt] * n, body.stops(), n_lp, fresh_text=True, tag=rid, g=plan.grammar)
     meta = {"id": rid, "created": int(time.time()), "model": st.model_id, "system_fingerprint": st.fingerprint}
+    outputs = [ChatOutput(plan.parser()) for _ in choices]
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -337,19 +355,25 @@ async def chat_completions(request: Request) -> Response:
         async def chunks():
             base = {**meta, "object": "chat.completion.chunk"}
             extra = {"usage": None} if include_usage else {}
+
+            def chunk(c: Choice, delta: dict, finish: str | None = None, lp: Any = None) -> dict:
+                return {**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lp,
+                                             "finish_reason": finish}], **extra}
+
             for c in choices:
-                yield {**base, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}], **extra}
+                yield chunk(c, {"role": "assistant", "content": ""})
             n_out = 0
             async for c, ev in merged(choices):
                 n_out += not ev.stop_token
-                if ev.text:
-                    lp = chat_logprobs(lp_dict(st, [ev], 0)) if n_lp is not None else None
-                    yield {**base, "choices": [{"index": c.index, "delta": {"content": ev.text},
-                                                "logprobs": lp, "finish_reason": None}], **extra}
+                out = outputs[c.index]
+                for delta in out.push(ev):
+                    lp = (chat_logprobs(lp_dict(st, [ev], 0))
+                          if n_lp is not None and "content" in delta else None)
+                    yield chunk(c, delta, lp=lp)
                 if ev.finish_reason:
-                    yield {**base, "choices": [{"index": c.index, "delta": {}, "logprobs": None,
-                                                "finish_reason": ev.finish_reason}], **extra}
+                    for delta in out.finish():
+                        yield chunk(c, delta)
+                    yield chunk(c, {}, out.finish_reason(ev.finish_reason))
             if include_usage:
                 yield {**base, "choices": [], "usage": usage(len(ids), n_out)}
 
@@ -358,11 +382,15 @@ async def chat_completions(request: Request) -> Response:
     results = await collect(request, choices, rid)
     if results is None:
         return Response(status_code=499)
-    out, n_out = [], 0
+    res, n_out = [], 0
     for c, evs in zip(choices, results):
         kept = counted(evs)
         n_out += len(kept)
+        out = outputs[c.index]
+        for ev in evs:
+            out.push(ev)
+        out.finish()
         lp = chat_logprobs(lp_dict(st, kept, 0)) if n_lp is not None else None
-        out.append({"index": c.index, "message": {"role": "assistant", "content": "".join(e.text for e in evs)},
-                    "logprobs": lp, "finish_reason": evs[-1].finish_reason if evs else "length"})
-    return json_response({**meta, "object": "chat.completion", "choices": out, "usage": usage(len(ids), n_out)})
+        res.append({"index": c.index, "message": out.message(), "logprobs": lp,
+                    "finish_reason": out.finish_reason(evs[-1].finish_reason if evs else "length")})
+    return json_response({**meta, "object": "chat.completion", "choices": res, "usage": usage(len(ids), n_out)})

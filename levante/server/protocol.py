@@ -206,14 +206,8 @@ class ChatCompletionRequest(_Common):
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[Any] | None = None
-    tool_choice: Any = None
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _check_tool_choice(cls, v):
-        if v not in (None, "none", "auto"):
-            raise ValueError("tool calls are not supported")
-        return v
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]

@@ -140,6 +140,69 @@ class LLM:
                 out.append(self.model(t[None, s : s + self.n_batch].to(device), cache=cache)[0].cpu())
         return torch.cat(out)
 
+    # ------------------------------------------------------------------ embeddings
+    def embed(self, input: str | list[str] | list[int] | list[list[int]], pooling: str = "mean",
+              normalize: bool = True, truncate: bool = False, batch_size: int = 16) -> list[float] | list[list[float]]:
+        """Embeddings: the last hidden state (after the final norm) pooled over each input's tokens ("mean", or
+        "last" token), L2-normalised unless `normalize=False`. A string gives one vector, a list a vector each
+        (token-id lists are taken as they are). Inputs are batched (`batch_size` at a time, left-padded, pads
+        masked). Longer than n_ctx: ContextLengthError, or the first n_ctx tokens with `truncate=True`."""
+        single = isinstance(input, str) or (isinstance(input, list) and bool(input) and isinstance(input[0], int))
+        vecs, _ = self._embed([input] if single else list(input), pooling, normalize, truncate, batch_size)
+        return vecs[0] if single else vecs
+
+    def _embed(self, items: list, pooling: str, normalize: bool, truncate: bool,
+               batch_size: int) -> tuple[list[list[float]], int]:
+        """(a vector per input, the number of tokens embedded)."""
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        if not items:
+            raise ValueError("embed() needs at least one input")
+        ids = []
+        for i, x in enumerate(items):
+            row = self.tokenize(x) if isinstance(x, str) else [int(t) for t in x]
+            if not row or x == "":
+                raise ValueError(f"input {i} is empty")
+            if len(row) > self.n_ctx:
+                if not truncate:
+                    raise ContextLengthError(f"input {i} has {len(row)} tokens, more than the context window "
+                                             f"n_ctx={self.n_ctx}")
+                row = row[: self.n_ctx]
+            check_token_ids(row, self.config.vocab_size, f"input {i} token")
+            ids.append(row)
+        vecs: list[torch.Tensor | None] = [None] * len(ids)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+        device = self.model.model.device
+        with torch.inference_mode(), self.using_threads():
+            for s in range(0, len(order), max(1, batch_size)):
+                rows = order[s : s + batch_size]
+                L = max(len(ids[i]) for i in rows)
+                tokens = torch.zeros(len(rows), L, dtype=torch.long)
+                positions = torch.full((len(rows), L), -1, dtype=torch.long)
+                for j, i in enumerate(rows):
+                    n = len(ids[i])
+                    tokens[j, L - n :] = torch.tensor(ids[i])
+                    positions[j, L - n :] = torch.arange(n)
+                h = self.model.model(tokens.to(device), positions.to(device)).float().cpu()
+                for j, i in enumerate(rows):  # select the real tokens (pad rows are never mixed in)
+                    real = h[j, L - len(ids[i]) :]
+                    vecs[i] = real.mean(0) if pooling == "mean" else real[-1]
+        out = []
+        for v in vecs:
+            if normalize:
+                v = v / v.norm().clamp_min(1e-12)
+            out.append(v.tolist())
+        return out, sum(len(r) for r in ids)
+
+    def create_embedding(self, input: str | list[str] | list[int] | list[list[int]], model: str | None = None,
+                         pooling: str = "mean", normalize: bool = True) -> dict[str, Any]:
+        """OpenAI-shaped embeddings response (llama-cpp-python's `create_embedding`)."""
+        single = isinstance(input, str) or (isinstance(input, list) and bool(input) and isinstance(input[0], int))
+        vecs, n_tok = self._embed([input] if single else list(input), pooling, normalize, False, 16)
+        return {"object": "list", "model": model or self.model_name,
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vecs)],
+                "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}}
+
     # ------------------------------------------------------------------ completion
     def _params(self, temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
                 presence_penalty, logit_bias, seed) -> SamplingParams:

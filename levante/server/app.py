@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP server: a FastAPI app over the continuous-batching `Engine`.
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both streaming
-as server-sent events when ``stream`` is true; levante/server/completions.py), ``GET /health``,
-``GET /metrics``.
+as server-sent events when ``stream`` is true; structured output and tool calls; levante/server/completions.py),
+``POST /v1/embeddings`` (embeddings.py), ``GET /health``, ``GET /metrics``.
 
 Every request becomes one engine request per choice (``n`` choices per prompt, several prompts for
 completions); the engine thread batches them with everything else in flight. A client that goes
@@ -27,7 +27,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
-from . import completions
+from . import completions, embeddings
 from .http import (
     CountingMiddleware,
     ServerState,
@@ -154,4 +154,5 @@ def create_app(
     app.add_api_route("/v1/models/{name:path}", get_model, methods=["GET"])
     app.add_api_route("/v1/completions", completions.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", completions.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/embeddings", embeddings.embeddings, methods=["POST"])
     return app

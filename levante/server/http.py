@@ -21,7 +21,7 @@ from .protocol import APIError, parse_body, validation_error
 
 log = logging.getLogger("levante.server")
 
-ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/health", "/metrics")
 
 
 # ---------------------------------------------------------------------------------------------- JSON

@@ -19,6 +19,7 @@ __all__ = [
     "APIError",
     "ChatCompletionRequest",
     "CompletionRequest",
+    "EmbeddingRequest",
     "StreamOptions",
     "error_body",
     "parse_body",
@@ -211,3 +212,34 @@ class ChatCompletionRequest(_Common):
 
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = None
+    user: str | None = None
+    pooling: Literal["mean", "last"] | None = None  # levante's extra: how the last hidden state is pooled
+
+    @field_validator("input")
+    @classmethod
+    def _check_input(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("input must not be an empty list")
+            if len(v) > 2048:
+                raise ValueError("at most 2048 inputs per request")
+            if any(isinstance(x, str | list) and not x for x in v):
+                raise ValueError("inputs must not be empty")
+        elif not v:
+            raise ValueError("input must not be empty")
+        return v
+
+    def items(self) -> list[str | list[int]]:
+        v = self.input
+        if isinstance(v, str) or (v and isinstance(v[0], int)):
+            return [v]
+        return list(v)

@@ -21,6 +21,7 @@ import torch
 from .errors import ContextLengthError
 from .grammar import GrammarError, mask_logits
 from .sampling import SamplingParams, make_generator, sample, token_logprobs
+from .speculative import speculative_stream
 
 __all__ = ["TokenEvent", "GenerationResult", "generate_stream", "generate"]
 
@@ -167,6 +168,7 @@ def generate_stream(
     fresh_text: bool = False,
     kv_dtype: torch.dtype | None = None,
     constraints: Sequence | None = None,
+    speculator=None,
 ) -> Iterator[TokenEvent]:
     """Generate for several prompts at once, yielding a `TokenEvent` per sampled token.
 
@@ -183,7 +185,8 @@ def generate_stream(
     dummy-prefix space is dropped); by default it continues the prompt's text and keeps it. `kv_dtype`: the
     KV cache's element type (default: the model's compute dtype). `constraints`: one
     `levante.grammar.Constraint` (or None) per prompt: that row's tokens are sampled among those its grammar
-    allows (structured output), and it ends when the grammar is complete.
+    allows (structured output), and it ends when the grammar is complete. `speculator`: a
+    `levante.speculative.Speculator` used when there is one prompt (speculative decoding; exact, see there).
     """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise ValueError("prompts must be a list of token-id lists")
@@ -232,6 +235,12 @@ def generate_stream(
     ]
     length = max(len(p) for p in prompts)
     total_steps = length + max(r.limit for r in rows)
+
+    if speculator is not None and len(rows) == 1:
+        with torch.inference_mode():
+            yield from speculative_stream(model, rows[0], prompts[0], speculator, stop_ids, n_ctx, logprobs,
+                                          prefill_chunk, kv_dtype)
+        return
 
     with torch.inference_mode():
         device = model.model.device if hasattr(model, "model") else torch.device("cpu")
@@ -289,6 +298,7 @@ def generate(
     fresh_text: bool = False,
     kv_dtype: torch.dtype | None = None,
     constraints: Sequence | None = None,
+    speculator=None,
 ) -> list[GenerationResult]:
     """Non-streaming `generate_stream`: one `GenerationResult` per prompt, in prompt order."""
     results = [
@@ -302,7 +312,7 @@ def generate(
     if stop_ids is None:
         stop_ids = set(getattr(tokenizer, "eos_ids", None) or ())
     for ev in generate_stream(model, tokenizer, prompts, max_tokens, params, stop, stop_ids, logprobs,
-                              n_ctx, prefill_chunk, fresh_text, kv_dtype, constraints):
+                              n_ctx, prefill_chunk, fresh_text, kv_dtype, constraints, speculator):
         res = results[ev.row]
         res.events.append(ev)
         texts[ev.row].append(ev.text)

@@ -87,11 +87,14 @@ class KVCache:
         max_tokens: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        slack: int = 0,
     ) -> None:
+        """`slack`: extra slots of a rolling buffer beyond the window, so that the last `slack` steps can be taken
+        back after it wrapped (speculative decoding writes proposed tokens it may reject)."""
         self.window = cfg.sliding_window
         self.max_tokens = max_tokens
-        self.capacity = min(max_tokens, self.window) if self.window else max_tokens
-        self.rolling = self.window is not None and self.window < max_tokens
+        self.capacity = min(max_tokens, self.window + slack) if self.window else max_tokens
+        self.rolling = self.window is not None and self.capacity < max_tokens
         shape = (batch_size, cfg.num_kv_heads, self.capacity, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
@@ -114,12 +117,20 @@ class KVCache:
             self.lengths[r] = 0
 
     def truncate(self, row: int, n_steps: int) -> None:
-        """Forget everything after the first `n_steps` steps of `row` (prefix reuse)."""
-        if n_steps >= self.lengths[row]:
+        """Forget everything after the first `n_steps` steps of `row` (prefix reuse, rejected speculation). A
+        rolling buffer that wrapped can give back at most its slack + 1 steps: older ones overwrote keys the
+        window still needs."""
+        n = self.lengths[row]
+        if n_steps >= n:
             return
-        if self.rolling and self.lengths[row] > self.capacity:
-            raise ValueError("cannot truncate a rolling cache that has wrapped around")
-        self.pos[row, n_steps:] = -1
+        if self.rolling and n > self.capacity:
+            if n - n_steps > self.capacity - self.window + 1:
+                raise ValueError(f"cannot take back {n - n_steps} steps of a rolling cache that has wrapped "
+                                 f"around (slack {self.capacity - self.window})")
+            for step in range(n_steps, n):
+                self.pos[row, step % self.capacity] = -1
+        else:
+            self.pos[row, n_steps:] = -1
         self.lengths[row] = n_steps
 
     def copy_row(self, src: int, dst: int) -> None:
@@ -203,13 +214,16 @@ class _Plan:
                 kpos = new_pos[:, : self.n_keys]
             self.new_pos = new_pos
         self.fast = None
-        if (T == 1 and B <= _SMALL and self.mode in ("shared", "scatter") and dtype == torch.float32
+        one_per_row = T == 1 and B <= _SMALL and self.mode in ("shared", "scatter")
+        few_in_one_row = B == 1 and 1 < T <= _SMALL and self.mode == "shared"  # speculative verification
+        if ((one_per_row or few_in_one_row) and dtype == torch.float32
                 and cache.k[0].dtype in (torch.float32, torch.float16)):
-            # One token per row (<= _SMALL rows: above that the tile + MKL matmuls win) on a float32 CPU cache:
-            # C++ decode ops (layer_decode / attn_decode).
+            # A few new tokens (<= _SMALL: above that the tile + MKL matmuls win) on a float32 CPU cache: C++
+            # decode ops (layer_decode / attn_decode), the tokens as rows: one per cache row, or all in row0
             self.fast = decode_ext() if cache.k[0].device.type == "cpu" else None
             self.row0 = rows.indices(cache.batch_size)[0]
-            self.fast_slots = self.slots.expand(B).contiguous()
+            self.row_stride = 1 if one_per_row else 0
+            self.fast_slots = self.slots.expand(B).contiguous() if one_per_row else self.slots.contiguous()
         q = positions[:, :, None]
         k = kpos[:, None, :]
         mask = (k >= 0) & (k <= q)
@@ -222,7 +236,7 @@ class _Plan:
         self.bias = torch.zeros(self.mask.shape, dtype=dtype, device=positions.device)
         self.bias.masked_fill_(~self.mask, float("-inf"))
         if cache is not None and self.fast is not None:
-            self.bias2d = self.bias.reshape(B, -1)
+            self.bias2d = self.bias.reshape(B * T, -1)
 
     def keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this chunk's k/v [B, H, T, D] in the cache; return all keys/values to attend to."""
@@ -263,8 +277,8 @@ class Attention(nn.Module):
         if plan.fast is not None:
             qkv = fused_matmul((self.wq, self.wk, self.wv), x, cat=True)
             out = plan.fast.attn_decode(
-                qkv.reshape(B, -1), cos.reshape(B, -1), sin.reshape(B, -1), plan.cache.k[layer],
-                plan.cache.v[layer], plan.row0, plan.fast_slots, plan.bias2d, self.n_heads, self.n_kv,
+                qkv.reshape(B * T, -1), cos.reshape(B * T, -1), sin.reshape(B * T, -1), plan.cache.k[layer],
+                plan.cache.v[layer], plan.row0, plan.row_stride, plan.fast_slots, plan.bias2d, self.n_heads, self.n_kv,
             )
             return self.wo(out.view(B, T, -1))
         q, k, v = fused_matmul((self.wq, self.wk, self.wv), x)  # one kernel call for GGML weights
@@ -364,8 +378,8 @@ class Block(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, plan: _Plan, layer: int) -> Tensor:
         if plan.fast is not None and (args := self.decode_args()) is not None:
             # One new token per row and GGML weights: the whole layer is one C++ call.
-            B = x.shape[0]
-            y = _layer_decode(plan, args, x.reshape(B, -1), cos.reshape(B, -1), sin.reshape(B, -1), layer)
+            n = x.shape[0] * x.shape[1]
+            y = _layer_decode(plan, args, x.reshape(n, -1), cos.reshape(n, -1), sin.reshape(n, -1), layer)
             return y.view(x.shape)
         x = x + self.attn(self.attn_norm(x), cos, sin, plan, layer)
         return x + self.ffn(self.ffn_norm(x))
@@ -409,7 +423,7 @@ def _layer_decode(plan: _Plan, args: tuple[tuple, tuple], x: Tensor, cos: Tensor
     """One decoder layer for one new token per row (x, cos, sin: [B, ...]) as one C++ call."""
     before, after = args
     return plan.fast.layer_decode(x, *before, cos, sin, plan.cache.k[layer], plan.cache.v[layer], plan.row0,
-                                  plan.fast_slots, plan.bias2d, *after)
+                                  plan.row_stride, plan.fast_slots, plan.bias2d, *after)
 
 
 def check_token_ids(ids: Tensor | Sequence[int], vocab_size: int, what: str = "token") -> None:
@@ -466,7 +480,7 @@ class Transformer(nn.Module):
         args = [layer.decode_args() for layer in self.layers] if plan.fast is not None else None
         if args is not None and None not in args:
             # decode step, every layer one C++ call: loop here, without the per-module Python overhead
-            h, cos, sin = x.reshape(B, -1), cos.reshape(B, -1), sin.reshape(B, -1)
+            h, cos, sin = x.reshape(B * T, -1), cos.reshape(B * T, -1), sin.reshape(B * T, -1)
             for i, a in enumerate(args):
                 h = _layer_decode(plan, a, h, cos, sin, i)
             x = h.view(B, T, -1)
@@ -503,9 +517,10 @@ class CausalLM(nn.Module):
             h = h[:, -1:]
         return self.lm_head(h).float()
 
-    def new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype | None = None) -> KVCache:
-        """A KV cache for this model; `dtype`: its element type (default: the compute dtype)."""
-        return KVCache(self.cfg, batch_size, max_tokens, dtype or self.model.dtype, self.model.device)
+    def new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype | None = None,
+                  slack: int = 0) -> KVCache:
+        """A KV cache for this model; `dtype`: its element type (default: the compute dtype); `slack`: see KVCache."""
+        return KVCache(self.cfg, batch_size, max_tokens, dtype or self.model.dtype, self.model.device, slack)
 
 
 def _last_non_pad(tokens: Tensor, pad_id: int | None) -> Tensor:

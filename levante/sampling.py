@@ -39,6 +39,7 @@ __all__ = [
     "typical_filter",
     "apply_temperature",
     "sample",
+    "distribution",
     "token_logprobs",
     "make_generator",
 ]
@@ -288,6 +289,23 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def _biased(logits: Tensor, rows: list[SamplingParams], history: Sequence[Sequence[int]] | None) -> Tensor:
+    """The chain's first stages: penalties (with a history) and logit bias (a new tensor)."""
+    logits = apply_penalties(logits, history, rows) if history is not None else logits.clone()
+    if any(p.logit_bias for p in rows):
+        logits = apply_logit_bias(logits, rows)
+    return logits
+
+
+def _filtered(sub: Tensor, rp: list[SamplingParams]) -> Tensor:
+    """The truncation filters and temperature (sampled rows only)."""
+    sub = top_k_filter(sub, [p.top_k for p in rp])
+    sub = typical_filter(sub, [p.typical_p for p in rp])
+    sub = top_p_filter(sub, [p.top_p for p in rp])
+    sub = min_p_filter(sub, [p.min_p for p in rp])
+    return apply_temperature(sub, [p.temperature for p in rp])
+
+
 def sample(
     logits: Tensor,
     params: SamplingParams | Sequence[SamplingParams],
@@ -302,12 +320,7 @@ def sample(
     logits = _check(logits)
     B, V = logits.shape
     rows = _rows(params, B)
-    if history is not None:
-        logits = apply_penalties(logits, history, rows)
-    else:
-        logits = logits.clone()
-    if any(p.logit_bias for p in rows):
-        logits = apply_logit_bias(logits, rows)
+    logits = _biased(logits, rows, history)
     if isinstance(generators, torch.Generator) or generators is None:
         gens = [generators] * B
     else:
@@ -320,17 +333,35 @@ def sample(
     if not rnd:
         return out
     idx = torch.tensor(rnd, device=logits.device)
-    sub = logits[idx]
     rp = [rows[i] for i in rnd]
-    sub = top_k_filter(sub, [p.top_k for p in rp])
-    sub = typical_filter(sub, [p.typical_p for p in rp])
-    sub = top_p_filter(sub, [p.top_p for p in rp])
-    sub = min_p_filter(sub, [p.min_p for p in rp])
-    sub = apply_temperature(sub, [p.temperature for p in rp])
-    probs = torch.softmax(sub.double(), -1)
+    probs = torch.softmax(_filtered(logits[idx], rp).double(), -1)
     for j, i in enumerate(rnd):
         out[i] = torch.multinomial(probs[j], 1, generator=gens[i])[0]
     return out
+
+
+def distribution(
+    logits: Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    history: Sequence[Sequence[int]] | None = None,
+) -> Tensor:
+    """The distribution `sample` draws from, float64 [B, V]: the whole chain (penalties, bias, filters,
+    temperature, softmax); a greedy row is one-hot at its argmax. (Speculative decoding accepts and resamples
+    against it.)"""
+    logits = _check(logits)
+    B, V = logits.shape
+    rows = _rows(params, B)
+    logits = _biased(logits, rows, history)
+    probs = torch.zeros(B, V, dtype=torch.float64, device=logits.device)
+    greedy = [i for i, p in enumerate(rows) if p.is_greedy]
+    if greedy:
+        g = torch.tensor(greedy, device=logits.device)
+        probs[g, logits[g].argmax(-1)] = 1.0
+    rnd = [i for i, p in enumerate(rows) if not p.is_greedy]
+    if rnd:
+        idx = torch.tensor(rnd, device=logits.device)
+        probs[idx] = torch.softmax(_filtered(logits[idx], [rows[i] for i in rnd]).double(), -1)
+    return probs
 
 
 def token_logprobs(logits: Tensor, chosen, top_n: int = 0):

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("levante.grammar", "levante.toolcalls", "levante.chat", "levante.quant"),
     ("levante.formats",),  # file readers
     ("levante.model",),
-    ("levante.loader", "levante.generate"),
+    ("levante.loader", "levante.speculative", "levante.generate"),
     ("levante.api", "levante.hf", "levante.engine"),
     ("levante.tools",),  # quantize, compress, awq calibration, quality, bench
     ("levante.server", "levante.cli", "levante.__main__", "levante"),

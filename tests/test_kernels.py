@@ -285,11 +285,11 @@ def test_gemv_prefetch_does_not_change_results(qtype):
     assert rel_err(y_on, ref) < 5e-5
 
 
-# ------------------------------------------- Q4_0 / Q4_K / Q5_K / Q6_K / Q8_0 in 16-row groups (Grouped16Weight)
+# -------------------------------------- Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K / Q8_0 in 16-row groups (Grouped16Weight)
 GROUPED_CASES = [("Q4_0", 16, 96), ("Q4_0", 48, 576), ("Q4_0", 64, 1024), ("Q4_0", 32, 160),
                  ("Q4_K", 16, 256), ("Q4_K", 48, 768), ("Q4_K", 32, 1024), ("Q6_K", 16, 256), ("Q6_K", 48, 768),
                  ("Q6_K", 32, 1024), ("Q5_K", 16, 256), ("Q5_K", 48, 768), ("Q8_0", 16, 96), ("Q8_0", 48, 576),
-                 ("Q8_0", 32, 160)]
+                 ("Q8_0", 32, 160), ("Q4_1", 16, 96), ("Q4_1", 48, 576), ("Q4_1", 32, 160)]
 
 
 @pytest.mark.parametrize("qtype,n,k", GROUPED_CASES)
@@ -328,9 +328,9 @@ def test_grouped16_exact(qtype, n, k):
     assert dot_err(y1, x, ref.double()) < 1e-4 and dot_err(y2, x, reference(raw2, q2).double()) < 1e-4
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q6_K", "Q5_K", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q5_K", "Q8_0"])
 def test_grouped16_only_when_it_applies(qtype):
-    k = 64 if qtype in ("Q4_0", "Q8_0") else 256
+    k = 64 if qtype in ("Q4_0", "Q4_1", "Q8_0") else 256
     raw = torch.from_numpy(make_raw(qtype, 24, k, seed=1))
     assert type(kq.fast_weight(raw, qtype, 24, k)) is kq.GGMLKernelWeight  # 24 rows: not 16-row groups
     if kq.decode_ext() is None:

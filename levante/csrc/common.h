@@ -49,13 +49,14 @@ inline float h2f(const uint8_t* p) {
 typedef void (*deq_fn)(const uint8_t*, float*);
 
 // Type ids 0-9 are the GGML types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (QTYPES in
-// Python); ids 10-14 are levante's own 16-row group layouts of Q4_0, Q4_K, Q6_K, Q5_K and Q8_0 (see
+// Python); ids 10-15 are levante's own 16-row group layouts of Q4_0, Q4_K, Q6_K, Q5_K, Q8_0 and Q4_1 (see
 // grouped16_layout.h): a "row" of raw is a group of 16 weight rows, the 16 GGML blocks of each column block
 // moved together.
-inline constexpr int BLK[15] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 32, 256, 256, 256, 32};
-inline constexpr int BYT[15] = {18, 20, 22, 24, 34, 84, 110, 144, 176, 210, 288, 2304, 3360, 2816, 544};
-constexpr int64_t NQT = 15;                                          // type ids
-constexpr int64_t X16 = 10, X4K = 11, X6K = 12, X5K = 13, X80 = 14;  // Q4_0x16, Q4_Kx16, Q6_Kx16, Q5_Kx16, Q8_0x16
+inline constexpr int BLK[16] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 32, 256, 256, 256, 32, 32};
+inline constexpr int BYT[16] = {18, 20, 22, 24, 34, 84, 110, 144, 176, 210, 288, 2304, 3360, 2816, 544, 320};
+constexpr int64_t NQT = 16;  // type ids
+// Q4_0x16, Q4_Kx16, Q6_Kx16, Q5_Kx16, Q8_0x16, Q4_1x16
+constexpr int64_t X16 = 10, X4K = 11, X6K = 12, X5K = 13, X80 = 14, X41 = 15;
 inline bool grouped(int64_t qt) { return qt >= X16; }
 inline int64_t rows_of(const torch::Tensor& raw, int64_t qt) { return grouped(qt) ? 16 * raw.size(0) : raw.size(0); }
 

@@ -164,15 +164,18 @@ torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps) {
 }
 
 // qkv [m, (nh + 2 nkv) hd]: RoPE on q and k (cos / sign-folded sin [m, hd], see model.Rotary), k and v
-// written to cache rows row0 + i at slots[i] (kc, vc: one layer's [B, nkv, cap, hd]), then attention of
+// written to cache rows row0 + i rs at slots[i] (kc, vc: one layer's [B, nkv, cap, hd]; rs = 1: a row per new
+// token, the decode step of a batch; rs = 0: all of them in row row0, several new tokens of one sequence, as
+// speculative decoding verifies them, the bias masking causally), then attention of
 // each query head over the first nk slots with the additive mask bias [m, nk]. Returns [m, nh hd].
 template <class T>
 void attn_cache(torch::Tensor& q, torch::Tensor& out, const torch::Tensor& qkv, const torch::Tensor& cos,
-                const torch::Tensor& sin, T* kp, T* vp, int64_t cap, int64_t row0, const torch::Tensor& slots,
-                const torch::Tensor& bias, int64_t nh, int64_t nkv);
+                const torch::Tensor& sin, T* kp, T* vp, int64_t cap, int64_t row0, int64_t rs,
+                const torch::Tensor& slots, const torch::Tensor& bias, int64_t nh, int64_t nkv);
 
 torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc,
-                          int64_t row0, torch::Tensor slots, torch::Tensor bias, int64_t nh, int64_t nkv) {
+                          int64_t row0, int64_t row_stride, torch::Tensor slots, torch::Tensor bias, int64_t nh,
+                          int64_t nkv) {
   const auto f32 = torch::kFloat32;
   TORCH_CHECK(cos.dtype() == f32 && cos.dim() == 2 && cos.is_contiguous() && sin.sizes() == cos.sizes() &&
                   sin.dtype() == f32 && sin.is_contiguous(),
@@ -187,7 +190,8 @@ torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor si
                   kc.size(3) == hd,
               "attn_decode: bad cache");
   const int64_t cap = kc.size(2);
-  TORCH_CHECK(row0 >= 0 && row0 + m <= kc.size(0), "attn_decode: rows out of range");
+  TORCH_CHECK(row_stride == 0 || row_stride == 1, "attn_decode: row_stride must be 0 or 1");
+  TORCH_CHECK(row0 >= 0 && row0 + (m - 1) * row_stride < kc.size(0), "attn_decode: rows out of range");
   TORCH_CHECK(slots.dtype() == torch::kInt64 && slots.numel() == m && slots.is_contiguous(), "attn_decode: bad slots");
   TORCH_CHECK(
       bias.dtype() == f32 && bias.dim() == 2 && bias.size(0) == m && bias.is_contiguous() && bias.size(1) <= cap,
@@ -195,11 +199,11 @@ torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor si
   auto q = torch::empty({m, nh, hd}, f32);
   auto out = torch::empty({m, nh * hd}, f32);
   if (kc.dtype() == torch::kHalf)
-    attn_cache<c10::Half>(q, out, qkv, cos, sin, kc.data_ptr<c10::Half>(), vc.data_ptr<c10::Half>(), cap, row0, slots,
-                          bias, nh, nkv);
+    attn_cache<c10::Half>(q, out, qkv, cos, sin, kc.data_ptr<c10::Half>(), vc.data_ptr<c10::Half>(), cap, row0,
+                          row_stride, slots, bias, nh, nkv);
   else
-    attn_cache<float>(q, out, qkv, cos, sin, kc.data_ptr<float>(), vc.data_ptr<float>(), cap, row0, slots, bias, nh,
-                      nkv);
+    attn_cache<float>(q, out, qkv, cos, sin, kc.data_ptr<float>(), vc.data_ptr<float>(), cap, row0, row_stride, slots,
+                      bias, nh, nkv);
   return out;
 }
 
@@ -207,8 +211,8 @@ torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor si
 // attention over the first bias.size(1) keys
 template <class T>
 void attn_cache(torch::Tensor& q, torch::Tensor& out, const torch::Tensor& qkv, const torch::Tensor& cos,
-                const torch::Tensor& sin, T* kp, T* vp, int64_t cap, int64_t row0, const torch::Tensor& slots,
-                const torch::Tensor& bias, int64_t nh, int64_t nkv) {
+                const torch::Tensor& sin, T* kp, T* vp, int64_t cap, int64_t row0, int64_t rs,
+                const torch::Tensor& slots, const torch::Tensor& bias, int64_t nh, int64_t nkv) {
   const int64_t m = cos.size(0), hd = cos.size(1), half = hd / 2;
   const int64_t nk = bias.size(1), stride = (nh + 2 * nkv) * hd;
   float* qp = q.data_ptr<float>();
@@ -222,7 +226,7 @@ void attn_cache(torch::Tensor& q, torch::Tensor& out, const torch::Tensor& qkv, 
     const float *row = src + i * stride, *c = cp + i * hd, *s = sp + i * hd;
     for (int64_t h = 0; h < nh; ++h) rope(row + h * hd, qp + (i * nh + h) * hd, c, s);
     for (int64_t h = 0; h < nkv; ++h) {
-      const int64_t at = (((row0 + i) * nkv + h) * cap + slot[i]) * hd;
+      const int64_t at = (((row0 + i * rs) * nkv + h) * cap + slot[i]) * hd;
       rope(row + (nh + h) * hd, kp + at, c, s);
       const float* v = row + (nh + nkv + h) * hd;
       for (int64_t d = 0; d < hd; ++d) vp[at + d] = v[d];
@@ -241,8 +245,8 @@ void attn_cache(torch::Tensor& q, torch::Tensor& out, const torch::Tensor& qkv, 
     std::vector<float> p(grp * nk), inv(grp);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = t / nkv, g = t % nkv;
-      const T* K = kp + ((row0 + i) * nkv + g) * cap * hd;
-      const T* V = vp + ((row0 + i) * nkv + g) * cap * hd;
+      const T* K = kp + ((row0 + i * rs) * nkv + g) * cap * hd;
+      const T* V = vp + ((row0 + i * rs) * nkv + g) * cap * hd;
       const float* Q = qp + (i * nh + g * grp) * hd;
       float* O = op + (i * nh + g * grp) * hd;
       for (int64_t j0 = 0; j0 < nk; j0 += kb)
@@ -376,14 +380,14 @@ torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor logits, std::vector<torc
 // in attn_decode / ffn_decode. Saves the Python glue between those calls (~25 us per layer).
 torch::Tensor layer_decode(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps,
                            std::vector<torch::Tensor> attn, std::vector<int64_t> attn_qts, torch::Tensor cos,
-                           torch::Tensor sin, torch::Tensor kc, torch::Tensor vc, int64_t row0, torch::Tensor slots,
-                           torch::Tensor bias, int64_t nh, int64_t nkv, torch::Tensor router,
+                           torch::Tensor sin, torch::Tensor kc, torch::Tensor vc, int64_t row0, int64_t row_stride,
+                           torch::Tensor slots, torch::Tensor bias, int64_t nh, int64_t nkv, torch::Tensor router,
                            std::vector<torch::Tensor> ffn, std::vector<int64_t> ffn_qts, int64_t top_k) {
   TORCH_CHECK(attn.size() == 4 && attn_qts.size() == 4, "layer_decode: need wq, wk, wv, wo");
   const int64_t h = x.size(1);
   auto hn = rmsnorm(x, attn_norm, eps);
   auto qkv = gemv_multi({attn[0], attn[1], attn[2]}, {attn_qts[0], attn_qts[1], attn_qts[2]}, h, hn);
-  auto a = attn_decode(qkv, cos, sin, kc, vc, row0, slots, bias, nh, nkv);
+  auto a = attn_decode(qkv, cos, sin, kc, vc, row0, row_stride, slots, bias, nh, nkv);
   auto x1 = gemv(attn[3], attn_qts[3], a.size(1), a);
   add_into(x1.data_ptr<float>(), x.data_ptr<float>(), x.numel());  // residual (x checked by rmsnorm)
   auto hf = rmsnorm(x1, ffn_norm, eps);
@@ -410,8 +414,8 @@ torch::Tensor ffn_decode(torch::Tensor, torch::Tensor, std::vector<torch::Tensor
 }
 torch::Tensor layer_decode(torch::Tensor, torch::Tensor, torch::Tensor, double, std::vector<torch::Tensor>,
                            std::vector<int64_t>, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
-                           torch::Tensor, torch::Tensor, int64_t, int64_t, torch::Tensor, std::vector<torch::Tensor>,
-                           std::vector<int64_t>, int64_t) {
+                           int64_t, torch::Tensor, torch::Tensor, int64_t, int64_t, torch::Tensor,
+                           std::vector<torch::Tensor>, std::vector<int64_t>, int64_t) {
   TORCH_CHECK(false, "layer_decode needs AVX512_BF16");
 }
 #endif

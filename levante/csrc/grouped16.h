@@ -44,16 +44,18 @@ inline __m512 sum_b(__m512i tl, __m512i th) {  // 256 th + tl as float
   return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(th, 8), tl));
 }
 
-// Q4_0x16: y[(i0 + r) * ldy + j] for the group at base, x rows i0 .. i0 + R. The codes are bytes (pack8b order)
-// read with vpdpbusd against x's two bytes per element (as x4k_rows)
-template <int R>
-void x16_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
+// Q4_0x16 (MIN false) / Q4_1x16 (MIN true): y[(i0 + r) * ldy + j] for the group at base, x rows i0 .. i0 + R. The
+// codes are bytes (pack8b order) read with vpdpbusd against x's two bytes per element (as x4k_rows), centred
+// (q - 8, exact in int32); Q4_1's w = d q + m = d (q - 8) + (m + 8 d), the second term times the block's f32 x sum
+template <int R, bool MIN>
+void x4q_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
+  constexpr int BY = MIN ? 320 : 288, CODES = MIN ? 64 : 32;
   const int64_t nb = x.k / 32;
   const __m512i m0f = _mm512_set1_epi8(15);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const uint8_t* p = base;
-  for (int64_t b = 0; b < nb; ++b, p += 288) {
+  for (int64_t b = 0; b < nb; ++b, p += BY) {
     __m512i tl[R], th[R];  // sum (q - 8) xq = 256 th + tl, exact in int32; tl starts at -8 sum(xq)
     const int32_t* xl[R];
     const int32_t* xh[R];
@@ -65,7 +67,7 @@ void x16_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
     }
 #pragma GCC unroll 4
     for (int kk = 0; kk < 4; ++kk) {
-      const __m512i v = _mm512_loadu_si512(p + 32 + 64 * kk);
+      const __m512i v = _mm512_loadu_si512(p + CODES + 64 * kk);
       const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
       dpb(tl, th, lo, xl, xh, 2 * kk);
       dpb(tl, th, hi, xl, xh, 2 * kk + 1);
@@ -73,6 +75,11 @@ void x16_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
     for (int r = 0; r < R; ++r)
       acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(x.dx[(i0 + r) * nb + b])), sum_b(tl[r], th[r]), acc[r]);
+    if constexpr (MIN) {
+      const __m512 mn =
+          _mm512_fmadd_ps(_mm512_set1_ps(8.f), d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 32))));
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(x.xs[(i0 + r) * nb + b]), acc[r]);
+    }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (i0 + r) * ldy, acc[r]);
 }
@@ -158,7 +165,7 @@ void x5k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ld
 }
 
 // Q4_Kx16: the codes as bytes (pack8b) times x's two int8 halves with vpdpbusd (4 products per lane): one AND
-// (and a shift) unpacks 4 codes of 16 rows, where the int16 pairs of x16_rows need two ops per 2 codes
+// (and a shift) unpacks 4 codes of 16 rows, where the int16 pairs of the Q5_K / Q8_0 kernels need two ops per 2 codes
 template <int R>
 void x4k_rows(const uint8_t* base, const XP& x, int64_t i0, float* y, int64_t ldy) {
   const int64_t nb = x.k / 256;
@@ -296,7 +303,8 @@ typedef void (*rows_fn)(const uint8_t*, const XP&, int64_t, float*, int64_t);
 // y[i * ldy + 16 g + j] for groups [g0, g1), x rows i < m, four rows of x per pass
 inline void range_grouped(int64_t qt, const uint8_t* src, int64_t g0, int64_t g1, const XP& x, int64_t m, float* y,
                           int64_t ldy) {
-  rows_fn f1 = x16_rows<1>, f2 = x16_rows<2>, f4 = x16_rows<4>;
+  rows_fn f1 = x4q_rows<1, false>, f2 = x4q_rows<2, false>, f4 = x4q_rows<4, false>;
+  if (qt == X41) f1 = x4q_rows<1, true>, f2 = x4q_rows<2, true>, f4 = x4q_rows<4, true>;
   if (qt == X4K) f1 = x4k_rows<1>, f2 = x4k_rows<2>, f4 = x4k_rows<4>;
   if (qt == X5K) f1 = x5k_rows<1>, f2 = x5k_rows<2>, f4 = x5k_rows<4>;
   if (qt == X6K) f1 = x6k_rows<1>, f2 = x6k_rows<2>, f4 = x6k_rows<4>;

@@ -22,6 +22,7 @@
 // a ternary-logic op, read with vpdpbusd as Q4_Kx16.
 // Q5_Kx16 (2816 bytes): as Q4_Kx16, but the codes in pack8 order and per sub-block the four code vectors are
 // followed by one vector of the fifth bits (lane j: element 2P's bit at bit P, element 2P+1's at bit 16 + P).
+// Q4_1x16 (320 bytes): d[16] f16 | m[16] f16 | the codes as Q4_0x16's.
 // Q8_0x16 (544 bytes): d[16] f16 | 8 x 64 bytes: vector kk, lane j = row j's codes 4kk .. 4kk+3 as bytes
 // [c0 c2 c1 c3], so the int16 words' low and high bytes are the pairs (c0, c1) and (c2, c3).
 #pragma once
@@ -110,6 +111,29 @@ void lane_x16(const uint8_t* blk, uint8_t* dst, int j) {  // Q4_0: 18 <-> 288 by
       unpack8b(d, q + 8 * kk);
     }
     for (int i = 0; i < 16; ++i) b[2 + i] = (uint8_t)(q[i] | q[i + 16] << 4);
+  }
+}
+template <bool TO>
+void lane_x41(const uint8_t* blk, uint8_t* dst, int j) {  // Q4_1: 20 <-> 320 bytes (d[16], m[16], the codes)
+  uint8_t* b = const_cast<uint8_t*>(blk);
+  uint8_t q[32];
+  if (TO) {
+    std::memcpy(dst + 2 * j, b, 2);
+    std::memcpy(dst + 32 + 2 * j, b + 2, 2);
+    for (int i = 0; i < 16; ++i) q[i] = b[4 + i] & 15, q[i + 16] = b[4 + i] >> 4;
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t d = pack8b(q + 8 * kk);
+      std::memcpy(dst + 64 + 64 * kk + 4 * j, &d, 4);
+    }
+  } else {
+    std::memcpy(b, dst + 2 * j, 2);
+    std::memcpy(b + 2, dst + 32 + 2 * j, 2);
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t d;
+      std::memcpy(&d, dst + 64 + 64 * kk + 4 * j, 4);
+      unpack8b(d, q + 8 * kk);
+    }
+    for (int i = 0; i < 16; ++i) b[4 + i] = (uint8_t)(q[i] | q[i + 16] << 4);
   }
 }
 template <bool TO>
@@ -242,6 +266,7 @@ void lane_x80(const uint8_t* blk, uint8_t* dst, int j) {  // Q8_0: 34 <-> 544 by
 inline int64_t base_of(int64_t qt) {
   switch (qt) {
     case X16: return 0;
+    case X41: return 1;
     case X4K: return 7;
     case X6K: return 9;
     case X5K: return 8;
@@ -255,6 +280,7 @@ template <bool TO>
 lane_fn lane_of(int64_t qt) {
   switch (qt) {
     case X16: return lane_x16<TO>;
+    case X41: return lane_x41<TO>;
     case X4K: return lane_x4k<TO>;
     case X6K: return lane_x6k<TO>;
     case X5K: return lane_x5k<TO>;
@@ -264,6 +290,7 @@ lane_fn lane_of(int64_t qt) {
 inline deq_fn base_deq(int64_t qt) {
   switch (qt) {
     case X16: return V(deq_q4_0);
+    case X41: return V(deq_q4_1);
     case X4K: return V(deq_q4_k);
     case X6K: return V(deq_q6_k);
     case X5K: return V(deq_q5_k);

@@ -22,13 +22,14 @@ int64_t set_pf(int64_t v);
 // decode.cpp: the fused decode-step ops
 torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc,
-                          int64_t row0, torch::Tensor slots, torch::Tensor bias, int64_t nh, int64_t nkv);
+                          int64_t row0, int64_t row_stride, torch::Tensor slots, torch::Tensor bias, int64_t nh,
+                          int64_t nkv);
 torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor logits, std::vector<torch::Tensor> ws, std::vector<int64_t> qts,
                          int64_t top_k);
 torch::Tensor layer_decode(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps,
                            std::vector<torch::Tensor> attn, std::vector<int64_t> attn_qts, torch::Tensor cos,
-                           torch::Tensor sin, torch::Tensor kc, torch::Tensor vc, int64_t row0, torch::Tensor slots,
-                           torch::Tensor bias, int64_t nh, int64_t nkv, torch::Tensor router,
+                           torch::Tensor sin, torch::Tensor kc, torch::Tensor vc, int64_t row0, int64_t row_stride,
+                           torch::Tensor slots, torch::Tensor bias, int64_t nh, int64_t nkv, torch::Tensor router,
                            std::vector<torch::Tensor> ffn, std::vector<int64_t> ffn_qts, int64_t top_k);
 
 }  // namespace levante

@@ -75,6 +75,7 @@ inline int x_forms(int64_t qt, int64_t k) {
     case 8: return XF_K | XF_SUM;
     case 9: return XF_K;
     case X16: return XF_B8;
+    case X41: return XF_B8 | XF_SUM;
     case 11: return XF_K | XF_SUM | XF_K8;
     case 13: return XF_K | XF_SUM;
     case 12: return XF_K | XF_K8;

@@ -182,11 +182,11 @@ class GGMLKernelWeight(QuantWeight):
 
 
 # GGML type -> id of its 16-row group layout in the C++ code (`regroup` there)
-GROUPED_IDS: dict[str, int] = {"Q4_0": 10, "Q4_K": 11, "Q6_K": 12, "Q5_K": 13, "Q8_0": 14}
+GROUPED_IDS: dict[str, int] = {"Q4_0": 10, "Q4_K": 11, "Q6_K": 12, "Q5_K": 13, "Q8_0": 14, "Q4_1": 15}
 
 
 class Grouped16Weight(GGMLKernelWeight):
-    """Q4_0 / Q4_K / Q5_K / Q6_K / Q8_0 in levante's 16-row group layouts (`regroup` in the C++ code): per
+    """Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K / Q8_0 in levante's 16-row group layouts (`regroup` in the C++ code): per
     16 rows and column block, the 16 rows' GGML blocks moved so that one int32 lane holds one row, so the
     GEMV works on 16 rows at once (vpdpbusd / vpdpwssd with broadcast x) and a block's scales are one
     vector for the 16 rows: 1.8-2.8x the per-row kernels at one thread (benchmarks/grouped16.py), and

@@ -19,6 +19,7 @@ from .grammar import Grammar, GrammarCompiler, compiler_for, grammar_of
 from .loader import LoadedModel, load
 from .model import check_token_ids
 from .sampling import SamplingParams
+from .speculative import MAX_TOKENS, SpecConfig
 from .toolcalls import ChatOutput
 
 DEFAULT_N_CTX = 4096
@@ -59,10 +60,20 @@ class LLM:
         device: str = "cpu",
         cache_type: str = "auto",
         special_in_prompt: bool = True,
+        speculative: str | None = None,
+        draft_model: str | Path | LLM | None = None,
+        num_speculative_tokens: int | None = None,
+        ngram: int = 3,
         _loaded: LoadedModel | None = None,
     ) -> None:
         """`special_in_prompt`: special-token strings in a text completion prompt become control tokens (as in
-        llama.cpp); False encodes them as text. Chat messages are always encoded as text."""
+        llama.cpp); False encodes them as text. Chat messages are always encoded as text.
+
+        Speculative decoding (levante.speculative; exact: greedy output unchanged, sampled output distributed as
+        without it): `speculative="prompt_lookup"` (n-grams of up to `ngram` tokens looked up in the prompt and
+        output), or `draft_model` (a path, or an LLM with the same vocabulary); `num_speculative_tokens` is the
+        most proposed per step (default 8; fewer, or none, when they do not pay). Used for single-prompt
+        generation."""
         if cache_type not in CACHE_TYPES:
             raise ValueError(f"cache_type must be one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
         if n_threads is not None and n_threads < 1:
@@ -90,6 +101,40 @@ class LLM:
         self.seed = seed
         self.model_name = model_alias or self.loaded.path.name
         self.verbose = verbose
+        self.spec = self._spec_config(speculative, draft_model, num_speculative_tokens, ngram, dtype, device)
+
+    def _spec_config(self, method, draft, k, ngram, dtype, device) -> SpecConfig | None:
+        if draft is not None:
+            method = method or "draft"
+        if method is None:
+            return None
+        if method not in ("prompt_lookup", "draft"):
+            raise ValueError(f"speculative must be 'prompt_lookup' or 'draft', got {method!r}")
+        k = 8 if k is None else int(k)
+        if not 1 <= k <= MAX_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be in 1..{MAX_TOKENS}, got {k}")
+        if method == "prompt_lookup":
+            if ngram < 1:
+                raise ValueError(f"ngram must be >= 1, got {ngram}")
+            return SpecConfig("prompt_lookup", k, ngram)
+        if draft is None:
+            raise ValueError("speculative='draft' needs draft_model")
+        d = draft if isinstance(draft, LLM) else LLM(draft, n_ctx=self.n_ctx, n_threads=self.n_threads, dtype=dtype,
+                                                    device=device)
+        if d.config.vocab_size != self.config.vocab_size or d.tokenizer.pieces[:1000] != self.tokenizer.pieces[:1000]:
+            raise ValueError(f"the draft model {d.model_name} does not share the target's vocabulary "
+                             f"({d.config.vocab_size} vs {self.config.vocab_size} tokens)")
+        return SpecConfig("draft", k, ngram, d.model)
+
+    def speculative_stats(self) -> dict[str, float]:
+        """Counters of the last speculative generation: proposed, accepted, acceptance, tokens per forward."""
+        st = self.spec.last if self.spec is not None else None
+        if st is None:
+            return {}
+        forwards = st.verifications + st.plain_steps
+        emitted = st.accepted + forwards
+        return {"proposed": st.proposed, "accepted": st.accepted, "acceptance": st.acceptance,
+                "forwards": forwards, "tokens_per_forward": emitted / forwards if forwards else 1.0}
 
     @contextmanager
     def using_threads(self) -> Iterator[None]:
@@ -272,8 +317,12 @@ class LLM:
         n = self.n_ctx - longest if max_tokens is None or max_tokens <= 0 else max_tokens
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         constraints = [self.grammar_compiler().constraint(g) for _ in ids] if g is not None else None
-        return self._threaded(generate_stream(self.model, self.tokenizer, ids, n, params, stops, None, logprobs,
-                                              self.n_ctx, self.n_batch, fresh_text, self.kv_dtype, constraints))
+        spec = self.spec.speculator(self.n_ctx, self.kv_dtype) if self.spec is not None and len(ids) == 1 else None
+        events = generate_stream(self.model, self.tokenizer, ids, n, params, stops, None, logprobs, self.n_ctx,
+                                 self.n_batch, fresh_text, self.kv_dtype, constraints, spec)
+        if spec is not None:
+            self.spec.last = spec.stats
+        return self._threaded(events)
 
     __call__ = create_completion
 

@@ -27,6 +27,18 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                         "cache memory and reads, keys/values rounded to f16")
 
 
+def _add_speculative(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (exact: same output, fewer forward passes)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--lookup", action="store_true",
+                   help="prompt lookup: propose the tokens that followed the last n-gram earlier in the text")
+    x.add_argument("-md", "--draft-model", default=None,
+                   help="draft model (same vocabulary) proposing tokens for the main model to verify")
+    g.add_argument("--draft-max", "--spec-tokens", dest="spec_tokens", type=int, default=8,
+                   help="most tokens proposed per step, 1-16 (default: 8; fewer or none when they do not pay)")
+    g.add_argument("--lookup-ngram", type=int, default=3, help="longest n-gram prompt lookup matches (default: 3)")
+
+
 def _add_sampling(p: argparse.ArgumentParser, temp: float) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=256, help="tokens to generate (default: 256)")
     p.add_argument("--temp", type=float, default=temp, help=f"temperature, 0 = greedy (default: {temp})")
@@ -57,12 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format")
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     _add_sampling(p, 0.8)
+    _add_speculative(p)
 
     p = sub.add_parser("chat", help="interactive chat in the model's chat format",
                        description="Interactive chat. Type a message, Enter to send; /reset clears, /exit quits.")
     _add_model(p)
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling(p, 0.2)
+    _add_speculative(p)
 
     p = sub.add_parser("info", help="print architecture, sizes, quant types and tokenizer facts",
                        description="Describe a model file or directory without running it.")
@@ -115,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-special-in-prompt", action="store_true",
                    help="raw completions: encode special-token strings in the prompt as text (by default they "
                         "become control tokens, as in llama.cpp). Chat messages are always text.")
+    _add_speculative(p)
 
     p = sub.add_parser("perplexity", help="perplexity of a model on a text file (llama.cpp-compatible)",
                        description="Perplexity over non-overlapping chunks of -c tokens, scoring the second half of "
@@ -173,8 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _llm(args):
     from .api import LLM
 
+    spec = {}
+    if getattr(args, "lookup", False) or getattr(args, "draft_model", None):
+        spec = dict(speculative="prompt_lookup" if args.lookup else "draft", draft_model=args.draft_model,
+                    num_speculative_tokens=args.spec_tokens, ngram=args.lookup_ngram)
     return LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads, dtype=args.dtype, n_batch=args.n_batch,
-               verbose=True, device=args.device, cache_type=args.cache_type)
+               verbose=True, device=args.device, cache_type=args.cache_type, **spec)
 
 
 def _sampling_kwargs(args) -> dict:
@@ -205,6 +224,9 @@ def cmd_run(args) -> int:
     sys.stdout.write("\n")
     dt = time.perf_counter() - t0
     print(f"[{n} chunks in {dt:.2f}s]", file=sys.stderr)
+    if st := llm.speculative_stats():
+        print(f"[speculative: {st['accepted']}/{st['proposed']} proposals accepted ({st['acceptance']:.0%}), "
+              f"{st['tokens_per_forward']:.2f} tokens per forward pass]", file=sys.stderr)
     return 0
 
 

@@ -10,6 +10,11 @@ Prefix cache: a finished request's row keeps its tokens. A new request whose pro
 the same tokens (a shared system prompt, the earlier turns of a conversation) takes that row,
 truncates it to the common prefix and computes only the rest.
 
+Speculative decoding (`spec`, a `levante.speculative.SpecConfig`): while one request runs alone, each step
+feeds its pending token and the proposals of its own `Speculator` and emits every accepted token (exact, as in
+`speculative_stream`); with several running, rows decode one token per step as usual, and a draft model's cache
+catches up when speculation resumes. `/metrics` counts proposed and accepted tokens.
+
 Failures: an exception in a step is logged with its traceback (logger "levante.engine", with the request
 ids) and fails only the requests it concerns where that can be known: a request's own prefill, its own
 sampling, its own detokenization. A batched decode step that raises fails the requests in that batch. The
@@ -35,6 +40,7 @@ from .errors import ContextLengthError, EngineError, OverloadedError
 from .generate import TokenEvent, _Row
 from .grammar import mask_logits
 from .sampling import SamplingParams, sample, token_logprobs
+from .speculative import MAX_TOKENS, SpecConfig, Speculator, verify
 
 log = logging.getLogger("levante.engine")
 _DONE = object()
@@ -110,6 +116,7 @@ class _Slot:
     req: Request | None = None
     row: _Row | None = None
     pending: int | None = None  # sampled token not yet fed to the model
+    spec: Speculator | None = None  # the request's proposer and adaptive K (speculative engines)
 
 
 class Metrics:
@@ -129,6 +136,9 @@ class Metrics:
         self.queue_depth = 0
         self.batch_size = 0
         self.failed_requests = 0
+        self.spec_proposed = 0
+        self.spec_accepted = 0
+        self.spec_verifications = 0
 
     def observe_ttft(self, seconds: float) -> None:  # with `lock` held
         self.ttft_sum += seconds
@@ -157,6 +167,12 @@ class Metrics:
             "# TYPE levante_completion_tokens_total counter",
             f"levante_completion_tokens_total {self.completion_tokens}",
             "# TYPE levante_requests_failed_total counter", f"levante_requests_failed_total {self.failed_requests}",
+            "# TYPE levante_spec_proposed_tokens_total counter",
+            f"levante_spec_proposed_tokens_total {self.spec_proposed}",
+            "# TYPE levante_spec_accepted_tokens_total counter",
+            f"levante_spec_accepted_tokens_total {self.spec_accepted}",
+            "# TYPE levante_spec_verifications_total counter",
+            f"levante_spec_verifications_total {self.spec_verifications}",
             "# TYPE levante_queue_depth gauge", f"levante_queue_depth {self.queue_depth}",
             "# TYPE levante_batch_size gauge", f"levante_batch_size {self.batch_size}",
             "# TYPE levante_decode_tokens_per_second gauge",
@@ -176,9 +192,10 @@ class Engine:
 
     def __init__(self, model, tokenizer, n_ctx: int, max_batch: int = 8, prefill_chunk: int = 512,
                  prefix_cache: bool = True, max_queue: int = 256, kv_dtype: torch.dtype | None = None,
-                 n_threads: int | None = None) -> None:
+                 n_threads: int | None = None, spec: SpecConfig | None = None) -> None:
         """`kv_dtype`: the KV cache's element type (default: the compute dtype); `n_threads`: torch threads for
-        the scheduler thread's work (torch's pool is process-wide; default: leave it)."""
+        the scheduler thread's work (torch's pool is process-wide; default: leave it); `spec`: speculative
+        decoding while one request runs."""
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.n_threads = n_threads
@@ -186,7 +203,9 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.n_ctx, self.max_batch, self.prefill_chunk = n_ctx, max_batch, prefill_chunk
         self.prefix_cache = prefix_cache
-        self.cache = model.new_cache(max_batch, n_ctx, kv_dtype)
+        self.spec, self.kv_dtype = spec, kv_dtype
+        # slack: a rolling (sliding-window) cache must be able to take back rejected proposals
+        self.cache = model.new_cache(max_batch, n_ctx, kv_dtype, slack=MAX_TOKENS + 1 if spec is not None else 0)
         self.slots = [_Slot() for _ in range(max_batch)]
         self.n_active = 0
         self.waiting: deque[Request] = deque()
@@ -294,7 +313,7 @@ class Engine:
         """Row i's request is done: move it behind the active rows (keeping its tokens for reuse)."""
         last = self.n_active - 1
         slot = self.slots[i]
-        slot.req, slot.row, slot.pending = None, None, None
+        slot.req, slot.row, slot.pending, slot.spec = None, None, None, None
         if i != last:
             self._swap(i, last)
         self.n_active -= 1
@@ -374,6 +393,7 @@ class Engine:
         slot.req = req
         slot.row = _Row(req.id, req.prompt, req.params, req.max_tokens, self.tokenizer, req.stop, req.fresh_text,
                         req.constraint)
+        slot.spec = self.spec.speculator(self.n_ctx, self.kv_dtype) if self.spec is not None else None
         rest = torch.tensor([req.prompt[common:]], device=self.device)
         logits = None
         for s in range(0, rest.shape[1], self.prefill_chunk):
@@ -387,6 +407,9 @@ class Engine:
         rows = list(range(self.n_active))
         if not rows:
             return
+        if len(rows) == 1 and self.slots[0].spec is not None:
+            self._spec_step(self.slots[0])
+            return
         toks = torch.tensor([[self.slots[i].pending] for i in rows], device=self.device)
         for i in rows:
             self.slots[i].tokens.append(self.slots[i].pending)
@@ -395,6 +418,44 @@ class Engine:
         with self.metrics.lock:
             self.metrics.decode_tokens_window.append((time.perf_counter(), len(rows)))
         self._emit(rows, logits[:, -1])
+
+    def _spec_step(self, s: _Slot) -> None:
+        """One step of the only running request: its pending token and K proposals in one forward, then every
+        token the verification accepts (K = 0: a plain decode step, timed for the choice of K)."""
+        req, row, spec = s.req, s.row, s.spec
+        history = row.history  # the prompt, the output so far and the pending token
+        spec.proposer.sync(history)
+        room = min(row.limit - row.n_new, self.n_ctx - len(history))
+        k = min(spec.k(), room - 1)
+        t0 = time.perf_counter()
+        drafts, qs = spec.proposer.propose(history, k, row.params, row.generator) if k > 0 else ([], None)
+        drafts = drafts[: max(k, 0)]
+        qs = qs[: len(drafts)] if qs is not None else None
+        t1 = time.perf_counter()
+        logits = self.model(torch.tensor([[s.pending, *drafts]], device=self.device), cache=self.cache,
+                            rows=slice(0, 1))[0]
+        t2 = time.perf_counter()
+        try:
+            out, masked = verify(logits, drafts, qs, row.params, history, row.generator, row.constraint)
+        except Exception as e:  # this request's own sampling
+            self._fail(req, e)
+            s.req, s.row, s.pending = None, None, None
+            self._drop_finished()
+            return
+        n_acc = len(out) - 1
+        self.cache.truncate(0, self.cache.lengths[0] - len(drafts) + n_acc)  # drop the rejected proposals
+        s.tokens += [s.pending, *drafts[:n_acc]]
+        spec.observe(len(drafts), n_acc, t2 - t1, t1 - t0)
+        with self.metrics.lock:
+            self.metrics.decode_tokens_window.append((time.perf_counter(), len(out)))
+            if drafts:
+                self.metrics.spec_proposed += len(drafts)
+                self.metrics.spec_accepted += n_acc
+                self.metrics.spec_verifications += 1
+        for i, tok in enumerate(out):  # the last one becomes the pending token (the others are in the cache)
+            self._emit([0], masked[i][None], chosen=[tok])
+            if s.req is None:  # finished (or failed)
+                break
 
     def _fail_start(self, row: int, req: Request, err: BaseException) -> None:
         """`req` failed while being admitted into `row` (the row after the active ones, or the last active one
@@ -424,12 +485,14 @@ class Engine:
                 out.append(e)
         return out
 
-    def _emit(self, rows: list[int], logits: torch.Tensor) -> None:
-        """Sample one token for each of `rows` and send the events."""
+    def _emit(self, rows: list[int], logits: torch.Tensor, chosen: list[int] | None = None) -> None:
+        """Sample one token for each of `rows` (or take `chosen`, drawn from the already masked `logits`) and send
+        the events."""
         slots = [self.slots[i] for i in rows]
-        if any(s.row.constraint is not None for s in slots):  # every constrained row's mask in one op
-            logits = mask_logits(logits.contiguous(), [s.row.constraint for s in slots])
-        chosen = self._sample(slots, logits)
+        if chosen is None:
+            if any(s.row.constraint is not None for s in slots):  # every constrained row's mask in one op
+                logits = mask_logits(logits.contiguous(), [s.row.constraint for s in slots])
+            chosen = self._sample(slots, logits)
         want_lp = [s.req.logprobs for s in slots]
         lps = tops = None
         if any(n is not None for n in want_lp):

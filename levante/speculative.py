@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -53,8 +53,10 @@ class SpecStats:
 
 # ---------------------------------------------------------------------------------------------- proposers
 class PromptLookup:
-    """Proposes the tokens that followed the latest earlier occurrence of the history's last n tokens
-    (n from `ngram` down to `min_ngram`). Keeps an index of n-gram positions, extended as the history grows."""
+    """Proposes the tokens that followed an earlier occurrence of the history's last n tokens (n from `ngram`
+    down to `min_ngram`): the occurrence the previous proposal was copied from while the output keeps following
+    it (copying a passage stays aligned through its repeated phrases), else the latest one. Keeps an index of
+    n-gram positions, extended as the history grows."""
 
     needs_model = False
 
@@ -62,12 +64,12 @@ class PromptLookup:
         if not 1 <= min_ngram <= ngram:
             raise ValueError(f"need 1 <= min_ngram <= ngram, got {min_ngram}, {ngram}")
         self.ngram, self.min_ngram = ngram, min_ngram
-        self._index: dict[tuple[int, ...], int] = {}  # n-gram -> end position of its latest occurrence
-        self._seen = 0  # history positions indexed
+        self.reset()
 
     def reset(self) -> None:
-        self._index.clear()
-        self._seen = 0
+        self._index: dict[tuple[int, ...], int] = {}  # n-gram -> end position of its latest occurrence
+        self._seen = 0  # history positions indexed
+        self._src: tuple[int, int] | None = None  # (source position, history length) of the last proposal
 
     def _extend(self, history: Sequence[int]) -> None:
         # index every n-gram that ends before the last token (an occurrence must be followed by something)
@@ -77,17 +79,34 @@ class PromptLookup:
                     self._index[tuple(history[end - n : end])] = end
         self._seen = len(history)
 
+    def _aligned(self, history: Sequence[int]) -> int | None:
+        """Where the previous proposal's source continues, if the output still follows it."""
+        if self._src is None:
+            return None
+        src = self._src[0] + len(history) - self._src[1]
+        n = min(self.ngram, src)
+        if n < self.min_ngram or src >= len(history) - 1 or list(history[src - n : src]) != list(history[-n:]):
+            return None
+        return src
+
     def propose(self, history: Sequence[int], k: int, params=None, generator=None) -> tuple[list[int], None]:
         if k <= 0 or len(history) < 2:
             return [], None
         if len(history) < self._seen:
             self.reset()
         self._extend(history)
-        for n in range(min(self.ngram, len(history) - 1), self.min_ngram - 1, -1):
-            end = self._index.get(tuple(history[-n:]))
-            if end is not None and end < len(history):
-                return list(history[end : end + k]), None
-        return [], None
+        src = self._aligned(history)
+        if src is None:
+            for n in range(min(self.ngram, len(history) - 1), self.min_ngram - 1, -1):
+                end = self._index.get(tuple(history[-n:]))
+                if end is not None and end < len(history):
+                    src = end
+                    break
+        if src is None:
+            self._src = None
+            return [], None
+        self._src = (src, len(history))
+        return list(history[src : src + k]), None
 
     def sync(self, history: Sequence[int]) -> None:
         pass
@@ -218,10 +237,12 @@ def _one_hot(i: int, n: int) -> Tensor:
 class Speculator:
     """A proposer plus the adaptive choice of K. `k()` before each step, `observe()` after it.
 
-    K maximises the expected emitted tokens per second of a step: with acceptance a (an exponential average
-    per proposed token), k proposals emit (1 - a^(k+1)) / (1 - a) tokens and cost a forward over k + 1 tokens
-    plus k proposals. Forward costs are measured per token count as they happen (unmeasured counts:
-    interpolated, or extrapolated from the largest measured one; before any: an optimistic guess), so the
+    K maximises the expected emitted tokens per second of a step. Acceptance is tracked per position in a
+    proposal, conditional on the earlier ones being accepted (exponential averages c_i): proposals come in runs
+    (a copied passage matches for many tokens, then not at all), which one rate per token would miss. k
+    proposals emit 1 + sum_j prod_{i <= j} c_i tokens and cost a forward over k + 1 tokens plus k proposals.
+    Forward costs are measured per token count as they happen (unmeasured counts: interpolated, or
+    extrapolated from the largest measured one; before any: an optimistic guess), so the
     same code picks long runs where verification is cheap (memory-bound GPUs) and short ones, or none, where
     it costs almost as much as the tokens one by one. Without a paying K it proposes nothing and probes with
     one token every 16 steps."""
@@ -234,7 +255,7 @@ class Speculator:
 
     def reset(self) -> None:
         self.proposer.reset()
-        self.rate = 0.8  # optimistic start: acceptance per proposed token
+        self.cond = [0.8] * (self.k_max + 1)  # cond[i]: P(proposal i accepted | 1..i-1 were), optimistic start
         self.idle = 0  # steps since proposals were switched off
         self.stats = SpecStats()
         self.step_cost: dict[int, float] = {}  # tokens fed -> EMA seconds of the forward
@@ -258,10 +279,11 @@ class Speculator:
 
     def k(self) -> int:
         """Proposals for the next step (0: a plain decode step)."""
-        a = min(self.rate, 0.99)
         best_k, best = 0, 1.0 / self._cost(1)
+        emitted, reach = 1.0, 1.0  # expected tokens emitted by k proposals; P(proposal k accepted)
         for k in range(1, self.k_max + 1):
-            emitted = (1 - a ** (k + 1)) / (1 - a)  # expected accepted + the token verification adds
+            reach *= self.cond[k]
+            emitted += reach
             speed = emitted / (self._cost(k + 1) + k * self.draft_cost)
             if speed > best * 1.03:
                 best_k, best = k, speed
@@ -281,7 +303,12 @@ class Speculator:
             old = self.step_cost.get(t)
             self.step_cost[t] = forward_s if old is None else (1 - self.alpha) * old + self.alpha * forward_s
         if proposed:
-            self.rate = (1 - self.alpha) * self.rate + self.alpha * (accepted / proposed)
+            for i in range(1, min(accepted + 1, proposed) + 1):  # positions reached: accepted, or the first refused
+                hit = 1.0 if i <= accepted else 0.0
+                self.cond[i] = (1 - self.alpha) * self.cond[i] + self.alpha * hit
+            if accepted == proposed:  # a run that held to its end: the positions after it are as likely
+                for i in range(proposed + 1, self.k_max + 1):
+                    self.cond[i] = max(self.cond[i], self.cond[proposed])
             per = draft_s / proposed
             self.draft_cost = per if not self.stats.proposed else (1 - self.alpha) * self.draft_cost + self.alpha * per
             self.stats.proposed += proposed
@@ -299,9 +326,10 @@ class SpecConfig:
     k: int = 8
     ngram: int = 3
     draft: object | None = None  # the draft's CausalLM
-    stats: SpecStats = field(default_factory=SpecStats)
+    last: SpecStats | None = None  # the counters of the latest generation
 
     def speculator(self, n_ctx: int, kv_dtype: torch.dtype | None = None) -> Speculator:
+        """A fresh Speculator (one per generation: its proposer and statistics are per sequence)."""
         if self.method == "prompt_lookup":
             return Speculator(PromptLookup(self.ngram), self.k)
         return Speculator(DraftModel(self.draft, n_ctx, kv_dtype), self.k)
@@ -310,15 +338,17 @@ class SpecConfig:
 # ---------------------------------------------------------------------------------------------- the loop
 def speculative_stream(model, row, prompt: list[int], spec: Speculator, stop_ids: set[int], n_ctx: int,
                        logprobs: int | None = None, prefill_chunk: int = 512,
-                       kv_dtype: torch.dtype | None = None) -> Iterator:
+                       kv_dtype: torch.dtype | None = None, cache=None) -> Iterator:
     """TokenEvents of one row (a `generate._Row`) generated with speculation; the row's own budget, stops and
-    grammar apply to every accepted token, and the run ends where the row does.
+    grammar apply to every accepted token, and the run ends where the row does. `cache`: a fresh one-row cache
+    with slack >= MAX_TOKENS + 1 to use (default: made here).
 
     Invariant: the cache holds the history but its last token, which the next forward feeds together with the
     proposals; a step without proposals is a plain decode step."""
     device = model.model.device if hasattr(model, "model") else torch.device("cpu")
-    cache = model.new_cache(1, min(n_ctx, len(prompt) + row.limit) + MAX_TOKENS + 1, kv_dtype,
-                            slack=MAX_TOKENS + 1)
+    if cache is None:
+        cache = model.new_cache(1, min(n_ctx, len(prompt) + row.limit) + MAX_TOKENS + 1, kv_dtype,
+                                slack=MAX_TOKENS + 1)
     tokens = torch.tensor([prompt], device=device)
     logits = None
     for s in range(0, len(prompt), prefill_chunk):

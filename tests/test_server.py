@@ -512,3 +512,22 @@ def test_a_failing_generation_gets_a_generic_500_with_its_id(server, http, monke
         assert "secret" not in "".join(events) and '"engine_error"' in events[-2] and events[-1] == "data: [DONE]"
     ok = http.post(CMPL, json={"prompt": [1, 5, 6], "max_tokens": 3})  # the others are served as before
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def test_speculative_server_same_output(llm):
+    spec_llm = LLM(str(llm.loaded.path), n_ctx=256, _loaded=llm.loaded, speculative="prompt_lookup")
+    s = _Server(create_app(spec_llm, model_alias=ALIAS, max_batch=4))
+    try:
+        prompt = "one two three one two three one two three one two"
+        want = llm.create_completion(prompt, max_tokens=24, temperature=0)["choices"][0]["text"]
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            body = {"model": ALIAS, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+            assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == want
+            with c.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+                chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+            assert "".join(ch["choices"][0]["text"] for ch in chunks) == want
+            metrics = c.get("/metrics").text
+        proposed = next(line for line in metrics.splitlines() if line.startswith("levante_spec_proposed_tokens_total"))
+        assert int(proposed.split()[1]) > 0
+    finally:
+        s.stop()

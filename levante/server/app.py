@@ -110,7 +110,8 @@ async def lifespan(app: FastAPI):
     if own:
         llm = st.llm
         st.engine = Engine(llm.model, llm.tokenizer, n_ctx=llm.n_ctx, max_batch=st.max_batch,
-                           prefill_chunk=llm.n_batch, kv_dtype=llm.kv_dtype, n_threads=llm.n_threads).start()
+                           prefill_chunk=llm.n_batch, kv_dtype=llm.kv_dtype, n_threads=llm.n_threads,
+                           spec=llm.spec).start()
     try:
         yield
     finally:

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", default=None, help="the prompt (default: read from stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format")
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="timings (first token, decode speed) and speculative decoding counters on stderr")
     _add_sampling(p, 0.8)
     _add_speculative(p)
 
@@ -217,16 +219,22 @@ def cmd_run(args) -> int:
     else:
         stream = llm.create_completion(prompt, max_tokens=args.n_predict, stream=True, echo=args.echo, **kw)
         pieces = (c["choices"][0]["text"] for c in stream)
+    first = None
     for piece in pieces:
+        if first is None:
+            first = time.perf_counter()
         n += 1
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    dt = time.perf_counter() - t0
-    print(f"[{n} chunks in {dt:.2f}s]", file=sys.stderr)
-    if st := llm.speculative_stats():
-        print(f"[speculative: {st['accepted']}/{st['proposed']} proposals accepted ({st['acceptance']:.0%}), "
-              f"{st['tokens_per_forward']:.2f} tokens per forward pass]", file=sys.stderr)
+    end = time.perf_counter()
+    print(f"[{n} chunks in {end - t0:.2f}s]", file=sys.stderr)
+    if args.verbose and first is not None:
+        rate = f", then {(n - 1) / (end - first):.1f} chunks/s" if n > 1 and end > first else ""
+        print(f"[first chunk after {first - t0:.2f}s{rate}]", file=sys.stderr)
+        if st := llm.speculative_stats():
+            print(f"[speculative: {st['accepted']}/{st['proposed']} proposed tokens accepted ({st['acceptance']:.0%}), "
+                  f"{st['tokens_per_forward']:.2f} tokens per forward pass]", file=sys.stderr)
     return 0
 
 

@@ -364,6 +364,17 @@ def distribution(
     return probs
 
 
+def greedy_choice(
+    logits: Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    history: Sequence[Sequence[int]] | None = None,
+) -> list[int]:
+    """The token a greedy row picks: the argmax after penalties and logit bias (what `distribution` puts its
+    one-hot at, without building it)."""
+    logits = _check(logits)
+    return _biased(logits, _rows(params, logits.shape[0]), history).argmax(-1).tolist()
+
+
 def token_logprobs(logits: Tensor, chosen, top_n: int = 0):
     """Log-probabilities from log_softmax of the raw (unfiltered, untempered) logits.
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .grammar import mask_logits
-from .sampling import SamplingParams, distribution, token_logprobs
+from .sampling import SamplingParams, distribution, greedy_choice, token_logprobs
 
 MAX_TOKENS = 16  # upper bound of K (the cache slack of sliding-window models is sized for it)
 
@@ -182,11 +182,12 @@ def verify(logits: Tensor, drafts: list[int], qs: list[Tensor] | None, params: S
     `constraint` (a grammar): masked per position along the drafts, rolled back before returning. Also returns the
     (grammar-masked) logits, for log-probabilities."""
     k = len(drafts)
-    logits = logits.float().clone()
+    logits = logits.float()
     hist = list(history)
     histories = [hist + drafts[:i] for i in range(k + 1)]
     advanced = 0
     if constraint is not None:  # the grammar's mask at each position along the drafts
+        logits = logits.clone()
         rows = []
         for i in range(k + 1):
             mask_logits(logits[i : i + 1], [constraint])
@@ -197,6 +198,14 @@ def verify(logits: Tensor, drafts: list[int], qs: list[Tensor] | None, params: S
         if len(rows) < k + 1:  # a draft the grammar refuses: nothing after it counts
             logits[len(rows):] = logits[len(rows) - 1]
         constraint.rollback(advanced)
+    if params.is_greedy:  # accept while each draft is the argmax (no distributions needed)
+        best = greedy_choice(logits, params, histories)
+        out: list[int] = []
+        for i, d in enumerate(drafts):
+            if best[i] != d:
+                return out + [best[i]], logits
+            out.append(d)
+        return out + [best[k]], logits
     p = distribution(logits, params, histories)
     return _walk(p, drafts, qs, params, generator), logits
 

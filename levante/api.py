@@ -64,6 +64,8 @@ class LLM:
         draft_model: str | Path | LLM | None = None,
         num_speculative_tokens: int | None = None,
         ngram: int = 3,
+        tensor_parallel_size: int = 1,
+        enable_expert_parallel: bool = False,
         _loaded: LoadedModel | None = None,
     ) -> None:
         """`special_in_prompt`: special-token strings in a text completion prompt become control tokens (as in
@@ -73,16 +75,32 @@ class LLM:
         without it): `speculative="prompt_lookup"` (n-grams of up to `ngram` tokens looked up in the prompt and
         output), or `draft_model` (a path, or an LLM with the same vocabulary); `num_speculative_tokens` is the
         most proposed per step (default 8; fewer, or none, when they do not pay). Used for single-prompt
-        generation."""
+        generation.
+
+        `tensor_parallel_size=N` (levante.parallel): the model split over N processes (this one is rank 0; N - 1
+        workers are started, or torchrun's processes joined), `n_threads` each (default: the cores / N);
+        `enable_expert_parallel`: whole experts per rank instead of slices of every expert."""
         if cache_type not in CACHE_TYPES:
             raise ValueError(f"cache_type must be one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
         if n_threads is not None and n_threads < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
         # torch's thread pool is process-wide: this LLM's count (default: the physical cores, as llama.cpp) applies
         # while it computes (`using_threads`), and the caller's setting is back in between
-        self.n_threads = n_threads or physical_cores()
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if enable_expert_parallel and tensor_parallel_size < 2:
+            raise ValueError("enable_expert_parallel needs tensor_parallel_size >= 2 (the ranks the experts go to)")
+        self.n_threads = n_threads or max(1, physical_cores() // tensor_parallel_size)
         with self.using_threads():
-            self.loaded = _loaded or load(model_path, dtype=dtype, progress=verbose, device=device)
+            if _loaded is not None:
+                self.loaded = _loaded
+            elif tensor_parallel_size > 1:
+                from .parallel import launch
+
+                self.loaded = launch(model_path, tensor_parallel_size, enable_expert_parallel, dtype, device,
+                                     self.n_threads, progress=verbose)
+            else:
+                self.loaded = load(model_path, dtype=dtype, progress=verbose, device=device)
         self.model = self.loaded.model
         # KV cache element type (this LLM's, not the model's: a loaded model may be shared): "auto" = the compute
         # dtype (exact), "f16" = llama.cpp's default (half the bytes a decode step reads from the cache, ~1e-3
@@ -125,6 +143,12 @@ class LLM:
             raise ValueError(f"the draft model {d.model_name} does not share the target's vocabulary "
                              f"({d.config.vocab_size} vs {self.config.vocab_size} tokens)")
         return SpecConfig("draft", k, ngram, d.model)
+
+    def close(self) -> None:
+        """Stop a parallel model's worker processes (also done when the LLM is collected, and at exit)."""
+        close = getattr(self.model, "close", None)
+        if close is not None:
+            close()
 
     def speculative_stats(self) -> dict[str, float]:
         """Counters of the last speculative generation: proposed, accepted, acceptance, tokens per forward."""

@@ -27,6 +27,15 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                         "cache memory and reads, keys/values rounded to f16")
 
 
+def _add_parallel(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism (this process is rank 0; under torchrun, torchrun's processes)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism: split every layer over N processes (default: 1)")
+    x.add_argument("--ep", type=int, default=0, metavar="N",
+                   help="expert parallelism: whole experts on N processes, attention split over them")
+
+
 def _add_speculative(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding (exact: same output, fewer forward passes)")
     x = g.add_mutually_exclusive_group()
@@ -72,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timings (first token, decode speed) and speculative decoding counters on stderr")
     _add_sampling(p, 0.8)
     _add_speculative(p)
+    _add_parallel(p)
 
     p = sub.add_parser("chat", help="interactive chat in the model's chat format",
                        description="Interactive chat. Type a message, Enter to send; /reset clears, /exit quits.")
@@ -79,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling(p, 0.2)
     _add_speculative(p)
+    _add_parallel(p)
 
     p = sub.add_parser("info", help="print architecture, sizes, quant types and tokenizer facts",
                        description="Describe a model file or directory without running it.")
@@ -92,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-gen", type=int, default=128, help="tokens to decode (default: 128)")
     p.add_argument("-r", "--reps", type=int, default=3, help="repetitions (default: 3)")
     p.add_argument("-o", "--output", choices=["md", "csv"], default="md", help="table format (default: md)")
+    _add_parallel(p)
 
     p = sub.add_parser("quantize", help="write a GGUF file in a quantization type, or an AWQ checkpoint",
                        description="Convert a HF / Mistral directory or a GGUF file to GGUF of type TYPE, "
@@ -132,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raw completions: encode special-token strings in the prompt as text (by default they "
                         "become control tokens, as in llama.cpp). Chat messages are always text.")
     _add_speculative(p)
+    _add_parallel(p)
 
     p = sub.add_parser("perplexity", help="perplexity of a model on a text file (llama.cpp-compatible)",
                        description="Perplexity over non-overlapping chunks of -c tokens, scoring the second half of "
@@ -191,9 +204,11 @@ def _llm(args):
     from .api import LLM
 
     spec = {}
+    if getattr(args, "ep", 0) or getattr(args, "tp", 1) != 1:
+        spec = dict(tensor_parallel_size=args.ep or args.tp, enable_expert_parallel=bool(args.ep))
     if getattr(args, "lookup", False) or getattr(args, "draft_model", None):
-        spec = dict(speculative="prompt_lookup" if args.lookup else "draft", draft_model=args.draft_model,
-                    num_speculative_tokens=args.spec_tokens, ngram=args.lookup_ngram)
+        spec |= dict(speculative="prompt_lookup" if args.lookup else "draft", draft_model=args.draft_model,
+                     num_speculative_tokens=args.spec_tokens, ngram=args.lookup_ngram)
     return LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads, dtype=args.dtype, n_batch=args.n_batch,
                verbose=True, device=args.device, cache_type=args.cache_type, **spec)
 

@@ -18,7 +18,9 @@ catches up when speculation resumes. `/metrics` counts proposed and accepted tok
 Failures: an exception in a step is logged with its traceback (logger "levante.engine", with the request
 ids) and fails only the requests it concerns where that can be known: a request's own prefill, its own
 sampling, its own detokenization. A batched decode step that raises fails the requests in that batch. The
-requests get an `EngineError` with a generic message and their id; the details stay in the log.
+requests get an `EngineError` with a generic message and their id; the details stay in the log. A `WorkerError`
+(a rank of a parallel model died: `fail_permanently`, or a step raising it) ends the engine: every request gets
+that error, `submit` raises it, and the `on_dead` callbacks run (the server exits).
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .errors import ContextLengthError, EngineError, OverloadedError
+from .errors import ContextLengthError, EngineError, OverloadedError, WorkerError
 from .generate import TokenEvent, _Row
 from .grammar import mask_logits
 from .sampling import SamplingParams, sample, token_logprobs
@@ -215,6 +217,8 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.device = model.model.device
+        self.dead: WorkerError | None = None  # the model is gone (a parallel rank died)
+        self.on_dead: list[Callable[[WorkerError], None]] = []
 
     # ------------------------------------------------------------------ public
     def start(self) -> Engine:
@@ -230,6 +234,13 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def fail_permanently(self, err: WorkerError) -> None:
+        """The model is gone (thread-safe): fail every request with `err` and stop."""
+        with self._cv:
+            if self.dead is None:
+                self.dead = err
+            self._cv.notify_all()
+
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop: list[str] | None = None,
                stop_ids: set[int] | None = None, logprobs: int | None = None, fresh_text: bool = False,
                loop: asyncio.AbstractEventLoop | None = None, tag: str = "", constraint: Any = None) -> Request:
@@ -237,6 +248,8 @@ class Engine:
 
         `tag`: the caller's id for the request (the server's response id), used in logs and error messages.
         `constraint`: a fresh `levante.grammar.Constraint` the output must follow (its own, not shared)."""
+        if self.dead is not None:
+            raise self.dead
         if not prompt:
             raise ValueError("prompt is empty")
         if len(prompt) >= self.n_ctx:
@@ -270,9 +283,9 @@ class Engine:
             torch.set_num_threads(self.n_threads)
         while True:
             with self._cv:
-                while not self._stop and not self.waiting and self.n_active == 0:
+                while not self._stop and not self.waiting and self.n_active == 0 and self.dead is None:
                     self._cv.wait()
-                if self._stop:
+                if self._stop or self.dead is not None:
                     break
             try:
                 with torch.inference_mode():
@@ -280,13 +293,26 @@ class Engine:
                     self._admit()
                     if self.n_active:
                         self._decode_step()
+            except WorkerError as e:
+                with self._cv:
+                    self.dead = self.dead or e
+                break
             except Exception as e:  # a batched step: every active request was in it
                 self._fail_all(e)
-        self._fail_all(None, include_waiting=True)
+        self._fail_all(self.dead, include_waiting=True)
+        if self.dead is not None:
+            for cb in list(self.on_dead):
+                try:
+                    cb(self.dead)
+                except Exception:  # noqa: BLE001
+                    log.exception("on_dead callback failed")
 
     def _fail(self, req: Request, err: BaseException | None) -> None:
-        """End `req` with an EngineError (logged with `err`'s traceback; None: the engine is shutting down)."""
-        if err is not None:
+        """End `req` with an EngineError (logged with `err`'s traceback; None: the engine is shutting down), or
+        with `err` itself when it is a WorkerError (its message is for the client)."""
+        if isinstance(err, WorkerError):
+            e: BaseException = err
+        elif err is not None:
             log.error("%s failed", req.name, exc_info=err)
             e = EngineError(f"internal error while generating ({req.name}); the server log has the details")
         else:
@@ -302,7 +328,11 @@ class Engine:
             if s.req is not None:
                 self._fail(s.req, err)
             self.slots[i] = _Slot()
-            self.cache.reset(i)
+            if self.dead is None:  # a lost model's cache is gone with it
+                try:
+                    self.cache.reset(i)
+                except WorkerError as e:
+                    self.dead = e
         self.n_active = 0
         if include_waiting:
             with self._cv:
@@ -319,15 +349,7 @@ class Engine:
         self.n_active -= 1
 
     def _swap(self, a: int, b: int) -> None:
-        c = self.cache
-        m = min(max(c.lengths[a], c.lengths[b]), c.capacity)
-        if m:
-            for t in c.k + c.v:
-                tmp = t[a, :, :m].clone()
-                t[a, :, :m] = t[b, :, :m]
-                t[b, :, :m] = tmp
-        c.pos[[a, b]] = c.pos[[b, a]]
-        c.lengths[a], c.lengths[b] = c.lengths[b], c.lengths[a]
+        self.cache.swap_rows(a, b)
         self.slots[a], self.slots[b] = self.slots[b], self.slots[a]
 
     def _drop_finished(self) -> None:
@@ -355,6 +377,9 @@ class Engine:
             row = self.n_active
             try:
                 self._start(req)
+            except WorkerError as e:  # the model is gone, not just this request
+                self._fail_start(row, req, e)
+                raise
             except Exception as e:  # its own prefill: only this request fails
                 self._fail_start(row, req, e)
 

@@ -35,3 +35,7 @@ class OverloadedError(LevanteError):
 
 class KernelBuildError(LevanteError, RuntimeError):
     """The C++ extension (levante/csrc) failed to compile or load on a machine that has a compiler."""
+
+
+class WorkerError(LevanteError, RuntimeError):
+    """A rank of a tensor- or expert-parallel group died, failed, or fell out of step; the model is unusable."""

@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .errors import LevanteError, MissingConfigError, WeightsError
 from .formats import Checkpoint
 from .model import build_model
+from .shard import Shard
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+\.gguf)?$")
@@ -85,25 +86,26 @@ def _download(repo: str) -> Path:
         raise FileNotFoundError(f"cannot get {repo!r} from the Hugging Face hub or its local cache: {e}") from e
 
 
-def read_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Dispatch on what `path` holds: GGUF file, HF directory or Mistral consolidated directory."""
+def read_checkpoint(path: Path, dtype: torch.dtype = torch.float32, shard: Shard | None = None) -> Checkpoint:
+    """Dispatch on what `path` holds: GGUF file, HF directory or Mistral consolidated directory. `shard`: read
+    only this rank's part of a tensor- or expert-parallel model."""
     if path.is_file():
         if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
             from .formats.gguf import read_gguf
 
-            return read_gguf(path, dtype)
+            return read_gguf(path, dtype, shard)
         raise WeightsError(f"{path}: unknown model file type (expected a .gguf file or a model directory)")
     if (path / "config.json").is_file():
         from .formats.hf import read_hf
 
-        return read_hf(path, dtype)
+        return read_hf(path, dtype, shard)
     if (path / "params.json").is_file():
         from .formats.mistral import read_mistral
 
-        return read_mistral(path, dtype)
+        return read_mistral(path, dtype, shard)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return read_checkpoint(ggufs[0], dtype)
+        return read_checkpoint(ggufs[0], dtype, shard)
     raise MissingConfigError(
         f"missing config: {path} has no config.json (Hugging Face) or params.json (Mistral consolidated)"
     )
@@ -145,20 +147,29 @@ def load(
     head: str = "causal_lm",
     progress: bool = False,
     device: str | torch.device = "cpu",
+    shard: Shard | None = None,
 ) -> LoadedModel:
     """Load a model for inference. `model` is a path, a HF repo id, or None for the default model.
 
     `device`: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available); weights keep their storage
-    format on the device.
+    format on the device. `shard`: this process's part of a model split over ranks (levante.shard): its
+    slices of the weights, the local shapes (`.model.cfg`); `.config` stays the whole model's.
     """
     path = resolve_path(model)
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, shard=shard)
     torch_dtype = resolve_dtype(dtype, set(ckpt.info.get("file_dtypes", [])) or None)
     weights = ckpt.weights
     if progress:
         weights = _convert_with_progress(weights, torch_dtype, path.name)
     try:
-        net = build_model(ckpt.config, weights, torch_dtype, head=head, sources=ckpt.sources)
+        if shard is None:
+            net = build_model(ckpt.config, weights, torch_dtype, head=head, sources=ckpt.sources)
+        else:
+            shard = shard.for_config(ckpt.config)
+            net = build_model(shard.local_config(ckpt.config), weights, torch_dtype, head=head,
+                              sources=ckpt.sources, experts=shard.experts(ckpt.config))
+            if ckpt.release is not None:  # the slices were copied: give the file's pages back
+                ckpt.release()
     except LevanteError:
         raise
     net.eval()

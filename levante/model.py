@@ -143,6 +143,17 @@ class KVCache:
         self.pos[dst] = self.pos[src]
         self.lengths[dst] = self.lengths[src]
 
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange rows `a` and `b` (the engine keeps its active rows contiguous)."""
+        m = min(max(self.lengths[a], self.lengths[b]), self.capacity)
+        if m:
+            for t in self.k + self.v:
+                tmp = t[a, :, :m].clone()
+                t[a, :, :m] = t[b, :, :m]
+                t[b, :, :m] = tmp
+        self.pos[[a, b]] = self.pos[[b, a]]
+        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
+
     def select_rows(self, keep: Tensor) -> None:
         """Keep only rows `keep` (in that order)."""
         self.k = [t.index_select(0, keep) for t in self.k]
@@ -329,18 +340,23 @@ class MoE(nn.Module):
     """Sparse mixture of SwiGLU experts: softmax router over all experts, top-k, renormalised.
 
     Tokens are grouped by expert (one matmul per active expert); inactive experts are not touched.
+    `expert_ids`: the experts this module holds when they are spread over ranks (expert parallelism): the
+    router still sees all of them, the others' share of the output is computed elsewhere.
     """
 
-    def __init__(self, gate: QuantWeight, experts: list[MLP], top_k: int) -> None:
+    def __init__(self, gate: QuantWeight, experts: list[MLP], top_k: int, expert_ids: list[int] | None = None) -> None:
         super().__init__()
         self.gate = gate
         self.experts = nn.ModuleList(experts)
         self.top_k = top_k
+        self.expert_ids = list(expert_ids) if expert_ids is not None else list(range(len(experts)))
+        self.partial = expert_ids is not None and len(self.expert_ids) < gate.out_features
+        self._local = {e: i for i, e in enumerate(self.expert_ids)}
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if (fast := _ffn_fast(self, x, self.experts)) is not None:
+        if not self.partial and (fast := _ffn_fast(self, x, self.experts)) is not None:
             ext, raws, qts = fast
             logits = self.gate(x).float().contiguous()
             return ext.ffn_decode(x.contiguous(), logits, raws, qts, self.top_k).reshape(shape)
@@ -348,14 +364,14 @@ class MoE(nn.Module):
         weights, chosen = probs.topk(self.top_k, dim=-1)
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
         if x.shape[0] == 1:  # one token (decode): no grouping needed
-            out = None
+            out = torch.zeros_like(x)
             for j, e in enumerate(chosen[0].tolist()):
-                y = self.experts[e](x) * weights[:, j : j + 1]
-                out = y if out is None else out + y
+                if (i := self._local.get(e)) is not None:
+                    out = out + self.experts[i](x) * weights[:, j : j + 1]
             return out.reshape(shape)
         flat = chosen.reshape(-1)
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        counts = torch.bincount(flat, minlength=self.gate.out_features).tolist()
         token_of = order // self.top_k
         w_sorted = weights.reshape(-1)[order, None]
         out = torch.zeros_like(x)
@@ -363,9 +379,9 @@ class MoE(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            idx = token_of[start : start + n]
-            y = self.experts[e](x[idx]) * w_sorted[start : start + n]
-            out.index_add_(0, idx, y)
+            if (i := self._local.get(e)) is not None:
+                idx = token_of[start : start + n]
+                out.index_add_(0, idx, self.experts[i](x[idx]) * w_sorted[start : start + n])
             start += n
         return out.reshape(shape)
 
@@ -374,6 +390,7 @@ class Block(nn.Module):
     def __init__(self, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, ffn: nn.Module) -> None:
         super().__init__()
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+        self.fusable = True  # False: always run attention and feed-forward as modules (their hooks run)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, plan: _Plan, layer: int) -> Tensor:
         if plan.fast is not None and (args := self.decode_args()) is not None:
@@ -386,8 +403,10 @@ class Block(nn.Module):
 
     def decode_args(self) -> tuple[tuple, tuple] | None:
         """`layer_decode`'s per-layer arguments (before, after the per-step ones), cached and rebuilt if
-        the weights move; None when this layer has weights that are not CPU GGML blocks (then the
-        modules run one by one)."""
+        the weights move; None when this layer has weights that are not CPU GGML blocks, or is not `fusable`
+        (then the modules run one by one)."""
+        if not self.fusable:
+            return None
         key = id(self.attn.wq._buffers.get("data"))
         cached = self.__dict__.get("_args")
         if cached is None or cached[0] != key:
@@ -565,13 +584,18 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     head: str = "causal_lm",
     sources: Mapping[str, str] | None = None,
+    experts: Sequence[int] | None = None,
 ) -> nn.Module:
-    """Assemble a model from canonical-named weights (float tensors or QuantWeights).
+    """Assemble a model from canonical-named weights (float tensors or QuantWeights). `experts`: the expert ids
+    `weights` holds (expert parallelism; default all).
 
     Raises WeightsError naming the tensor (and its source in the file, when `sources` says) for a
     missing or mis-shaped weight.
     """
     shapes = expected_shapes(cfg, head)
+    held = list(range(cfg.num_experts)) if experts is None else list(experts)
+    for name in [k for k in shapes if ".ffn.experts." in k and int(k.split(".")[4]) not in held]:
+        del shapes[name]
     sources = sources or {}
     tied = "lm_head" in shapes and "lm_head" not in weights
     if tied:
@@ -601,13 +625,14 @@ def build_model(
         p = f"layers.{i}."
         attn = Attention(cfg, lin(p + "attn.wq"), lin(p + "attn.wk"), lin(p + "attn.wv"), lin(p + "attn.wo"))
         if cfg.is_moe:
-            experts = [
+            mlps = [
                 MLP(lin(f"{p}ffn.experts.{e}.w1"), lin(f"{p}ffn.experts.{e}.w2"), lin(f"{p}ffn.experts.{e}.w3"))
-                for e in range(cfg.num_experts)
+                for e in held
             ]
             # Router stays float32: its softmax decides which experts run.
             gate = get(p + "ffn.gate")
-            ffn: nn.Module = MoE(as_weight(gate, torch.float32), experts, cfg.num_experts_per_tok)
+            ffn: nn.Module = MoE(as_weight(gate, torch.float32), mlps, cfg.num_experts_per_tok,
+                                 None if experts is None else held)
         else:
             ffn = MLP(lin(p + "ffn.w1"), lin(p + "ffn.w2"), lin(p + "ffn.w3"))
         blocks.append(Block(norm(p + "attn_norm"), attn, norm(p + "ffn_norm"), ffn))

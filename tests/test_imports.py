@@ -13,12 +13,12 @@ ROOT = Path(levante.__file__).resolve().parent
 # lowest first; a module may import its own layer and the ones below. Prefixes cover subpackages.
 LAYERS: list[tuple[str, ...]] = [
     ("levante.errors",),
-    ("levante.config", "levante.rope", "levante.tokenizer", "levante.sampling"),
+    ("levante.config", "levante.rope", "levante.tokenizer", "levante.sampling", "levante.shard"),
     # structured output, tool calls, chat formats; weight formats and kernels
     ("levante.grammar", "levante.toolcalls", "levante.chat", "levante.quant"),
     ("levante.formats",),  # file readers
     ("levante.model",),
-    ("levante.loader", "levante.speculative", "levante.generate"),
+    ("levante.loader", "levante.speculative", "levante.generate", "levante.parallel"),
     ("levante.api", "levante.hf", "levante.engine"),
     ("levante.tools",),  # quantize, compress, awq calibration, quality, bench
     ("levante.server", "levante.cli", "levante.__main__", "levante"),

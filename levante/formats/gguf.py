@@ -31,9 +31,11 @@ from ..config import ModelConfig, expected_shapes
 from ..errors import ConfigError, LevanteError, UnsupportedQuantError, WeightsError
 from ..quant.base import QuantWeight
 from ..quant.ggml import FLOAT_TYPES, GGMLWeight, check_qtype, dequantize
+from ..quant.ggml import GGML_TYPES as GGML_BLOCKS
 from ..quant.kernels import QTYPES as KERNEL_TYPES
 from ..quant.kernels import Grouped16Weight, fast_weight
 from ..rope import base_inv_freq, llama3_inv_freq
+from ..shard import Shard
 from . import Checkpoint
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -367,8 +369,9 @@ def _qk_perm(n_head: int, head_dim: int) -> Tensor:
     return torch.arange(n_head * head_dim).reshape(n_head, head_dim // 2, 2).transpose(1, 2).reshape(-1)
 
 
-def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Read a GGUF file into a Checkpoint (quantized weights stay packed, memory-mapped)."""
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, shard: Shard | None = None) -> Checkpoint:
+    """Read a GGUF file into a Checkpoint (quantized weights stay packed, memory-mapped). `shard`: keep only this
+    rank's slices of the split weights (copied out of the mapping, whose pages are then given back)."""
     path = Path(path)
     reader = open_gguf(path)
     fields = reader.fields
@@ -388,6 +391,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
     if cfg.tie_word_embeddings:
         shapes.pop("lm_head")
     fname = path.name
+    shard = shard.for_config(cfg) if shard is not None else None
 
     weights: dict[str, Tensor | QuantWeight] = {}
     sources: dict[str, str] = {}
@@ -412,8 +416,21 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
     regrouped: dict[str, bool] = {}
 
     def release_if_regrouped(rt: GGUFTensor | None) -> None:
-        if rt is not None and regrouped.get(rt.name):
+        if rt is not None and (regrouped.get(rt.name) or rt.name in copied):
             reader.release(rt)
+
+    copied: set[str] = set()  # tensors whose shard was copied out of the mapping
+
+    def cut(canon: str, raw: Tensor, qtype: str, shape: tuple[int, int], rt: Any, name: str,
+            dim: int | None = None) -> tuple[Tensor, tuple[int, int]]:
+        """This rank's slice of a tensor's raw rows and its shape (the whole tensor without a shard)."""
+        if shard is None or (d := shard.split(canon) if dim is None else dim) is None:
+            return raw, shape
+        bs, ts, _ = GGML_BLOCKS[qtype]
+        raw = shard.cut(canon, raw.reshape(shape[0], -1), bs, ts, name=f"{fname}:{name}", dim=d)
+        copied.add(rt.name)
+        n = shard.bounds(shape[d])
+        return raw, ((n[1] - n[0], shape[1]) if d == 0 else (shape[0], n[1] - n[0]))
 
     def linear(raw: Tensor, qtype: str, shape: tuple[int, int], name: str) -> Tensor | QuantWeight:
         if qtype in FLOAT_TYPES and _FLOAT_NP[qtype] == dtype:
@@ -480,7 +497,11 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
             check(rt, qtype, (cfg.num_experts, *per), f"{p}ffn.experts.*.{w} (stacked)")
             raw = _raw(rt)
             for e in range(cfg.num_experts):
-                put(f"{p}ffn.experts.{e}.{w}", linear(raw[e], qtype, per, f"{name}[{e}]"), rt)
+                canon = f"{p}ffn.experts.{e}.{w}"
+                if shard is not None and not shard.holds(canon):
+                    continue
+                part, shape = cut(canon, raw[e], qtype, per, rt, f"{name}[{e}]")
+                put(canon, linear(part, qtype, shape, f"{name}[{e}]"), rt)
             continue
         if expert is not None:
             if kind not in _EXPERT_NAMES or not cfg.is_moe:
@@ -490,7 +511,10 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
                 raise WeightsError(f"{path}: tensor {name} is for expert {e}, but expert_count is {cfg.num_experts}")
             canon = f"{p}ffn.experts.{e}.{_EXPERT_NAMES[kind]}"
             check(rt, qtype, shapes[canon], canon)
-            put(canon, linear(_raw(rt), qtype, shapes[canon], name), rt)
+            if shard is not None and not shard.holds(canon):
+                continue
+            raw, shape = cut(canon, _raw(rt), qtype, shapes[canon], rt, name)
+            put(canon, linear(raw, qtype, shape, name), rt)
             continue
         if kind not in _LAYER_NAMES:
             raise WeightsError(f"{path}: unexpected tensor {name} (not part of a llama model)")
@@ -502,19 +526,19 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
         if kind in ("attn_norm", "ffn_norm", "ffn_gate_inp"):
             put(canon, small_float(rt, qtype), rt)
             continue
-        raw = _raw(rt)
-        if kind in ("attn_q", "attn_k"):
-            n_head = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
-            raw = raw.reshape(want[0], -1).index_select(0, _qk_perm(n_head, cfg.head_dim))
-        put(canon, linear(raw, qtype, want, name), rt)
+        raw, shape = cut(canon, _raw(rt), qtype, want, rt, name)
+        if kind in ("attn_q", "attn_k"):  # the permutation is within each head: whole heads cut first
+            n_head = shape[0] // cfg.head_dim
+            raw = raw.reshape(shape[0], -1).index_select(0, _qk_perm(n_head, cfg.head_dim))
+        put(canon, linear(raw, qtype, shape, name), rt)
     release_if_regrouped(prev)
 
     if factors:
-        _low_rank_weights(factors, shapes, fields, path, put, linear)
+        _low_rank_weights(factors, shapes, fields, path, put, linear, cut, shard)
     elif fields.get("levante.low_rank"):
         raise WeightsError(f"{path}: levante.low_rank is set but the file has no low-rank factor tensors")
 
-    missing = [k for k in shapes if k not in weights]
+    missing = [k for k in shapes if k not in weights and (shard is None or shard.holds(k))]
     if missing:
         raise WeightsError(
             f"{path}: missing tensor(s) {', '.join(_gguf_name(k) for k in missing[:5])}"
@@ -548,7 +572,8 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
 
 
 def _low_rank_weights(factors: dict[str, dict[str, Any]], shapes: dict[str, tuple[int, ...]],
-                      fields: dict[str, Any], path: Path, put: Any, linear: Any) -> None:
+                      fields: dict[str, Any], path: Path, put: Any, linear: Any, cut: Any,
+                      shard: Shard | None) -> None:
     """Check the A / B factor pairs and put a LowRankWeight of two quantized weights for each."""
     from ..quant.lowrank import LowRankWeight
 
@@ -584,8 +609,15 @@ def _low_rank_weights(factors: dict[str, dict[str, Any]], shapes: dict[str, tupl
         if base in declared and not 0 < declared[base] <= r:
             raise WeightsError(f"{path}: levante.low_rank.ranks gives rank {declared[base]} for {base}, "
                                f"but its factors {ra.name} / {rb.name} have rank {r}")
-        a = linear(_raw(ra), ra.qtype, (r, in_f), ra.name)
-        b = linear(_raw(rb), rb.qtype, (out_f, r), rb.name)
+        if shard is not None and not shard.holds(canon):
+            continue
+        d = shard.split(canon) if shard is not None else None  # rows: B's rows; columns: A's columns
+        (a_raw, a_shape), (b_raw, b_shape) = (_raw(ra), (r, in_f)), (_raw(rb), (out_f, r))
+        if d == 1:
+            a_raw, a_shape = cut(canon, a_raw, ra.qtype, a_shape, ra, ra.name, dim=1)
+        elif d == 0:
+            b_raw, b_shape = cut(canon, b_raw, rb.qtype, b_shape, rb, rb.name, dim=0)
+        a, b = linear(a_raw, ra.qtype, a_shape, ra.name), linear(b_raw, rb.qtype, b_shape, rb.name)
         put(canon, LowRankWeight(a, b, true_rank=declared.get(base)), ra)
     extra = sorted(set(declared) - seen)
     if extra:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..config import ModelConfig, read_json
 from ..errors import WeightsError
+from ..shard import Shard
 from . import Checkpoint
 from .safetensors import SafetensorsFile
 
@@ -79,11 +80,13 @@ def shard_files(directory: Path) -> list[Path]:
     return files
 
 
-def read_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Read a HF directory (model_type mixtral / mistral / llama) into a Checkpoint."""
+def read_hf(directory: str | Path, dtype: torch.dtype = torch.float32, shard: Shard | None = None) -> Checkpoint:
+    """Read a HF directory (model_type mixtral / mistral / llama) into a Checkpoint; `shard`: only this rank's
+    slices of the split weights (see levante.shard)."""
     directory = Path(directory)
     raw_cfg = read_json(directory / "config.json", "config.json")
     cfg = ModelConfig.from_hf_dict(raw_cfg, str(directory / "config.json"))
+    shard = shard.for_config(cfg) if shard is not None else None
     weights: dict[str, Tensor] = {}
     sources: dict[str, str] = {}
     file_dtypes: set[str] = set()
@@ -121,6 +124,17 @@ def read_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> Checkp
                 _split_fused(weights, sources, cfg, int(fused.group(1)), fused.group(2), st.get(name), path.name)
             elif not _IGNORED.search(name):
                 raise WeightsError(f"{path.name}: unexpected tensor {name!r} for model_type {cfg.model_type}")
+    if shard is not None:
+        shard.cut_all(weights, sources)
+        if awq_parts:
+            _shard_awq(shard, awq_parts, qc)
+        for canon in list(lowrank):
+            if not shard.holds(canon):
+                del lowrank[canon]
+                continue
+            for which, t in lowrank[canon].items():
+                if (d := _factor_dim(shard, canon, which)) is not None:
+                    lowrank[canon][which] = shard.cut(canon, t, name=sources[canon], dim=d)
     if awq_parts:  # AWQ: name each triplet like its float `.weight` would be named
         from ..quant.awq import awq_weights
 
@@ -160,6 +174,31 @@ def read_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> Checkp
             f.release()
 
     return Checkpoint(cfg, weights, "hf-safetensors", sources=sources, info=info, release=release)
+
+
+def _factor_dim(shard: Shard, canon: str, which: str) -> int | None:
+    """The dimension to cut factor `which` ("0": A [rank, in], "1": B [out, rank]) of low-rank weight `canon`
+    along: a row split cuts B's rows, a column split A's columns."""
+    d = shard.split(canon)
+    return 1 if d == 1 and which == "0" else 0 if d == 0 and which == "1" else None
+
+
+def _shard_awq(shard: Shard, parts: dict[str, dict[str, Tensor]], qc: dict) -> None:
+    from ..quant.awq import check_awq_config
+
+    group = check_awq_config(qc)
+    for base in list(parts):
+        canon, which = hf_name(base + ".weight"), None
+        if canon is None and (lr := _LOWRANK.match(base + ".weight")):
+            canon, which = hf_name(lr.group(1) + ".weight"), lr.group(2)
+        if canon is None:
+            continue  # reported as unexpected by the caller
+        if not shard.holds(canon):
+            del parts[base]
+            continue
+        d = shard.split(canon) if which is None else _factor_dim(shard, canon, which)
+        if d is not None and all(k in parts[base] for k in ("qweight", "qzeros", "scales")):
+            parts[base] = shard.cut_awq(canon, parts[base], group, name=base, dim=d)
 
 
 def _split_fused(weights, sources, cfg: ModelConfig, layer: int, kind: str, t: Tensor, fname: str) -> None:

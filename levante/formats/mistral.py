@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..config import ModelConfig, read_json
 from ..errors import WeightsError
+from ..shard import Shard
 from . import Checkpoint
 from .safetensors import SafetensorsFile
 
@@ -77,11 +78,12 @@ def _iter_tensors(path: Path):
     yield from sd.items()
 
 
-def read_mistral(directory: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Read a consolidated Mistral / Mixtral checkpoint directory."""
+def read_mistral(directory: str | Path, dtype: torch.dtype = torch.float32, shard: Shard | None = None) -> Checkpoint:
+    """Read a consolidated Mistral / Mixtral checkpoint directory; `shard`: only this rank's slices (levante.shard)."""
     directory = Path(directory)
     cfg = ModelConfig.from_mistral_params(read_json(directory / "params.json", "params.json"),
                                           str(directory / "params.json"))
+    shard = shard.for_config(cfg) if shard is not None else None
     weights: dict[str, Tensor] = {}
     sources: dict[str, str] = {}
     files = _files(directory)
@@ -111,6 +113,8 @@ def read_mistral(directory: str | Path, dtype: torch.dtype = torch.float32) -> C
                 _split_stacked(weights, sources, cfg, p, s.group(1), t, src)
             else:
                 raise WeightsError(f"{src}: unexpected tensor name")
+    if shard is not None:
+        shard.cut_all(weights, sources)
     info = {"files": [p.name for p in files]}
     return Checkpoint(cfg, weights, "mistral-consolidated", sources=sources, info=info)
 

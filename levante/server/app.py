@@ -112,11 +112,22 @@ async def lifespan(app: FastAPI):
         st.engine = Engine(llm.model, llm.tokenizer, n_ctx=llm.n_ctx, max_batch=st.max_batch,
                            prefill_chunk=llm.n_batch, kv_dtype=llm.kv_dtype, n_threads=llm.n_threads,
                            spec=llm.spec).start()
+    # a parallel model that loses a rank: requests get 503 and the server stops (exit status 1, see `serve`)
+    st.engine.on_dead.append(lambda err: _fatal(st, err))
+    if hasattr(llm.model, "on_lost"):
+        llm.model.on_lost.append(st.engine.fail_permanently)
     try:
         yield
     finally:
         if own:
             st.engine.shutdown()
+
+
+def _fatal(st: ServerState, err: BaseException) -> None:
+    log.error("levante serve: stopping: %s", err)
+    st.fatal = err
+    if st.on_fatal is not None:
+        st.on_fatal()
 
 
 def create_app(

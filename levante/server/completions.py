@@ -15,7 +15,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from ..api import chat_logprobs
 from ..chat import ChatPlan, chat_plan
-from ..errors import ContextLengthError, EngineError, LevanteError, OverloadedError
+from ..errors import ContextLengthError, EngineError, LevanteError, OverloadedError, WorkerError
 from ..generate import TokenEvent
 from ..grammar import Grammar, GrammarError, grammar_of
 from ..sampling import SamplingParams
@@ -136,6 +136,9 @@ def submit(st: ServerState, choices: list[Choice], limits: list[int], stops: lis
     except OverloadedError as e:
         cancel(choices)
         raise APIError(503, str(e), type="server_error", code="overloaded") from None
+    except WorkerError as e:
+        cancel(choices)
+        raise APIError(503, str(e), type="server_error", code="unavailable") from None
     except (ContextLengthError, ValueError) as e:
         cancel(choices)
         code = "context_length_exceeded" if isinstance(e, ContextLengthError) else "invalid_value"
@@ -149,7 +152,10 @@ def cancel(choices: list[Choice]) -> None:
 
 
 def engine_error(e: BaseException, tag: str) -> APIError:
-    """The client's view of a failed generation: the engine's generic message (its id), never the exception's."""
+    """The client's view of a failed generation: the engine's generic message (its id), never the exception's;
+    a lost parallel rank is 503 with its own message."""
+    if isinstance(e, WorkerError):
+        return APIError(503, str(e), type="server_error", code="unavailable")
     if not isinstance(e, EngineError):
         log.error("generation %s failed", tag, exc_info=e)
         e = EngineError(f"internal error while generating ({tag}); the server log has the details")

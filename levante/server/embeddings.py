@@ -9,7 +9,7 @@ import struct
 from fastapi import Request
 from fastapi.responses import Response
 
-from ..errors import ContextLengthError
+from ..errors import ContextLengthError, WorkerError
 from .http import json_response, request_body, state_of
 from .protocol import APIError, EmbeddingRequest
 
@@ -37,6 +37,8 @@ async def embeddings(request: Request) -> Response:
         vecs, n_tok = await loop.run_in_executor(None, st.llm._embed, items, body.pooling or "mean", True, False, 16)
     except ContextLengthError as e:
         raise APIError(400, str(e), param="input", code="context_length_exceeded") from None
+    except WorkerError as e:
+        raise APIError(503, str(e), type="server_error", code="unavailable") from None
     except ValueError as e:
         raise APIError(400, str(e), param="input", code="invalid_value") from None
     b64 = body.encoding_format == "base64"

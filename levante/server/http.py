@@ -124,6 +124,8 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     http_metrics: HTTPMetrics = field(default_factory=HTTPMetrics)
     fingerprint: str = "levante"
+    fatal: BaseException | None = None  # the model is gone: the server stops and exits non-zero
+    on_fatal: Any = None  # set by `serve`: asks the HTTP server to stop
 
     @property
     def vocab(self) -> int:

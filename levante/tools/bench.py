@@ -99,11 +99,13 @@ def run_bench(llm, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, warmup:
                 tok = model(tok, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
             _sync(device)
             decode.append(n_gen / (time.perf_counter() - t0))
-    nbytes, quant, params = weight_summary(model)
+    nbytes, quant, params = weight_summary(getattr(model, "local", model))  # a parallel model: rank 0's shard
     size = llm.loaded.path.stat().st_size if llm.loaded.path.is_file() else nbytes
+    ranks = getattr(model, "tensor_parallel_size", 1)
     return BenchResult(
         model=llm.model_name, size_bytes=size, quant=quant, params=params, threads=threads,
-        device=str(device), n_prompt=n_prompt, n_gen=n_gen, prefill_tps=prefill, decode_tps=decode,
+        device=str(device) + (f" x{ranks} ranks" if ranks > 1 else ""), n_prompt=n_prompt, n_gen=n_gen,
+        prefill_tps=prefill, decode_tps=decode,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
 

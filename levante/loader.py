@@ -15,7 +15,7 @@ from .config import ModelConfig
 from .errors import LevanteError, MissingConfigError, WeightsError
 from .formats import Checkpoint
 from .model import build_model
-from .shard import Shard
+from .shard import Shard, trim_heap
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+\.gguf)?$")
@@ -170,6 +170,7 @@ def load(
                               sources=ckpt.sources, experts=shard.experts(ckpt.config))
             if ckpt.release is not None:  # the slices were copied: give the file's pages back
                 ckpt.release()
+            trim_heap()
     except LevanteError:
         raise
     net.eval()

@@ -16,6 +16,7 @@ the tensor.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -84,7 +85,10 @@ class Shard:
         return dataclasses.replace(self, num_experts=cfg.num_experts)
 
     def holds(self, canon: str) -> bool:
-        """Whether this rank keeps weight `canon` at all (expert parallelism drops the other ranks' experts)."""
+        """Whether this rank keeps weight `canon` at all: expert parallelism drops the other ranks' experts, and
+        only rank 0 computes logits (a model built without lm_head ties it to the embedding, which costs nothing)."""
+        if canon == "lm_head":
+            return self.rank == 0 or self.size == 1
         m = _EXPERT.search(canon)
         if m is None or not self.expert_parallel:
             return True
@@ -110,15 +114,16 @@ class Shard:
     def cut(self, canon: str, t: Tensor, block: int = 1, type_size: int | None = None, name: str = "",
             dim: int | None = None) -> Tensor:
         """This rank's slice of weight `canon` ([out, in], or [out, bytes per row] of GGML blocks of `block`
-        values in `type_size` bytes), as a new contiguous tensor; the tensor itself when it is not split.
-        `dim` overrides the layout's dimension (the factors of a low-rank weight)."""
+        values in `type_size` bytes): rows as a view (a contiguous range of the file), columns as a new tensor;
+        the tensor itself when it is not split. `dim` overrides the layout's dimension (the factors of a low-rank
+        weight)."""
         d = self.split(canon) if dim is None else dim
         if d is None:
             return t
         what = name or canon
         if d == 0:
             lo, hi = self.bounds(t.shape[0])
-            return t[lo:hi].clone()
+            return t[lo:hi]
         cols = t.shape[1] // (type_size or 1) * block if type_size else t.shape[1]
         lo, hi = self.bounds(cols)
         if lo % block or hi % block:
@@ -157,3 +162,12 @@ class Shard:
                              f"{group}-wide AWQ groups")
         return {"qweight": qw[lo:hi].clone(), "qzeros": qz[lo // group : hi // group].clone(),
                 "scales": sc[lo // group : hi // group].clone()}
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc): cutting weights frees many tensor-sized temporaries,
+    which malloc would otherwise keep, and count in the process's memory, after they are gone."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

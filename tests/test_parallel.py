@@ -269,3 +269,14 @@ def test_gguf_per_expert_layout_q8_0(tmp_path, ep):
         assert (par(ids) - want).abs().max().item() <= 1e-3 * want.abs().max().item()  # the 1e-3 rule
     finally:
         par.close()
+
+
+def test_torchrun(tmp_path_factory):
+    """Under torchrun each process joins torchrun's group: rank 0 prints, the other rank serves and exits 0."""
+    d = _dir(tmp_path_factory, "mixtral_8x2")
+    cmd = ["-m", "levante", "run", "-m", str(d), "-p", "Hello", "--temp", "0", "-n", "12"]
+    want = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=120, check=True).stdout
+    got = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *cmd, "--tp", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert got.stdout == want

@@ -35,7 +35,7 @@ from ..quant.ggml import GGML_TYPES as GGML_BLOCKS
 from ..quant.kernels import QTYPES as KERNEL_TYPES
 from ..quant.kernels import Grouped16Weight, fast_weight
 from ..rope import base_inv_freq, llama3_inv_freq
-from ..shard import Shard
+from ..shard import Shard, trim_heap
 from . import Checkpoint
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -418,8 +418,10 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, shard: Shard
     def release_if_regrouped(rt: GGUFTensor | None) -> None:
         if rt is not None and (regrouped.get(rt.name) or rt.name in copied):
             reader.release(rt)
+            if rt.name in copied:
+                trim_heap()
 
-    copied: set[str] = set()  # tensors whose shard was copied out of the mapping
+    copied: set[str] = set()  # tensors this rank took a slice of
 
     def cut(canon: str, raw: Tensor, qtype: str, shape: tuple[int, int], rt: Any, name: str,
             dim: int | None = None) -> tuple[Tensor, tuple[int, int]]:
@@ -476,6 +478,8 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, shard: Shard
                 raise WeightsError(f"{path}: unexpected tensor {name}")
             want = shapes[canon]
             check(rt, qtype, want, canon)
+            if shard is not None and not shard.holds(canon):
+                continue
             if canon == "norm":
                 put(canon, small_float(rt, qtype), rt)
             else:

@@ -280,3 +280,25 @@ def test_torchrun(tmp_path_factory):
                          capture_output=True, text=True, timeout=300)
     assert got.returncode == 0, got.stderr[-3000:]
     assert got.stdout == want
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf Q8_0"])
+def test_low_rank(tmp_path, fmt):
+    """A compressed model's factors are split as their product would be (B by rows, A by columns)."""
+    from levante.tools.compress import compress_model
+    from levante.tools.quantize import quantize_model
+
+    src = save_hf(hf_model("mixtral_8x2", vocab_size=32000, intermediate_size=128), tmp_path / "m", tokenizer=True)
+    path = tmp_path / "low"
+    compress_model(src, path, ratio=0.25)
+    if fmt != "hf":
+        path = quantize_model(path, tmp_path / "low.Q8_0.gguf", "Q8_0", progress=False)
+    base = LLM(str(path), n_ctx=128, n_threads=1)
+    for ep in (False, True):
+        par = LLM(str(path), n_ctx=128, tensor_parallel_size=2, enable_expert_parallel=ep)
+        try:
+            ids = base.tokenize(PROMPT)
+            a, b = base.logits(ids), par.logits(ids)
+            assert (a - b).abs().max().item() <= (1e-4 if fmt == "hf" else 1e-3 * a.abs().max().item())
+        finally:
+            par.close()

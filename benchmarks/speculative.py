@@ -171,7 +171,8 @@ def main() -> None:
                              num_speculative_tokens=args.k, _loaded=target.loaded) for name, d in drafts.items()}
         lines += ["", "## Draft model", "",
                   "Target: SmolLM2 F16 (`levante quantize --type F16` of the shipped Q4_1: its dequantized weights); "
-                  "drafts: the shipped Q4_1 (close to the target) and a Q2_K quantized from the F16 (further off).",
+                  "drafts: the shipped Q4_1 (close to the target) and `--type Q2_K` of the F16 (further off: "
+                  "llama.cpp's Q2_K mix, where SmolLM2's 576-wide rows fall back to Q4_0 and ffn_down is 2/3-bit).",
                   "", "| prompt | tokens | F16 tok/s | " + " | ".join(
                       f"+ {n} draft tok/s | ratio | acceptance | tokens per forward" for n in drafts) + " |",
                   "|---|---|---|" + "---|---|---|---|" * len(drafts)]

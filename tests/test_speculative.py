@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 from fixtures import hf_model, save_hf, smollm2_gguf
+from scipy import stats as scipy_stats
 
 from levante import LLM
 from levante.generate import _Row, generate
@@ -18,8 +19,6 @@ from levante.loader import load
 from levante.sampling import SamplingParams, distribution
 from levante.speculative import MAX_TOKENS, DraftModel, PromptLookup, Speculator, speculative_stream, verify
 from levante.tokenizer import BYTE_ENCODER, GPT2BPETokenizer
-
-scipy_stats = pytest.importorskip("scipy.stats")
 
 
 class Oracle:

@@ -408,7 +408,9 @@ def _close(group: Group, workers: _Workers | None) -> None:
         header[0] = _STOP
         try:
             group.broadcast(header)
-            dist.destroy_process_group()
+            # every rank tears the group down after the same barrier: a peer closing its sockets while this
+            # process still has them open can abort it at exit
+            dist.barrier()
         except Exception:  # noqa: BLE001
             pass
 
@@ -544,8 +546,6 @@ def _join_torchrun(model, size, expert_parallel, dtype, device, n_threads, progr
         loaded.model = ParallelLM(loaded.model, group)
         return loaded
     loaded.model.lm_head = None
-    try:
-        serve_rank(group, loaded.model)
-    finally:
-        dist.destroy_process_group()
-    sys.exit(0)
+    serve_rank(group, loaded.model)
+    dist.barrier()  # see _close
+    os._exit(0)  # no teardown of the group here: rank 0 tears it down

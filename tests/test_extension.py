@@ -68,6 +68,33 @@ def test_compile_error_raises_with_the_compiler_output(tmp_path, monkeypatch):
     assert again.value is err.value
 
 
+def test_a_killed_builds_lock_file_does_not_hang_the_next_build(tmp_path):
+    """torch's build baton (`lock`) outlives a killed build; the next build clears it instead of waiting forever."""
+    if ex.missing_tools():
+        pytest.skip(f"no build tools: {ex.missing_tools()}")
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "ext.cpp").write_text("int levante_broken( {\n")
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from levante.errors import KernelBuildError
+        from levante.quant import extension as ex
+        ex.CSRC = Path({str(src)!r})
+        d = ex.build_dir() / ex.module_name()
+        d.mkdir(parents=True)
+        (d / "lock").touch()  # what a build killed mid-compile leaves
+        try:
+            ex.build()
+        except KernelBuildError as e:
+            assert "levante_broken" in str(e)
+            print("compiled, failed as expected")
+    """)
+    env = dict(os.environ, LEVANTE_EXTENSIONS_DIR=str(tmp_path / "build"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "compiled, failed as expected" in out.stdout
+
+
 def test_missing_compiler_falls_back_with_a_warning(monkeypatch):
     monkeypatch.setattr(ex, "missing_tools", lambda: ["a C++ compiler (c++)"])
     monkeypatch.setattr(ex, "_EXT", None)

@@ -15,6 +15,8 @@ KernelBuildError with the compiler's output, never a silent fallback. LEVANTE_EX
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -109,6 +111,23 @@ def missing_tools() -> list[str]:
     return missing
 
 
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """Hold an flock on the build directory, clearing a baton that a killed build left behind.
+
+    torch's own build lock is a file (`lock`) that a builder deletes when it finishes: a build killed midway
+    leaves it, and every later build then waits for it forever. Every levante build holds this flock (which the
+    kernel releases when its holder dies) around torch's, so a `lock` file seen while holding it is stale.
+    """
+    with open(directory / ".levante-build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            (directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def build(verbose: bool = False) -> ModuleType:
     """Compile (or load the cached) extension; raises KernelBuildError on any failure."""
     from torch.utils.cpp_extension import load
@@ -120,15 +139,16 @@ def build(verbose: bool = False) -> ModuleType:
     directory = build_dir() / name
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        return load(
-            name=name,
-            sources=[str(p) for p in sources() if p.suffix == ".cpp"],
-            extra_cflags=_flags(),
-            extra_ldflags=LDFLAGS,
-            extra_include_paths=[str(CSRC)],
-            build_directory=str(directory),
-            verbose=verbose,
-        )
+        with _build_lock(directory):
+            return load(
+                name=name,
+                sources=[str(p) for p in sources() if p.suffix == ".cpp"],
+                extra_cflags=_flags(),
+                extra_ldflags=LDFLAGS,
+                extra_include_paths=[str(CSRC)],
+                build_directory=str(directory),
+                verbose=verbose,
+            )
     except Exception as e:  # compile / link / import error: a bug to report, not a reason to go slow silently
         raise KernelBuildError(
             f"levante's C++ kernels failed to build in {directory}:\n{e}\n"

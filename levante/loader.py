@@ -175,7 +175,11 @@ def load(
         raise
     net.eval()
     dev = resolve_device(device)
-    if dev.type != "cpu":
+    if dev.type == "cuda":  # quantized weights stay quantized there, in the Triton kernel's layout
+        from .cuda import to_device
+
+        to_device(net, dev)
+    elif dev.type != "cpu":
         net.to(dev)
     tok = _tokenizer_for(path, ckpt)
     return LoadedModel(net, ckpt.config, tok, path, ckpt.format, torch_dtype, ckpt.info)

@@ -1,3 +1,4 @@
+import os
 import socket
 import subprocess
 import sys
@@ -9,6 +10,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
+if not torch.cuda.is_available():  # the GPU kernels run in Triton's interpreter (set before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped, visibly (-ra), on machines without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_sessionstart(session):

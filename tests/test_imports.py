@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("levante.errors",),
     ("levante.config", "levante.rope", "levante.tokenizer", "levante.sampling", "levante.shard"),
     # structured output, tool calls, chat formats; weight formats and kernels
-    ("levante.grammar", "levante.toolcalls", "levante.chat", "levante.quant"),
+    ("levante.grammar", "levante.toolcalls", "levante.chat", "levante.quant", "levante.cuda"),
     ("levante.formats",),  # file readers
     ("levante.model",),
     ("levante.loader", "levante.speculative", "levante.generate", "levante.parallel"),

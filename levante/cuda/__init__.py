@@ -1,0 +1,62 @@
+"""The CUDA backend: quantized weights that stay quantized on the GPU (Triton kernels).
+
+`pack_weights` replaces every GGUF-block and AWQ weight of a built model by a `PackedWeight` (levante.cuda.packed:
+bit planes and scales, the same values), whose matmul is the Triton kernel of levante.cuda.triton_matmul;
+`to_device` does that and moves the model. Float weights stay as they are. Triton is imported only when a packed
+weight first multiplies on the GPU (or under TRITON_INTERPRET=1, how the tests run the kernel on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant.awq import AWQWeight
+from ..quant.base import QuantWeight
+from ..quant.ggml import GGMLWeight
+from ..quant.kernels import GGMLKernelWeight, Grouped16Weight
+from .packed import LAYOUTS, PackedWeight
+
+__all__ = ["PackedWeight", "pack_weight", "pack_weights", "to_device"]
+
+
+def pack_weight(w: QuantWeight) -> PackedWeight | None:
+    """The GPU layout of a GGUF-block or AWQ weight (None for other weights: float, low-rank containers)."""
+    if isinstance(w, Grouped16Weight):
+        raw = w.ggml_blocks()
+    elif isinstance(w, GGMLKernelWeight | GGMLWeight):
+        raw = w.data
+    elif isinstance(w, AWQWeight):
+        return PackedWeight.from_awq(w._codes(0, w.out_features), w.zeros, w._scales(), w.group_size)
+    else:
+        return None
+    if w.qtype not in LAYOUTS:
+        return None
+    return PackedWeight.from_ggml(raw, w.qtype, w.out_features, w.in_features)
+
+
+def pack_weights(net: nn.Module, device: torch.device | str | None = None) -> int:
+    """Replace the model's quantized weights by PackedWeights in place (each moved to `device` as soon as it is
+    packed, so host memory holds one packed weight at a time); returns how many. A weight shared by two modules
+    (tied embeddings) stays shared."""
+    done: dict[int, PackedWeight] = {}
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, QuantWeight) or isinstance(child, PackedWeight):
+                continue
+            packed = done.get(id(child))
+            if packed is None:
+                packed = pack_weight(child)
+                if packed is None:
+                    continue
+                if device is not None:
+                    packed = packed.to(device)
+                done[id(child)] = packed
+            setattr(parent, name, packed)
+    return len(done)
+
+
+def to_device(net: nn.Module, device: torch.device) -> nn.Module:
+    """`net` on a CUDA device with its quantized weights packed for the Triton kernel."""
+    pack_weights(net, device)
+    return net.to(device)

@@ -17,7 +17,7 @@ from .errors import ContextLengthError
 from .generate import TokenEvent, generate_stream
 from .grammar import Grammar, GrammarCompiler, compiler_for, grammar_of
 from .loader import LoadedModel, load
-from .model import check_token_ids
+from .model import CausalLM, check_token_ids
 from .sampling import SamplingParams
 from .speculative import MAX_TOKENS, SpecConfig
 from .toolcalls import ChatOutput
@@ -102,6 +102,12 @@ class LLM:
             else:
                 self.loaded = load(model_path, dtype=dtype, progress=verbose, device=device)
         self.model = self.loaded.model
+        # on a GPU, generation runs levante.cuda's decoder: static cache, Triton attention, CUDA graphs
+        self._decoder = None
+        if isinstance(self.model, CausalLM) and self.model.model.device.type == "cuda":
+            from .cuda import CudaDecoder
+
+            self._decoder = CudaDecoder(self.model)
         # KV cache element type (this LLM's, not the model's: a loaded model may be shared): "auto" = the compute
         # dtype (exact), "f16" = llama.cpp's default (half the bytes a decode step reads from the cache, ~1e-3
         # relative rounding of keys and values)
@@ -342,7 +348,8 @@ class LLM:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         constraints = [self.grammar_compiler().constraint(g) for _ in ids] if g is not None else None
         spec = self.spec.speculator(self.n_ctx, self.kv_dtype) if self.spec is not None and len(ids) == 1 else None
-        events = generate_stream(self.model, self.tokenizer, ids, n, params, stops, None, logprobs, self.n_ctx,
+        net = self._decoder if self._decoder is not None and spec is None else self.model
+        events = generate_stream(net, self.tokenizer, ids, n, params, stops, None, logprobs, self.n_ctx,
                                  self.n_batch, fresh_text, self.kv_dtype, constraints, spec)
         if spec is not None:
             self.spec.last = spec.stats

@@ -21,7 +21,7 @@ from .config import HEADS, ModelConfig, expected_shapes  # noqa: F401  (HEADS: r
 from .errors import ContextLengthError, WeightsError
 from .quant.base import DenseWeight, QuantWeight, as_weight
 from .quant.kernels import GEMV_MAX_ROWS, decode_ext, ffn_raw, fused_matmul, ggml_raw
-from .rope import inv_freq
+from .rope import apply_rotary, inv_freq
 
 _SMALL = GEMV_MAX_ROWS  # token rows up to which the fused C++ decode ops are used (above: tile dequant + MKL)
 _EMPTY = torch.empty(0)
@@ -62,11 +62,6 @@ class Rotary(nn.Module):
         half = sin.shape[-1] // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         return emb.cos().to(dtype)[:, None], sin.to(dtype)[:, None]
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE with the sign folded into `sin` (see Rotary.cos_sin)."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class KVCache:

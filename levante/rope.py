@@ -1,4 +1,4 @@
-"""Rotary position embedding frequencies: the base inverse frequencies and their linear / llama3 scalings."""
+"""Rotary position embedding: the base inverse frequencies, their linear / llama3 scalings, and the rotation."""
 
 from __future__ import annotations
 
@@ -38,3 +38,8 @@ def inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None)
     if rtype == "llama3":
         return llama3_inv_freq(f, sc)
     return f
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE with the sign folded into `sin` (see levante.model.Rotary.cos_sin)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)

@@ -2,8 +2,10 @@
 
 `pack_weights` replaces every GGUF-block and AWQ weight of a built model by a `PackedWeight` (levante.cuda.packed:
 bit planes and scales, the same values), whose matmul is the Triton kernel of levante.cuda.triton_matmul;
-`to_device` does that and moves the model. Float weights stay as they are. Triton is imported only when a packed
-weight first multiplies on the GPU (or under TRITON_INTERPRET=1, how the tests run the kernel on CPU).
+`to_device` does that, moves the model and replaces its MoE layers by `FusedMoE` (levante.cuda.moe: routing on the
+device, grouped GEMMs). `CudaDecoder` (levante.cuda.decoder) is generation's GPU path: a static KV cache, Triton
+attention and a CUDA graph per batch bucket. Float weights stay as they are. Every kernel also runs on CPU tensors
+under TRITON_INTERPRET=1 (how the tests run them).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from ..quant.awq import AWQWeight
 from ..quant.base import QuantWeight
 from ..quant.ggml import GGMLWeight
 from ..quant.kernels import GGMLKernelWeight, Grouped16Weight
+from .decoder import CudaDecoder, StaticCache, bucket_for
+from .moe import FusedMoE, fuse_moe
 from .packed import LAYOUTS, PackedWeight
 
-__all__ = ["PackedWeight", "pack_weight", "pack_weights", "to_device"]
+__all__ = ["CudaDecoder", "FusedMoE", "PackedWeight", "StaticCache", "bucket_for", "fuse_moe", "pack_weight",
+           "pack_weights", "to_device"]
 
 
 def pack_weight(w: QuantWeight) -> PackedWeight | None:
@@ -57,6 +62,8 @@ def pack_weights(net: nn.Module, device: torch.device | str | None = None) -> in
 
 
 def to_device(net: nn.Module, device: torch.device) -> nn.Module:
-    """`net` on a CUDA device with its quantized weights packed for the Triton kernel."""
+    """`net` on a CUDA device: quantized weights packed for the Triton kernels, MoE layers fused."""
     pack_weights(net, device)
-    return net.to(device)
+    net.to(device)
+    fuse_moe(net)
+    return net

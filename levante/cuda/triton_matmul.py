@@ -9,10 +9,58 @@ decode step (M = 1) reads each quantized byte once: the kernel is bound by the p
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+
+@triton.jit
+def weight_tile(
+    w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, rk, K, w_ok,
+    DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
+    HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr,
+):
+    """Rows rn, columns rk of W in float32: a float weight as it is, or a packed one by its formula."""
+    if DENSE:
+        return tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=w_ok, other=0.0).to(tl.float32)
+    if BITS == 8:
+        q = tl.load(lo_ptr + rn[:, None] * K + rk[None, :], mask=w_ok, other=0).to(tl.int32)
+    else:
+        byte = tl.load(lo_ptr + rn[:, None] * (K // 2) + rk[None, :] // 2, mask=w_ok, other=0).to(tl.int32)
+        q = (byte >> ((rk[None, :] % 2) * 4)) & 15
+        if BITS == 5:
+            h = tl.load(hi_ptr + rn[:, None] * (K // 8) + rk[None, :] // 8, mask=w_ok, other=0).to(tl.int32)
+            q = q | (((h >> (rk[None, :] % 8)) & 1) << 4)
+        if BITS == 6:
+            h = tl.load(hi_ptr + rn[:, None] * (K // 4) + rk[None, :] // 4, mask=w_ok, other=0).to(tl.int32)
+            q = q | (((h >> ((rk[None, :] % 4) * 2)) & 3) << 4)
+    s = tl.load(d_ptr + rn[:, None] * (K // SG) + rk[None, :] // SG, mask=w_ok, other=0.0).to(tl.float32)
+    if HAS_SC:
+        s = s * tl.load(sc_ptr + rn[:, None] * (K // G) + rk[None, :] // G, mask=w_ok, other=0).to(tl.float32)
+    w = s * (q - OFF).to(tl.float32)
+    if HAS_MIN:
+        m = tl.load(dm_ptr + rn[:, None] * (K // SG) + rk[None, :] // SG, mask=w_ok, other=0.0).to(tl.float32)
+        if HAS_MC:
+            m = m * tl.load(mc_ptr + rn[:, None] * (K // G) + rk[None, :] // G, mask=w_ok, other=0).to(tl.float32)
+        w = w + m
+    return w
+
+
+@triton.jit
+def dot_acc(acc, x, w, IEEE: tl.constexpr):
+    """acc + x @ w^T with w rounded to x's dtype: on tensor cores, or (IEEE) as exact float32 products."""
+    if IEEE:
+        return acc + tl.dot(x.to(tl.float32), tl.trans(w.to(x.dtype).to(tl.float32)), input_precision="ieee")
+    return acc + tl.dot(x, tl.trans(w.to(x.dtype)))
+
+
+def use_ieee(dtype: torch.dtype) -> bool:
+    """float32 inputs multiply as float32; so do bfloat16 ones under the interpreter, whose tl.dot misreads
+    bfloat16 (the values are the same: bf16 -> f32 is exact)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -34,31 +82,9 @@ def _packed_matmul_kernel(
         rk = k0 + tl.arange(0, BK)
         k_ok = rk[None, :] < K
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok & k_ok, other=0.0)
-        w_ok = n_ok & k_ok
-        if BITS == 8:
-            q = tl.load(lo_ptr + rn[:, None] * K + rk[None, :], mask=w_ok, other=0).to(tl.int32)
-        else:
-            byte = tl.load(lo_ptr + rn[:, None] * (K // 2) + rk[None, :] // 2, mask=w_ok, other=0).to(tl.int32)
-            q = (byte >> ((rk[None, :] % 2) * 4)) & 15
-            if BITS == 5:
-                h = tl.load(hi_ptr + rn[:, None] * (K // 8) + rk[None, :] // 8, mask=w_ok, other=0).to(tl.int32)
-                q = q | (((h >> (rk[None, :] % 8)) & 1) << 4)
-            if BITS == 6:
-                h = tl.load(hi_ptr + rn[:, None] * (K // 4) + rk[None, :] // 4, mask=w_ok, other=0).to(tl.int32)
-                q = q | (((h >> ((rk[None, :] % 4) * 2)) & 3) << 4)
-        s = tl.load(d_ptr + rn[:, None] * (K // SG) + rk[None, :] // SG, mask=w_ok, other=0.0).to(tl.float32)
-        if HAS_SC:
-            s = s * tl.load(sc_ptr + rn[:, None] * (K // G) + rk[None, :] // G, mask=w_ok, other=0).to(tl.float32)
-        w = s * (q - OFF).to(tl.float32)
-        if HAS_MIN:
-            m = tl.load(dm_ptr + rn[:, None] * (K // SG) + rk[None, :] // SG, mask=w_ok, other=0.0).to(tl.float32)
-            if HAS_MC:
-                m = m * tl.load(mc_ptr + rn[:, None] * (K // G) + rk[None, :] // G, mask=w_ok, other=0).to(tl.float32)
-            w = w + m
-        if IEEE:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        w = weight_tile(lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, rk, K, n_ok & k_ok,
+                        False, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC)
+        acc = dot_acc(acc, x, w, IEEE)
     y_ok = m_ok & (rn[None, :] < N)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_ok)
 
@@ -90,6 +116,6 @@ def packed_matmul(x: Tensor, w) -> Tensor:
         w.dm if w.dm.numel() else w.d, w.mc if w.mc.numel() else dummy,
         M, N, K, x2.stride(0), y.stride(0),
         BITS=w.bits, OFF=w.off, G=w.g, SG=w.sg, HAS_SC=w.sc.numel() > 0, HAS_MIN=w.dm.numel() > 0,
-        HAS_MC=w.mc.numel() > 0, IEEE=x.dtype == torch.float32, BM=BM, BN=BN, BK=BK,
+        HAS_MC=w.mc.numel() > 0, IEEE=use_ieee(x.dtype), BM=BM, BN=BN, BK=BK,
     )
     return y.reshape(*shape[:-1], N)

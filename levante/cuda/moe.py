@@ -1,0 +1,167 @@
+"""Fused mixture of experts for the GPU: experts stacked per layer, routing and grouping on the device.
+
+`FusedMoE` replaces a model's `MoE` module (same results): the router's softmax / top-k / renormalisation, the
+sort of (token, choice) pairs by expert (`align_by_expert`) and two grouped GEMMs (levante.cuda.triton_moe: gate
+and up projections together, then the down projection times the routing weights) run as device ops of fixed
+shapes, with no host sync and no Python loop over experts, so a decode step can be captured in a CUDA graph; the
+grid skips the experts no token chose, so batch-1 decode reads only its top-k experts. Experts are float weights
+or packed quantized ones (levante.cuda.packed), all of one format per stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..quant.base import DenseWeight, QuantWeight
+from .packed import PackedWeight
+from .triton_moe import moe_matmul
+
+_PLANES = ("lo", "hi", "d", "sc", "dm", "mc")
+
+
+@dataclass
+class Routing:
+    """(token, choice) pairs sorted by expert, each expert's run padded to whole blocks of `bm`.
+
+    sorted_ids [P]: pair index token * top_k + choice, or `n_pairs` for padding; block_expert [P / bm]: the expert
+    of each block; n_padded [1]: how many entries of sorted_ids are in use (the rest: empty blocks)."""
+
+    sorted_ids: Tensor
+    block_expert: Tensor
+    n_padded: Tensor
+    n_pairs: int
+    bm: int
+
+
+def align_by_expert(topk_ids: Tensor, n_experts: int, bm: int) -> Routing:
+    """Sort the pairs of topk_ids [M, k] by expert, on the device, in shapes that depend on M, k, E and bm only."""
+    flat = topk_ids.reshape(-1)
+    n = flat.numel()
+    dev = flat.device
+    blocks = (n + n_experts * (bm - 1) + bm - 1) // bm
+    counts = torch.zeros(n_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + bm - 1) // bm * bm
+    pad_end = padded.cumsum(0)
+    order = flat.argsort(stable=True)
+    expert_of = flat[order]
+    rank = torch.arange(n, device=dev) - (counts.cumsum(0) - counts)[expert_of]
+    sorted_ids = torch.full((blocks * bm,), n, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, (pad_end - padded)[expert_of] + rank, order.to(torch.int32))
+    starts = torch.arange(blocks, device=dev) * bm
+    block_expert = torch.searchsorted(pad_end, starts, right=True).clamp_(max=n_experts - 1).to(torch.int32)
+    return Routing(sorted_ids, block_expert, pad_end[-1:].to(torch.int32), n, bm)
+
+
+class ExpertStack(nn.Module):
+    """The same projection of every expert, stacked: float [E, N, K] (`weight`), or the planes of packed weights
+    of one format, each [E, ...] (`lo`, `hi`, `d`, `sc`, `dm`, `mc`)."""
+
+    def __init__(self, weights: list[QuantWeight]) -> None:
+        super().__init__()
+        first = weights[0]
+        self.out_features, self.in_features = first.out_features, first.in_features
+        if any(w.shape != first.shape for w in weights):
+            raise ValueError("experts of different shapes")
+        if all(isinstance(w, DenseWeight) for w in weights):
+            self.register_buffer("weight", torch.stack([w.weight for w in weights]), persistent=False)
+            self.qtype, self.bits, self.off, self.g, self.sg = first.qtype, 16, 0, 1, 1
+            for name in _PLANES:
+                setattr(self, name, None)
+            return
+        if not all(isinstance(w, PackedWeight) and w.qtype == first.qtype for w in weights):
+            raise TypeError(f"cannot stack experts of formats {sorted({w.qtype for w in weights})}")
+        self.weight = None
+        self.qtype, self.bits, self.off, self.g, self.sg = first.qtype, first.bits, first.off, first.g, first.sg
+        for name in _PLANES:
+            self.register_buffer(name, torch.stack([getattr(w, name) for w in weights]).contiguous(), persistent=False)
+
+    @staticmethod
+    def stackable(weights: list[QuantWeight]) -> bool:
+        if all(isinstance(w, DenseWeight) for w in weights):
+            return len({(w.weight.dtype, w.shape) for w in weights}) == 1
+        return all(isinstance(w, PackedWeight) for w in weights) and len({(w.qtype, w.shape) for w in weights}) == 1
+
+    def concat(self, other: ExpertStack) -> ExpertStack:
+        """One stack of [self; other] along the output features (gate and up projections, one GEMM)."""
+        if (self.weight is None) != (other.weight is None) or self.qtype != other.qtype:
+            raise TypeError(f"cannot concatenate {self.qtype} and {other.qtype} experts")
+        out = ExpertStack.__new__(ExpertStack)
+        nn.Module.__init__(out)
+        out.out_features, out.in_features = self.out_features + other.out_features, self.in_features
+        out.qtype, out.bits, out.off, out.g, out.sg = self.qtype, self.bits, self.off, self.g, self.sg
+        names = ("weight",) if self.weight is not None else _PLANES
+        for name in ("weight", *_PLANES):
+            if name not in names:
+                setattr(out, name, None)
+                continue
+            a, b = getattr(self, name), getattr(other, name)
+            out.register_buffer(name, torch.cat([a, b], dim=1) if a.numel() else a, persistent=False)
+        return out
+
+
+class FusedMoE(nn.Module):
+    """A `MoE` module's computation as device ops and two grouped GEMMs (see the module docstring)."""
+
+    def __init__(self, gate: QuantWeight, w1: list[QuantWeight], w2: list[QuantWeight], w3: list[QuantWeight],
+                 top_k: int) -> None:
+        super().__init__()
+        self.gate = gate
+        self.top_k = top_k
+        self.n_experts = len(w1)
+        self.ffn = w1[0].out_features
+        first, up = ExpertStack(w1), ExpertStack(w3)
+        self.w13 = first.concat(up) if first.qtype == up.qtype else None
+        self.w1, self.w3 = (None, None) if self.w13 is not None else (first, up)
+        self.w2 = ExpertStack(w2)
+
+    @classmethod
+    def from_module(cls, moe: nn.Module) -> FusedMoE | None:
+        """The fused form of a levante.model.MoE, or None where it does not apply (experts spread over ranks,
+        experts that are not float or packed weights, such as low-rank factors)."""
+        experts = list(moe.experts)
+        if getattr(moe, "partial", False) or not experts:
+            return None
+        ws = {n: [getattr(e, n) for e in experts] for n in ("w1", "w2", "w3")}
+        if not all(ExpertStack.stackable(v) for v in ws.values()):
+            return None
+        return cls(moe.gate, ws["w1"], ws["w2"], ws["w3"], moe.top_k)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).contiguous()
+        M = x.shape[0]
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        routing = align_by_expert(chosen, self.n_experts, 16 if M <= 64 else 64)
+        pairs = M * self.top_k
+        if self.w13 is not None:
+            h = torch.empty(pairs, 2 * self.ffn, dtype=x.dtype, device=x.device)
+            moe_matmul(x, h, self.w13, routing, self.top_k)
+            gate, up = h[:, : self.ffn], h[:, self.ffn :]
+        else:
+            gate = torch.empty(pairs, self.ffn, dtype=x.dtype, device=x.device)
+            up = torch.empty_like(gate)
+            moe_matmul(x, gate, self.w1, routing, self.top_k)
+            moe_matmul(x, up, self.w3, routing, self.top_k)
+        act = (F.silu(gate) * up).contiguous()
+        out = torch.empty(pairs, shape[-1], dtype=x.dtype, device=x.device)
+        moe_matmul(act, out, self.w2, routing, 1, weights.reshape(-1))
+        return out.view(M, self.top_k, -1).sum(1).reshape(shape)
+
+
+def fuse_moe(net: nn.Module) -> int:
+    """Replace every MoE module of `net` that can be fused by a FusedMoE, in place; returns how many."""
+    done = 0
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            # a levante.model.MoE (the model sits a layer above: recognised by its parts, not imported)
+            is_moe = hasattr(child, "experts") and hasattr(child, "top_k") and hasattr(child, "gate")
+            if is_moe and (fused := FusedMoE.from_module(child)) is not None:
+                setattr(parent, name, fused)
+                done += 1
+    return done

@@ -1,0 +1,66 @@
+"""levante.cuda.triton_attention: the cache attention kernel (Triton's interpreter on CPU, the GPU where there is
+one) equals SDPA with the explicit mask, for decode and prefill chunks, grouped heads, sliding windows and
+left-padded rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from levante.cuda.triton_attention import cache_attention
+
+
+def _reference(q, kc, vc, start, window):
+    B, H, T, D = q.shape
+    group = H // kc.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(B):
+        qpos = int(start[b]) + torch.arange(T)
+        n = max(int(qpos[-1]) + 1, 1)
+        k = kc[b, :, :n].repeat_interleave(group, 0).float()
+        v = vc[b, :, :n].repeat_interleave(group, 0).float()
+        kpos = torch.arange(n)
+        mask = (kpos[None] <= qpos[:, None])
+        if window:
+            mask &= (qpos[:, None] - kpos[None]) < window
+        seen = mask.any(-1)  # queries of left padding (negative positions) see nothing: zeros
+        o = F.scaled_dot_product_attention(q[b].float(), k, v, attn_mask=mask | ~seen[:, None])
+        out[b] = (o * seen[None, :, None]).to(q.dtype)
+    return out
+
+
+@pytest.mark.parametrize(("B", "H", "Hkv", "T", "D", "window"), [
+    (3, 4, 2, 1, 32, None),  # decode, grouped heads
+    (2, 4, 1, 37, 64, None),  # a prefill chunk, one kv head
+    (2, 2, 2, 70, 16, 20),  # longer than a query block, sliding window
+    (4, 8, 2, 1, 128, 7),  # decode with a window shorter than the context
+    (2, 4, 2, 19, 24, None),  # a head_dim that is not a power of two
+])
+def test_equals_masked_sdpa(B, H, Hkv, T, D, window):
+    torch.manual_seed(T)
+    S = 120
+    q = torch.randn(B, H, T, D)
+    kc, vc = torch.randn(B + 1, Hkv, S + 1, D), torch.randn(B + 1, Hkv, S + 1, D)  # more rows than the batch
+    start = torch.tensor([S - T - 7 * i for i in range(B)], dtype=torch.int32)
+    got = cache_attention(q, kc, vc, start, window)
+    want = _reference(q, kc, vc, start, window)
+    assert (got - want).abs().max() <= 1e-5
+
+
+def test_left_padded_rows_and_half_precision():
+    """A row whose chunk starts with padding (negative positions): its real queries are exact, the padding's 0."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 9, 32).half()
+    kc, vc = torch.randn(2, 2, 20, 32).half(), torch.randn(2, 2, 20, 32).half()
+    start = torch.tensor([3, -5], dtype=torch.int32)  # row 1: 5 padding queries, then positions 0..3
+    got = cache_attention(q, kc, vc, start)
+    want = _reference(q, kc, vc, start, None)
+    assert (got.float() - want.float()).abs().max() <= 2e-3
+    assert torch.equal(got[1, :, :5], torch.zeros_like(got[1, :, :5]))
+
+
+def test_rejects_shapes_it_cannot_run():
+    with pytest.raises(ValueError, match="do not fit"):
+        cache_attention(torch.randn(1, 3, 1, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32),
+                        torch.zeros(1, dtype=torch.int32))

@@ -1,0 +1,98 @@
+"""levante.cuda.moe: routing sorted by expert on the device, and the fused MoE (grouped GEMMs in Triton, run by
+the interpreter on CPU) equal to the model's MoE module, for float and packed quantized experts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from levante.cuda import FusedMoE, PackedWeight, fuse_moe
+from levante.cuda.moe import ExpertStack, align_by_expert
+from levante.model import MLP, MoE
+from levante.quant.base import DenseWeight
+from levante.quant.kquants import quantize
+
+
+def _packed(n: int, k: int, qtype: str, seed: int) -> PackedWeight:
+    w = np.random.default_rng(seed).normal(0, 0.1, (n, k)).astype(np.float32)
+    raw = torch.from_numpy(np.ascontiguousarray(quantize(w, qtype))).reshape(n, -1)
+    return PackedWeight.from_ggml(raw, qtype, n, k)
+
+
+def _dense(n: int, k: int, dtype=torch.float32) -> DenseWeight:
+    return DenseWeight((torch.randn(n, k) * 0.1).to(dtype))
+
+
+@pytest.mark.parametrize(("m", "k", "e", "bm"), [(1, 2, 8, 16), (5, 2, 4, 4), (33, 3, 6, 16)])
+def test_align_by_expert(m, k, e, bm):
+    torch.manual_seed(m)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(m)])
+    r = align_by_expert(ids, e, bm)
+    n_pad = int(r.n_padded)
+    sorted_ids, blocks = r.sorted_ids.long(), r.block_expert.long()
+    real = sorted_ids[sorted_ids < m * k]
+    assert sorted(real.tolist()) == list(range(m * k))  # every pair once
+    assert n_pad % bm == 0 and (sorted_ids[n_pad:] == m * k).all()
+    for b in range(n_pad // bm):  # every block holds pairs of its own expert only
+        pairs = sorted_ids[b * bm : (b + 1) * bm]
+        pairs = pairs[pairs < m * k]
+        assert len(pairs) and (ids.reshape(-1)[pairs] == blocks[b]).all()
+    counts = torch.bincount(ids.reshape(-1), minlength=e)
+    assert n_pad == int(((counts + bm - 1) // bm * bm).sum())  # only the chosen experts' blocks run
+
+
+def _moe(kind: str, n_experts: int = 4) -> MoE:
+    torch.manual_seed(0)
+    if kind == "f32":
+        experts = [MLP(_dense(96, 64), _dense(64, 96), _dense(96, 64)) for _ in range(n_experts)]
+    elif kind == "bf16":
+        experts = [MLP(_dense(96, 64, torch.bfloat16), _dense(64, 96, torch.bfloat16), _dense(96, 64, torch.bfloat16))
+                   for _ in range(n_experts)]
+    elif kind == "q4_k_m":  # Q4_K_M's expert types: gate / up Q4_K, down Q6_K
+        experts = [MLP(_packed(256, 256, "Q4_K", i), _packed(256, 256, "Q6_K", 10 + i),
+                       _packed(256, 256, "Q4_K", 20 + i)) for i in range(n_experts)]
+    else:  # gate and up of different types: two stacks instead of one
+        experts = [MLP(_packed(256, 256, "Q8_0", i), _packed(256, 256, "Q5_K", 10 + i),
+                       _packed(256, 256, "Q4_0", 20 + i)) for i in range(n_experts)]
+    dt = torch.bfloat16 if kind == "bf16" else torch.float32
+    return MoE(_dense(n_experts, experts[0].w1.in_features, dt), experts, 2)
+
+
+@pytest.mark.parametrize("kind", ["f32", "bf16", "q4_k_m", "mixed"])
+@pytest.mark.parametrize("m", [1, 6, 70])
+def test_fused_equals_module(kind, m):
+    moe = _moe(kind)
+    fused = FusedMoE.from_module(moe)
+    assert fused is not None and (fused.w13 is None) == (kind == "mixed")
+    dt = torch.bfloat16 if kind == "bf16" else torch.float32
+    x = torch.randn(m, moe.gate.in_features).to(dt)
+    with torch.inference_mode():
+        want, got = moe(x).float(), fused(x).float()
+    tol = 2e-2 if kind == "bf16" else 1e-5  # bf16: products rounded in another order
+    assert (got - want).abs().max() <= tol * want.abs().max()
+
+
+def test_not_fused_where_it_does_not_apply():
+    moe = _moe("f32")
+    moe.experts[1].w2 = _dense(64, 96, torch.bfloat16)  # one expert of another dtype
+    assert FusedMoE.from_module(moe) is None
+    part = MoE(_dense(4, 64), [MLP(_dense(96, 64), _dense(64, 96), _dense(96, 64))] * 2, 2, expert_ids=[0, 2])
+    assert FusedMoE.from_module(part) is None  # expert parallel: the other experts live on other ranks
+    with pytest.raises(TypeError, match="cannot stack"):
+        ExpertStack([_packed(256, 256, "Q4_K", 0), _packed(256, 256, "Q6_K", 1)])
+
+
+def test_fuse_moe_in_a_model(tmp_path):
+    from fixtures import hf_model, save_hf
+
+    from levante.loader import load
+
+    net = load(save_hf(hf_model("mixtral_8x2"), tmp_path / "m")).model
+    ids = torch.arange(3, 30)[None]
+    with torch.inference_mode():
+        want = net(ids)
+        assert fuse_moe(net) == net.cfg.num_layers
+        assert all(isinstance(layer.ffn, FusedMoE) for layer in net.model.layers)
+        got = net(ids)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()

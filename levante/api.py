@@ -127,6 +127,15 @@ class LLM:
         self.verbose = verbose
         self.spec = self._spec_config(speculative, draft_model, num_speculative_tokens, ngram, dtype, device)
 
+    def serving_model(self):
+        """The model a serving engine should drive: on a GPU a decoder of its own (static cache, CUDA graphs; its
+        cache apart from this LLM's), else the model itself."""
+        if self._decoder is None:
+            return self.model
+        from .cuda import CudaDecoder
+
+        return CudaDecoder(self.model)
+
     def _spec_config(self, method, draft, k, ngram, dtype, device) -> SpecConfig | None:
         if draft is not None:
             method = method or "draft"

@@ -464,7 +464,13 @@ class HFModel(nn.Module):
         if dev != "cpu":
             from .loader import resolve_device
 
-            loaded.model.to(resolve_device(dev))
+            device = resolve_device(dev)
+            if device.type == "cuda":  # quantized weights stay quantized there (levante.cuda)
+                from .cuda import to_device
+
+                to_device(loaded.model, device)
+            else:
+                loaded.model.to(device)
         return cls(loaded, {8: "int8", 4: "q4_0"}.get(bits))
 
     # --- nn.Module-ish ----------------------------------------------------------------------------

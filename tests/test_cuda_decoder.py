@@ -9,6 +9,7 @@ import torch
 from fixtures import hf_model, save_hf
 
 from levante.cuda import CudaDecoder, StaticCache, bucket_for, fuse_moe, pack_weights
+from levante.errors import ContextLengthError
 from levante.generate import generate
 from levante.loader import load
 from levante.sampling import SamplingParams
@@ -63,8 +64,13 @@ def test_cache_is_reused_while_it_fits(tmp_path):
     assert dec.new_cache(2, 10) is c  # smaller: the same buffers (captured graphs stay valid)
     bigger = dec.new_cache(5, 10)
     assert bigger is not c and bigger.rows == 8
-    with pytest.raises(ValueError, match="explicit positions"):
-        dec(torch.tensor([[1, 2]]), None, bigger)
+    with torch.inference_mode():
+        dec(torch.tensor([[1, 2, 3]]), None, bigger, rows=slice(2, 3))  # positions placed after the row's length
+        assert bigger.lengths[:3] == [0, 0, 3]
+        with pytest.raises(ContextLengthError, match="context overflow"):
+            dec(torch.tensor([[1] * 8]), None, bigger, rows=slice(2, 3))
+        with pytest.raises(ValueError, match="not in a cache"):
+            dec(torch.tensor([[1]]), None, bigger, rows=slice(8, 9))
 
 
 @pytest.mark.gpu
@@ -91,3 +97,34 @@ def test_gpu_graphs_equal_eager_without_host_sync(tmp_path):
         dec(tok, pos, cache)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_serving_engine_on_the_decoder(tmp_path):
+    """The continuous-batching engine over the decoder's static cache: rows joining and leaving, prefix reuse, and
+    bucketed decode steps whose padding row is a free row holding a finished request's prefix (which it must not
+    touch: request E reuses it). Every request gets solo generation's tokens."""
+    from levante.engine import Engine
+
+    lm = load(save_hf(hf_model("mixtral_8x2", vocab_size=32000), tmp_path / "m", tokenizer=True))
+    tok = lm.tokenizer
+    system = tok.encode("You are a helpful assistant. " * 4)
+    prompts = [system + tok.encode("Question one", add_bos=False)]  # A: short, finishes first
+    prompts += [tok.encode(t) for t in ["The quick brown fox", "Once upon a time there", "Hello"]]  # B, C, D
+    prompts.append(system + tok.encode("Question two", add_bos=False))  # E: after the others, reuses A's row
+    lens = [3, 12, 9, 10, 6]
+    with torch.inference_mode():
+        want = [r.tokens for p, n in zip(prompts, lens)
+                for r in generate(lm.model, tok, [p], n, GREEDY, stop_token_ids=set())]
+    dec = CudaDecoder(lm.model)
+    fuse_moe(lm.model)
+    eng = Engine(dec, tok, n_ctx=128, max_batch=4).start()
+    try:
+        assert isinstance(eng.cache, StaticCache) and eng.cache.rows == 4
+        reqs = [eng.submit(p, n, GREEDY, stop_ids=set()) for p, n in zip(prompts[:4], lens[:4])]
+        got = [[ev.token for ev in r] for r in reqs]  # after A: 3 rows run as bucket 4, A's row the padding
+        last = eng.submit(prompts[4], lens[4], GREEDY, stop_ids=set())
+        got.append([ev.token for ev in last])
+        assert last.cached_tokens >= len(system)
+    finally:
+        eng.shutdown()
+    assert got == want

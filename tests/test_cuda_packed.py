@@ -71,6 +71,22 @@ def test_awq_kernel():
     assert (packed_matmul(x, pack_weight(awq)) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def test_int8_rows():
+    """load_in_8bit's weights (int8, one float32 scale per row): packed exactly, multiplied by the kernel."""
+    from levante.cuda.triton_matmul import packed_matmul
+    from levante.quant.int8 import Int8Weight
+
+    w8 = Int8Weight.from_float(torch.randn(N, K) * 0.1)
+    pw = pack_weight(w8)
+    assert pw.qtype == "INT8" and torch.equal(pw.dequantize(), w8.dequantize())
+    x = torch.randn(3, K)
+    ref = x @ w8.dequantize().T
+    assert (packed_matmul(x, pw) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    xb = x.bfloat16()  # the GPU's dtype: weights rounded to bf16, float32 accumulation
+    refb = xb.float() @ w8.dequantize().bfloat16().float().T
+    assert (packed_matmul(xb, pw).float() - refb).abs().max() <= 1e-2 * refb.abs().max()
+
+
 @pytest.mark.parametrize("qtype", ["Q4_K_M", "Q8_0"])
 def test_model_with_packed_weights(tmp_path, qtype):
     """Every quantized weight of a GGUF model packed (embedding and tied head included): same logits."""

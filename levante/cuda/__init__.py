@@ -16,6 +16,7 @@ from torch import nn
 from ..quant.awq import AWQWeight
 from ..quant.base import QuantWeight
 from ..quant.ggml import GGMLWeight
+from ..quant.int8 import Int8Weight
 from ..quant.kernels import GGMLKernelWeight, Grouped16Weight
 from .decoder import CudaDecoder, StaticCache, bucket_for
 from .moe import FusedMoE, fuse_moe
@@ -26,13 +27,15 @@ __all__ = ["CudaDecoder", "FusedMoE", "PackedWeight", "StaticCache", "bucket_for
 
 
 def pack_weight(w: QuantWeight) -> PackedWeight | None:
-    """The GPU layout of a GGUF-block or AWQ weight (None for other weights: float, low-rank containers)."""
+    """The GPU layout of a GGUF-block, AWQ or int8 weight (None for other weights: float, low-rank containers)."""
     if isinstance(w, Grouped16Weight):
         raw = w.ggml_blocks()
     elif isinstance(w, GGMLKernelWeight | GGMLWeight):
         raw = w.data
     elif isinstance(w, AWQWeight):
         return PackedWeight.from_awq(w._codes(0, w.out_features), w.zeros, w._scales(), w.group_size)
+    elif isinstance(w, Int8Weight):
+        return PackedWeight.from_int8(w.q.cpu(), w.scale.cpu())
     else:
         return None
     if w.qtype not in LAYOUTS:

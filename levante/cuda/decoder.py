@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import ContextLengthError
 from ..rope import apply_rotary
 from .triton_attention import cache_attention
 
@@ -34,7 +35,14 @@ def bucket_for(n: int) -> int:
 
 
 class StaticCache:
-    """Keys and values of `rows` sequences at slot = position; slot `capacity` is the padding tokens' dump."""
+    """Keys and values of `rows` sequences at slot = position; slot `capacity` is the padding tokens' dump.
+
+    `lengths`: positions held per row, kept by the calls that let the decoder place the tokens (positions=None,
+    the serving engine's way); `truncate` / `reset` / `swap_rows` are the engine's KVCache operations. Slots past
+    a row's length may hold stale keys: no query sees a slot beyond its own position, so they need no clearing.
+    """
+
+    rolling = False  # slot = position: a sliding window is applied by the attention, not by a ring buffer
 
     def __init__(self, cfg, rows: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (rows, cfg.num_kv_heads, capacity + 1, cfg.head_dim)
@@ -42,6 +50,7 @@ class StaticCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.rows, self.capacity, self.dtype = rows, capacity, dtype
         self.active = rows  # rows in use by the current generation
+        self.lengths = [0] * rows
 
     @property
     def batch_size(self) -> int:
@@ -53,6 +62,22 @@ class StaticCache:
         for t in self.k + self.v:
             t[:n] = t.index_select(0, keep)
         self.active = n
+
+    def reset(self, row: int | None = None) -> None:
+        for r in range(self.rows) if row is None else [row]:
+            self.lengths[r] = 0
+
+    def truncate(self, row: int, n_steps: int) -> None:
+        self.lengths[row] = min(self.lengths[row], n_steps)
+
+    def swap_rows(self, a: int, b: int) -> None:
+        m = max(self.lengths[a], self.lengths[b])
+        if m:
+            for t in self.k + self.v:
+                tmp = t[a, :, :m].clone()
+                t[a, :, :m] = t[b, :, :m]
+                t[b, :, :m] = tmp
+        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -86,31 +111,43 @@ class CudaDecoder(nn.Module):
             c = StaticCache(self.cfg, rows, max_tokens + slack, dtype, self.model.device)
             self._cache = c
         c.active = batch_size
+        c.reset()
         return c
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: StaticCache | None = None,
                 last_only: bool = False, rows: slice | None = None) -> Tensor:
-        """Logits [B, T or 1, vocab] (float32) of tokens [B, T] at positions [B, T] (-1: padding)."""
+        """Logits [B, T or 1, vocab] (float32) of tokens [B, T] at positions [B, T] (-1: padding) in cache rows
+        `rows` (default 0..B-1); positions=None: each row's next ones, after its `lengths`."""
         if cache is None or not isinstance(cache, StaticCache):
             return self.lm(tokens, positions, cache, last_only, rows)
         if tokens.ndim == 1:
             tokens = tokens[None]
         B, T = tokens.shape
+        row0 = 0 if rows is None else rows.indices(cache.rows)[0]
+        if row0 + B > cache.rows:
+            raise ValueError(f"rows {row0}..{row0 + B - 1} are not in a cache of {cache.rows}")
         if positions is None:
-            raise ValueError("the static cache needs explicit positions")
-        if T == 1:
+            held = cache.lengths[row0 : row0 + B]
+            if max(held) + T > cache.capacity:
+                raise ContextLengthError(f"context overflow: {max(held)} cached + {T} new tokens > n_ctx "
+                                         f"{cache.capacity}")
+            positions = torch.tensor(held, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
+            for r in range(row0, row0 + B):
+                cache.lengths[r] += T
+        if T == 1 and row0 == 0:
             return self._decode(tokens, positions, cache)
-        return self._step(tokens, positions, cache, last_only)
+        return self._step(tokens, positions, cache, last_only, row0)
 
     def _decode(self, tokens: Tensor, positions: Tensor, cache: StaticCache) -> Tensor:
-        """One token per row, for the batch's bucket (padding rows write only their own rows' slot 0)."""
+        """One token per row, for the batch's bucket; the padding rows (position -1) see nothing and write only
+        the dump slot, so rows past the batch (a server's cached prefixes) are left as they are."""
         B = tokens.shape[0]
         b = bucket_for(B)
         if b > cache.rows:
             raise ValueError(f"{B} rows do not fit a cache of {cache.rows}")
         if not self.use_graphs:
             tok = torch.zeros(b, 1, dtype=tokens.dtype, device=tokens.device)
-            pos = torch.zeros(b, 1, dtype=positions.dtype, device=positions.device)
+            pos = torch.full((b, 1), -1, dtype=positions.dtype, device=positions.device)
             tok[:B], pos[:B] = tokens, positions
             return self._step(tok, pos, cache, True)[:B]
         graph = self._graphs.get(b)
@@ -118,7 +155,7 @@ class CudaDecoder(nn.Module):
             graph = self._capture(b, cache)
         g, tok, pos, out = graph
         tok.zero_()
-        pos.zero_()
+        pos.fill_(-1)
         tok[:B].copy_(tokens, non_blocking=True)
         pos[:B].copy_(positions, non_blocking=True)
         g.replay()
@@ -128,7 +165,7 @@ class CudaDecoder(nn.Module):
         """Capture the decode step of bucket b over `cache` (warmed up first: Triton compiles outside the graph)."""
         dev = self.model.device
         tok = torch.zeros(b, 1, dtype=torch.long, device=dev)
-        pos = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        pos = torch.full((b, 1), -1, dtype=torch.long, device=dev)
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
@@ -141,8 +178,8 @@ class CudaDecoder(nn.Module):
         self._graphs[b] = (g, tok, pos, out)
         return self._graphs[b]
 
-    def _step(self, tokens: Tensor, positions: Tensor, cache: StaticCache, last_only: bool) -> Tensor:
-        """The model's forward over the static cache: device ops only (capturable)."""
+    def _step(self, tokens: Tensor, positions: Tensor, cache: StaticCache, last_only: bool, row0: int = 0) -> Tensor:
+        """The model's forward over cache rows row0.., device ops only (capturable)."""
         net = self.model
         cfg = net.cfg
         B, T = tokens.shape
@@ -158,9 +195,10 @@ class CudaDecoder(nn.Module):
             k = a.wk(h).view(B, T, a.n_kv, a.head_dim).transpose(1, 2)
             v = a.wv(h).view(B, T, a.n_kv, a.head_dim)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin).transpose(1, 2)
-            cache.k[i][row, :, slots] = k.to(cache.dtype)
-            cache.v[i][row, :, slots] = v.to(cache.dtype)
-            o = cache_attention(q.contiguous(), cache.k[i], cache.v[i], start, cfg.sliding_window)
+            ck, cv = cache.k[i][row0 : row0 + B], cache.v[i][row0 : row0 + B]
+            ck[row, :, slots] = k.to(cache.dtype)
+            cv[row, :, slots] = v.to(cache.dtype)
+            o = cache_attention(q.contiguous(), ck, cv, start, cfg.sliding_window)
             x = x + a.wo(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim).to(x.dtype))
             x = x + layer.ffn(layer.ffn_norm(x))
         if last_only:

@@ -37,7 +37,7 @@ LAYOUTS: dict[str, tuple[int, int, int, int, bool, bool]] = {
     "Q5_K": (5, 0, 32, 256, True, True),
     "Q6_K": (6, 32, 16, 256, True, False),
 }
-SUPPORTED = tuple(LAYOUTS) + ("AWQ4",)
+SUPPORTED = tuple(LAYOUTS) + ("AWQ4", "INT8")
 
 
 @dataclass
@@ -119,7 +119,7 @@ class PackedWeight(QuantWeight):
                 hi = torch.empty(0, dtype=torch.uint8)
         self.register_buffer("lo", lo, persistent=False)
         self.register_buffer("hi", hi.contiguous(), persistent=False)
-        self.register_buffer("d", parts.d.half().contiguous(), persistent=False)
+        self.register_buffer("d", parts.d.contiguous(), persistent=False)  # f16 (files), f32 (int8 rows)
         empty = torch.empty(0, dtype=torch.uint8)
         self.register_buffer("sc", empty if parts.sc is None else parts.sc.contiguous(), persistent=False)
         self.register_buffer("dm", torch.empty(0, dtype=torch.float16) if parts.dm is None else
@@ -141,6 +141,14 @@ class PackedWeight(QuantWeight):
         parts = _Parts(codes.to(torch.uint8), s, None, -s, zeros.to(torch.uint8))
         w = cls(parts, "AWQ4", 4, 0, group_size, group_size, n, k)
         return w
+
+    @classmethod
+    def from_int8(cls, q: Tensor, scale: Tensor) -> PackedWeight:
+        """From int8 rows q [out, in] with one float32 scale per row (levante.quant.int8): W = scale * q, one
+        scale group spanning the row, codes stored offset by 128."""
+        n, k = q.shape
+        codes = (q.to(torch.int16) + 128).to(torch.uint8)
+        return cls(_Parts(codes, scale.float().reshape(n, 1)), "INT8", 8, 128, k, k, n, k)
 
     # ------------------------------------------------------------------ the reference (torch) path
     def _codes(self, a: int, b: int) -> Tensor:

@@ -107,9 +107,9 @@ async def get_model(name: str, request: Request) -> Response:
 async def lifespan(app: FastAPI):
     st: ServerState = app.state.server
     own = st.engine is None
+    llm = st.llm
     if own:
-        llm = st.llm
-        st.engine = Engine(llm.model, llm.tokenizer, n_ctx=llm.n_ctx, max_batch=st.max_batch,
+        st.engine = Engine(llm.serving_model(), llm.tokenizer, n_ctx=llm.n_ctx, max_batch=st.max_batch,
                            prefill_chunk=llm.n_batch, kv_dtype=llm.kv_dtype, n_threads=llm.n_threads,
                            spec=llm.spec).start()
     # a parallel model that loses a rank: requests get 503 and the server stops (exit status 1, see `serve`)

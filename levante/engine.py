@@ -210,6 +210,9 @@ class Engine:
         self.cache = model.new_cache(max_batch, n_ctx, kv_dtype, slack=MAX_TOKENS + 1 if spec is not None else 0)
         self.slots = [_Slot() for _ in range(max_batch)]
         self.n_active = 0
+        # the request whose prompt is being prefilled (row, prompt tokens in the cache): it sits in the row after
+        # the active ones and joins them when its prompt is in
+        self._filling: tuple[int, int] | None = None
         self.waiting: deque[Request] = deque()
         self.metrics = Metrics()
         self._ids = itertools.count(1)
@@ -283,7 +286,8 @@ class Engine:
             torch.set_num_threads(self.n_threads)
         while True:
             with self._cv:
-                while not self._stop and not self.waiting and self.n_active == 0 and self.dead is None:
+                while (not self._stop and not self.waiting and self.n_active == 0 and self._filling is None
+                       and self.dead is None):
                     self._cv.wait()
                 if self._stop or self.dead is not None:
                     break
@@ -323,6 +327,14 @@ class Engine:
         req._put(e)
 
     def _fail_all(self, err: BaseException | None, include_waiting: bool = False) -> None:
+        if self._filling is not None:
+            row, _ = self._filling
+            self._filling = None
+            if self.slots[row].req is not None:
+                self._fail(self.slots[row].req, err)
+            self.slots[row] = _Slot()
+            if self.dead is None:
+                self.cache.reset(row)
         for i in range(self.n_active):
             s = self.slots[i]
             if s.req is not None:
@@ -364,7 +376,15 @@ class Engine:
                 i += 1
 
     def _admit(self) -> None:
-        while self.n_active < self.max_batch:
+        """Prefill at most `prefill_chunk` prompt tokens, then return to the decode step: a long prompt is fed a
+        chunk per scheduler step (chunked prefill), so the running streams keep going while it is read. Short
+        prompts are admitted together while the budget lasts."""
+        budget = self.prefill_chunk
+        if self._filling is not None:
+            budget -= self._fill_guarded(budget)
+            if self._filling is not None:
+                return
+        while self.n_active < self.max_batch and budget > 0:
             with self._cv:
                 if not self.waiting:
                     break
@@ -380,8 +400,27 @@ class Engine:
             except WorkerError as e:  # the model is gone, not just this request
                 self._fail_start(row, req, e)
                 raise
-            except Exception as e:  # its own prefill: only this request fails
+            except Exception as e:  # its own set-up: only this request fails
                 self._fail_start(row, req, e)
+                continue
+            budget -= self._fill_guarded(budget)
+            if self._filling is not None:
+                break
+
+    def _fill_guarded(self, budget: int) -> int:
+        """`_fill`, with a failure ending only the filling request (a WorkerError ends the engine too)."""
+        row, _ = self._filling
+        req = self.slots[row].req
+        try:
+            return self._fill(budget)
+        except WorkerError as e:
+            self._filling = None
+            self._fail_start(row, req, e)
+            raise
+        except Exception as e:  # its own prefill: only this request fails
+            self._filling = None
+            self._fail_start(row, req, e)
+            return budget
 
     def _best_free_row(self, prompt: list[int]) -> tuple[int, int]:
         """The free row sharing the longest prefix with `prompt` (at most len(prompt) - 1 tokens)."""
@@ -401,6 +440,7 @@ class Engine:
         return best, best_n
 
     def _start(self, req: Request) -> None:
+        """Give `req` the free row with the longest common prefix, moved to the row after the active ones."""
         r, common = self._best_free_row(req.prompt)
         row = self.n_active
         if r != row:
@@ -414,18 +454,39 @@ class Engine:
         req.cached_tokens = common
         with self.metrics.lock:
             self.metrics.cached_prompt_tokens += common
-        self.n_active += 1
         slot.req = req
         slot.row = _Row(req.id, req.prompt, req.params, req.max_tokens, self.tokenizer, req.stop, req.fresh_text,
                         req.constraint)
         slot.spec = self.spec.speculator(self.n_ctx, self.kv_dtype) if self.spec is not None else None
-        rest = torch.tensor([req.prompt[common:]], device=self.device)
-        logits = None
-        for s in range(0, rest.shape[1], self.prefill_chunk):
-            logits = self.model(rest[:, s : s + self.prefill_chunk], cache=self.cache, last_only=True,
-                                rows=slice(row, row + 1))
-        slot.tokens = list(req.prompt)
+        self._filling = (row, common)
+
+    def _fill(self, budget: int) -> int:
+        """Feed up to `budget` more prompt tokens of the filling request; when its whole prompt is in, it joins the
+        active rows and its first token is sampled. Returns the tokens fed."""
+        row, done = self._filling
+        slot = self.slots[row]
+        req = slot.req
+        if req.cancelled:
+            self._filling = None
+            req._put(_DONE)
+            slot.req, slot.row, slot.spec, slot.tokens = None, None, None, req.prompt[:done]
+            self.cache.truncate(row, done)
+            return 0
+        n = min(budget, len(req.prompt) - done)
+        toks = torch.tensor([req.prompt[done : done + n]], device=self.device)
+        logits = self.model(toks, cache=self.cache, last_only=True, rows=slice(row, row + 1))
+        done += n
+        slot.tokens = req.prompt[:done]
+        if done < len(req.prompt):
+            self._filling = (row, done)
+            return n
+        self._filling = None
+        if row != self.n_active:  # rows released meanwhile: join right after the active ones
+            self._swap(row, self.n_active)
+            row = self.n_active
+        self.n_active += 1
         self._emit([row], logits[:, -1])
+        return n
 
     def _decode_step(self) -> None:
         self._drop_finished()  # requests that finished during admission

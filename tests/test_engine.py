@@ -212,3 +212,51 @@ def test_a_failing_decode_step_fails_its_batch_and_the_engine_goes_on(llm):
         assert len(list(b)) == 3
     finally:
         eng.shutdown()
+
+
+class _Recorder(torch.nn.Module):
+    """The model, with every call's (new tokens, cache rows) recorded in order."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    @property
+    def cfg(self):
+        return self.inner.cfg
+
+    @property
+    def model(self):
+        return self.inner.model
+
+    def new_cache(self, *a, **k):
+        return self.inner.new_cache(*a, **k)
+
+    def forward(self, tokens, *a, rows=None, **k):
+        self.calls.append((tokens.shape[1], rows))
+        return self.inner(tokens, *a, rows=rows, **k)
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(llm):
+    """Chunked prefill: a 150-token prompt arriving while a stream runs is fed 16 tokens per scheduler step, each
+    chunk followed by a decode step of the running stream; both outputs equal solo generation."""
+    rec = _Recorder(llm.model)
+    eng = Engine(rec, llm.tokenizer, n_ctx=256, max_batch=2, prefill_chunk=16).start()
+    try:
+        short = llm.tokenize("Hello")
+        running = eng.submit(short, 40, SamplingParams.greedy(), stop_ids=set())
+        it = iter(running)
+        first = [next(it).token for _ in range(3)]
+        long_prompt = llm.tokenize("The quick brown fox jumps over the lazy dog. " * 16)[:150]
+        assert len(long_prompt) == 150
+        late = eng.submit(long_prompt, 5, SamplingParams.greedy(), stop_ids=set())
+        got_late = [ev.token for ev in late]
+        got_running = first + [ev.token for ev in it]
+    finally:
+        eng.shutdown()
+    chunks = [i for i, (t, rows) in enumerate(rec.calls) if rows == slice(1, 2)]
+    assert [rec.calls[i][0] for i in chunks] == [16] * 9 + [6]  # 150 tokens in chunks of 16
+    for a, b in zip(chunks, chunks[1:]):  # a decode step of the running stream between every two chunks
+        assert any(t == 1 and rows == slice(0, 1) for t, rows in rec.calls[a + 1 : b])
+    assert got_late == _solo(llm, long_prompt, 5).tokens
+    assert got_running == _solo(llm, short, 40).tokens

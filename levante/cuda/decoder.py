@@ -90,7 +90,11 @@ class CudaDecoder(nn.Module):
         super().__init__()
         self.lm = lm
         self.model = lm.model  # generation reads model.model.device
-        self.use_graphs = lm.model.device.type == "cuda" if use_graphs is None else use_graphs
+        if use_graphs is None:
+            # an unfused MoE (low-rank experts, experts of mixed formats) syncs with the host: it runs eagerly
+            unfused = any(hasattr(layer.ffn, "experts") for layer in lm.model.layers)
+            use_graphs = lm.model.device.type == "cuda" and not unfused
+        self.use_graphs = use_graphs
         self._cache: StaticCache | None = None
         self._graphs: dict[int, tuple] = {}
 

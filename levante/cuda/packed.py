@@ -109,12 +109,11 @@ class PackedWeight(QuantWeight):
             lo, hi = q.contiguous(), torch.empty(0, dtype=torch.uint8)
         else:
             lo = ((q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)).contiguous()
+            shifts = torch.arange(8, dtype=torch.int32, device=q.device)
             if bits == 5:
-                h = ((q >> 4) & 1).reshape(n, k // 8, 8).to(torch.int32) << torch.arange(8, dtype=torch.int32)
-                hi = h.sum(-1).to(torch.uint8)
+                hi = (((q >> 4) & 1).reshape(n, k // 8, 8).to(torch.int32) << shifts).sum(-1).to(torch.uint8)
             elif bits == 6:
-                h = ((q >> 4) & 3).reshape(n, k // 4, 4).to(torch.int32) << (2 * torch.arange(4, dtype=torch.int32))
-                hi = h.sum(-1).to(torch.uint8)
+                hi = (((q >> 4) & 3).reshape(n, k // 4, 4).to(torch.int32) << (2 * shifts[:4])).sum(-1).to(torch.uint8)
             else:
                 hi = torch.empty(0, dtype=torch.uint8)
         self.register_buffer("lo", lo, persistent=False)

@@ -25,27 +25,29 @@ def weight_tile(
 ):
     """Rows rn, columns rk of W in float32: a float weight as it is, or a packed one by its formula."""
     if DENSE:
-        return tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=w_ok, other=0.0).to(tl.float32)
-    if BITS == 8:
-        q = tl.load(lo_ptr + rn[:, None] * K + rk[None, :], mask=w_ok, other=0).to(tl.int32)
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=w_ok, other=0.0).to(tl.float32)
     else:
-        byte = tl.load(lo_ptr + rn[:, None] * (K // 2) + rk[None, :] // 2, mask=w_ok, other=0).to(tl.int32)
-        q = (byte >> ((rk[None, :] % 2) * 4)) & 15
-        if BITS == 5:
-            h = tl.load(hi_ptr + rn[:, None] * (K // 8) + rk[None, :] // 8, mask=w_ok, other=0).to(tl.int32)
-            q = q | (((h >> (rk[None, :] % 8)) & 1) << 4)
-        if BITS == 6:
-            h = tl.load(hi_ptr + rn[:, None] * (K // 4) + rk[None, :] // 4, mask=w_ok, other=0).to(tl.int32)
-            q = q | (((h >> ((rk[None, :] % 4) * 2)) & 3) << 4)
-    s = tl.load(d_ptr + rn[:, None] * (K // SG) + rk[None, :] // SG, mask=w_ok, other=0.0).to(tl.float32)
-    if HAS_SC:
-        s = s * tl.load(sc_ptr + rn[:, None] * (K // G) + rk[None, :] // G, mask=w_ok, other=0).to(tl.float32)
-    w = s * (q - OFF).to(tl.float32)
-    if HAS_MIN:
-        m = tl.load(dm_ptr + rn[:, None] * (K // SG) + rk[None, :] // SG, mask=w_ok, other=0.0).to(tl.float32)
-        if HAS_MC:
-            m = m * tl.load(mc_ptr + rn[:, None] * (K // G) + rk[None, :] // G, mask=w_ok, other=0).to(tl.float32)
-        w = w + m
+        if BITS == 8:
+            q = tl.load(lo_ptr + rn[:, None] * K + rk[None, :], mask=w_ok, other=0).to(tl.int32)
+        else:
+            byte = tl.load(lo_ptr + rn[:, None] * (K // 2) + rk[None, :] // 2, mask=w_ok, other=0).to(tl.int32)
+            q = (byte >> ((rk[None, :] % 2) * 4)) & 15
+            if BITS == 5:
+                h = tl.load(hi_ptr + rn[:, None] * (K // 8) + rk[None, :] // 8, mask=w_ok, other=0).to(tl.int32)
+                q = q | (((h >> (rk[None, :] % 8)) & 1) << 4)
+            if BITS == 6:
+                h = tl.load(hi_ptr + rn[:, None] * (K // 4) + rk[None, :] // 4, mask=w_ok, other=0).to(tl.int32)
+                q = q | (((h >> ((rk[None, :] % 4) * 2)) & 3) << 4)
+        s = tl.load(d_ptr + rn[:, None] * (K // SG) + rk[None, :] // SG, mask=w_ok, other=0.0).to(tl.float32)
+        if HAS_SC:
+            s = s * tl.load(sc_ptr + rn[:, None] * (K // G) + rk[None, :] // G, mask=w_ok, other=0).to(tl.float32)
+        w = s * (q - OFF).to(tl.float32)
+        if HAS_MIN:
+            m = tl.load(dm_ptr + rn[:, None] * (K // SG) + rk[None, :] // SG, mask=w_ok, other=0.0).to(tl.float32)
+            if HAS_MC:
+                m = m * tl.load(mc_ptr + rn[:, None] * (K // G) + rk[None, :] // G, mask=w_ok,
+                                other=0).to(tl.float32)
+            w = w + m
     return w
 
 
@@ -53,8 +55,10 @@ def weight_tile(
 def dot_acc(acc, x, w, IEEE: tl.constexpr):
     """acc + x @ w^T with w rounded to x's dtype: on tensor cores, or (IEEE) as exact float32 products."""
     if IEEE:
-        return acc + tl.dot(x.to(tl.float32), tl.trans(w.to(x.dtype).to(tl.float32)), input_precision="ieee")
-    return acc + tl.dot(x, tl.trans(w.to(x.dtype)))
+        acc = acc + tl.dot(x.to(tl.float32), tl.trans(w.to(x.dtype).to(tl.float32)), input_precision="ieee")
+    else:
+        acc = acc + tl.dot(x, tl.trans(w.to(x.dtype)))
+    return acc
 
 
 def use_ieee(dtype: torch.dtype) -> bool:

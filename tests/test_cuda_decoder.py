@@ -128,3 +128,21 @@ def test_serving_engine_on_the_decoder(tmp_path):
     finally:
         eng.shutdown()
     assert got == want
+
+
+def test_low_rank_model(tmp_path):
+    """A low-rank Mixtral (experts as float factors of per-matrix ranks) on the fused path: the model's tokens."""
+    from levante.quant.base import DenseWeight
+    from levante.quant.lowrank import LowRankWeight, svd_factors
+
+    lm = load(save_hf(hf_model("mixtral_8x2", vocab_size=32000), tmp_path / "m", tokenizer=True))
+    for li, layer in enumerate(lm.model.model.layers):
+        for ei, expert in enumerate(layer.ffn.experts):
+            for j, name in enumerate(("w1", "w2", "w3")):
+                w = getattr(expert, name)
+                assert isinstance(w, DenseWeight)
+                a, b = svd_factors(w.weight, 8 + 4 * ((li + ei + j) % 3))
+                setattr(expert, name, LowRankWeight(a, b))
+    want = _tokens(lm.model, lm.tokenizer, PROMPTS)
+    assert fuse_moe(lm.model) == 2
+    assert _tokens(CudaDecoder(lm.model), lm.tokenizer, PROMPTS) == want

@@ -12,6 +12,7 @@ from levante.cuda.moe import ExpertStack, align_by_expert
 from levante.model import MLP, MoE
 from levante.quant.base import DenseWeight
 from levante.quant.kquants import quantize
+from levante.quant.lowrank import LowRankWeight
 
 
 def _packed(n: int, k: int, qtype: str, seed: int) -> PackedWeight:
@@ -96,3 +97,41 @@ def test_fuse_moe_in_a_model(tmp_path):
         assert all(isinstance(layer.ffn, FusedMoE) for layer in net.model.layers)
         got = net(ids)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def _lowrank(n: int, k: int, r: int, seed: int) -> LowRankWeight:
+    g = torch.Generator().manual_seed(seed)
+    return LowRankWeight(torch.randn(r, k, generator=g) * 0.1, torch.randn(n, r, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("m", [1, 9])
+def test_low_rank_experts_run_factored(m):
+    """Low-rank experts (float factors of a different rank per matrix, as `levante compress` writes them) run as
+    two grouped GEMMs per projection, ranks zero-padded per layer: equal to the module, never multiplied out."""
+    experts = [MLP(_lowrank(96, 64, 8 + 4 * i, i), _lowrank(64, 96, 16 - 2 * i, 10 + i), _lowrank(96, 64, 12, 20 + i))
+               for i in range(4)]
+    moe = MoE(_dense(4, 64), experts, 2)
+    fused = FusedMoE.from_module(moe)
+    assert fused is not None and fused.w13 is None and len(fused.w2.stacks) == 2
+    assert fused.w1.stacks[0].weight.shape == (4, 20, 64)  # A factors padded to the layer's largest rank, 20
+    x = torch.randn(m, 64)
+    with torch.inference_mode():
+        want, got = moe(x), fused(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_low_rank_experts_with_quantized_factors():
+    """A low-rank GGUF's factors (quantized, padded to whole blocks, so equal shapes): stacked as packed planes."""
+    def lr(n, k, seed):
+        return LowRankWeight(_packed(64, k, "Q4_K", seed), _packed(n, 64, "Q8_0", seed + 1))
+
+    experts = [MLP(lr(256, 256, i), lr(256, 256, 10 + i), lr(256, 256, 20 + i)) for i in range(4)]
+    moe = MoE(_dense(4, 256), experts, 2)
+    fused = FusedMoE.from_module(moe)
+    assert fused is not None and [st.qtype for st in fused.w2.stacks] == ["Q4_K", "Q8_0"]
+    x = torch.randn(5, 256)
+    with torch.inference_mode():
+        want, got = moe(x), fused(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    mixed = MoE(_dense(4, 256), experts[:3] + [MLP(_dense(256, 256), _dense(256, 256), _dense(256, 256))], 2)
+    assert FusedMoE.from_module(mixed) is None  # some experts full, some factored: the module path

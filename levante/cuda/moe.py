@@ -5,7 +5,8 @@ sort of (token, choice) pairs by expert (`align_by_expert`) and two grouped GEMM
 and up projections together, then the down projection times the routing weights) run as device ops of fixed
 shapes, with no host sync and no Python loop over experts, so a decode step can be captured in a CUDA graph; the
 grid skips the experts no token chose, so batch-1 decode reads only its top-k experts. Experts are float weights
-or packed quantized ones (levante.cuda.packed), all of one format per stack.
+or packed quantized ones (levante.cuda.packed), all of one format per stack; low-rank experts run their two
+factors as two grouped GEMMs each.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quant.base import DenseWeight, QuantWeight
+from ..quant.lowrank import LowRankWeight
 from .packed import PackedWeight
 from .triton_moe import moe_matmul
 
@@ -103,8 +105,51 @@ class ExpertStack(nn.Module):
         return out
 
 
+class Projection(nn.Module):
+    """One projection (w1, w2 or w3) of every expert: one stack, or, for low-rank experts (W = B A), a stack of
+    the A factors then one of the B factors (never multiplied out). Float factors of different ranks are
+    zero-padded to the largest rank of the layer (exact: the padding adds zeros); quantized factors stack when
+    their shapes agree."""
+
+    def __init__(self, weights: list[QuantWeight]) -> None:
+        super().__init__()
+        self.out_features = weights[0].out_features
+        if all(isinstance(w, LowRankWeight) for w in weights):
+            a, b = [w.a for w in weights], [w.b for w in weights]
+            if all(isinstance(f, Tensor) for f in a + b):
+                r = max(f.shape[0] for f in a)
+                a = [DenseWeight(F.pad(f, (0, 0, 0, r - f.shape[0]))) for f in a]
+                b = [DenseWeight(F.pad(f, (0, r - f.shape[1]))) for f in b]
+            self.stacks = nn.ModuleList([ExpertStack(a), ExpertStack(b)])
+        else:
+            self.stacks = nn.ModuleList([ExpertStack(weights)])
+
+    @staticmethod
+    def fusable(weights: list[QuantWeight]) -> bool:
+        if all(isinstance(w, LowRankWeight) for w in weights):
+            a, b = [w.a for w in weights], [w.b for w in weights]
+            if all(isinstance(f, Tensor) for f in a + b):
+                return len({f.dtype for f in a + b}) == 1
+            return ExpertStack.stackable(a) and ExpertStack.stackable(b)
+        return ExpertStack.stackable(weights)
+
+    @property
+    def single(self) -> ExpertStack | None:
+        return self.stacks[0] if len(self.stacks) == 1 else None
+
+    def run(self, x: Tensor, routing: Routing, a_div: int, topk_weights: Tensor | None = None) -> Tensor:
+        """[pairs, out_features]: row p = x[p // a_div] through this projection of pair p's expert (times its
+        routing weight when given)."""
+        for i, stack in enumerate(self.stacks):
+            y = torch.empty(routing.n_pairs, stack.out_features, dtype=x.dtype, device=x.device)
+            last = i == len(self.stacks) - 1
+            moe_matmul(x, y, stack, routing, a_div if i == 0 else 1, topk_weights if last else None)
+            x = y
+        return x
+
+
 class FusedMoE(nn.Module):
-    """A `MoE` module's computation as device ops and two grouped GEMMs (see the module docstring)."""
+    """A `MoE` module's computation as device ops and grouped GEMMs (see the module docstring)."""
 
     def __init__(self, gate: QuantWeight, w1: list[QuantWeight], w2: list[QuantWeight], w3: list[QuantWeight],
                  top_k: int) -> None:
@@ -113,20 +158,22 @@ class FusedMoE(nn.Module):
         self.top_k = top_k
         self.n_experts = len(w1)
         self.ffn = w1[0].out_features
-        first, up = ExpertStack(w1), ExpertStack(w3)
-        self.w13 = first.concat(up) if first.qtype == up.qtype else None
+        first, up = Projection(w1), Projection(w3)
+        a, b = first.single, up.single
+        # gate and up in one GEMM when both are single stacks of one format
+        self.w13 = a.concat(b) if a is not None and b is not None and a.qtype == b.qtype else None
         self.w1, self.w3 = (None, None) if self.w13 is not None else (first, up)
-        self.w2 = ExpertStack(w2)
+        self.w2 = Projection(w2)
 
     @classmethod
     def from_module(cls, moe: nn.Module) -> FusedMoE | None:
         """The fused form of a levante.model.MoE, or None where it does not apply (experts spread over ranks,
-        experts that are not float or packed weights, such as low-rank factors)."""
+        experts of mixed kinds, such as some low-rank and some full)."""
         experts = list(moe.experts)
         if getattr(moe, "partial", False) or not experts:
             return None
         ws = {n: [getattr(e, n) for e in experts] for n in ("w1", "w2", "w3")}
-        if not all(ExpertStack.stackable(v) for v in ws.values()):
+        if not all(Projection.fusable(v) for v in ws.values()):
             return None
         return cls(moe.gate, ws["w1"], ws["w2"], ws["w3"], moe.top_k)
 
@@ -138,19 +185,14 @@ class FusedMoE(nn.Module):
         weights, chosen = probs.topk(self.top_k, dim=-1)
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
         routing = align_by_expert(chosen, self.n_experts, 16 if M <= 64 else 64)
-        pairs = M * self.top_k
         if self.w13 is not None:
-            h = torch.empty(pairs, 2 * self.ffn, dtype=x.dtype, device=x.device)
+            h = torch.empty(M * self.top_k, 2 * self.ffn, dtype=x.dtype, device=x.device)
             moe_matmul(x, h, self.w13, routing, self.top_k)
             gate, up = h[:, : self.ffn], h[:, self.ffn :]
         else:
-            gate = torch.empty(pairs, self.ffn, dtype=x.dtype, device=x.device)
-            up = torch.empty_like(gate)
-            moe_matmul(x, gate, self.w1, routing, self.top_k)
-            moe_matmul(x, up, self.w3, routing, self.top_k)
+            gate, up = self.w1.run(x, routing, self.top_k), self.w3.run(x, routing, self.top_k)
         act = (F.silu(gate) * up).contiguous()
-        out = torch.empty(pairs, shape[-1], dtype=x.dtype, device=x.device)
-        moe_matmul(act, out, self.w2, routing, 1, weights.reshape(-1))
+        out = self.w2.run(act, routing, 1, weights.reshape(-1))
         return out.view(M, self.top_k, -1).sum(1).reshape(shape)
 
 

@@ -86,14 +86,16 @@ def _download(repo: str) -> Path:
         raise FileNotFoundError(f"cannot get {repo!r} from the Hugging Face hub or its local cache: {e}") from e
 
 
-def read_checkpoint(path: Path, dtype: torch.dtype = torch.float32, shard: Shard | None = None) -> Checkpoint:
+def read_checkpoint(path: Path, dtype: torch.dtype = torch.float32, shard: Shard | None = None,
+                    for_cpu: bool = True) -> Checkpoint:
     """Dispatch on what `path` holds: GGUF file, HF directory or Mistral consolidated directory. `shard`: read
-    only this rank's part of a tensor- or expert-parallel model."""
+    only this rank's part of a tensor- or expert-parallel model; `for_cpu=False`: leave the weights as views of
+    the files (no CPU-kernel layouts), for a GPU to take one at a time."""
     if path.is_file():
         if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
             from .formats.gguf import read_gguf
 
-            return read_gguf(path, dtype, shard)
+            return read_gguf(path, dtype, shard, regroup=for_cpu)
         raise WeightsError(f"{path}: unknown model file type (expected a .gguf file or a model directory)")
     if (path / "config.json").is_file():
         from .formats.hf import read_hf
@@ -105,7 +107,7 @@ def read_checkpoint(path: Path, dtype: torch.dtype = torch.float32, shard: Shard
         return read_mistral(path, dtype, shard)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return read_checkpoint(ggufs[0], dtype, shard)
+        return read_checkpoint(ggufs[0], dtype, shard, for_cpu)
     raise MissingConfigError(
         f"missing config: {path} has no config.json (Hugging Face) or params.json (Mistral consolidated)"
     )
@@ -156,7 +158,8 @@ def load(
     slices of the weights, the local shapes (`.model.cfg`); `.config` stays the whole model's.
     """
     path = resolve_path(model)
-    ckpt = read_checkpoint(path, shard=shard)
+    dev = resolve_device(device)
+    ckpt = read_checkpoint(path, shard=shard, for_cpu=dev.type == "cpu")
     torch_dtype = resolve_dtype(dtype, set(ckpt.info.get("file_dtypes", [])) or None)
     weights = ckpt.weights
     if progress:
@@ -174,11 +177,10 @@ def load(
     except LevanteError:
         raise
     net.eval()
-    dev = resolve_device(device)
     if dev.type == "cuda":  # quantized weights stay quantized there, in the Triton kernel's layout
         from .cuda import to_device
 
-        to_device(net, dev)
+        to_device(net, dev, progress=progress)
     elif dev.type != "cpu":
         net.to(dev)
     tok = _tokenizer_for(path, ckpt)

@@ -12,6 +12,7 @@ from fixtures import hf_model, save_hf
 from levante.cuda import PackedWeight, pack_weight, pack_weights
 from levante.cuda.packed import LAYOUTS
 from levante.quant.awq import AWQWeight
+from levante.quant.base import QuantWeight
 from levante.quant.ggml import dequantize
 from levante.quant.kquants import quantize
 
@@ -120,4 +121,35 @@ def test_gpu_gguf_model_equals_cpu(tmp_path):
     net = load(path, device="cuda").model
     assert any(isinstance(m, PackedWeight) for m in net.modules())
     got = net(ids.cuda()).cpu()
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_to_device_streams_from_the_mapped_file(tmp_path, monkeypatch):
+    """The GPU load path, run to the CPU: read without CPU regrouping (every quantized weight a view of the mapped
+    file, no host copy of the model), then packed weight by weight and the MoE fused: the model's logits."""
+    from levante.cuda import FusedMoE, to_device
+    from levante.loader import load, read_checkpoint
+    from levante.model import build_model
+    from levante.quant.kernels import GGMLKernelWeight, Grouped16Weight
+    from levante.tools.quantize import quantize_model
+
+    src = save_hf(hf_model("mixtral_8x2", vocab_size=320, hidden_size=256, intermediate_size=256,
+                           num_attention_heads=4, num_key_value_heads=2), tmp_path / "m")
+    path = quantize_model(src, tmp_path / "m.Q4_K_M.gguf", "Q4_K_M", progress=False)
+    ids = torch.arange(3, 40)[None]
+    with torch.inference_mode():
+        want = load(path).model(ids)  # the CPU load (Q4_K / Q6_K regrouped for the C++ kernels)
+
+    def no_regrouping(*a, **k):
+        raise AssertionError("a weight was copied into the CPU kernels' layout")
+
+    monkeypatch.setattr(Grouped16Weight, "__init__", no_regrouping)
+    ckpt = read_checkpoint(path, for_cpu=False)
+    quant = [w for w in ckpt.weights.values() if isinstance(w, QuantWeight)]
+    assert quant and all(isinstance(w, GGMLKernelWeight) for w in quant)
+    with torch.inference_mode():
+        net = to_device(build_model(ckpt.config, ckpt.weights).eval(), torch.device("cpu"), progress=True)
+        assert all(isinstance(layer.ffn, FusedMoE) for layer in net.model.layers)
+        assert not any(isinstance(m, GGMLKernelWeight) for m in net.modules())  # every one packed
+        got = net(ids)
     assert (got - want).abs().max() <= 1e-3 * want.abs().max()

@@ -43,12 +43,17 @@ def pack_weight(w: QuantWeight) -> PackedWeight | None:
     return PackedWeight.from_ggml(raw, w.qtype, w.out_features, w.in_features)
 
 
-def pack_weights(net: nn.Module, device: torch.device | str | None = None) -> int:
+def pack_weights(net: nn.Module, device: torch.device | str | None = None, progress: bool = False) -> int:
     """Replace the model's quantized weights by PackedWeights in place (each moved to `device` as soon as it is
     packed, so host memory holds one packed weight at a time); returns how many. A weight shared by two modules
     (tied embeddings) stays shared."""
     done: dict[int, PackedWeight] = {}
-    for parent in list(net.modules()):
+    parents = list(net.modules())
+    if progress:
+        from tqdm import tqdm
+
+        parents = tqdm(parents, desc=f"packing for {device}", unit="module", leave=False)
+    for parent in parents:
         for name, child in list(parent.named_children()):
             if not isinstance(child, QuantWeight) or isinstance(child, PackedWeight):
                 continue
@@ -64,9 +69,11 @@ def pack_weights(net: nn.Module, device: torch.device | str | None = None) -> in
     return len(done)
 
 
-def to_device(net: nn.Module, device: torch.device) -> nn.Module:
-    """`net` on a CUDA device: quantized weights packed for the Triton kernels, MoE layers fused."""
-    pack_weights(net, device)
+def to_device(net: nn.Module, device: torch.device | str, progress: bool = False) -> nn.Module:
+    """`net` on `device` (CUDA; any device in the tests): quantized weights packed for the Triton kernels, MoE
+    layers fused. Each quantized weight is packed on the host and moved at once (the host holds one packed copy at
+    a time); float weights that are views of memory-mapped files are copied straight to the device."""
+    pack_weights(net, device, progress)
     net.to(device)
     fuse_moe(net)
     return net

@@ -33,7 +33,7 @@ from ..quant.base import QuantWeight
 from ..quant.ggml import FLOAT_TYPES, GGMLWeight, check_qtype, dequantize
 from ..quant.ggml import GGML_TYPES as GGML_BLOCKS
 from ..quant.kernels import QTYPES as KERNEL_TYPES
-from ..quant.kernels import Grouped16Weight, fast_weight
+from ..quant.kernels import GGMLKernelWeight, Grouped16Weight, fast_weight
 from ..rope import base_inv_freq, llama3_inv_freq
 from ..shard import Shard, trim_heap
 from . import Checkpoint
@@ -369,9 +369,12 @@ def _qk_perm(n_head: int, head_dim: int) -> Tensor:
     return torch.arange(n_head * head_dim).reshape(n_head, head_dim // 2, 2).transpose(1, 2).reshape(-1)
 
 
-def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, shard: Shard | None = None) -> Checkpoint:
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, shard: Shard | None = None,
+              regroup: bool = True) -> Checkpoint:
     """Read a GGUF file into a Checkpoint (quantized weights stay packed, memory-mapped). `shard`: keep only this
-    rank's slices of the split weights (copied out of the mapping, whose pages are then given back)."""
+    rank's slices of the split weights (copied out of the mapping, whose pages are then given back). `regroup`:
+    Q4_0 / Q4_K / Q6_K weights in the CPU kernels' 16-row groups (new memory); False keeps every weight a view of
+    the mapping (for a GPU, which re-lays them one at a time as it moves them)."""
     path = Path(path)
     reader = open_gguf(path)
     fields = reader.fields
@@ -438,6 +441,8 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, shard: Shard
         if qtype in FLOAT_TYPES and _FLOAT_NP[qtype] == dtype:
             return raw.view(dtype).reshape(shape)  # zero-copy plain tensor in the compute dtype
         if qtype in KERNEL_TYPES:  # fused C++ kernel (torch fallback), exact GGML arithmetic
+            if not regroup:
+                return GGMLKernelWeight(raw.reshape(shape[0], -1), qtype, shape[0], shape[1])
             return fast_weight(raw.reshape(shape[0], -1), qtype, shape[0], shape[1])
         return GGMLWeight(raw.reshape(shape[0], -1), qtype, shape, name)
 

@@ -146,3 +146,33 @@ def test_low_rank_model(tmp_path):
     want = _tokens(lm.model, lm.tokenizer, PROMPTS)
     assert fuse_moe(lm.model) == 2
     assert _tokens(CudaDecoder(lm.model), lm.tokenizer, PROMPTS) == want
+
+
+@pytest.mark.parametrize("kind", ["dense", "Q8_0"])
+def test_fused_qkv_is_one_weight_without_a_second_copy(kind):
+    from test_cuda_packed import _raw
+
+    from levante.config import ModelConfig
+    from levante.cuda import PackedWeight
+    from levante.cuda.decoder import fused_qkv
+    from levante.model import Attention
+    from levante.quant.base import DenseWeight
+
+    cfg = ModelConfig(vocab_size=32, hidden_size=256, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+    shapes = [(256, 256), (128, 256), (128, 256), (256, 256)]
+    if kind == "dense":
+        ws = [DenseWeight(torch.randn(n, k)) for n, k in shapes]
+    else:
+        ws = [PackedWeight.from_ggml(_raw("Q8_0", n, k, seed=i), "Q8_0", n, k) for i, (n, k) in enumerate(shapes)]
+    attn = Attention(cfg, *ws)
+    x = torch.randn(3, 256)
+    want = [w(x) for w in ws[:3]]
+    qkv = fused_qkv(attn)
+    assert qkv is not None and qkv.out_features == 512 and fused_qkv(attn) is qkv  # made once
+    got = qkv(x).split([256, 128, 128], dim=-1)
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() <= 1e-5 * w.abs().max()
+    whole = qkv.weight if kind == "dense" else qkv.lo
+    part = attn.wk.weight if kind == "dense" else attn.wk.lo
+    assert part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()  # a view: no second copy
+    assert torch.equal(attn.wk(x), want[1])

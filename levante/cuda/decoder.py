@@ -20,7 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ContextLengthError
+from ..quant.base import DenseWeight, QuantWeight
 from ..rope import apply_rotary
+from .packed import PackedWeight
 from .triton_attention import cache_attention
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -81,6 +83,25 @@ class StaticCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def fused_qkv(attn: nn.Module) -> QuantWeight | None:
+    """q, k and v of an attention module as one weight (float of one dtype, or packed of one format), made once
+    and kept on the module; the three weights become views of it. None when their formats differ (Q4_K_M's v)."""
+    if "_qkv" not in attn.__dict__:
+        ws = [attn.wq, attn.wk, attn.wv]
+        fused: QuantWeight | None = None
+        if all(isinstance(w, DenseWeight) for w in ws) and len({(w.weight.dtype, w.in_features) for w in ws}) == 1:
+            whole = torch.cat([w.weight for w in ws])
+            start = 0
+            for w in ws:
+                w._buffers["weight"] = whole[start : start + w.out_features]
+                start += w.out_features
+            fused = DenseWeight(whole)
+        elif all(isinstance(w, PackedWeight) for w in ws) and len({(w.qtype, w.in_features) for w in ws}) == 1:
+            fused = PackedWeight.concat(ws)
+        attn.__dict__["_qkv"] = fused
+    return attn.__dict__["_qkv"]
 
 
 class CudaDecoder(nn.Module):
@@ -195,9 +216,14 @@ class CudaDecoder(nn.Module):
         for i, layer in enumerate(net.layers):
             a = layer.attn
             h = layer.attn_norm(x)
-            q = a.wq(h).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
-            k = a.wk(h).view(B, T, a.n_kv, a.head_dim).transpose(1, 2)
-            v = a.wv(h).view(B, T, a.n_kv, a.head_dim)
+            qkv = fused_qkv(a)
+            if qkv is not None:  # one matmul
+                q, k, v = qkv(h).split([a.wq.out_features, a.wk.out_features, a.wv.out_features], dim=-1)
+            else:
+                q, k, v = a.wq(h), a.wk(h), a.wv(h)
+            q = q.reshape(B, T, a.n_heads, a.head_dim).transpose(1, 2)
+            k = k.reshape(B, T, a.n_kv, a.head_dim).transpose(1, 2)
+            v = v.reshape(B, T, a.n_kv, a.head_dim)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin).transpose(1, 2)
             ck, cv = cache.k[i][row0 : row0 + B], cache.v[i][row0 : row0 + B]
             ck[row, :, slots] = k.to(cache.dtype)

@@ -149,6 +149,28 @@ class PackedWeight(QuantWeight):
         codes = (q.to(torch.int16) + 128).to(torch.uint8)
         return cls(_Parts(codes, scale.float().reshape(n, 1)), "INT8", 8, 128, k, k, n, k)
 
+    @classmethod
+    def concat(cls, weights: list[PackedWeight]) -> PackedWeight:
+        """One weight of the rows of `weights` (one format, same inputs), e.g. q, k and v for one matmul; the
+        given weights are re-pointed at their rows of it, so no bytes are held twice."""
+        first = weights[0]
+        if any(w.qtype != first.qtype or w.in_features != first.in_features for w in weights):
+            raise TypeError("concatenated weights need one format and one input size")
+        out = cls.__new__(cls)
+        QuantWeight.__init__(out, sum(w.out_features for w in weights), first.in_features)
+        out.qtype, out.bits, out.off, out.g, out.sg = first.qtype, first.bits, first.off, first.g, first.sg
+        for name in ("lo", "hi", "d", "sc", "dm", "mc"):
+            parts = [getattr(w, name) for w in weights]
+            whole = torch.cat(parts) if parts[0].numel() else parts[0]
+            out.register_buffer(name, whole, persistent=False)
+            if whole.numel():
+                start = 0
+                for w in weights:
+                    n = w.out_features
+                    w._buffers[name] = whole[start : start + n]
+                    start += n
+        return out
+
     # ------------------------------------------------------------------ the reference (torch) path
     def _codes(self, a: int, b: int) -> Tensor:
         lo = self.lo[a:b]

@@ -127,6 +127,11 @@ class LLM:
         self.verbose = verbose
         self.spec = self._spec_config(speculative, draft_model, num_speculative_tokens, ngram, dtype, device)
 
+    @property
+    def generation_model(self):
+        """What generation runs on: on a GPU this LLM's decoder (static cache, CUDA graphs), else the model."""
+        return self._decoder if self._decoder is not None else self.model
+
     def serving_model(self):
         """The model a serving engine should drive: on a GPU a decoder of its own (static cache, CUDA graphs; its
         cache apart from this LLM's), else the model itself."""

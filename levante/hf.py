@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .loader import LoadedModel, load, resolve_path
-from .model import check_token_ids
+from .model import CausalLM, check_token_ids
 from .quant.base import DenseWeight, QuantWeight
 
 __all__ = [
@@ -473,6 +473,16 @@ class HFModel(nn.Module):
                 loaded.model.to(device)
         return cls(loaded, {8: "int8", 4: "q4_0"}.get(bits))
 
+    def _generation_net(self) -> nn.Module:
+        """What `generate` runs: on a GPU levante.cuda's decoder (static cache, CUDA graphs), made once."""
+        if self.net.model.device.type != "cuda" or not isinstance(self.net, CausalLM):
+            return self.net
+        if "_decoder" not in self.__dict__:
+            from .cuda import CudaDecoder
+
+            self.__dict__["_decoder"] = CudaDecoder(self.net)
+        return self.__dict__["_decoder"]
+
     # --- nn.Module-ish ----------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -585,7 +595,7 @@ class _CausalLM(HFModel):
         tok = self.loaded.tokenizer if self.loaded.tokenizer is not None else _NoText()
         out: list[list[int]] = [[] for _ in prompts]
         if new > 0:
-            for ev in generate_stream(self.net, tok, prompts, new, params, stop_token_ids=eos_ids):
+            for ev in generate_stream(self._generation_net(), tok, prompts, new, params, stop_token_ids=eos_ids):
                 out[ev.row].append(ev.token)
         width = max(len(o) for o in out)
         gen = torch.full((len(out), width), int(pad), dtype=torch.long)

@@ -81,6 +81,16 @@ class ExpertStack(nn.Module):
         for name in _PLANES:
             self.register_buffer(name, torch.stack([getattr(w, name) for w in weights]).contiguous(), persistent=False)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    @property
+    def n_params(self) -> int:
+        """Parameters of the stack (of every expert; zero-padded low-rank factors counted as stored)."""
+        n = (self.weight if self.weight is not None else self.d).shape[0]
+        return n * self.out_features * self.in_features
+
     @staticmethod
     def stackable(weights: list[QuantWeight]) -> bool:
         if all(isinstance(w, DenseWeight) for w in weights):

@@ -53,7 +53,9 @@ def weight_summary(model: torch.nn.Module) -> tuple[int, str, int]:
     # a QuantWeight inside another (low-rank factors, AWQ's Q5_0 blocks) is counted by its owner
     inner = {id(c) for m in model.modules() if isinstance(m, QuantWeight) for c in m.modules() if c is not m}
     for m in model.modules():
-        if isinstance(m, QuantWeight) and id(m) not in seen and id(m) not in inner:
+        # QuantWeights, and the GPU's stacked experts (levante.cuda.moe.ExpertStack: not imported, it needs triton)
+        stack = type(m).__name__ == "ExpertStack"
+        if (isinstance(m, QuantWeight) or stack) and id(m) not in seen and id(m) not in inner:
             seen.add(id(m))
             nbytes += m.nbytes
             n = m.n_params
@@ -69,7 +71,7 @@ def _sync(device: torch.device) -> None:
 
 def run_bench(llm, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, warmup: bool = True) -> BenchResult:
     """Time prefill of `n_prompt` tokens and greedy decode of `n_gen` tokens, `reps` times each."""
-    model = llm.model
+    model = getattr(llm, "generation_model", llm.model)  # on a GPU: the graph-captured decoder
     device = model.model.device
     gen = torch.Generator().manual_seed(0)
     vocab = llm.config.vocab_size

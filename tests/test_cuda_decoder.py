@@ -176,3 +176,23 @@ def test_fused_qkv_is_one_weight_without_a_second_copy(kind):
     part = attn.wk.weight if kind == "dense" else attn.wk.lo
     assert part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()  # a view: no second copy
     assert torch.equal(attn.wk(x), want[1])
+
+
+def test_speculating_engine_on_the_decoder(tmp_path):
+    """Prompt-lookup speculation in the engine over the static cache (multi-token verification, rejected proposals
+    taken back by `truncate`), sliding window shorter than the text: solo generation's tokens."""
+    from levante.engine import Engine
+    from levante.speculative import SpecConfig
+
+    lm = load(save_hf(hf_model("mixtral_window", vocab_size=32000), tmp_path / "m", tokenizer=True))
+    prompt = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]
+    with torch.inference_mode():
+        want = generate(lm.model, lm.tokenizer, [prompt], 24, GREEDY, stop_token_ids=set())[0].tokens
+    eng = Engine(CudaDecoder(lm.model), lm.tokenizer, n_ctx=64, max_batch=2,
+                 spec=SpecConfig("prompt_lookup", 4)).start()
+    try:
+        got = [ev.token for ev in eng.submit(prompt, 24, GREEDY, stop_ids=set())]
+        assert eng.metrics.spec_proposed > 0
+    finally:
+        eng.shutdown()
+    assert got == want

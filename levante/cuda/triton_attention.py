@@ -39,7 +39,7 @@ def _attention_kernel(
     q = tl.load(q_ptr + b * sq_b + h * sq_h + rt[:, None] * sq_t + rd[None, :], mask=t_ok[:, None] & d_ok, other=0.0)
     qpos = start + rt  # [BM]
     hi = tl.minimum(start + pid_m * BM + BM, start + T)  # keys up to the block's last query
-    lo = 0
+    lo = start * 0  # an int32 scalar in both branches (Triton merges the branches' types)
     if window > 0:
         lo = tl.maximum(start + pid_m * BM - window + 1, 0)
         lo = (lo // BN) * BN

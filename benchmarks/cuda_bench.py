@@ -12,7 +12,8 @@ against the dequantized weights): Q4_K_M (attention q/k/o and expert gate/up Q4_
 Q8_0, AWQ 4-bit g128 (head bf16), int8 rows (load_in_8bit).
 
 Measured, each with the prompt of 512 tokens and 128 greedy new tokens through `LLM(...)(ids, max_tokens=128)`:
-the first generation of a fresh LLM (graph capture and Triton compilation included) and a warm one; decode
+the first generation of a fresh LLM (whose construction captured the batch-1 graph, as vLLM does at start-up;
+prefill kernels compile in this first generation) and a warm one; decode
 tok/s = (new tokens - 1) / (time after the first token). The HBM limit is the active bytes a batch-1 step reads
 (attention, router, 2 of 8 experts per layer, the head) over the device-to-device copy rate measured here.
 Batch 32 x 64 new tokens; prefill 512 vs transformers; the serving engine with 32 concurrent clients vs 1; the

@@ -126,6 +126,8 @@ class LLM:
         self.model_name = model_alias or self.loaded.path.name
         self.verbose = verbose
         self.spec = self._spec_config(speculative, draft_model, num_speculative_tokens, ngram, dtype, device)
+        if self._decoder is not None:  # single-prompt generation's cache and graph, made now rather than on first use
+            self._decoder.warm_up(1, self.n_ctx, self.kv_dtype)
 
     @property
     def generation_model(self):
@@ -134,7 +136,7 @@ class LLM:
 
     def serving_model(self):
         """The model a serving engine should drive: on a GPU a decoder of its own (static cache, CUDA graphs; its
-        cache apart from this LLM's), else the model itself."""
+        cache apart from this LLM's; the engine warms it up for its batch), else the model itself."""
         if self._decoder is None:
             return self.model
         from .cuda import CudaDecoder

@@ -208,6 +208,8 @@ class Engine:
         self.spec, self.kv_dtype = spec, kv_dtype
         # slack: a rolling (sliding-window) cache must be able to take back rejected proposals
         self.cache = model.new_cache(max_batch, n_ctx, kv_dtype, slack=MAX_TOKENS + 1 if spec is not None else 0)
+        if hasattr(model, "warm_up"):  # a GPU decoder: capture every batch bucket's step before serving
+            model.warm_up(max_batch, self.cache.capacity, kv_dtype)
         self.slots = [_Slot() for _ in range(max_batch)]
         self.n_active = 0
         # the request whose prompt is being prefilled (row, prompt tokens in the cache): it sits in the row after

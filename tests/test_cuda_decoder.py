@@ -59,7 +59,9 @@ def test_packed_quantized_model(tmp_path):
 def test_cache_is_reused_while_it_fits(tmp_path):
     lm = load(save_hf(hf_model("mistral_dense"), tmp_path / "m"))
     dec = CudaDecoder(lm.model)
+    warm = dec.warm_up(3, 20)  # on CUDA it also captures buckets 1, 2 and 4
     c = dec.new_cache(3, 20)
+    assert c is warm
     assert isinstance(c, StaticCache) and c.rows == 4 and c.capacity == 20 and c.batch_size == 3
     assert dec.new_cache(2, 10) is c  # smaller: the same buffers (captured graphs stay valid)
     bigger = dec.new_cache(5, 10)

@@ -139,6 +139,22 @@ class CudaDecoder(nn.Module):
         c.reset()
         return c
 
+    def warm_up(self, max_rows: int, max_tokens: int, dtype: torch.dtype | None = None) -> StaticCache:
+        """Allocate the cache for up to `max_rows` rows of `max_tokens` and capture the decode step of every bucket
+        up to bucket_for(max_rows) now (Triton compiles, graphs), as vLLM does at start-up, so that the first
+        generation does not pay for it. Generations that fit reuse both."""
+        cache = self.new_cache(max_rows, max_tokens, dtype)
+        if self.use_graphs:
+            dev = self.model.device
+            for b in BUCKETS:
+                if b > cache.rows:
+                    break
+                if b not in self._graphs:
+                    with torch.inference_mode():
+                        self._capture(b, cache)
+            torch.cuda.synchronize(dev)
+        return cache
+
     def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: StaticCache | None = None,
                 last_only: bool = False, rows: slice | None = None) -> Tensor:
         """Logits [B, T or 1, vocab] (float32) of tokens [B, T] at positions [B, T] (-1: padding) in cache rows

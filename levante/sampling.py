@@ -335,6 +335,10 @@ def sample(
     idx = torch.tensor(rnd, device=logits.device)
     rp = [rows[i] for i in rnd]
     probs = torch.softmax(_filtered(logits[idx], rp).double(), -1)
+    if any(gens[i] is not None and gens[i].device != probs.device for i in rnd):
+        # seeded rows draw from CPU generators (the same draws on every device): the filtered probabilities come
+        # to the CPU once, for all the sampled rows
+        probs = probs.cpu()
     for j, i in enumerate(rnd):
         out[i] = torch.multinomial(probs[j], 1, generator=gens[i])[0]
     return out

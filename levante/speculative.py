@@ -154,7 +154,7 @@ class DraftModel:
         with torch.inference_mode():
             logits = self._feed(hist)
             for i in range(k):
-                q = distribution(logits[None].float(), params, [hist])[0]
+                q = distribution(logits[None].float(), params, [hist])[0].cpu()  # drawn with a CPU generator
                 tok = int(q.argmax()) if params.is_greedy else int(torch.multinomial(q, 1, generator=generator))
                 out.append(tok)
                 qs.append(q)
@@ -206,7 +206,7 @@ def verify(logits: Tensor, drafts: list[int], qs: list[Tensor] | None, params: S
                 return out + [best[i]], logits
             out.append(d)
         return out + [best[k]], logits
-    p = distribution(logits, params, histories)
+    p = distribution(logits, params, histories).cpu()  # the walk draws with the row's CPU generator
     return _walk(p, drafts, qs, params, generator), logits
 
 

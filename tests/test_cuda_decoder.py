@@ -88,6 +88,8 @@ def test_gpu_graphs_equal_eager_without_host_sync(tmp_path):
         want = cpu(p, max_tokens=12, temperature=0)["choices"][0]["text"]
         assert gpu(p, max_tokens=12, temperature=0)["choices"][0]["text"] == want
     assert gpu._decoder._graphs  # the decode steps were captured
+    sampled = gpu("Hello there", max_tokens=8, temperature=1.0, seed=3)  # seeded draws: CPU generators, GPU logits
+    assert sampled["usage"]["completion_tokens"] >= 1
     dec = gpu._decoder
     cache = dec.new_cache(2, 64)
     tok = torch.tensor([[5], [6]], device="cuda")

@@ -254,6 +254,12 @@ def generate_stream(
         logits = logits[:, -1]
 
         active = rows
+        # A pipelining model (the GPU decoder) gets the next step launched before this step's tokens are read
+        # back, so the GPU computes while the host streams text; rows whose sampling needs the newest token on the
+        # host (grammars, penalties) or logprobs turn it off.
+        pipelined = getattr(model, "pipelined", False) and logprobs is None and not any(
+            r.constraint is not None or _needs_history(r.params) for r in rows)
+        pos = torch.tensor([len(r.history) for r in rows], dtype=torch.long, device=device)[:, None]
         while True:
             if any(r.constraint is not None for r in active):
                 logits = mask_logits(logits.contiguous(), [r.constraint for r in active])
@@ -263,9 +269,12 @@ def generate_stream(
                 [r.generator for r in active],
                 history=[r.history for r in active],
             )
-            chosen_list = chosen.tolist()
             if logprobs is not None:
                 lps, tops = token_logprobs(logits, chosen, logprobs)
+            if pipelined:
+                chosen_list, logits = _launch_ahead(model, chosen, pos, cache)
+            else:
+                chosen_list = chosen.tolist()
             still: list[int] = []
             for j, r in enumerate(active):
                 ev = r.accept(chosen_list[j], stop_ids, lps[j] if logprobs is not None else None,
@@ -279,9 +288,35 @@ def generate_stream(
                 keep = torch.tensor(still, dtype=torch.long, device=device)
                 _compact_cache(cache, keep)
                 chosen = chosen.index_select(0, keep.to(chosen.device))
+                pos = pos.index_select(0, keep)
+                if pipelined:
+                    logits = logits.index_select(0, keep.to(logits.device))
                 active = [active[j] for j in still]
-            step_pos = torch.tensor([len(r.history) - 1 for r in active], dtype=torch.long, device=device)
-            logits = model(chosen.to(device)[:, None], step_pos[:, None], cache, last_only=True)[:, -1]
+            if not pipelined:
+                logits = model(chosen.to(device)[:, None], pos, cache, last_only=True)[:, -1]
+            pos = pos + 1
+
+
+def _needs_history(p: SamplingParams) -> bool:
+    """Whether sampling reads the row's token history (penalties)."""
+    return p.repeat_last_n != 0 and (p.repeat_penalty != 1.0 or p.frequency_penalty != 0.0
+                                      or p.presence_penalty != 0.0)
+
+
+def _launch_ahead(model, chosen: torch.Tensor, pos: torch.Tensor, cache) -> tuple[list[int], torch.Tensor]:
+    """Start the decode step of `chosen` (at `pos`), then read `chosen` back: on CUDA through pinned memory and an
+    event recorded before the step, so the host waits for the copy, not for the step. Returns (ids, the step's
+    logits [B, vocab], still being computed)."""
+    if chosen.is_cuda:
+        host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+        host.copy_(chosen, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        logits = model(chosen[:, None], pos, cache, last_only=True)[:, -1]
+        copied.synchronize()
+        return host.tolist(), logits
+    ids = chosen.tolist()
+    return ids, model(chosen[:, None], pos, cache, last_only=True)[:, -1]
 
 
 def generate(

@@ -14,7 +14,7 @@ from levante.generate import generate
 from levante.loader import load
 from levante.sampling import SamplingParams
 
-GREEDY = SamplingParams(temperature=0)
+GREEDY = SamplingParams.greedy()  # no penalties: generation may pipeline
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [20, 21, 22, 23]]
 
 
@@ -38,6 +38,8 @@ def test_generation_equals_the_model(tmp_path, kind, chunk):
     assert fuse_moe(lm.model) == (2 if kind.startswith("mixtral") or kind == "odd_head_dim" else 0)
     got = _tokens(dec, lm.tokenizer, PROMPTS, n_ctx=12, prefill_chunk=chunk)
     assert got == want
+    dec.pipelined = True  # the GPU's order: each step launched before the previous one's tokens are read back
+    assert _tokens(dec, lm.tokenizer, PROMPTS, n_ctx=12, prefill_chunk=chunk) == want
     assert len(want[0]) == 5 and len(want[1]) == 6  # the rows did finish apart
 
 

@@ -116,6 +116,9 @@ class CudaDecoder(nn.Module):
             unfused = any(hasattr(layer.ffn, "experts") for layer in lm.model.layers)
             use_graphs = lm.model.device.type == "cuda" and not unfused
         self.use_graphs = use_graphs
+        # generation launches the next step before reading this one's tokens back (levante.generate): on a GPU the
+        # host's streaming overlaps the step; on CPU it would only add a wasted last step
+        self.pipelined = self.model.device.type == "cuda"
         self._cache: StaticCache | None = None
         self._graphs: dict[int, tuple] = {}
 

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -245,25 +246,44 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     lines = [f"# levante on {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu (smoke)'} "
              f"(torch {torch.__version__})", ""]
+    out_file = None if args.smoke else Path(args.out) / "cuda_bench.md"
 
-    # correctness: a tiny model's greedy tokens on the GPU path equal the CPU model's
-    tiny = transformers.MixtralForCausalLM(transformers.MixtralConfig(**dict(SMOKE, hidden_size=64,
-                                                                               intermediate_size=96))).eval()
-    tiny.save_pretrained(work / "tiny")
-    shutil.copy(args.tokenizer, work / "tiny" / "tokenizer.model")
-    want = LLM(str(work / "tiny"), n_ctx=128)("Hello there", max_tokens=16, temperature=0)["choices"][0]["text"]
-    gpu = LLM(str(work / "tiny"), n_ctx=128, device=str(dev))
-    if args.smoke:
-        gpu._decoder = CudaDecoder(gpu.model)
-    got = gpu("Hello there", max_tokens=16, temperature=0)["choices"][0]["text"]
-    lines.append(f"- tiny float32 Mixtral, 16 greedy tokens on the GPU path == CPU: {got == want}")
-    assert got == want, (got, want)
-    check_kernels(dev, (spec["intermediate_size"], spec["hidden_size"]), lines)
+    def save() -> None:  # after every section: a failure later (or the device's time running out) keeps the rest
+        if out_file is not None:
+            out_file.parent.mkdir(parents=True, exist_ok=True)
+            out_file.write_text("\n".join(lines) + "\n")
 
-    # the bf16 model, saved once and loaded by both engines
+    def attempt(name: str, fn):
+        """fn(), or None with the failure written into the results (one broken section does not lose the run)."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            lines.append(f"- {name} FAILED: {type(e).__name__}: {str(e)[:300]}")
+            return None
+        finally:
+            save()
+
+    # correctness: a tiny model's greedy tokens on the GPU path equal the CPU model's; the kernels at full shape
+    def tiny_check() -> None:
+        tiny = transformers.MixtralForCausalLM(transformers.MixtralConfig(**dict(SMOKE, hidden_size=64,
+                                                                                   intermediate_size=96))).eval()
+        tiny.save_pretrained(work / "tiny")
+        shutil.copy(args.tokenizer, work / "tiny" / "tokenizer.model")
+        want = LLM(str(work / "tiny"), n_ctx=128)("Hello there", max_tokens=16, temperature=0)["choices"][0]["text"]
+        gpu = LLM(str(work / "tiny"), n_ctx=128, device=str(dev))
+        if args.smoke:
+            gpu._decoder = CudaDecoder(gpu.model)
+        got = gpu("Hello there", max_tokens=16, temperature=0)["choices"][0]["text"]
+        lines.append(f"- tiny float32 Mixtral, 16 greedy tokens on the GPU path == CPU: {got == want}")
+
+    attempt("tiny model check", tiny_check)
+    attempt("kernel check", lambda: check_kernels(dev, (spec["intermediate_size"], spec["hidden_size"]), lines))
+
+    # the bf16 model, saved once and loaded by both engines (nothing else can run without it)
     torch.manual_seed(0)
     with torch.device(dev):
-        hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(**spec, torch_dtype=torch.bfloat16))
+        hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(**spec))
     hf = hf.to(torch.bfloat16).eval()
     hf.save_pretrained(work / "m")
     shutil.copy(args.tokenizer, work / "m" / "tokenizer.model")
@@ -272,71 +292,87 @@ def main() -> None:
     lines += ["", f"Device copy rate: {rate / 1e12:.2f} TB/s (read + write).", "",
               "| weights | active bytes / token | HBM limit tok/s | first gen decode tok/s | warm decode tok/s | "
               "first / limit | prefill tok/s |", "|---|---|---|---|---|---|---|"]
-    res = {}
-    loaded = load(work / "m", dtype="bfloat16", device=str(dev))
-    fuse_moe(loaded.model)  # done by the load on CUDA; the smoke run's CPU load leaves the modules
-    res["bf16"] = run_variant("bf16", loaded, ids, n_new, rate, lines, args.smoke)
-    for scheme, roles in SCHEMES.items():
+
+    def bf16_variant() -> dict:
+        loaded = load(work / "m", dtype="bfloat16", device=str(dev))
+        fuse_moe(loaded.model)  # done by the load on CUDA; the smoke run's CPU load leaves the modules
+        return run_variant("bf16", loaded, ids, n_new, rate, lines, args.smoke)
+
+    def quantized_variant(scheme: str, roles: dict[str, str]) -> dict:
         if args.smoke:  # the interpreter is slow on a 32000-row head: the smoke run keeps it in bf16
             roles = {k: v for k, v in roles.items() if k != "lm_head"}
         loaded = load(work / "m", dtype="bfloat16")
         quantize_randomly(loaded.model, roles, dev)
         loaded.model.to(dev)
         fuse_moe(loaded.model)
-        res[scheme] = run_variant(scheme, loaded, ids, n_new, rate, lines, args.smoke)
-        del loaded
-        res[scheme].pop("llm")
+        r = run_variant(scheme, loaded, ids, n_new, rate, lines, args.smoke)
+        r.pop("llm")
+        return r
 
-    # the peer: transformers eager on the same bf16 weights (warm), decode and prefill
-    x = torch.tensor([ids], device=dev)
-    with torch.inference_mode():
-        for _ in range(2):
-            sync(dev)
-            t = time.perf_counter()
-            hf(x)
-            sync(dev)
-            hf_prefill = n_prompt / (time.perf_counter() - t)
-        for _ in range(2):
-            sync(dev)
-            t = time.perf_counter()
-            out = hf.generate(x, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
-            sync(dev)
-            total = time.perf_counter() - t
-        hf_decode = (out.shape[1] - n_prompt - 1) / (total - n_prompt / hf_prefill)
+    res = {"bf16": attempt("bf16", bf16_variant)}
+    for scheme, roles in SCHEMES.items():
+        res[scheme] = attempt(scheme, lambda scheme=scheme, roles=roles: quantized_variant(scheme, roles))
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def transformers_peer() -> tuple[float, float]:  # eager, warm, the same bf16 weights: prefill and decode
+        x = torch.tensor([ids], device=dev)
+        with torch.inference_mode():
+            for _ in range(2):
+                sync(dev)
+                t = time.perf_counter()
+                hf(x)
+                sync(dev)
+                prefill = n_prompt / (time.perf_counter() - t)
+            for _ in range(2):
+                sync(dev)
+                t = time.perf_counter()
+                out = hf.generate(x, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+                sync(dev)
+                total = time.perf_counter() - t
+        return prefill, (out.shape[1] - n_prompt - 1) / (total - n_prompt / prefill)
+
+    peer = attempt("transformers", transformers_peer)
     bf = res["bf16"]
-    llm = bf.pop("llm")
+    llm = bf.pop("llm") if bf is not None else None
 
-    # batch 32 and the serving engine
-    batch = [torch.randint(3, spec["vocab_size"], (n_prompt,)).tolist() for _ in range(wide)]
-    for b in (32, 16, 8, 4, 2, 1):  # capture the buckets the batch shrinks through, outside the measurement
-        if b <= wide:
-            timed_generation(llm, batch[:b], 2)
-    _, after, count = timed_generation(llm, batch, n_batch_new)
-    batch_rate = (count - wide) / after
-    short = [p[:128] for p in batch]
-    one = engine_rate(llm, short[:1], n_batch_new)
-    many = engine_rate(llm, short, n_batch_new)
+    def batch_rate() -> float:
+        batch = [torch.randint(3, spec["vocab_size"], (n_prompt,)).tolist() for _ in range(wide)]
+        for b in (32, 16, 8, 4, 2, 1):  # capture the buckets the batch shrinks through, outside the measurement
+            if b <= wide:
+                timed_generation(llm, batch[:b], 2)
+        _, after, count = timed_generation(llm, batch, n_batch_new)
+        return (count - wide) / after
+
+    def engine_rates() -> tuple[float, float]:
+        short = [torch.randint(3, spec["vocab_size"], (128,)).tolist() for _ in range(wide)]
+        return engine_rate(llm, short[:1], n_batch_new), engine_rate(llm, short, n_batch_new)
+
+    wide_rate = attempt("batch", batch_rate) if llm is not None else None
+    engine = attempt("engine", engine_rates) if llm is not None else None
+
+    def row(what: str, a: float | None, b: float | None, goal: str, unit: str = "tok/s", x: str = "x") -> str:
+        if a is None or b is None:
+            return f"| {what} | n/a | n/a | {goal} |"
+        return f"| {what} | {a:.1f} / {b:.1f} {unit} | {a / b:.2f}{x} | {goal} |"
+
+    def get(r: dict | None, key: str) -> float | None:
+        return None if r is None else r[key]
 
     lines += ["", "| target | measured | ratio | goal |", "|---|---|---|---|",
-              f"| bf16 batch-1 decode (first generation) vs HBM limit | {bf['first']:.1f} / {bf['limit']:.0f} tok/s | "
-              f"{bf['first'] / bf['limit']:.2f} | >= 0.70 |",
-              f"| bf16 decode vs transformers eager (warm) | {bf['first']:.1f} / {hf_decode:.1f} tok/s | "
-              f"{bf['first'] / hf_decode:.2f}x | >= 2x |",
-              f"| batch {wide} x {n_batch_new} total vs batch 1 | {batch_rate:.0f} / {bf['warm']:.1f} tok/s | "
-              f"{batch_rate / bf['warm']:.1f}x | >= 8x |"]
+              row("bf16 batch-1 decode (first generation) vs HBM limit", get(bf, "first"), get(bf, "limit"),
+                  ">= 0.70", x=""),
+              row("bf16 decode vs transformers eager (warm)", get(bf, "first"), peer and peer[1], ">= 2x"),
+              row(f"batch {wide} x {n_batch_new} total vs batch 1", wide_rate, get(bf, "warm"), ">= 8x")]
     for scheme, goal in (("Q4_K_M", 2.5), ("Q8_0", 1.6), ("AWQ", 2.5), ("INT8", 1.6)):
-        lines.append(f"| {scheme} decode vs bf16 (first generation) | {res[scheme]['first']:.1f} / {bf['first']:.1f} "
-                     f"tok/s | {res[scheme]['first'] / bf['first']:.2f}x | >= {goal}x |")
-    lines += [f"| prefill {n_prompt} vs transformers | {bf['prefill']:.0f} / {hf_prefill:.0f} tok/s | "
-              f"{bf['prefill'] / hf_prefill:.2f}x | >= 1x |",
-              f"| engine, {wide} concurrent clients vs 1 | {many:.0f} / {one:.0f} tok/s | {many / one:.1f}x | >= 10x |"]
-    print("\n".join(lines[-9:]), flush=True)
-    profile_step(llm, lines)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.smoke:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "cuda_bench.md").write_text(text)
+        lines.append(row(f"{scheme} decode vs bf16 (first generation)", get(res[scheme], "first"), get(bf, "first"),
+                         f">= {goal}x"))
+    lines += [row(f"prefill {n_prompt} vs transformers", get(bf, "prefill"), peer and peer[0], ">= 1x"),
+              row(f"engine, {wide} concurrent clients vs 1", engine and engine[1], engine and engine[0], ">= 10x")]
+    save()
+    if llm is not None:
+        attempt("profile", lambda: profile_step(llm, lines))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .errors import ContextLengthError, EngineError, OverloadedError, WorkerError
-from .generate import TokenEvent, _Row
+from .generate import TokenEvent, _needs_history, _Row
 from .grammar import mask_logits
 from .sampling import SamplingParams, sample, token_logprobs
 from .speculative import MAX_TOKENS, SpecConfig, Speculator, verify
@@ -215,6 +215,9 @@ class Engine:
         # the request whose prompt is being prefilled (row, prompt tokens in the cache): it sits in the row after
         # the active ones and joins them when its prompt is in
         self._filling: tuple[int, int] | None = None
+        # a pipelining model (the GPU decoder): the next decode step, launched before the last one's tokens were
+        # read back: (its logits, the request ids of rows 0.. it was launched for)
+        self._ahead: tuple[torch.Tensor, list[int]] | None = None
         self.waiting: deque[Request] = deque()
         self.metrics = Metrics()
         self._ids = itertools.count(1)
@@ -329,6 +332,7 @@ class Engine:
         req._put(e)
 
     def _fail_all(self, err: BaseException | None, include_waiting: bool = False) -> None:
+        self._ahead = None
         if self._filling is not None:
             row, _ = self._filling
             self._filling = None
@@ -498,14 +502,48 @@ class Engine:
         if len(rows) == 1 and self.slots[0].spec is not None:
             self._spec_step(self.slots[0])
             return
-        toks = torch.tensor([[self.slots[i].pending] for i in rows], device=self.device)
+        logits = self._take_ahead(rows)
+        if logits is None:
+            toks = torch.tensor([[self.slots[i].pending] for i in rows], device=self.device)
+            logits = self.model(toks, cache=self.cache, last_only=True, rows=slice(0, self.n_active))[:, -1]
         for i in rows:
             self.slots[i].tokens.append(self.slots[i].pending)
             self.slots[i].pending = None
-        logits = self.model(toks, cache=self.cache, last_only=True, rows=slice(0, self.n_active))
         with self.metrics.lock:
             self.metrics.decode_tokens_window.append((time.perf_counter(), len(rows)))
-        self._emit(rows, logits[:, -1])
+        self._emit(rows, logits, launch=getattr(self.model, "pipelined", False) and self.spec is None)
+
+    def _take_ahead(self, rows: list[int]) -> torch.Tensor | None:
+        """The logits of the step launched ahead, when it was launched for exactly these requests in this order;
+        else None, and the cache forgets what that step wrote (each row back to the tokens its slot holds)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        logits, ids = ahead
+        if ids == [self.slots[i].req.id if self.slots[i].req is not None else None for i in rows]:
+            return logits
+        for r, slot in enumerate(self.slots):
+            if self.cache.lengths[r] > len(slot.tokens):
+                self.cache.truncate(r, len(slot.tokens))
+        return None
+
+    def _launch(self, slots: list[_Slot], chosen: torch.Tensor) -> list[int]:
+        """Launch the next decode step with `chosen` (rows 0..), then read `chosen` back: through pinned memory and
+        an event recorded before the step, so the host waits for the copy, not for the step."""
+        if chosen.is_cuda:
+            host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+            host.copy_(chosen, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            host, copied = chosen.tolist(), None
+        logits = self.model(chosen[:, None].to(self.device), cache=self.cache, last_only=True,
+                            rows=slice(0, len(slots)))[:, -1]
+        self._ahead = (logits, [s.req.id for s in slots])
+        if copied is not None:
+            copied.synchronize()
+            return host.tolist()
+        return host
 
     def _spec_step(self, s: _Slot) -> None:
         """One step of the only running request: its pending token and K proposals in one forward, then every
@@ -554,16 +592,19 @@ class Engine:
         self.cache.reset(row)
         self.n_active = min(self.n_active, row)
 
-    def _sample(self, slots: list[_Slot], logits: torch.Tensor) -> list[int | BaseException]:
-        """One token per slot; when the batched sampling raises, each row alone, so only its own error fails it."""
+    def _sample(self, slots: list[_Slot], logits: torch.Tensor, launch: bool = False) -> list[int | BaseException]:
+        """One token per slot; when the batched sampling raises, each row alone, so only its own error fails it.
+        `launch`: the next decode step starts before the tokens are read back (`_launch`)."""
         params = [s.row.params for s in slots]
         gens = [s.row.generator for s in slots]
         hist = [s.row.history for s in slots]
         try:
-            return sample(logits, params, gens, history=hist).tolist()
+            chosen = sample(logits, params, gens, history=hist)
         except Exception:
             if len(slots) == 1:
                 raise
+        else:  # a failing launch is the model's failure (the batch's), not a sampling one
+            return self._launch(slots, chosen) if launch else chosen.tolist()
         out: list[int | BaseException] = []
         for j in range(len(slots)):
             try:
@@ -573,14 +614,18 @@ class Engine:
                 out.append(e)
         return out
 
-    def _emit(self, rows: list[int], logits: torch.Tensor, chosen: list[int] | None = None) -> None:
+    def _emit(self, rows: list[int], logits: torch.Tensor, chosen: list[int] | None = None,
+              launch: bool = False) -> None:
         """Sample one token for each of `rows` (or take `chosen`, drawn from the already masked `logits`) and send
-        the events."""
+        the events. `launch` (a decode step of rows 0.. on a pipelining model): start the next step before reading
+        the tokens back, unless a row needs them on the host first (grammar, penalties, logprobs)."""
         slots = [self.slots[i] for i in rows]
         if chosen is None:
             if any(s.row.constraint is not None for s in slots):  # every constrained row's mask in one op
                 logits = mask_logits(logits.contiguous(), [s.row.constraint for s in slots])
-            chosen = self._sample(slots, logits)
+            launch = launch and not any(s.row.constraint is not None or _needs_history(s.row.params)
+                                        or s.req.logprobs is not None for s in slots)
+            chosen = self._sample(slots, logits, launch)
         want_lp = [s.req.logprobs for s in slots]
         lps = tops = None
         if any(n is not None for n in want_lp):

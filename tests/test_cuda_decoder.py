@@ -105,10 +105,13 @@ def test_gpu_graphs_equal_eager_without_host_sync(tmp_path):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_serving_engine_on_the_decoder(tmp_path):
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_serving_engine_on_the_decoder(tmp_path, pipelined):
     """The continuous-batching engine over the decoder's static cache: rows joining and leaving, prefix reuse, and
     bucketed decode steps whose padding row is a free row holding a finished request's prefix (which it must not
-    touch: request E reuses it). Every request gets solo generation's tokens."""
+    touch: request E reuses it). Every request gets solo generation's tokens; also pipelined (the GPU's order:
+    each step launched before the last one's tokens are read back, thrown away and taken back from the cache
+    whenever the rows changed), with a seeded sampled request among them."""
     from levante.engine import Engine
 
     lm = load(save_hf(hf_model("mixtral_8x2", vocab_size=32000), tmp_path / "m", tokenizer=True))
@@ -121,7 +124,11 @@ def test_serving_engine_on_the_decoder(tmp_path):
     with torch.inference_mode():
         want = [r.tokens for p, n in zip(prompts, lens)
                 for r in generate(lm.model, tok, [p], n, GREEDY, stop_token_ids=set())]
+    seeded = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=5)
+    with torch.inference_mode():
+        want_sampled = generate(lm.model, tok, [prompts[1]], 8, seeded, stop_token_ids=set())[0].tokens
     dec = CudaDecoder(lm.model)
+    dec.pipelined = pipelined
     fuse_moe(lm.model)
     eng = Engine(dec, tok, n_ctx=128, max_batch=4).start()
     try:
@@ -129,11 +136,14 @@ def test_serving_engine_on_the_decoder(tmp_path):
         reqs = [eng.submit(p, n, GREEDY, stop_ids=set()) for p, n in zip(prompts[:4], lens[:4])]
         got = [[ev.token for ev in r] for r in reqs]  # after A: 3 rows run as bucket 4, A's row the padding
         last = eng.submit(prompts[4], lens[4], GREEDY, stop_ids=set())
+        sampled = eng.submit(prompts[1], 8, seeded, stop_ids=set())
         got.append([ev.token for ev in last])
+        got_sampled = [ev.token for ev in sampled]
         assert last.cached_tokens >= len(system)
     finally:
         eng.shutdown()
     assert got == want
+    assert got_sampled == want_sampled
 
 
 def test_low_rank_model(tmp_path):

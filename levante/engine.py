@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .errors import ContextLengthError, EngineError, OverloadedError, WorkerError
-from .generate import TokenEvent, _needs_history, _Row
+from .generate import TokenEvent, _Row, launch_then_read
 from .grammar import mask_logits
 from .sampling import SamplingParams, sample, token_logprobs
 from .speculative import MAX_TOKENS, SpecConfig, Speculator, verify
@@ -528,22 +528,11 @@ class Engine:
         return None
 
     def _launch(self, slots: list[_Slot], chosen: torch.Tensor) -> list[int]:
-        """Launch the next decode step with `chosen` (rows 0..), then read `chosen` back: through pinned memory and
-        an event recorded before the step, so the host waits for the copy, not for the step."""
-        if chosen.is_cuda:
-            host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
-            host.copy_(chosen, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-        else:
-            host, copied = chosen.tolist(), None
-        logits = self.model(chosen[:, None].to(self.device), cache=self.cache, last_only=True,
-                            rows=slice(0, len(slots)))[:, -1]
+        """Launch the next decode step with `chosen` (rows 0..), then read `chosen` back (`launch_then_read`)."""
+        ids, logits = launch_then_read(chosen, lambda: self.model(
+            chosen[:, None].to(self.device), cache=self.cache, last_only=True, rows=slice(0, len(slots)))[:, -1])
         self._ahead = (logits, [s.req.id for s in slots])
-        if copied is not None:
-            copied.synchronize()
-            return host.tolist()
-        return host
+        return ids
 
     def _spec_step(self, s: _Slot) -> None:
         """One step of the only running request: its pending token and K proposals in one forward, then every
@@ -623,7 +612,7 @@ class Engine:
         if chosen is None:
             if any(s.row.constraint is not None for s in slots):  # every constrained row's mask in one op
                 logits = mask_logits(logits.contiguous(), [s.row.constraint for s in slots])
-            launch = launch and not any(s.row.constraint is not None or _needs_history(s.row.params)
+            launch = launch and not any(s.row.constraint is not None or s.row.params.uses_history
                                         or s.req.logprobs is not None for s in slots)
             chosen = self._sample(slots, logits, launch)
         want_lp = [s.req.logprobs for s in slots]

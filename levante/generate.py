@@ -13,7 +13,7 @@ no part of a stop string is ever emitted, even when it is split across tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -258,7 +258,7 @@ def generate_stream(
         # back, so the GPU computes while the host streams text; rows whose sampling needs the newest token on the
         # host (grammars, penalties) or logprobs turn it off.
         pipelined = getattr(model, "pipelined", False) and logprobs is None and not any(
-            r.constraint is not None or _needs_history(r.params) for r in rows)
+            r.constraint is not None or r.params.uses_history for r in rows)
         pos = torch.tensor([len(r.history) for r in rows], dtype=torch.long, device=device)[:, None]
         while True:
             if any(r.constraint is not None for r in active):
@@ -272,7 +272,8 @@ def generate_stream(
             if logprobs is not None:
                 lps, tops = token_logprobs(logits, chosen, logprobs)
             if pipelined:
-                chosen_list, logits = _launch_ahead(model, chosen, pos, cache)
+                chosen_list, logits = launch_then_read(
+                    chosen, lambda c=chosen, p=pos: model(c[:, None], p, cache, last_only=True)[:, -1])
             else:
                 chosen_list = chosen.tolist()
             still: list[int] = []
@@ -297,26 +298,20 @@ def generate_stream(
             pos = pos + 1
 
 
-def _needs_history(p: SamplingParams) -> bool:
-    """Whether sampling reads the row's token history (penalties)."""
-    return p.repeat_last_n != 0 and (p.repeat_penalty != 1.0 or p.frequency_penalty != 0.0
-                                      or p.presence_penalty != 0.0)
-
-
-def _launch_ahead(model, chosen: torch.Tensor, pos: torch.Tensor, cache) -> tuple[list[int], torch.Tensor]:
-    """Start the decode step of `chosen` (at `pos`), then read `chosen` back: on CUDA through pinned memory and an
-    event recorded before the step, so the host waits for the copy, not for the step. Returns (ids, the step's
-    logits [B, vocab], still being computed)."""
+def launch_then_read(chosen: torch.Tensor, launch: Callable[[], torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+    """Run `launch()` (the next decode step, fed `chosen`), then read `chosen` back: on CUDA through pinned memory
+    and an event recorded before the step, so the host waits for the copy, not for the step. Returns (the ids,
+    what `launch` returned: logits still being computed)."""
     if chosen.is_cuda:
         host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
         host.copy_(chosen, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
-        logits = model(chosen[:, None], pos, cache, last_only=True)[:, -1]
+        out = launch()
         copied.synchronize()
-        return host.tolist(), logits
+        return host.tolist(), out
     ids = chosen.tolist()
-    return ids, model(chosen[:, None], pos, cache, last_only=True)[:, -1]
+    return ids, launch()
 
 
 def generate(

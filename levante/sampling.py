@@ -123,6 +123,12 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def uses_history(self) -> bool:
+        """Whether the penalties read the row's token history (all of them off, or a window of 0: no)."""
+        return self.repeat_last_n != 0 and (self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0
+                                            or self.presence_penalty != 0.0)
+
 
 # ----------------------------------------------------------------------------- helpers
 def _rows(params: SamplingParams | Sequence[SamplingParams], batch: int) -> list[SamplingParams]:
@@ -174,9 +180,7 @@ def apply_penalties(
     if len(history) != B:
         raise ValueError(f"got {len(history)} histories for a batch of {B}")
     for i, p in enumerate(_rows(params, B)):
-        if p.repeat_last_n == 0:
-            continue
-        if p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0:
+        if not p.uses_history:
             continue
         hist = list(history[i])
         window = hist if p.repeat_last_n == -1 else hist[-p.repeat_last_n:]

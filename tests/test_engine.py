@@ -214,27 +214,16 @@ def test_a_failing_decode_step_fails_its_batch_and_the_engine_goes_on(llm):
         eng.shutdown()
 
 
-class _Recorder(torch.nn.Module):
-    """The model, with every call's (new tokens, cache rows) recorded in order."""
+class _Recorder(_Broken):
+    """The model (never failing), with every call's (new tokens, cache rows) recorded in order."""
 
     def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, []
-
-    @property
-    def cfg(self):
-        return self.inner.cfg
-
-    @property
-    def model(self):
-        return self.inner.model
-
-    def new_cache(self, *a, **k):
-        return self.inner.new_cache(*a, **k)
+        super().__init__(inner, lambda tokens: False)
+        self.calls = []
 
     def forward(self, tokens, *a, rows=None, **k):
         self.calls.append((tokens.shape[1], rows))
-        return self.inner(tokens, *a, rows=rows, **k)
+        return super().forward(tokens, *a, rows=rows, **k)
 
 
 def test_a_long_prompt_is_prefilled_between_decode_steps(llm):

@@ -16,7 +16,6 @@ neighbouring values per byte (value k: byte k // 2, bits 4 * (k % 2)), `hi` the 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -209,7 +208,7 @@ class PackedWeight(QuantWeight):
         return sub.dequantize(dtype).reshape(*ids.shape, self.in_features)
 
     def matmul(self, x: Tensor) -> Tensor:
-        if x.device.type == "cuda" or interpreting():
+        if x.device.type == "cuda" or _interpreting():
             from .triton_matmul import packed_matmul
 
             return packed_matmul(x, self)
@@ -228,6 +227,7 @@ class _Gathered(PackedWeight):
             self.register_buffer(name, t[ids] if t.numel() else t, persistent=False)
 
 
-def interpreting() -> bool:
-    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors (the tests)."""
+def _interpreting() -> bool:
+    import os
+
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -9,12 +9,12 @@ decode step (M = 1) reads each quantized byte once: the kernel is bound by the p
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from .packed import interpreting
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def dot_acc(acc, x, w, IEEE: tl.constexpr):
 def use_ieee(dtype: torch.dtype) -> bool:
     """float32 inputs multiply as float32; so do bfloat16 ones under the interpreter, whose tl.dot misreads
     bfloat16 (the values are the same: bf16 -> f32 is exact)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit

@@ -9,6 +9,7 @@ import torch
 
 from levante.cuda import FusedMoE, PackedWeight, fuse_moe
 from levante.cuda.moe import ExpertStack, align_by_expert
+from levante.cuda.triton_matmul import Launch
 from levante.model import MLP, MoE
 from levante.quant.base import DenseWeight
 from levante.quant.kquants import quantize
@@ -29,7 +30,7 @@ def _dense(n: int, k: int, dtype=torch.float32) -> DenseWeight:
 def test_align_by_expert(m, k, e, bm):
     torch.manual_seed(m)
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(m)])
-    r = align_by_expert(ids, e, bm)
+    r = align_by_expert(ids, e, Launch(bm, 64, 64))
     n_pad = int(r.n_padded)
     sorted_ids, blocks = r.sorted_ids.long(), r.block_expert.long()
     real = sorted_ids[sorted_ids < m * k]
@@ -71,6 +72,26 @@ def test_fused_equals_module(kind, m):
     with torch.inference_mode():
         want, got = moe(x).float(), fused(x).float()
     tol = 2e-2 if kind == "bf16" else 1e-5  # bf16: products rounded in another order
+    assert (got - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.parametrize(("kind", "mode"), [("f32", "all"), ("bf16", "all"), ("q4_k_m", "none"), ("mixed", "none")])
+def test_one_token_by_the_other_kernel(monkeypatch, kind, mode):
+    """One token runs the GEMV for packed experts and the tiled kernel for float ones; LEVANTE_GEMV swaps them
+    (the benchmark compares both): the other kernel gives the same result too."""
+    from levante.cuda.moe import route
+
+    moe = _moe(kind)
+    fused = FusedMoE.from_module(moe)
+    dt = torch.bfloat16 if kind == "bf16" else torch.float32
+    x = torch.randn(1, moe.gate.in_features).to(dt)
+    ids = torch.tensor([[2, 0]])
+    assert route(ids, 4, fused.packed).launch.bm == (1 if fused.packed else 16)
+    monkeypatch.setenv("LEVANTE_GEMV", mode)
+    assert route(ids, 4, fused.packed).launch.bm == (16 if fused.packed else 1)
+    with torch.inference_mode():
+        want, got = moe(x).float(), fused(x).float()
+    tol = 2e-2 if kind == "bf16" else 1e-5
     assert (got - want).abs().max() <= tol * want.abs().max()
 
 

@@ -60,6 +60,50 @@ def test_kernel_equals_dequantized_matmul(qtype, m):
     assert (packed_matmul(x16, pw).float() - ref16).abs().max() <= 2e-3 * ref16.abs().max()
 
 
+@pytest.mark.parametrize("qtype", list(LAYOUTS))
+def test_gemv_equals_float_math(qtype):
+    """One row of x (a decode step) runs the GEMV, which scales sums of codes times x per run of shared scales:
+    equal to the float32 math of the dequantized weight, for float32 and bfloat16 x."""
+    from levante.cuda.triton_matmul import GEMV, packed_matmul, use_gemv
+
+    assert use_gemv(1, packed=True) and not use_gemv(2, packed=True)
+    k = K if qtype.endswith("_K") else 160  # 160: five 32-value blocks, not a whole 256-value slice
+    pw = PackedWeight.from_ggml(_raw(qtype, k=k, seed=3), qtype, N, k)
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, k).to(dt)
+        ref = x.float() @ pw.dequantize().T
+        got = packed_matmul(x, pw).float()
+        tol = 1e-5 if dt == torch.float32 else 8e-3  # bf16: the output's rounding (the interpreter truncates)
+        assert (got - ref).abs().max() <= tol * ref.abs().max()
+    x = torch.randn(3, k)  # the GEMV forced on three rows: one program row each
+    ref = x @ pw.dequantize().T
+    assert (packed_matmul(x, pw, GEMV) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("m", [1, 20, 40, 100, 200])
+def test_every_tiled_launch(m):
+    """Each configuration of the tiled kernel's table (decode to prefill tiles), on a Q5_K and a Q8_0 weight."""
+    from levante.cuda.triton_matmul import dot_launch, packed_matmul
+
+    for qtype in ("Q5_K", "Q8_0"):
+        pw = PackedWeight.from_ggml(_raw(qtype, n=136, seed=m), qtype, 136, K)
+        x = torch.randn(m, K)
+        ref = x @ pw.dequantize().T
+        assert (packed_matmul(x, pw, dot_launch(m, dense=False)) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("g", [64, 128])
+def test_awq_gemv(g):
+    from levante.cuda.triton_matmul import packed_matmul
+
+    awq = AWQWeight.from_codes(torch.randint(0, 16, (N, K), dtype=torch.uint8),
+                               torch.randint(0, 16, (N, K // g), dtype=torch.uint8),
+                               (torch.rand(N, K // g) * 0.02 + 0.001).half().float(), g)
+    x = torch.randn(1, K)
+    ref = x @ awq.dequantize().T
+    assert (packed_matmul(x, pack_weight(awq)) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_awq_kernel():
     from levante.cuda.triton_matmul import packed_matmul
 
@@ -80,9 +124,12 @@ def test_int8_rows():
     w8 = Int8Weight.from_float(torch.randn(N, K) * 0.1)
     pw = pack_weight(w8)
     assert pw.qtype == "INT8" and torch.equal(pw.dequantize(), w8.dequantize())
-    x = torch.randn(3, K)
-    ref = x @ w8.dequantize().T
-    assert (packed_matmul(x, pw) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for m, k in ((3, K), (1, K), (1, 96)):  # tiled, the GEMV, the GEMV with a row of 96 (one scale per row)
+        w8 = Int8Weight.from_float(torch.randn(N, k) * 0.1)
+        pw = pack_weight(w8)
+        x = torch.randn(m, k)
+        ref = x @ w8.dequantize().T
+        assert (packed_matmul(x, pw) - ref).abs().max() <= 1e-5 * ref.abs().max()
     xb = x.bfloat16()  # the GPU's dtype: weights rounded to bf16, float32 accumulation
     refb = xb.float() @ w8.dequantize().bfloat16().float().T
     assert (packed_matmul(xb, pw).float() - refb).abs().max() <= 1e-2 * refb.abs().max()

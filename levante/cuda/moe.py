@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..quant.base import DenseWeight, QuantWeight
 from ..quant.lowrank import LowRankWeight
 from .packed import PackedWeight
+from .triton_matmul import GEMV, Launch, dot_launch, use_gemv
 from .triton_moe import moe_matmul
 
 _PLANES = ("lo", "hi", "d", "sc", "dm", "mc")
@@ -27,20 +28,25 @@ _PLANES = ("lo", "hi", "d", "sc", "dm", "mc")
 
 @dataclass
 class Routing:
-    """(token, choice) pairs sorted by expert, each expert's run padded to whole blocks of `bm`.
+    """How a batch's (token, choice) pairs reach the grouped GEMMs, for the kernel `launch` names.
 
-    sorted_ids [P]: pair index token * top_k + choice, or `n_pairs` for padding; block_expert [P / bm]: the expert
-    of each block; n_padded [1]: how many entries of sorted_ids are in use (the rest: empty blocks)."""
+    Tiled (launch.bm > 1): sorted by expert, each expert's run padded to whole blocks of launch.bm: sorted_ids [P]:
+    pair index token * top_k + choice, or `n_pairs` for padding; block_expert [P / bm]: the expert of each block;
+    n_padded [1]: how many entries of sorted_ids are in use (the rest: empty blocks).
+    GEMV (launch.bm == 1): the pairs in order, `experts` [n_pairs] the expert of each."""
 
-    sorted_ids: Tensor
-    block_expert: Tensor
-    n_padded: Tensor
     n_pairs: int
-    bm: int
+    launch: Launch
+    sorted_ids: Tensor | None = None
+    block_expert: Tensor | None = None
+    n_padded: Tensor | None = None
+    experts: Tensor | None = None
 
 
-def align_by_expert(topk_ids: Tensor, n_experts: int, bm: int) -> Routing:
-    """Sort the pairs of topk_ids [M, k] by expert, on the device, in shapes that depend on M, k, E and bm only."""
+def align_by_expert(topk_ids: Tensor, n_experts: int, launch: Launch) -> Routing:
+    """Sort the pairs of topk_ids [M, k] by expert, on the device, in shapes that depend on M, k, E and the block
+    size launch.bm only."""
+    bm = launch.bm
     flat = topk_ids.reshape(-1)
     n = flat.numel()
     dev = flat.device
@@ -55,7 +61,16 @@ def align_by_expert(topk_ids: Tensor, n_experts: int, bm: int) -> Routing:
     sorted_ids.scatter_(0, (pad_end - padded)[expert_of] + rank, order.to(torch.int32))
     starts = torch.arange(blocks, device=dev) * bm
     block_expert = torch.searchsorted(pad_end, starts, right=True).clamp_(max=n_experts - 1).to(torch.int32)
-    return Routing(sorted_ids, block_expert, pad_end[-1:].to(torch.int32), n, bm)
+    return Routing(n, launch, sorted_ids, block_expert, pad_end[-1:].to(torch.int32))
+
+
+def route(topk_ids: Tensor, n_experts: int, packed: bool) -> Routing:
+    """The routing of topk_ids [M, k] for the kernel that suits M: the GEMV for one token (its k pairs go to k
+    different experts, so no sort is needed), else the tiled kernel's blocks (`packed`: of quantized experts)."""
+    m = topk_ids.shape[0]
+    if use_gemv(m, packed):
+        return Routing(topk_ids.numel(), GEMV, experts=topk_ids.reshape(-1).to(torch.int32))
+    return align_by_expert(topk_ids, n_experts, dot_launch(m, dense=not packed))
 
 
 class ExpertStack(nn.Module):
@@ -174,6 +189,7 @@ class FusedMoE(nn.Module):
         self.w13 = a.concat(b) if a is not None and b is not None and a.qtype == b.qtype else None
         self.w1, self.w3 = (None, None) if self.w13 is not None else (first, up)
         self.w2 = Projection(w2)
+        self.packed = any(m.weight is None for m in self.modules() if isinstance(m, ExpertStack))
 
     @classmethod
     def from_module(cls, moe: nn.Module) -> FusedMoE | None:
@@ -194,7 +210,7 @@ class FusedMoE(nn.Module):
         probs = torch.softmax(self.gate(x).float(), dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
-        routing = align_by_expert(chosen, self.n_experts, 16 if M <= 64 else 64)
+        routing = route(chosen, self.n_experts, packed=self.packed)
         if self.w13 is not None:
             h = torch.empty(M * self.top_k, 2 * self.ffn, dtype=x.dtype, device=x.device)
             moe_matmul(x, h, self.w13, routing, self.top_k)

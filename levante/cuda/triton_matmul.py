@@ -1,20 +1,100 @@
-"""y = x @ W^T on a `PackedWeight`, dequantizing W tile by tile in registers (Triton).
+"""y = x @ W^T on a `PackedWeight`, dequantizing W in registers (Triton): a tiled kernel and a decode GEMV.
 
-One program computes a [BM, BN] tile of y: for each BK slice of the inputs it loads the codes of BN rows from
-their bit planes, applies the formula of levante.cuda.packed (d * sc * (q - OFF) + dm * mc) in float32, rounds
-to x's dtype and accumulates x_tile @ w_tile^T in float32 with tl.dot. The weight is read once per M tile, so a
-decode step (M = 1) reads each quantized byte once: the kernel is bound by the packed size, which is what makes
-4-bit weights faster than bf16 on a GPU. Runs on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (the tests).
+The tiled kernel computes a [BM, BN] tile of y per program: for each BK slice it loads the codes of BN rows from
+their bit planes, applies the formula of levante.cuda.packed (d * sc * (q - OFF) + dm * mc) in float32, rounds to
+x's dtype and accumulates x_tile @ w_tile^T in float32 with tl.dot. The weight is read once per M tile.
+
+The GEMV (one row of x, a decode step) reads each quantized byte once too, but multiplies the raw codes: within a
+run of GT values that share their scales, sum_k W[n, k] x[k] = d * sc * sum_k (q - OFF) x  +  dm * mc * sum_k x,
+so a weight costs a code extraction and one multiply-add (llama.cpp's dequantize-mul-mat-vec), not the scale
+loads and products of the full formula; the scales are read once per run. Both run on CUDA, and on CPU tensors
+under TRITON_INTERPRET=1 (the tests).
 """
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Tile sizes and launch options of one kernel call (num_warps / num_stages matter on the GPU only)."""
+
+    bm: int
+    bn: int
+    bk: int
+    warps: int = 4
+    stages: int = 3
+
+
+def dot_launch(m: int, dense: bool = True) -> Launch:
+    """The tiled kernels' configuration for m rows (tokens): vLLM's fused_moe tuning for Mixtral's experts on the
+    H200 (E=8, N=14336: 16-row tiles and deep pipelines for decode, 128-row tiles for prefill); packed weights keep
+    BN at 128, as their tiles are dequantized in registers."""
+    if m <= 16:
+        return Launch(16, 128, 128, 4, 5)
+    if m <= 32:
+        return Launch(16, 128, 128, 8, 3)
+    if m <= 96:
+        return Launch(32, 128, 128, 4, 3)
+    if m <= 128:
+        return Launch(64, 128, 128, 8, 4)
+    return Launch(128, 256 if dense else 128, 64, 8, 4)
+
+
+GEMV = Launch(1, 16, 256, 4, 3)  # one row of x; 16-row slices of W, so a 4096-row weight spreads over 256 programs
+
+
+def gemv_run(g: int, bk: int) -> int:
+    """GT: the run of values sharing their scales that the GEMV sums before scaling (a power of two that divides
+    both the format's scale group g and the slice bk; at most bk / 2)."""
+    return min(math.gcd(g, bk), bk // 2)
+
+
+def use_gemv(m: int, packed: bool) -> bool:
+    """Whether m rows of x multiply by the GEMV: one row, packed weights (LEVANTE_GEMV=all: float ones too,
+    =none: never; the benchmark compares them)."""
+    mode = os.environ.get("LEVANTE_GEMV", "packed")
+    return m == 1 and (mode == "all" or (mode == "packed" and packed))
+
+
+@triton.jit
+def codes(lo_ptr, hi_ptr, row, col, K, ok, BITS: tl.constexpr):
+    """The integer codes q[row, col] of a packed weight (row and col broadcast against each other), int32."""
+    if BITS == 8:
+        q = tl.load(lo_ptr + row * K + col, mask=ok, other=0).to(tl.int32)
+    else:
+        byte = tl.load(lo_ptr + row * (K // 2) + col // 2, mask=ok, other=0).to(tl.int32)
+        q = (byte >> ((col % 2) * 4)) & 15
+        if BITS == 5:
+            h = tl.load(hi_ptr + row * (K // 8) + col // 8, mask=ok, other=0).to(tl.int32)
+            q = q | (((h >> (col % 8)) & 1) << 4)
+        if BITS == 6:
+            h = tl.load(hi_ptr + row * (K // 4) + col // 4, mask=ok, other=0).to(tl.int32)
+            q = q | (((h >> ((col % 4) * 2)) & 3) << 4)
+    return q
+
+
+@triton.jit
+def scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, row, col, K, ok,
+           G: tl.constexpr, SG: tl.constexpr, HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr):
+    """(d * sc, dm * mc) at [row, col] in float32 (without a min, the second is meaningless: not to be used)."""
+    s = tl.load(d_ptr + row * (K // SG) + col // SG, mask=ok, other=0.0).to(tl.float32)
+    if HAS_SC:
+        s = s * tl.load(sc_ptr + row * (K // G) + col // G, mask=ok, other=0).to(tl.float32)
+    m = s
+    if HAS_MIN:
+        m = tl.load(dm_ptr + row * (K // SG) + col // SG, mask=ok, other=0.0).to(tl.float32)
+        if HAS_MC:
+            m = m * tl.load(mc_ptr + row * (K // G) + col // G, mask=ok, other=0).to(tl.float32)
+    return s, m
 
 
 @triton.jit
@@ -27,28 +107,40 @@ def weight_tile(
     if DENSE:
         w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=w_ok, other=0.0).to(tl.float32)
     else:
-        if BITS == 8:
-            q = tl.load(lo_ptr + rn[:, None] * K + rk[None, :], mask=w_ok, other=0).to(tl.int32)
-        else:
-            byte = tl.load(lo_ptr + rn[:, None] * (K // 2) + rk[None, :] // 2, mask=w_ok, other=0).to(tl.int32)
-            q = (byte >> ((rk[None, :] % 2) * 4)) & 15
-            if BITS == 5:
-                h = tl.load(hi_ptr + rn[:, None] * (K // 8) + rk[None, :] // 8, mask=w_ok, other=0).to(tl.int32)
-                q = q | (((h >> (rk[None, :] % 8)) & 1) << 4)
-            if BITS == 6:
-                h = tl.load(hi_ptr + rn[:, None] * (K // 4) + rk[None, :] // 4, mask=w_ok, other=0).to(tl.int32)
-                q = q | (((h >> ((rk[None, :] % 4) * 2)) & 3) << 4)
-        s = tl.load(d_ptr + rn[:, None] * (K // SG) + rk[None, :] // SG, mask=w_ok, other=0.0).to(tl.float32)
-        if HAS_SC:
-            s = s * tl.load(sc_ptr + rn[:, None] * (K // G) + rk[None, :] // G, mask=w_ok, other=0).to(tl.float32)
+        q = codes(lo_ptr, hi_ptr, rn[:, None], rk[None, :], K, w_ok, BITS)
+        s, m = scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn[:, None], rk[None, :], K, w_ok, G, SG, HAS_SC, HAS_MIN,
+                      HAS_MC)
         w = s * (q - OFF).to(tl.float32)
         if HAS_MIN:
-            m = tl.load(dm_ptr + rn[:, None] * (K // SG) + rk[None, :] // SG, mask=w_ok, other=0.0).to(tl.float32)
-            if HAS_MC:
-                m = m * tl.load(mc_ptr + rn[:, None] * (K // G) + rk[None, :] // G, mask=w_ok,
-                                other=0).to(tl.float32)
             w = w + m
     return w
+
+
+@triton.jit
+def gemv_slice(
+    acc, x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok,
+    DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
+    HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
+):
+    """acc [BN] + W[rn, k0 : k0 + BK] @ x[k0 : k0 + BK], the slice seen as BK / GT runs of GT values that share
+    their scales: the codes times x summed per run first, then scaled (float32 throughout)."""
+    run = tl.arange(0, BK // GT)
+    col = k0 + run[:, None] * GT + tl.arange(0, GT)[None, :]  # [runs, GT]
+    k_ok = col < K
+    x = tl.load(x_ptr + col, mask=k_ok, other=0.0).to(tl.float32)
+    ok = n_ok[:, None, None] & k_ok[None, :, :]
+    if DENSE:
+        w = tl.load(w_ptr + rn[:, None, None] * K + col[None, :, :], mask=ok, other=0.0).to(tl.float32)
+        return acc + tl.sum(tl.sum(w * x[None, :, :], axis=2), axis=1)
+    q = (codes(lo_ptr, hi_ptr, rn[:, None, None], col[None, :, :], K, ok, BITS) - OFF).to(tl.float32)
+    qx = tl.sum(q * x[None, :, :], axis=2)  # [BN, runs]
+    first = k0 + run * GT
+    s, m = scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn[:, None], first[None, :], K, n_ok[:, None] & (first < K)[None, :],
+                  G, SG, HAS_SC, HAS_MIN, HAS_MC)
+    part = s * qx
+    if HAS_MIN:
+        part = part + m * tl.sum(x, axis=1)[None, :]
+    return acc + tl.sum(part, axis=1)
 
 
 @triton.jit
@@ -93,18 +185,34 @@ def _packed_matmul_kernel(
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_ok)
 
 
-def _tiles(m: int) -> tuple[int, int, int]:
-    """(BM, BN, BK): a 16-row tile for decode-sized M (tl.dot's minimum), bigger tiles for prefill."""
-    if m <= 16:
-        return 16, 64, 128
-    if m <= 64:
-        return 64, 64, 64
-    return 128, 64, 64
+@triton.jit
+def _packed_gemv_kernel(
+    x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, N, K, stride_xm, stride_ym,
+    BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
+    HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
+):
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    row = tl.program_id(1)
+    n_ok = rn < N
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        acc = gemv_slice(acc, x_ptr + row * stride_xm, lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn,
+                         k0, K, n_ok, False, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT)
+    tl.store(y_ptr + row * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-def packed_matmul(x: Tensor, w) -> Tensor:
+def planes(w) -> tuple[Tensor, ...]:
+    """(lo, hi, d, sc, dm, mc) of a PackedWeight, empty planes replaced by a real tensor (never read)."""
+    dummy = w.lo
+    return (w.lo, w.hi if w.hi.numel() else dummy, w.d, w.sc if w.sc.numel() else dummy,
+            w.dm if w.dm.numel() else w.d, w.mc if w.mc.numel() else dummy)
+
+
+def packed_matmul(x: Tensor, w, launch: Launch | None = None) -> Tensor:
     """x [..., K] @ W^T -> [..., N] in x's dtype (float32 x: exact float32 products); `w`: a levante.cuda
-    PackedWeight (not imported here: it imports this module when it first multiplies)."""
+    PackedWeight (not imported here: it imports this module when it first multiplies). One row of x runs the
+    GEMV, more the tiled kernel (`launch`: another configuration, for the benchmark's comparisons)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     M, K = x2.shape
@@ -112,14 +220,15 @@ def packed_matmul(x: Tensor, w) -> Tensor:
     if K != w.in_features:
         raise ValueError(f"x has {K} features, the weight {w.in_features}")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    BM, BN, BK = _tiles(M)
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-    dummy = w.lo
-    _packed_matmul_kernel[grid](
-        x2, y, w.lo, w.hi if w.hi.numel() else dummy, w.d, w.sc if w.sc.numel() else dummy,
-        w.dm if w.dm.numel() else w.d, w.mc if w.mc.numel() else dummy,
-        M, N, K, x2.stride(0), y.stride(0),
-        BITS=w.bits, OFF=w.off, G=w.g, SG=w.sg, HAS_SC=w.sc.numel() > 0, HAS_MIN=w.dm.numel() > 0,
-        HAS_MC=w.mc.numel() > 0, IEEE=use_ieee(x.dtype), BM=BM, BN=BN, BK=BK,
-    )
+    fmt = dict(BITS=w.bits, OFF=w.off, G=w.g, SG=w.sg, HAS_SC=w.sc.numel() > 0, HAS_MIN=w.dm.numel() > 0,
+               HAS_MC=w.mc.numel() > 0)
+    cfg = launch or (GEMV if use_gemv(M, packed=True) else dot_launch(M, dense=False))
+    if cfg.bm == 1:
+        _packed_gemv_kernel[(triton.cdiv(N, cfg.bn), M)](
+            x2, y, *planes(w), N, K, x2.stride(0), y.stride(0), **fmt, BN=cfg.bn, BK=cfg.bk, GT=gemv_run(w.g, cfg.bk),
+            num_warps=cfg.warps, num_stages=cfg.stages)
+    else:
+        _packed_matmul_kernel[(triton.cdiv(M, cfg.bm), triton.cdiv(N, cfg.bn))](
+            x2, y, *planes(w), M, N, K, x2.stride(0), y.stride(0), **fmt, IEEE=use_ieee(x.dtype),
+            BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages)
     return y.reshape(*shape[:-1], N)

@@ -1,4 +1,4 @@
-"""The grouped GEMM of a fused mixture of experts (vLLM's fused_moe design), in Triton.
+"""The grouped GEMMs of a fused mixture of experts (vLLM's fused_moe design), in Triton.
 
 The (token, choice) pairs of a batch are sorted by expert and each expert's run padded to a multiple of BM
 (`levante.cuda.moe.align_by_expert`, on the device); a program takes one BM-block of pairs, which all go to the
@@ -6,6 +6,9 @@ same expert, and one BN-slice of that expert's output features: C[pair] = A[pair
 pair's routing weight when MUL_W. Blocks past the padded total stop at once, so a decode step's grid touches only
 the chosen experts' weights. W is a stack of float weights [E, N, K], or of packed quantized planes (the formula
 of levante.cuda.packed, dequantized in registers by `weight_tile`).
+
+A single token's pairs (batch-1 decode: top-k pairs, all of different experts) skip the sort: a GEMV program per
+(pair, BN-slice) reads the pair's expert directly (levante.cuda.triton_matmul's `gemv_slice`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_matmul import dot_acc, use_ieee, weight_tile
+from .triton_matmul import dot_acc, gemv_run, gemv_slice, use_ieee, weight_tile
 
 
 @triton.jit
@@ -53,15 +56,40 @@ def _moe_kernel(
     tl.store(c_ptr + pairs[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=c_ok)
 
 
+@triton.jit
+def _moe_gemv_kernel(
+    a_ptr, c_ptr, expert_ptr, topw_ptr,
+    w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr,
+    e_w, e_lo, e_hi, e_d, e_sc,
+    N, K, stride_am, stride_cm,
+    A_DIV: tl.constexpr, MUL_W: tl.constexpr,
+    DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
+    HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    n_ok = rn < N
+    e = tl.load(expert_ptr + pair).to(tl.int64)
+    x_ptr = a_ptr + (pair // A_DIV) * stride_am
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        acc = gemv_slice(acc, x_ptr, w_ptr + e * e_w, lo_ptr + e * e_lo, hi_ptr + e * e_hi, d_ptr + e * e_d,
+                         sc_ptr + e * e_sc, dm_ptr + e * e_d, mc_ptr + e * e_sc, rn, k0, K, n_ok,
+                         DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT)
+    if MUL_W:
+        acc = acc * tl.load(topw_ptr + pair).to(tl.float32)
+    tl.store(c_ptr + pair * stride_cm + rn, acc.to(c_ptr.dtype.element_ty), mask=n_ok)
+
+
 def moe_matmul(a: Tensor, c: Tensor, stack, routing, a_div: int, topk_weights: Tensor | None = None) -> None:
     """c[pair] = a[pair // a_div] @ W[expert of pair]^T (* the pair's routing weight) for every (token, choice)
-    pair of `routing` (a levante.cuda.moe.Routing); `stack`: a levante.cuda.moe.ExpertStack (neither imported
-    here: that module imports this one)."""
+    pair of `routing` (a levante.cuda.moe.Routing: sorted by expert for the tiled kernel, or in order with each
+    pair's expert for the GEMV; its `launch` says which, and the tiles); `stack`: a levante.cuda.moe.ExpertStack
+    (neither imported here: that module imports this one)."""
     N, K = stack.out_features, stack.in_features
     if a.shape[1] != K or c.shape[1] != N:
         raise ValueError(f"a [{a.shape[1]}] / c [{c.shape[1]}] do not fit the experts' [{N}, {K}]")
-    BN, BK = 64, (128 if K % 128 == 0 else 64)
-    grid = (routing.block_expert.numel(), triton.cdiv(N, BN))
     dense = stack.weight is not None
     anchor = stack.weight if dense else stack.lo
 
@@ -70,14 +98,20 @@ def moe_matmul(a: Tensor, c: Tensor, stack, routing, a_div: int, topk_weights: T
         return (t, t.stride(0)) if t is not None and t.numel() else (anchor, 0)
 
     (lo, e_lo), (hi, e_hi), (d, e_d), (sc, e_sc), (dm, _), (mc, _) = map(plane, ("lo", "hi", "d", "sc", "dm", "mc"))
-    _moe_kernel[grid](
-        a, c, routing.sorted_ids, routing.block_expert, routing.n_padded,
-        topk_weights if topk_weights is not None else a,
-        anchor, lo, hi, d, sc, dm, mc, anchor.stride(0) if dense else 0, e_lo, e_hi, e_d, e_sc,
-        N, K, routing.n_pairs, a.stride(0), c.stride(0),
-        A_DIV=a_div, MUL_W=topk_weights is not None,
-        DENSE=dense, BITS=stack.bits, OFF=stack.off, G=stack.g, SG=stack.sg,
-        HAS_SC=not dense and stack.sc.numel() > 0, HAS_MIN=not dense and stack.dm.numel() > 0,
-        HAS_MC=not dense and stack.mc.numel() > 0, IEEE=use_ieee(a.dtype),
-        BM=routing.bm, BN=BN, BK=BK,
-    )
+    weights = (anchor, lo, hi, d, sc, dm, mc, anchor.stride(0) if dense else 0, e_lo, e_hi, e_d, e_sc)
+    fmt = dict(A_DIV=a_div, MUL_W=topk_weights is not None, DENSE=dense, BITS=stack.bits, OFF=stack.off, G=stack.g,
+               SG=stack.sg, HAS_SC=not dense and stack.sc.numel() > 0, HAS_MIN=not dense and stack.dm.numel() > 0,
+               HAS_MC=not dense and stack.mc.numel() > 0)
+    topw = topk_weights if topk_weights is not None else a
+    cfg = routing.launch
+    if cfg.bm == 1:  # the pairs in order, each with its expert
+        _moe_gemv_kernel[(routing.n_pairs, triton.cdiv(N, cfg.bn))](
+            a, c, routing.experts, topw, *weights, N, K, a.stride(0), c.stride(0), **fmt,
+            BN=cfg.bn, BK=cfg.bk, GT=gemv_run(stack.g if not dense else 32, cfg.bk),
+            num_warps=cfg.warps, num_stages=cfg.stages)
+        return
+    _moe_kernel[(routing.block_expert.numel(), triton.cdiv(N, cfg.bn))](
+        a, c, routing.sorted_ids, routing.block_expert, routing.n_padded, topw, *weights,
+        N, K, routing.n_pairs, a.stride(0), c.stride(0), **fmt, IEEE=use_ieee(a.dtype),
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages)
+

@@ -95,12 +95,52 @@ def test_one_token_by_the_other_kernel(monkeypatch, kind, mode):
     assert (got - want).abs().max() <= tol * want.abs().max()
 
 
+@pytest.mark.parametrize("kind", ["f32", "q4_k_m"])
+@pytest.mark.parametrize("m", [1, 6, 70])
+@pytest.mark.parametrize("mode", ["packed", "all", "none"])
+def test_expert_parallel_shard(monkeypatch, kind, m, mode):
+    """An expert-parallel rank's MoE (experts 1 and 3 of 4): fused, it equals the module's partial output (zero
+    for pairs of the other rank's experts), by either kernel; the two ranks' outputs sum to the whole layer."""
+    monkeypatch.setenv("LEVANTE_GEMV", mode)
+    whole = _moe(kind)
+    ranks = [MoE(whole.gate, [whole.experts[e] for e in ids], 2, expert_ids=ids) for ids in ([0, 2], [1, 3])]
+    fused = [FusedMoE.from_module(r) for r in ranks]
+    assert all(f is not None and f.n_experts == 2 for f in fused)
+    x = torch.randn(m, whole.gate.in_features)
+    with torch.inference_mode():
+        want = [r(x) for r in ranks]
+        got = [f(x) for f in fused]
+        full = whole(x)
+    for g, w in zip(got, want, strict=True):
+        assert (g - w).abs().max() <= 1e-5 * w.abs().max()
+    assert (got[0] + got[1] - full).abs().max() <= 1e-5 * full.abs().max()
+    if m == 1:  # a token whose experts are both elsewhere: exactly zero here
+        chosen = torch.softmax(whole.gate(x).float(), -1).topk(2).indices.reshape(-1).tolist()
+        other = next(e for e in range(4) if e not in chosen)
+        alone = FusedMoE.from_module(MoE(whole.gate, [whole.experts[other]], 2, expert_ids=[other]))
+        with torch.inference_mode():
+            assert not alone(x).any()
+
+
+@pytest.mark.parametrize("mode", ["all", "none"])
+def test_other_ranks_pairs_are_not_run(monkeypatch, mode):
+    """Pairs routed to -1 (another rank's expert) are skipped by both kernels: their rows are never written."""
+    from levante.cuda.moe import route
+    from levante.cuda.triton_moe import moe_matmul
+
+    monkeypatch.setenv("LEVANTE_GEMV", mode)
+    stack = ExpertStack([_dense(96, 64) for _ in range(2)])
+    ids = torch.tensor([[1, -1]])
+    a = torch.randn(1, 64)
+    c = torch.full((2, 96), 7.0)
+    moe_matmul(a, c, stack, route(ids, 2, packed=False), 2)
+    assert (c[1] == 7).all() and torch.allclose(c[0], a[0] @ stack.weight[1].T, atol=1e-5)
+
+
 def test_not_fused_where_it_does_not_apply():
     moe = _moe("f32")
     moe.experts[1].w2 = _dense(64, 96, torch.bfloat16)  # one expert of another dtype
     assert FusedMoE.from_module(moe) is None
-    part = MoE(_dense(4, 64), [MLP(_dense(96, 64), _dense(64, 96), _dense(96, 64))] * 2, 2, expert_ids=[0, 2])
-    assert FusedMoE.from_module(part) is None  # expert parallel: the other experts live on other ranks
     with pytest.raises(TypeError, match="cannot stack"):
         ExpertStack([_packed(256, 256, "Q4_K", 0), _packed(256, 256, "Q6_K", 1)])
 

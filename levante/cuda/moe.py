@@ -45,13 +45,15 @@ class Routing:
 
 def align_by_expert(topk_ids: Tensor, n_experts: int, launch: Launch) -> Routing:
     """Sort the pairs of topk_ids [M, k] by expert, on the device, in shapes that depend on M, k, E and the block
-    size launch.bm only."""
+    size launch.bm only. An id of -1 (an expert of another rank) sorts after all the others, past n_padded: no
+    block runs it."""
     bm = launch.bm
     flat = topk_ids.reshape(-1)
     n = flat.numel()
     dev = flat.device
-    blocks = (n + n_experts * (bm - 1) + bm - 1) // bm
-    counts = torch.zeros(n_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    flat = torch.where(flat < 0, n_experts, flat)
+    blocks = (n + (n_experts + 1) * (bm - 1) + bm - 1) // bm
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + bm - 1) // bm * bm
     pad_end = padded.cumsum(0)
     order = flat.argsort(stable=True)
@@ -61,12 +63,13 @@ def align_by_expert(topk_ids: Tensor, n_experts: int, launch: Launch) -> Routing
     sorted_ids.scatter_(0, (pad_end - padded)[expert_of] + rank, order.to(torch.int32))
     starts = torch.arange(blocks, device=dev) * bm
     block_expert = torch.searchsorted(pad_end, starts, right=True).clamp_(max=n_experts - 1).to(torch.int32)
-    return Routing(n, launch, sorted_ids, block_expert, pad_end[-1:].to(torch.int32))
+    return Routing(n, launch, sorted_ids, block_expert, pad_end[n_experts - 1 : n_experts].to(torch.int32))
 
 
 def route(topk_ids: Tensor, n_experts: int, packed: bool) -> Routing:
-    """The routing of topk_ids [M, k] for the kernel that suits M: the GEMV for one token (its k pairs go to k
-    different experts, so no sort is needed), else the tiled kernel's blocks (`packed`: of quantized experts)."""
+    """The routing of topk_ids [M, k] (-1: another rank's expert, not run) for the kernel that suits M: the GEMV
+    for one token (its k pairs go to k different experts, so no sort is needed), else the tiled kernel's blocks
+    (`packed`: of quantized experts)."""
     m = topk_ids.shape[0]
     if use_gemv(m, packed):
         return Routing(topk_ids.numel(), GEMV, experts=topk_ids.reshape(-1).to(torch.int32))
@@ -174,14 +177,23 @@ class Projection(nn.Module):
 
 
 class FusedMoE(nn.Module):
-    """A `MoE` module's computation as device ops and grouped GEMMs (see the module docstring)."""
+    """A `MoE` module's computation as device ops and grouped GEMMs (see the module docstring).
+
+    `expert_ids`: the experts held here when they are spread over ranks (expert parallelism): the router sees all
+    of them, pairs of the others are not run and add zero (the ranks' outputs are summed by an all-reduce)."""
 
     def __init__(self, gate: QuantWeight, w1: list[QuantWeight], w2: list[QuantWeight], w3: list[QuantWeight],
-                 top_k: int) -> None:
+                 top_k: int, expert_ids: list[int] | None = None) -> None:
         super().__init__()
         self.gate = gate
         self.top_k = top_k
         self.n_experts = len(w1)
+        local_of = None  # global expert id -> index here, -1 for another rank's
+        if expert_ids is not None and len(expert_ids) < gate.out_features:
+            dev = next(iter(gate.buffers())).device
+            local_of = torch.full((gate.out_features,), -1, dtype=torch.long, device=dev)
+            local_of[torch.tensor(expert_ids, device=dev)] = torch.arange(len(w1), device=dev)
+        self.register_buffer("local_of", local_of, persistent=False)
         self.ffn = w1[0].out_features
         first, up = Projection(w1), Projection(w3)
         a, b = first.single, up.single
@@ -193,15 +205,15 @@ class FusedMoE(nn.Module):
 
     @classmethod
     def from_module(cls, moe: nn.Module) -> FusedMoE | None:
-        """The fused form of a levante.model.MoE, or None where it does not apply (experts spread over ranks,
-        experts of mixed kinds, such as some low-rank and some full)."""
+        """The fused form of a levante.model.MoE (all its experts, or an expert-parallel rank's), or None where it
+        does not apply (experts of mixed kinds, such as some low-rank and some full)."""
         experts = list(moe.experts)
-        if getattr(moe, "partial", False) or not experts:
+        if not experts:
             return None
         ws = {n: [getattr(e, n) for e in experts] for n in ("w1", "w2", "w3")}
         if not all(Projection.fusable(v) for v in ws.values()):
             return None
-        return cls(moe.gate, ws["w1"], ws["w2"], ws["w3"], moe.top_k)
+        return cls(moe.gate, ws["w1"], ws["w2"], ws["w3"], moe.top_k, getattr(moe, "expert_ids", None))
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -210,6 +222,8 @@ class FusedMoE(nn.Module):
         probs = torch.softmax(self.gate(x).float(), dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        if self.local_of is not None:
+            chosen = self.local_of[chosen]
         routing = route(chosen, self.n_experts, packed=self.packed)
         if self.w13 is not None:
             h = torch.empty(M * self.top_k, 2 * self.ffn, dtype=x.dtype, device=x.device)
@@ -219,6 +233,8 @@ class FusedMoE(nn.Module):
             gate, up = self.w1.run(x, routing, self.top_k), self.w3.run(x, routing, self.top_k)
         act = (F.silu(gate) * up).contiguous()
         out = self.w2.run(act, routing, 1, weights.reshape(-1))
+        if self.local_of is not None:  # other ranks' pairs: rows never written
+            out = out.masked_fill(chosen.reshape(-1, 1) < 0, 0)
         return out.view(M, self.top_k, -1).sum(1).reshape(shape)
 
 

@@ -71,6 +71,8 @@ def _moe_gemv_kernel(
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = rn < N
     e = tl.load(expert_ptr + pair).to(tl.int64)
+    if e < 0:  # another rank's expert
+        return
     x_ptr = a_ptr + (pair // A_DIV) * stride_am
     acc = tl.zeros((BN,), dtype=tl.float32)
     for k0 in range(0, K, BK):

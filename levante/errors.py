@@ -37,5 +37,9 @@ class KernelBuildError(LevanteError, RuntimeError):
     """The C++ extension (levante/csrc) failed to compile or load on a machine that has a compiler."""
 
 
+class DeviceMemoryError(LevanteError, MemoryError):
+    """The model's weights or its KV cache do not fit in the device's free memory."""
+
+
 class WorkerError(LevanteError, RuntimeError):
     """A rank of a tensor- or expert-parallel group died, failed, or fell out of step; the model is unusable."""

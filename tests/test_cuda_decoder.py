@@ -22,6 +22,26 @@ def test_buckets():
     assert [bucket_for(n) for n in (1, 2, 3, 5, 9, 32, 33, 256, 257)] == [1, 2, 4, 8, 16, 32, 64, 256, 512]
 
 
+def test_memory_refused_with_a_clear_error(tmp_path, monkeypatch):
+    """A KV cache larger than the device's free memory, or weights that do not fit: DeviceMemoryError naming what
+    and what to lower, before or instead of torch's out-of-memory traceback."""
+    from levante.cuda import to_device
+    from levante.errors import DeviceMemoryError
+
+    lm = load(save_hf(hf_model("mixtral_8x2"), tmp_path / "m"))
+    cfg = lm.model.cfg
+    with pytest.raises(DeviceMemoryError, match=r"KV cache \(32 rows x 32768 positions.*--max-batch"):
+        StaticCache(cfg, 32, 32768, torch.bfloat16, torch.device("cpu"), free=1 << 20)
+    assert StaticCache(cfg, 2, 64, torch.float32, torch.device("cpu"), free=1 << 30).capacity == 64
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.nn.Module, "to", oom)
+    with pytest.raises(DeviceMemoryError, match="does not fit in cpu's memory.*Tried to allocate"):
+        to_device(lm.model, "cpu")
+
+
 def _tokens(model, tok, prompts, **kw):
     with torch.inference_mode():
         return [r.tokens for r in generate(model, tok, prompts, 6, GREEDY, **kw)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import DeviceMemoryError
 from ..quant.awq import AWQWeight
 from ..quant.base import QuantWeight
 from ..quant.ggml import GGMLWeight
@@ -73,7 +74,15 @@ def to_device(net: nn.Module, device: torch.device | str, progress: bool = False
     """`net` on `device` (CUDA; any device in the tests): quantized weights packed for the Triton kernels, MoE
     layers fused. Each quantized weight is packed on the host and moved at once (the host holds one packed copy at
     a time); float weights that are views of memory-mapped files are copied straight to the device."""
-    pack_weights(net, device, progress)
-    net.to(device)
-    fuse_moe(net)
+    size = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
+    try:
+        pack_weights(net, device, progress)
+        net.to(device)
+        fuse_moe(net)
+    except torch.OutOfMemoryError as e:
+        torch_says = str(e).splitlines()[0][:200]
+        raise DeviceMemoryError(
+            f"the model ({size / 2**30:.1f} GiB of weights) does not fit in {device}'s memory: use a smaller "
+            f"quantization (e.g. a Q4_K_M GGUF) or spread it over GPUs (tensor_parallel_size / --tp); {torch_says}"
+        ) from None
     return net

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..errors import ContextLengthError
+from ..errors import ContextLengthError, DeviceMemoryError
 from ..quant.base import DenseWeight, QuantWeight
 from ..rope import apply_rotary
 from .packed import PackedWeight
@@ -36,6 +36,22 @@ def bucket_for(n: int) -> int:
     return -(-n // BUCKETS[-1]) * BUCKETS[-1]
 
 
+def free_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on a CUDA device (free memory plus what torch holds unused); None
+    elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def check_fits(what: str, nbytes: int, device: torch.device, free: int | None, hint: str) -> None:
+    """DeviceMemoryError naming `what` when nbytes exceed `free` (None: not known, no check)."""
+    if free is not None and nbytes > free:
+        raise DeviceMemoryError(f"{what} needs {nbytes / 2**30:.2f} GiB, and {device} has {free / 2**30:.2f} GiB "
+                                f"free: {hint}")
+
+
 class StaticCache:
     """Keys and values of `rows` sequences at slot = position; slot `capacity` is the padding tokens' dump.
 
@@ -46,8 +62,15 @@ class StaticCache:
 
     rolling = False  # slot = position: a sliding window is applied by the attention, not by a ring buffer
 
-    def __init__(self, cfg, rows: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, cfg, rows: int, capacity: int, dtype: torch.dtype, device: torch.device,
+                 free: int | None = None) -> None:
+        """`free`: the device's free bytes (default: asked of CUDA); a cache bigger than that is refused with a
+        DeviceMemoryError saying what to lower, before anything is allocated."""
         shape = (rows, cfg.num_kv_heads, capacity + 1, cfg.head_dim)
+        nbytes = 2 * cfg.num_layers * rows * cfg.num_kv_heads * (capacity + 1) * cfg.head_dim * dtype.itemsize
+        check_fits(f"the KV cache ({rows} rows x {capacity} positions, {cfg.num_layers} layers, {dtype})", nbytes,
+                   torch.device(device), free if free is not None else free_bytes(torch.device(device)),
+                   "lower the context (n_ctx, --ctx-size) or the batch (--max-batch)")
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.rows, self.capacity, self.dtype = rows, capacity, dtype

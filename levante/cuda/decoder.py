@@ -6,7 +6,9 @@ with the model's numbers but GPU-shaped work:
 - the cache is preallocated, [rows, kv heads, capacity + 1, head_dim] per layer, slot = position (the extra slot
   takes the writes of left-padding tokens), and reused across calls while it is big enough, so its addresses,
   and the graphs captured over them, stay valid;
-- attention is `cache_attention` (no mask tensor, no per-length planning: the lengths are data);
+- attention is `cache_attention` (no mask tensor, no per-length planning: the lengths are data); the residual
+  adds and norms, RoPE with the cache writes, and the feed-forward's activation are one kernel each
+  (levante.cuda.triton_fused), so a layer is ~13 kernels rather than ~40;
 - a decode step (one token per row) runs for the smallest bucket (1, 2, 4, 8, 16, 32, ...) holding the batch; on
   CUDA each bucket's step is captured once in a CUDA graph and replayed with new token ids and positions copied
   into its static inputs: no host sync inside a step, only the logits come out (sampling then runs on them on the
@@ -21,9 +23,9 @@ from torch import Tensor, nn
 
 from ..errors import ContextLengthError, DeviceMemoryError
 from ..quant.base import DenseWeight, QuantWeight
-from ..rope import apply_rotary
 from .packed import PackedWeight
 from .triton_attention import cache_attention
+from .triton_fused import add_rms_norm, rope_and_cache, silu_mul
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -246,7 +248,9 @@ class CudaDecoder(nn.Module):
         return self._graphs[b]
 
     def _step(self, tokens: Tensor, positions: Tensor, cache: StaticCache, last_only: bool, row0: int = 0) -> Tensor:
-        """The model's forward over cache rows row0.., device ops only (capturable)."""
+        """The model's forward over cache rows row0.., device ops only (capturable): per layer, the residual add
+        and norm, RoPE and the cache writes, and the feed-forward's small ops are one kernel each
+        (levante.cuda.triton_fused)."""
         net = self.model
         cfg = net.cfg
         B, T = tokens.shape
@@ -254,25 +258,30 @@ class CudaDecoder(nn.Module):
         cos, sin = net.rotary.cos_sin(positions, x.dtype)
         start = (positions[:, -1] - (T - 1)).to(torch.int32)  # left padding: a row's real positions end the chunk
         slots = torch.where(positions < 0, cache.capacity, positions)  # padding writes go to the dump slot
-        row = torch.arange(B, device=tokens.device)[:, None]
+        delta = None  # the previous block's output: added to x by the next norm's kernel
         for i, layer in enumerate(net.layers):
             a = layer.attn
-            h = layer.attn_norm(x)
+            x, h = add_rms_norm(x, delta, layer.attn_norm.weight, layer.attn_norm.eps)
             qkv = fused_qkv(a)
             if qkv is not None:  # one matmul
                 q, k, v = qkv(h).split([a.wq.out_features, a.wk.out_features, a.wv.out_features], dim=-1)
             else:
                 q, k, v = a.wq(h), a.wk(h), a.wv(h)
-            q = q.reshape(B, T, a.n_heads, a.head_dim).transpose(1, 2)
-            k = k.reshape(B, T, a.n_kv, a.head_dim).transpose(1, 2)
-            v = v.reshape(B, T, a.n_kv, a.head_dim)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin).transpose(1, 2)
             ck, cv = cache.k[i][row0 : row0 + B], cache.v[i][row0 : row0 + B]
-            ck[row, :, slots] = k.to(cache.dtype)
-            cv[row, :, slots] = v.to(cache.dtype)
-            o = cache_attention(q.contiguous(), ck, cv, start, cfg.sliding_window)
-            x = x + a.wo(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim).to(x.dtype))
-            x = x + layer.ffn(layer.ffn_norm(x))
+            q = rope_and_cache(q, k, v, cos, sin, slots, ck, cv, a.n_heads, a.n_kv)
+            o = cache_attention(q, ck, cv, start, cfg.sliding_window)  # [B, H, T, D] over a [B, T, H, D] buffer
+            x, h = add_rms_norm(x, a.wo(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim)),
+                                layer.ffn_norm.weight, layer.ffn_norm.eps)
+            delta = feed_forward(layer.ffn, h)
         if last_only:
-            x = x[:, -1:]
-        return self.lm.lm_head(net.norm(x)).float()
+            x, delta = x[:, -1:], delta[:, -1:]
+        _, h = add_rms_norm(x, delta, net.norm.weight, net.norm.eps)
+        return self.lm.lm_head(h).float()
+
+
+def feed_forward(ffn: nn.Module, h: Tensor) -> Tensor:
+    """A block's feed-forward on h: a SwiGLU MLP with its activation fused (silu_mul); a FusedMoE, or any other
+    module, as it is."""
+    if all(hasattr(ffn, n) for n in ("w1", "w2", "w3")) and not hasattr(ffn, "gate"):  # levante.model.MLP
+        return ffn.w2(silu_mul(ffn.w1(h), ffn.w3(h)))
+    return ffn(h)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..quant.base import DenseWeight, QuantWeight
 from ..quant.lowrank import LowRankWeight
 from .packed import PackedWeight
+from .triton_fused import silu_mul, topk_softmax
 from .triton_matmul import GEMV, Launch, dot_launch, use_gemv
 from .triton_moe import moe_matmul
 
@@ -219,9 +220,7 @@ class FusedMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1]).contiguous()
         M = x.shape[0]
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, chosen = probs.topk(self.top_k, dim=-1)
-        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        weights, chosen = topk_softmax(self.gate(x), self.top_k, x.dtype)
         if self.local_of is not None:
             chosen = self.local_of[chosen]
         routing = route(chosen, self.n_experts, packed=self.packed)
@@ -231,7 +230,7 @@ class FusedMoE(nn.Module):
             gate, up = h[:, : self.ffn], h[:, self.ffn :]
         else:
             gate, up = self.w1.run(x, routing, self.top_k), self.w3.run(x, routing, self.top_k)
-        act = (F.silu(gate) * up).contiguous()
+        act = silu_mul(gate, up)
         out = self.w2.run(act, routing, 1, weights.reshape(-1))
         if self.local_of is not None:  # other ranks' pairs: rows never written
             out = out.masked_fill(chosen.reshape(-1, 1) < 0, 0)

@@ -73,14 +73,15 @@ def _attention_kernel(
 def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, window: int | None = None,
                     scale: float | None = None) -> Tensor:
     """q [B, H, T, D] at positions start[b] + t over the cache [B, Hkv, S, D] (keys up to each query's own
-    position, within `window`); returns [B, H, T, D] in q's dtype. `start`: int32 [B] on q's device."""
+    position, within `window`); returns [B, H, T, D] in q's dtype, a view of a [B, T, H, D] buffer (so that the
+    heads' outputs are already side by side for the output projection). `start`: int32 [B] on q's device."""
     B, H, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape[0] < B or k_cache.shape[3] != D or H % Hkv:
         raise ValueError(f"queries {tuple(q.shape)} do not fit the cache {tuple(k_cache.shape)}")
     if k_cache.stride(3) != 1 or q.stride(3) != 1:
         raise ValueError("the head dimension must be contiguous")
-    out = torch.empty_like(q)
+    out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     BM = 16 if T <= 16 else 64
     BD = max(16, triton.next_power_of_2(D))  # a head_dim that is not a power of two: masked lanes
     BN = 64 if BD <= 64 else 32

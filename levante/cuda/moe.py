@@ -73,7 +73,7 @@ def route(topk_ids: Tensor, n_experts: int, packed: bool) -> Routing:
     (`packed`: of quantized experts)."""
     m = topk_ids.shape[0]
     if use_gemv(m, packed):
-        return Routing(topk_ids.numel(), GEMV, experts=topk_ids.reshape(-1).to(torch.int32))
+        return Routing(topk_ids.numel(), GEMV, experts=topk_ids.reshape(-1))
     return align_by_expert(topk_ids, n_experts, dot_launch(m, dense=not packed))
 
 

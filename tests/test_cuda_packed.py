@@ -92,6 +92,34 @@ def test_every_tiled_launch(m):
         assert (packed_matmul(x, pw, dot_launch(m, dense=False)) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def test_launch_too_big_for_the_gpu_is_retried_with_fewer_stages():
+    """A configuration the GPU cannot hold (Triton's OutOfResources) runs with fewer pipeline stages, remembered;
+    one that fails at a single stage still raises."""
+    from triton.runtime.errors import OutOfResources
+
+    from levante.cuda.triton_matmul import Launch, run
+
+    calls = []
+
+    class Kernel:
+        def __init__(self, fits: int) -> None:
+            self.fits = fits
+
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, num_stages, **kwargs):
+                calls.append(num_stages)
+                if num_stages > self.fits:
+                    raise OutOfResources(num_stages * 1000, self.fits * 1000, "shared memory")
+            return launch
+
+    k = Kernel(fits=2)
+    run(k, (1,), Launch(16, 128, 128, 4, 5), BM=16)
+    run(k, (1,), Launch(16, 128, 128, 4, 5), BM=16)
+    assert calls == [5, 4, 3, 2, 2]
+    with pytest.raises(OutOfResources):
+        run(Kernel(fits=0), (1,), Launch(16, 128, 128, 4, 2), BM=16)
+
+
 @pytest.mark.parametrize("g", [64, 128])
 def test_awq_gemv(g):
     from levante.cuda.triton_matmul import packed_matmul

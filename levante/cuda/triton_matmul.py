@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,24 @@ def dot_launch(m: int, dense: bool = True) -> Launch:
     return Launch(128, 256 if dense else 128, 64, 8, 4)
 
 
+def run(kernel, grid: tuple, launch: Launch, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) with the launch's warps and stages; a configuration the GPU cannot hold
+    (OutOfResources: shared memory or registers, which depend on the GPU and the weight format) is retried with
+    fewer pipeline stages, down to one, and the stages that worked are kept for the next call."""
+    key = (kernel, launch, tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, int | bool))))
+    stages = _STAGES.get(key, launch.stages)
+    while True:
+        try:
+            kernel[grid](*args, **kwargs, num_warps=launch.warps, num_stages=stages)
+            _STAGES[key] = stages
+            return
+        except OutOfResources:
+            if stages == 1:
+                raise
+            stages -= 1
+
+
+_STAGES: dict[tuple, int] = {}
 GEMV = Launch(1, 16, 256, 4, 3)  # one row of x; 16-row slices of W, so a 4096-row weight spreads over 256 programs
 
 
@@ -224,11 +243,10 @@ def packed_matmul(x: Tensor, w, launch: Launch | None = None) -> Tensor:
                HAS_MC=w.mc.numel() > 0)
     cfg = launch or (GEMV if use_gemv(M, packed=True) else dot_launch(M, dense=False))
     if cfg.bm == 1:
-        _packed_gemv_kernel[(triton.cdiv(N, cfg.bn), M)](
-            x2, y, *planes(w), N, K, x2.stride(0), y.stride(0), **fmt, BN=cfg.bn, BK=cfg.bk, GT=gemv_run(w.g, cfg.bk),
-            num_warps=cfg.warps, num_stages=cfg.stages)
+        run(_packed_gemv_kernel, (triton.cdiv(N, cfg.bn), M), cfg,
+            x2, y, *planes(w), N, K, x2.stride(0), y.stride(0), **fmt, BN=cfg.bn, BK=cfg.bk, GT=gemv_run(w.g, cfg.bk))
     else:
-        _packed_matmul_kernel[(triton.cdiv(M, cfg.bm), triton.cdiv(N, cfg.bn))](
+        run(_packed_matmul_kernel, (triton.cdiv(M, cfg.bm), triton.cdiv(N, cfg.bn)), cfg,
             x2, y, *planes(w), M, N, K, x2.stride(0), y.stride(0), **fmt, IEEE=use_ieee(x.dtype),
-            BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages)
+            BM=cfg.bm, BN=cfg.bn, BK=cfg.bk)
     return y.reshape(*shape[:-1], N)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_matmul import dot_acc, gemv_run, gemv_slice, use_ieee, weight_tile
+from .triton_matmul import dot_acc, gemv_run, gemv_slice, run, use_ieee, weight_tile
 
 
 @triton.jit
@@ -107,13 +107,12 @@ def moe_matmul(a: Tensor, c: Tensor, stack, routing, a_div: int, topk_weights: T
     topw = topk_weights if topk_weights is not None else a
     cfg = routing.launch
     if cfg.bm == 1:  # the pairs in order, each with its expert
-        _moe_gemv_kernel[(routing.n_pairs, triton.cdiv(N, cfg.bn))](
+        run(_moe_gemv_kernel, (routing.n_pairs, triton.cdiv(N, cfg.bn)), cfg,
             a, c, routing.experts, topw, *weights, N, K, a.stride(0), c.stride(0), **fmt,
-            BN=cfg.bn, BK=cfg.bk, GT=gemv_run(stack.g if not dense else 32, cfg.bk),
-            num_warps=cfg.warps, num_stages=cfg.stages)
+            BN=cfg.bn, BK=cfg.bk, GT=gemv_run(stack.g if not dense else 32, cfg.bk))
         return
-    _moe_kernel[(routing.block_expert.numel(), triton.cdiv(N, cfg.bn))](
+    run(_moe_kernel, (routing.block_expert.numel(), triton.cdiv(N, cfg.bn)), cfg,
         a, c, routing.sorted_ids, routing.block_expert, routing.n_padded, topw, *weights,
         N, K, routing.n_pairs, a.stride(0), c.stride(0), **fmt, IEEE=use_ieee(a.dtype),
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages)
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk)
 

@@ -48,6 +48,23 @@ def test_equals_masked_sdpa(B, H, Hkv, T, D, window):
     assert (got - want).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("splits", [1, 3, 7])
+@pytest.mark.parametrize(("H", "Hkv", "window"), [(8, 2, None), (4, 4, 30), (6, 2, 50)])
+def test_decode_in_key_slices(splits, H, Hkv, window):
+    """Flash-decoding: a step's keys cut into slices merged by their partial softmaxes equals the whole softmax,
+    for grouped heads (3 per kv head: a group that is not a power of two), windows, a row at position 0 and a
+    padding row (position -1: zeros); more slices than a short row has key blocks leave some empty."""
+    torch.manual_seed(splits)
+    S, D = 200, 64
+    q = torch.randn(4, H, 1, D)
+    kc, vc = torch.randn(4, Hkv, S + 1, D), torch.randn(4, Hkv, S + 1, D)
+    start = torch.tensor([S - 1, 0, 37, -1], dtype=torch.int32)
+    got = cache_attention(q, kc, vc, start, window, splits=splits)
+    want = _reference(q, kc, vc, start, window)
+    assert (got - want).abs().max() <= 1e-5
+    assert torch.equal(got[3], torch.zeros_like(got[3]))
+
+
 def test_left_padded_rows_and_half_precision():
     """A row whose chunk starts with padding (negative positions): its real queries are exact, the padding's 0."""
     torch.manual_seed(0)

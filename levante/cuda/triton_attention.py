@@ -9,6 +9,11 @@ key length, i.e. every decode step (86% of a decode step's time, measured). Here
 cache, the lengths are data (`start`), so one compiled kernel serves every step and a CUDA graph can replay it.
 A program computes one (row, head, block of BM queries): it walks the key blocks the block can see, with the
 online softmax of flash attention, in float32. Grouped-query heads index their shared kv head.
+
+A decode step (one query per row) runs flash-decoding instead: a program takes one (row, kv head) with all the
+query heads that share it, and one of `splits` slices of the keys, so a batch-1 step at a long context spreads
+over hundreds of programs instead of walking 32 heads' keys one block at a time; a second kernel merges the
+slices' partial softmaxes (max, sum, weighted values).
 """
 
 from __future__ import annotations
@@ -70,11 +75,87 @@ def _attention_kernel(
              mask=t_ok[:, None] & d_ok)
 
 
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, start_ptr,
+    H, scale, window, sq_b, sq_h, sk_b, sk_h, sk_s, D,
+    SPLITS: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+):
+    bk = tl.program_id(0)  # row * Hkv + kv head
+    split = tl.program_id(1)
+    n_kv = H // GROUP
+    b = bk // n_kv
+    kvh = bk % n_kv
+    pos = tl.load(start_ptr + b)  # the row's one query position (-1: a padding row, which sees nothing)
+    rg = tl.arange(0, BG)
+    g_ok = rg < GROUP
+    heads = kvh * GROUP + rg
+    rd = tl.arange(0, BD)
+    d_ok = rd[None, :] < D
+    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + rd[None, :], mask=g_ok[:, None] & d_ok, other=0.0)
+    hi = pos + 1
+    lo = hi * 0
+    if window > 0:
+        lo = tl.maximum(pos - window + 1, 0)
+    chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), SPLITS), BN) * BN
+    s_lo = lo + split * chunk
+    s_hi = tl.minimum(s_lo + chunk, hi)
+    m_i = tl.full((BG,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BG,), dtype=tl.float32)
+    acc = tl.zeros((BG, BD), dtype=tl.float32)
+    k_base = k_ptr + b * sk_b + kvh * sk_h
+    v_base = v_ptr + b * sk_b + kvh * sk_h
+    for s0 in range(s_lo, s_hi, BN):
+        rs = s0 + tl.arange(0, BN)
+        s_ok = rs < s_hi
+        k = tl.load(k_base + rs[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
+        v = tl.load(v_base + rs[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
+        scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        scores = tl.where(s_ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        m_i = m_new
+    part = (b * H + heads) * SPLITS + split  # [BG]
+    tl.store(m_ptr + part, m_i, mask=g_ok)
+    tl.store(l_ptr + part, l_i, mask=g_ok)
+    tl.store(acc_ptr + part[:, None] * BD + rd[None, :], acc, mask=g_ok[:, None])
+
+
+@triton.jit
+def _decode_merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, H, so_b, so_h, D,
+                         SPLITS: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    rs = tl.arange(0, BS)
+    s_ok = rs < SPLITS
+    rd = tl.arange(0, BD)
+    m = tl.load(m_ptr + bh * SPLITS + rs, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(l_ptr + bh * SPLITS + rs, mask=s_ok, other=0.0)
+    top = tl.max(m, 0)
+    w = tl.exp(m - tl.where(top == float("-inf"), 0.0, top))  # a slice that saw nothing: weight 0
+    total = tl.sum(l_s * w, 0)
+    acc = tl.load(acc_ptr + (bh * SPLITS + rs)[:, None] * BD + rd[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(o_ptr + b * so_b + h * so_h + rd, out.to(o_ptr.dtype.element_ty), mask=rd < D)
+
+
+def decode_splits(rows: int, n_kv: int, keys: int, block: int = 32) -> int:
+    """Key slices per (row, kv head) for a decode step: enough programs to fill a GPU (~256), no slice shorter
+    than one key block, at most 64."""
+    return max(1, min(64, -(-256 // (rows * n_kv)), -(-keys // block)))
+
+
 def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, window: int | None = None,
-                    scale: float | None = None) -> Tensor:
+                    scale: float | None = None, splits: int | None = None) -> Tensor:
     """q [B, H, T, D] at positions start[b] + t over the cache [B, Hkv, S, D] (keys up to each query's own
     position, within `window`); returns [B, H, T, D] in q's dtype, a view of a [B, T, H, D] buffer (so that the
-    heads' outputs are already side by side for the output projection). `start`: int32 [B] on q's device."""
+    heads' outputs are already side by side for the output projection). `start`: int32 [B] on q's device.
+    `splits`: the decode path's key slices (default: `decode_splits`; the tests choose)."""
     B, H, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape[0] < B or k_cache.shape[3] != D or H % Hkv:
@@ -82,9 +163,22 @@ def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, 
     if k_cache.stride(3) != 1 or q.stride(3) != 1:
         raise ValueError("the head dimension must be contiguous")
     out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    BM = 16 if T <= 16 else 64
     BD = max(16, triton.next_power_of_2(D))  # a head_dim that is not a power of two: masked lanes
     BN = 64 if BD <= 64 else 32
+    if T == 1:
+        window = window if window and window < S else 0
+        n = splits or decode_splits(B, Hkv, min(S, window or S), BN)
+        m = torch.empty(B * H * n, dtype=torch.float32, device=q.device)
+        lsum = torch.empty_like(m)
+        acc = torch.empty(B * H * n, BD, dtype=torch.float32, device=q.device)
+        _decode_split_kernel[(B * Hkv, n)](
+            q, k_cache, v_cache, m, lsum, acc, start, H, scale if scale is not None else D ** -0.5, window,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), D,
+            SPLITS=n, GROUP=H // Hkv, BG=max(16, triton.next_power_of_2(H // Hkv)), BD=BD, BN=BN)
+        _decode_merge_kernel[(B * H,)](m, lsum, acc, out, H, out.stride(0), out.stride(1), D,
+                                       SPLITS=n, BS=max(2, triton.next_power_of_2(n)), BD=BD)
+        return out
+    BM = 16 if T <= 16 else 64
     grid = (triton.cdiv(T, BM), B * H)
     _attention_kernel[grid](
         q, k_cache, v_cache, out, start,

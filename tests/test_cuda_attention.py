@@ -65,6 +65,28 @@ def test_decode_in_key_slices(splits, H, Hkv, window):
     assert torch.equal(got[3], torch.zeros_like(got[3]))
 
 
+@pytest.mark.parametrize("T", [1, 5])
+def test_ring_buffer(T):
+    """A sliding-window cache kept as a ring of R slots (position p at p % R): the same attention as the whole
+    cache, for decode (split over key slices) and a chunk of T <= R - window + 1 queries, rows that wrapped
+    around several times and one that has not."""
+    torch.manual_seed(T)
+    B, H, Hkv, D, W, R, S = 3, 4, 2, 32, 12, 16, 90
+    kc, vc = torch.randn(B, Hkv, S + 1, D), torch.randn(B, Hkv, S + 1, D)
+    start = torch.tensor([S - T, 40, 2], dtype=torch.int32)
+    rk, rv = torch.zeros(B, Hkv, R + 1, D), torch.zeros(B, Hkv, R + 1, D)
+    for b in range(B):  # what the ring holds after writing positions 0 .. the row's last query
+        for p in range(int(start[b]) + T):
+            rk[b, :, p % R], rv[b, :, p % R] = kc[b, :, p], vc[b, :, p]
+    q = torch.randn(B, H, T, D)
+    want = _reference(q, kc, vc, start, W)
+    for splits in (None, 3):
+        got = cache_attention(q, rk, rv, start, W, splits=splits, ring=R)
+        assert (got - want).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="ring buffer"):
+        cache_attention(q, rk, rv, start, None, ring=R)
+
+
 def test_left_padded_rows_and_half_precision():
     """A row whose chunk starts with padding (negative positions): its real queries are exact, the padding's 0."""
     torch.manual_seed(0)

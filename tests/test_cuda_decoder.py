@@ -63,6 +63,34 @@ def test_generation_equals_the_model(tmp_path, kind, chunk):
     assert len(want[0]) == 5 and len(want[1]) == 6  # the rows did finish apart
 
 
+@pytest.mark.parametrize("chunk", [3, 512])
+def test_ring_buffer_for_a_sliding_window(tmp_path, monkeypatch, chunk):
+    """A sliding-window model whose context outgrows window + RING_CHUNK keeps a ring buffer (6 + 2 slots instead
+    of 40): the same tokens as the model over 30 new tokens (rows wrap around several times), prompts longer than
+    a forward call may write (cut into chunks of 3), and a take-back deeper than the ring refused."""
+    from levante.cuda import decoder
+
+    monkeypatch.setattr(decoder, "RING_CHUNK", 2)
+    lm = load(save_hf(hf_model("mixtral_window", vocab_size=32000), tmp_path / "m", tokenizer=True))
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [3, 4]]
+
+    def tokens(model):
+        with torch.inference_mode():
+            return [r.tokens for r in generate(model, lm.tokenizer, prompts, 30, GREEDY, n_ctx=40,
+                                               prefill_chunk=chunk)]
+
+    want = tokens(lm.model)
+    dec = CudaDecoder(lm.model)
+    fuse_moe(lm.model)
+    assert tokens(dec) == want and len(want[0]) == 30
+    cache = dec._cache
+    assert cache.rolling and cache.capacity == 8 and cache.write_limit == 3 and cache.k[0].shape[2] == 9
+    cache.lengths[0] = 20
+    cache.truncate(0, 17)
+    with pytest.raises(ValueError, match="take back 4 steps"):
+        cache.truncate(0, 13)
+
+
 def test_packed_quantized_model(tmp_path):
     """A Q4_K_M GGUF model as the GPU holds it (packed weights, fused MoE): the same tokens as the model."""
     from levante.tools.quantize import quantize_model

@@ -3,9 +3,9 @@
 `CudaDecoder` wraps a built `CausalLM` (weights packed and MoE fused by `levante.cuda.to_device`) and offers the
 two calls generation makes, `new_cache(rows, tokens)` and `decoder(tokens, positions, cache, last_only=True)`,
 with the model's numbers but GPU-shaped work:
-- the cache is preallocated, [rows, kv heads, capacity + 1, head_dim] per layer, slot = position (the extra slot
-  takes the writes of left-padding tokens), and reused across calls while it is big enough, so its addresses,
-  and the graphs captured over them, stay valid;
+- the cache is preallocated, [rows, kv heads, capacity + 1, head_dim] per layer, slot = position (or a ring
+  buffer of the window for sliding-window models; the extra slot takes the writes of left-padding tokens), and
+  reused across calls while it is big enough, so its addresses, and the graphs captured over them, stay valid;
 - attention is `cache_attention` (no mask tensor, no per-length planning: the lengths are data); the residual
   adds and norms, RoPE with the cache writes, and the feed-forward's activation are one kernel each
   (levante.cuda.triton_fused), so a layer is ~13 kernels rather than ~40;
@@ -54,20 +54,32 @@ def check_fits(what: str, nbytes: int, device: torch.device, free: int | None, h
                                 f"free: {hint}")
 
 
+RING_CHUNK = 512  # a ring buffer's slots beyond the window: the most tokens one forward call writes at once
+
+
 class StaticCache:
-    """Keys and values of `rows` sequences at slot = position; slot `capacity` is the padding tokens' dump.
+    """Keys and values of `rows` sequences, preallocated; slot `capacity` is the padding tokens' dump.
+
+    Slot = position, or, for a sliding-window model whose context is longer than its window plus RING_CHUNK
+    (Mistral-7B v0.1: window 4096, n_ctx up to 32k), a ring buffer: slot = position % capacity with capacity =
+    window + max(slack, RING_CHUNK), so the cache holds what the window can see instead of the whole context. A
+    forward call then writes at most capacity - window + 1 tokens at once (the decoder cuts longer chunks), and a
+    row that wrapped can give back at most that many (`truncate`), as levante.model.KVCache's rolling buffer.
 
     `lengths`: positions held per row, kept by the calls that let the decoder place the tokens (positions=None,
     the serving engine's way); `truncate` / `reset` / `swap_rows` are the engine's KVCache operations. Slots past
     a row's length may hold stale keys: no query sees a slot beyond its own position, so they need no clearing.
     """
 
-    rolling = False  # slot = position: a sliding window is applied by the attention, not by a ring buffer
-
-    def __init__(self, cfg, rows: int, capacity: int, dtype: torch.dtype, device: torch.device,
-                 free: int | None = None) -> None:
-        """`free`: the device's free bytes (default: asked of CUDA); a cache bigger than that is refused with a
-        DeviceMemoryError saying what to lower, before anything is allocated."""
+    def __init__(self, cfg, rows: int, max_tokens: int, dtype: torch.dtype, device: torch.device,
+                 free: int | None = None, slack: int = 0) -> None:
+        """`max_tokens` per row (slack included); `free`: the device's free bytes (default: asked of CUDA); a cache
+        bigger than that is refused with a DeviceMemoryError saying what to lower, before anything is allocated."""
+        window = cfg.sliding_window
+        ring = window + max(slack, RING_CHUNK) if window else max_tokens
+        self.rolling = ring < max_tokens
+        self.window = window if self.rolling else None
+        capacity = ring if self.rolling else max_tokens
         shape = (rows, cfg.num_kv_heads, capacity + 1, cfg.head_dim)
         nbytes = 2 * cfg.num_layers * rows * cfg.num_kv_heads * (capacity + 1) * cfg.head_dim * dtype.itemsize
         check_fits(f"the KV cache ({rows} rows x {capacity} positions, {cfg.num_layers} layers, {dtype})", nbytes,
@@ -75,13 +87,23 @@ class StaticCache:
                    "lower the context (n_ctx, --ctx-size) or the batch (--max-batch)")
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.rows, self.capacity, self.dtype = rows, capacity, dtype
+        self.rows, self.capacity, self.max_tokens, self.slack, self.dtype = rows, capacity, max_tokens, slack, dtype
         self.active = rows  # rows in use by the current generation
         self.lengths = [0] * rows
 
     @property
     def batch_size(self) -> int:
         return self.active
+
+    @property
+    def write_limit(self) -> int:
+        """The most tokens one forward call may write per row (a ring buffer keeps the window's keys)."""
+        return self.capacity - self.window + 1 if self.rolling else self.capacity
+
+    def slots(self, positions: Tensor) -> Tensor:
+        """The slots of positions [B, T] (padding, -1: the dump slot)."""
+        slot = positions % self.capacity if self.rolling else positions
+        return torch.where(positions < 0, self.capacity, slot)
 
     def select_rows(self, keep: Tensor) -> None:
         """Keep rows `keep` (in that order) as rows 0..len(keep)-1, in place (captured graphs hold the addresses)."""
@@ -95,10 +117,14 @@ class StaticCache:
             self.lengths[r] = 0
 
     def truncate(self, row: int, n_steps: int) -> None:
-        self.lengths[row] = min(self.lengths[row], n_steps)
+        n = self.lengths[row]
+        if self.rolling and n > self.capacity and n - n_steps > self.write_limit:
+            raise ValueError(f"cannot take back {n - n_steps} steps of a ring buffer that has wrapped around "
+                             f"(at most {self.write_limit})")
+        self.lengths[row] = min(n, n_steps)
 
     def swap_rows(self, a: int, b: int) -> None:
-        m = max(self.lengths[a], self.lengths[b])
+        m = min(max(self.lengths[a], self.lengths[b]), self.capacity)
         if m:
             for t in self.k + self.v:
                 tmp = t[a, :, :m].clone()
@@ -158,10 +184,10 @@ class CudaDecoder(nn.Module):
         dtype = dtype or self.model.dtype
         rows = bucket_for(batch_size)
         c = self._cache
-        if c is None or c.rows < rows or c.capacity < max_tokens + slack or c.dtype != dtype:
+        if c is None or c.rows < rows or c.max_tokens < max_tokens + slack or c.slack < slack or c.dtype != dtype:
             self._cache = c = None
             self._graphs.clear()
-            c = StaticCache(self.cfg, rows, max_tokens + slack, dtype, self.model.device)
+            c = StaticCache(self.cfg, rows, max_tokens + slack, dtype, self.model.device, slack=slack)
             self._cache = c
         c.active = batch_size
         c.reset()
@@ -197,14 +223,19 @@ class CudaDecoder(nn.Module):
             raise ValueError(f"rows {row0}..{row0 + B - 1} are not in a cache of {cache.rows}")
         if positions is None:
             held = cache.lengths[row0 : row0 + B]
-            if max(held) + T > cache.capacity:
+            if max(held) + T > cache.max_tokens:
                 raise ContextLengthError(f"context overflow: {max(held)} cached + {T} new tokens > n_ctx "
-                                         f"{cache.capacity}")
+                                         f"{cache.max_tokens}")
             positions = torch.tensor(held, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
             for r in range(row0, row0 + B):
                 cache.lengths[r] += T
         if T == 1 and row0 == 0:
             return self._decode(tokens, positions, cache)
+        n = cache.write_limit
+        if T > n:  # a ring buffer: chunks it can hold without overwriting keys their first queries see
+            parts = [self._step(tokens[:, i : i + n], positions[:, i : i + n], cache, last_only, row0)
+                     for i in range(0, T, n)]
+            return parts[-1] if last_only else torch.cat(parts, dim=1)
         return self._step(tokens, positions, cache, last_only, row0)
 
     def _decode(self, tokens: Tensor, positions: Tensor, cache: StaticCache) -> Tensor:
@@ -257,7 +288,7 @@ class CudaDecoder(nn.Module):
         x = net.embed.rows(tokens, net.dtype)
         cos, sin = net.rotary.cos_sin(positions, x.dtype)
         start = (positions[:, -1] - (T - 1)).to(torch.int32)  # left padding: a row's real positions end the chunk
-        slots = torch.where(positions < 0, cache.capacity, positions)  # padding writes go to the dump slot
+        slots = cache.slots(positions)  # padding writes go to the dump slot
         delta = None  # the previous block's output: added to x by the next norm's kernel
         for i, layer in enumerate(net.layers):
             a = layer.attn
@@ -269,7 +300,8 @@ class CudaDecoder(nn.Module):
                 q, k, v = a.wq(h), a.wk(h), a.wv(h)
             ck, cv = cache.k[i][row0 : row0 + B], cache.v[i][row0 : row0 + B]
             q = rope_and_cache(q, k, v, cos, sin, slots, ck, cv, a.n_heads, a.n_kv)
-            o = cache_attention(q, ck, cv, start, cfg.sliding_window)  # [B, H, T, D] over a [B, T, H, D] buffer
+            # [B, H, T, D] over a [B, T, H, D] buffer
+            o = cache_attention(q, ck, cv, start, cfg.sliding_window, ring=cache.capacity if cache.rolling else 0)
             x, h = add_rms_norm(x, a.wo(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim)),
                                 layer.ffn_norm.weight, layer.ffn_norm.eps)
             delta = feed_forward(layer.ffn, h)

@@ -1,8 +1,9 @@
 """Causal attention over a static KV cache, in Triton: one kernel for decode and for prefill chunks.
 
 Each row b of the batch holds its keys and values at slots 0.. of `k_cache[b]` / `v_cache[b]` ([B, Hkv, S, D],
-slot = position); the T new queries of row b sit at positions start[b] .. start[b] + T - 1 and their keys are in
-the cache already. Query t sees the keys at positions max(0, p - window + 1) .. p, p = start[b] + t.
+slot = position, or position % ring for a sliding window's ring buffer); the T new queries of row b sit at
+positions start[b] .. start[b] + T - 1 and their keys are in the cache already. Query t sees the keys at
+positions max(0, p - window + 1) .. p, p = start[b] + t.
 
 Why a kernel of our own: SDPA with an additive mask picks cuDNN on the GPU, and cuDNN builds a plan for each new
 key length, i.e. every decode step (86% of a decode step's time, measured). Here the shapes are fixed by the
@@ -27,7 +28,7 @@ from torch import Tensor
 @triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, start_ptr,
-    T, H, S, scale, window,
+    T, H, S, scale, window, ring,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, so_b, so_h, so_t,
     D, GROUP: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -56,8 +57,9 @@ def _attention_kernel(
     for s0 in range(lo, hi, BN):
         rs = s0 + tl.arange(0, BN)
         s_ok = rs < hi
-        k = tl.load(k_base + rs[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
-        v = tl.load(v_base + rs[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
+        slot = tl.where(ring > 0, rs % tl.maximum(ring, 1), rs)  # a ring buffer: position % its slots
+        k = tl.load(k_base + slot[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
+        v = tl.load(v_base + slot[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
         scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
         seen = (rs[None, :] <= qpos[:, None]) & s_ok[None, :]
         if window > 0:
@@ -78,7 +80,7 @@ def _attention_kernel(
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, start_ptr,
-    H, scale, window, sq_b, sq_h, sk_b, sk_h, sk_s, D,
+    H, scale, window, ring, sq_b, sq_h, sk_b, sk_h, sk_s, D,
     SPLITS: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
     bk = tl.program_id(0)  # row * Hkv + kv head
@@ -108,8 +110,9 @@ def _decode_split_kernel(
     for s0 in range(s_lo, s_hi, BN):
         rs = s0 + tl.arange(0, BN)
         s_ok = rs < s_hi
-        k = tl.load(k_base + rs[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
-        v = tl.load(v_base + rs[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
+        slot = tl.where(ring > 0, rs % tl.maximum(ring, 1), rs)
+        k = tl.load(k_base + slot[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
+        v = tl.load(v_base + slot[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
         scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
         scores = tl.where(s_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -151,11 +154,14 @@ def decode_splits(rows: int, n_kv: int, keys: int, block: int = 32) -> int:
 
 
 def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, window: int | None = None,
-                    scale: float | None = None, splits: int | None = None) -> Tensor:
+                    scale: float | None = None, splits: int | None = None, ring: int = 0) -> Tensor:
     """q [B, H, T, D] at positions start[b] + t over the cache [B, Hkv, S, D] (keys up to each query's own
     position, within `window`); returns [B, H, T, D] in q's dtype, a view of a [B, T, H, D] buffer (so that the
     heads' outputs are already side by side for the output projection). `start`: int32 [B] on q's device.
-    `splits`: the decode path's key slices (default: `decode_splits`; the tests choose)."""
+    `splits`: the decode path's key slices (default: `decode_splits`; the tests choose). `ring` > 0: the cache is
+    a ring buffer of that many slots (position p at slot p % ring; the window must fit in it)."""
+    if ring and not (window and window < ring):
+        raise ValueError(f"a ring buffer of {ring} slots needs a sliding window shorter than it, not {window}")
     B, H, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape[0] < B or k_cache.shape[3] != D or H % Hkv:
@@ -166,13 +172,13 @@ def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, 
     BD = max(16, triton.next_power_of_2(D))  # a head_dim that is not a power of two: masked lanes
     BN = 64 if BD <= 64 else 32
     if T == 1:
-        window = window if window and window < S else 0
+        window = window if window and (ring or window < S) else 0
         n = splits or decode_splits(B, Hkv, min(S, window or S), BN)
         m = torch.empty(B * H * n, dtype=torch.float32, device=q.device)
         lsum = torch.empty_like(m)
         acc = torch.empty(B * H * n, BD, dtype=torch.float32, device=q.device)
         _decode_split_kernel[(B * Hkv, n)](
-            q, k_cache, v_cache, m, lsum, acc, start, H, scale if scale is not None else D ** -0.5, window,
+            q, k_cache, v_cache, m, lsum, acc, start, H, scale if scale is not None else D ** -0.5, window, ring,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), D,
             SPLITS=n, GROUP=H // Hkv, BG=max(16, triton.next_power_of_2(H // Hkv)), BD=BD, BN=BN)
         _decode_merge_kernel[(B * H,)](m, lsum, acc, out, H, out.stride(0), out.stride(1), D,
@@ -182,7 +188,7 @@ def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, 
     grid = (triton.cdiv(T, BM), B * H)
     _attention_kernel[grid](
         q, k_cache, v_cache, out, start,
-        T, H, S, scale if scale is not None else D ** -0.5, window or 0,
+        T, H, S, scale if scale is not None else D ** -0.5, window or 0, ring,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         D, GROUP=H // Hkv, BD=BD, BM=BM, BN=BN,

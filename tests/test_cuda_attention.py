@@ -97,6 +97,10 @@ def test_left_padded_rows_and_half_precision():
     want = _reference(q, kc, vc, start, None)
     assert (got.float() - want.float()).abs().max() <= 2e-3
     assert torch.equal(got[1, :, :5], torch.zeros_like(got[1, :, :5]))
+    # 16-bit q.k and p.v on tensor cores (p rounded to half, as flash attention does): decode, in key slices
+    q1, start1 = q[:, :, :1], torch.tensor([19, 11], dtype=torch.int32)
+    got = cache_attention(q1, kc, vc, start1, splits=2)
+    assert (got.float() - _reference(q1, kc, vc, start1, None).float()).abs().max() <= 2e-3
 
 
 def test_rejects_shapes_it_cannot_run():

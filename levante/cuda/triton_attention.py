@@ -9,7 +9,8 @@ Why a kernel of our own: SDPA with an additive mask picks cuDNN on the GPU, and 
 key length, i.e. every decode step (86% of a decode step's time, measured). Here the shapes are fixed by the
 cache, the lengths are data (`start`), so one compiled kernel serves every step and a CUDA graph can replay it.
 A program computes one (row, head, block of BM queries): it walks the key blocks the block can see, with the
-online softmax of flash attention, in float32. Grouped-query heads index their shared kv head.
+online softmax of flash attention, in float32 (16-bit q·k and p·v on tensor cores). Grouped-query heads index
+their shared kv head.
 
 A decode step (one query per row) runs flash-decoding instead: a program takes one (row, kv head) with all the
 query heads that share it, and one of `splits` slices of the keys, so a batch-1 step at a long context spreads
@@ -24,13 +25,33 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_matmul import use_ieee
+
+
+@triton.jit
+def qk(q, k, IEEE: tl.constexpr):
+    """q @ k^T in float32: 16-bit inputs on tensor cores (their products are exact in float32, so this is the
+    float32 math up to the sums' order), or (IEEE) as float32 products."""
+    if IEEE:
+        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    return tl.dot(q, tl.trans(k.to(q.dtype)))
+
+
+@triton.jit
+def pv(p, v, q, IEEE: tl.constexpr):
+    """p @ v: the probabilities rounded to q's 16-bit dtype on tensor cores (flash attention's choice), or (IEEE)
+    in float32."""
+    if IEEE:
+        return tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    return tl.dot(p.to(q.dtype), v.to(q.dtype))
+
 
 @triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, start_ptr,
     T, H, S, scale, window, ring,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, so_b, so_h, so_t,
-    D, GROUP: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    D, GROUP: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -60,7 +81,7 @@ def _attention_kernel(
         slot = tl.where(ring > 0, rs % tl.maximum(ring, 1), rs)  # a ring buffer: position % its slots
         k = tl.load(k_base + slot[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
         v = tl.load(v_base + slot[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
-        scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        scores = qk(q, k, IEEE) * scale
         seen = (rs[None, :] <= qpos[:, None]) & s_ok[None, :]
         if window > 0:
             seen = seen & (qpos[:, None] - rs[None, :] < window)
@@ -70,7 +91,7 @@ def _attention_kernel(
         p = tl.exp(scores - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        acc = acc * alpha[:, None] + pv(p, v, q, IEEE)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o_ptr + b * so_b + h * so_h + rt[:, None] * so_t + rd[None, :], out.to(o_ptr.dtype.element_ty),
@@ -82,6 +103,7 @@ def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, start_ptr,
     H, scale, window, ring, sq_b, sq_h, sk_b, sk_h, sk_s, D,
     SPLITS: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     bk = tl.program_id(0)  # row * Hkv + kv head
     split = tl.program_id(1)
@@ -113,14 +135,14 @@ def _decode_split_kernel(
         slot = tl.where(ring > 0, rs % tl.maximum(ring, 1), rs)
         k = tl.load(k_base + slot[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
         v = tl.load(v_base + slot[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
-        scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        scores = qk(q, k, IEEE) * scale
         scores = tl.where(s_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(scores - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        acc = acc * alpha[:, None] + pv(p, v, q, IEEE)
         m_i = m_new
     part = (b * H + heads) * SPLITS + split  # [BG]
     tl.store(m_ptr + part, m_i, mask=g_ok)
@@ -180,7 +202,8 @@ def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, 
         _decode_split_kernel[(B * Hkv, n)](
             q, k_cache, v_cache, m, lsum, acc, start, H, scale if scale is not None else D ** -0.5, window, ring,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), D,
-            SPLITS=n, GROUP=H // Hkv, BG=max(16, triton.next_power_of_2(H // Hkv)), BD=BD, BN=BN)
+            SPLITS=n, GROUP=H // Hkv, BG=max(16, triton.next_power_of_2(H // Hkv)), BD=BD, BN=BN,
+            IEEE=use_ieee(q.dtype))
         _decode_merge_kernel[(B * H,)](m, lsum, acc, out, H, out.stride(0), out.stride(1), D,
                                        SPLITS=n, BS=max(2, triton.next_power_of_2(n)), BD=BD)
         return out
@@ -191,6 +214,6 @@ def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, 
         T, H, S, scale if scale is not None else D ** -0.5, window or 0, ring,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        D, GROUP=H // Hkv, BD=BD, BM=BM, BN=BN,
+        D, GROUP=H // Hkv, BD=BD, BM=BM, BN=BN, IEEE=use_ieee(q.dtype),
     )
     return out

@@ -36,6 +36,12 @@ def test_add_rms_norm(dtype, d):
     new, y = add_rms_norm(x, delta, norm.weight, norm.eps)
     assert torch.equal(new, x + delta)  # the residual stream: exactly torch's add
     _close(y, norm(x + delta), reduced=True)
+    parts = torch.randn(5, 3, 2, d).to(dtype)  # a MoE's top-2 outputs: summed (rounded as torch's sum), then added
+    new2, y2 = add_rms_norm(x, parts, norm.weight, norm.eps)
+    assert torch.equal(new2, x + parts.sum(-2))
+    _close(y2, norm(x + parts.sum(-2)), reduced=True)
+    with pytest.raises(ValueError, match="does not fit"):
+        add_rms_norm(x, torch.randn(5, 2, d).to(dtype), norm.weight, norm.eps)
     same, y0 = add_rms_norm(x, None, norm.weight, norm.eps)
     assert same is x or torch.equal(same, x)
     _close(y0, norm(x), reduced=True)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import ContextLengthError, DeviceMemoryError
 from ..quant.base import DenseWeight, QuantWeight
+from .moe import FusedMoE
 from .packed import PackedWeight
 from .triton_attention import cache_attention
 from .triton_fused import add_rms_norm, rope_and_cache, silu_mul
@@ -312,8 +313,10 @@ class CudaDecoder(nn.Module):
 
 
 def feed_forward(ffn: nn.Module, h: Tensor) -> Tensor:
-    """A block's feed-forward on h: a SwiGLU MLP with its activation fused (silu_mul); a FusedMoE, or any other
-    module, as it is."""
+    """A block's feed-forward on h: a SwiGLU MLP with its activation fused (silu_mul); a FusedMoE's top-k outputs
+    [..., k, D], left for the next add + norm to sum; any other module as it is."""
+    if isinstance(ffn, FusedMoE) and not ffn._forward_hooks:
+        return ffn.parts(h)
     if all(hasattr(ffn, n) for n in ("w1", "w2", "w3")) and not hasattr(ffn, "gate"):  # levante.model.MLP
         return ffn.w2(silu_mul(ffn.w1(h), ffn.w3(h)))
     return ffn(h)

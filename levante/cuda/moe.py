@@ -217,6 +217,11 @@ class FusedMoE(nn.Module):
         return cls(moe.gate, ws["w1"], ws["w2"], ws["w3"], moe.top_k, getattr(moe, "expert_ids", None))
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.parts(x).sum(-2)
+
+    def parts(self, x: Tensor) -> Tensor:
+        """Each token's top-k expert outputs, times their routing weights, not yet summed: [..., top_k, D] (the
+        GPU decoder adds them in its next add + norm kernel)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1]).contiguous()
         M = x.shape[0]
@@ -234,7 +239,7 @@ class FusedMoE(nn.Module):
         out = self.w2.run(act, routing, 1, weights.reshape(-1))
         if self.local_of is not None:  # other ranks' pairs: rows never written
             out = out.masked_fill(chosen.reshape(-1, 1) < 0, 0)
-        return out.view(M, self.top_k, -1).sum(1).reshape(shape)
+        return out.view(*shape[:-1], self.top_k, shape[-1])
 
 
 def fuse_moe(net: nn.Module) -> int:

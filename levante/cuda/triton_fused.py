@@ -29,14 +29,18 @@ def rounded(x, dtype: tl.constexpr):
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, x_out_ptr, y_ptr, D, eps,
-                         HAS_DELTA: tl.constexpr, LOW: tl.constexpr, BD: tl.constexpr):
+                         PARTS: tl.constexpr, LOW: tl.constexpr, BD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BD)
     ok = cols < D
     x = tl.load(x_ptr + row * D + cols, mask=ok, other=0.0)
-    if HAS_DELTA:
-        x = x.to(tl.float32) + tl.load(delta_ptr + row * D + cols, mask=ok, other=0.0).to(tl.float32)
-        x = rounded(x, x_out_ptr.dtype.element_ty)
+    if PARTS > 0:  # delta: the sum of PARTS rows (a MoE's top-k outputs), rounded as torch's sum rounds it
+        d = tl.zeros((BD,), dtype=tl.float32)
+        for j in tl.static_range(PARTS):
+            d += tl.load(delta_ptr + (row * PARTS + j) * D + cols, mask=ok, other=0.0).to(tl.float32)
+        if PARTS > 1:
+            d = rounded(d, x_out_ptr.dtype.element_ty).to(tl.float32)
+        x = rounded(x.to(tl.float32) + d, x_out_ptr.dtype.element_ty)
         tl.store(x_out_ptr + row * D + cols, x, mask=ok)
     xf = x.to(tl.float32)
     h = xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
@@ -47,16 +51,20 @@ def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, x_out_ptr, y_ptr, D, eps,
 
 
 def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(x + delta, RMSNorm(x + delta)) for x, delta [..., D]: a residual add and the next norm in one pass
-    (delta None: the norm alone, x returned as it is)."""
+    """(x + delta, RMSNorm(x + delta)) for x [..., D] and delta [..., D] or [..., k, D] (k parts summed first:
+    a MoE's top-k outputs): a residual add and the next norm in one pass (delta None: the norm alone, x returned
+    as it is)."""
     shape = x.shape
     D = shape[-1]
     x2 = x.reshape(-1, D).contiguous()
+    parts = 0 if delta is None else (1 if delta.shape == shape else delta.shape[-2])
+    if delta is not None and delta.shape[:-2] + delta.shape[-1:] != shape and delta.shape != shape:
+        raise ValueError(f"delta {tuple(delta.shape)} does not fit x {tuple(shape)}")
     new = torch.empty_like(x2) if delta is not None else x2
     y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     _add_rms_norm_kernel[(x2.shape[0],)](
-        x2, delta.reshape(-1, D).contiguous() if delta is not None else x2, weight, new, y, D, eps,
-        HAS_DELTA=delta is not None, LOW=x.dtype != torch.float32, BD=triton.next_power_of_2(D),
+        x2, delta.contiguous() if delta is not None else x2, weight, new, y, D, eps,
+        PARTS=parts, LOW=x.dtype != torch.float32, BD=triton.next_power_of_2(D),
         num_warps=4 if D <= 4096 else 8)
     return new.view(shape), y.view(shape)
 

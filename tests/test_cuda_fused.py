@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from levante.cuda.triton_fused import add_rms_norm, rope_and_cache, silu_mul, topk_softmax
+from levante.cuda.triton_fused import add_rms_norm, rope_and_cache, router, silu_mul, topk_softmax
 from levante.model import RMSNorm
 from levante.rope import apply_rotary
 
@@ -96,6 +96,23 @@ def test_topk_softmax(dtype, e, k):
     want_w = (want_w / want_w.sum(-1, keepdim=True)).to(dtype)
     w, ids = topk_softmax(logits, k, dtype)
     # bf16 logits tie (equal probabilities): either order of tied experts is the same choice
+    order, want_order = ids.argsort(-1), want_ids.argsort(-1)
+    assert torch.equal(ids.gather(-1, order), want_ids.gather(-1, want_order))
+    _close(w.gather(-1, order), want_w.gather(-1, want_order), reduced=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("e", "k", "d"), [(8, 2, 96), (6, 3, 1500)])
+def test_router(dtype, e, k, d):
+    """The gate's matmul (a float32 weight, as levante keeps the router) in the top-k kernel: the choice of
+    DenseWeight(gate)(x) then topk_softmax, logits rounded to x's dtype."""
+    from levante.quant.base import DenseWeight
+
+    torch.manual_seed(d)
+    x = torch.randn(9, d).to(dtype)
+    gate = torch.randn(e, d) * 0.1
+    want_w, want_ids = topk_softmax(DenseWeight(gate)(x), k, dtype)
+    w, ids = router(x, gate, k)
     order, want_order = ids.argsort(-1), want_ids.argsort(-1)
     assert torch.equal(ids.gather(-1, order), want_ids.gather(-1, want_order))
     _close(w.gather(-1, order), want_w.gather(-1, want_order), reduced=True)

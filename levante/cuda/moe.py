@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..quant.base import DenseWeight, QuantWeight
 from ..quant.lowrank import LowRankWeight
 from .packed import PackedWeight
-from .triton_fused import silu_mul, topk_softmax
+from .triton_fused import router, silu_mul, topk_softmax
 from .triton_matmul import GEMV, Launch, dot_launch, use_gemv
 from .triton_moe import moe_matmul
 
@@ -225,7 +225,10 @@ class FusedMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1]).contiguous()
         M = x.shape[0]
-        weights, chosen = topk_softmax(self.gate(x), self.top_k, x.dtype)
+        if isinstance(self.gate, DenseWeight) and self.gate.weight.dtype in (torch.float32, x.dtype):
+            weights, chosen = router(x, self.gate.weight, self.top_k)  # the gate's matmul in the same kernel
+        else:
+            weights, chosen = topk_softmax(self.gate(x), self.top_k, x.dtype)
         if self.local_of is not None:
             chosen = self.local_of[chosen]
         routing = route(chosen, self.n_experts, packed=self.packed)

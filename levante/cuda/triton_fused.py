@@ -1,5 +1,5 @@
 """The small ops of a decode step, fused into one Triton kernel each (vLLM's custom ops: fused_add_rms_norm,
-rotary_embedding + reshape_and_cache, silu_and_mul, topk_softmax).
+rotary_embedding + reshape_and_cache, silu_and_mul, topk_softmax; here the router's gate matmul joins the last).
 
 At batch 1 a layer's weights take ~0.2 ms to read on an H200, and each tiny kernel of a CUDA graph costs a few
 microseconds whatever it does: the ~40 torch ops around the matmuls of a layer (RMSNorm in five, RoPE in six, the
@@ -149,10 +149,9 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
 
 
 @triton.jit
-def _topk_softmax_kernel(logit_ptr, w_ptr, id_ptr, E, K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BE)
-    x = tl.load(logit_ptr + row * E + cols, mask=cols < E, other=float("-inf")).to(tl.float32)
+def _store_topk(logits, cols, E, w_ptr, id_ptr, row, K: tl.constexpr, BK: tl.constexpr):
+    """Softmax over logits [BE] (lanes >= E ignored) in float32, the K largest, renormalised; stored for `row`."""
+    x = tl.where(cols < E, logits, float("-inf"))
     e = tl.exp(x - tl.max(x, axis=0))
     p = e / tl.sum(e, axis=0)
     slots = tl.arange(0, BK)
@@ -168,13 +167,51 @@ def _topk_softmax_kernel(logit_ptr, w_ptr, id_ptr, E, K: tl.constexpr, BE: tl.co
     tl.store(id_ptr + row * K + slots, ids.to(id_ptr.dtype.element_ty), mask=slots < K)
 
 
+@triton.jit
+def _topk_softmax_kernel(logit_ptr, w_ptr, id_ptr, E, K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BE)
+    x = tl.load(logit_ptr + row * E + cols, mask=cols < E, other=0.0).to(tl.float32)
+    _store_topk(x, cols, E, w_ptr, id_ptr, row, K, BK)
+
+
+@triton.jit
+def _router_kernel(x_ptr, g_ptr, w_ptr, id_ptr, E, D, K: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr,
+                   BK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BE)
+    acc = tl.zeros((BE,), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        rd = d0 + tl.arange(0, BD)
+        x = tl.load(x_ptr + row * D + rd, mask=rd < D, other=0.0)
+        g = tl.load(g_ptr + cols[:, None] * D + rd[None, :], mask=(cols[:, None] < E) & (rd[None, :] < D), other=0.0)
+        acc += tl.sum(g.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    logits = rounded(acc, x_ptr.dtype.element_ty).to(tl.float32)  # the gate's output, in x's dtype
+    _store_topk(logits, cols, E, w_ptr, id_ptr, row, K, BK)
+
+
 def topk_softmax(logits: Tensor, top_k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The router: softmax over logits [M, E] in float32, the top_k experts, their weights renormalised to sum 1
-    (levante.model.MoE's arithmetic); returns (weights [M, k] in `dtype`, expert ids [M, k] int64)."""
+    """The router's choice from logits [M, E]: softmax in float32, the top_k experts, their weights renormalised
+    to sum 1 (levante.model.MoE's arithmetic); returns (weights [M, k] in `dtype`, expert ids [M, k] int64)."""
     M, E = logits.shape
     logits = logits.contiguous()
     w = torch.empty(M, top_k, dtype=dtype, device=logits.device)
     ids = torch.empty(M, top_k, dtype=torch.long, device=logits.device)
     _topk_softmax_kernel[(M,)](logits, w, ids, E, K=top_k, BE=max(2, triton.next_power_of_2(E)),
                                BK=max(2, triton.next_power_of_2(top_k)))
+    return w, ids
+
+
+def router(x: Tensor, gate: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """topk_softmax of the gate's logits x [M, D] @ gate [E, D]^T, computed in the same kernel: float32 products,
+    the logits rounded to x's dtype as the gate's matmul returns them (one kernel instead of a cast, a matmul, a
+    cast and the top-k)."""
+    M, D = x.shape
+    E = gate.shape[0]
+    x = x.contiguous()
+    w = torch.empty(M, top_k, dtype=x.dtype, device=x.device)
+    ids = torch.empty(M, top_k, dtype=torch.long, device=x.device)
+    BE = max(2, triton.next_power_of_2(E))
+    _router_kernel[(M,)](x, gate.contiguous(), w, ids, E, D, K=top_k, BE=BE,
+                         BD=max(16, min(1024, 8192 // BE)), BK=max(2, triton.next_power_of_2(top_k)))
     return w, ids

@@ -1,6 +1,8 @@
 """Issue 13's GPU targets, side by side in one run on one GPU: levante's CUDA path vs the HBM limit and transformers.
 
     python benchmarks/cuda_bench.py --tokenizer tokenizer.model [--out benchmarks/results]
+    (on the lent GPU machine: --out "$OUT", the only folder whose files come back; the results are saved after
+    every section, so a run cut off by its time limit still returns what it measured)
     TRITON_INTERPRET=1 python benchmarks/cuda_bench.py --smoke --tokenizer ...   # the script itself, on CPU
 
 Model: a random Mixtral with Mixtral-8x7B's shapes (hidden 4096, ffn 14336, 32 / 8 heads, 8 experts top-2, vocab

@@ -34,6 +34,16 @@ def test_packed_values_are_the_files(qtype):
     assert torch.equal(pw.rows(ids, torch.float32), ref[ids])
 
 
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
+def test_blocks_unpacked_on_the_target_device(qtype):
+    """GGUF blocks go to the device first and are unpacked there (a GPU does it at its speed; the host's torch
+    ops would take minutes for a 26 GB model): on the meta device every plane is made there."""
+    from levante.quant.ggml import GGMLWeight
+
+    pw = pack_weight(GGMLWeight(_raw(qtype), qtype, (N, K)), "meta")
+    assert all(t.device.type == "meta" for t in (pw.lo, pw.d) + ((pw.hi,) if qtype == "Q6_K" else ()))
+
+
 def test_awq_packed():
     g = 64
     codes = torch.randint(0, 16, (N, K), dtype=torch.uint8)

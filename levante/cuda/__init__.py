@@ -27,8 +27,9 @@ __all__ = ["CudaDecoder", "FusedMoE", "PackedWeight", "StaticCache", "bucket_for
            "pack_weights", "to_device"]
 
 
-def pack_weight(w: QuantWeight) -> PackedWeight | None:
-    """The GPU layout of a GGUF-block, AWQ or int8 weight (None for other weights: float, low-rank containers)."""
+def pack_weight(w: QuantWeight, device: torch.device | str | None = None) -> PackedWeight | None:
+    """The GPU layout of a GGUF-block, AWQ or int8 weight (None for other weights: float, low-rank containers);
+    GGUF blocks are copied to `device` first and unpacked there."""
     if isinstance(w, Grouped16Weight):
         raw = w.ggml_blocks()
     elif isinstance(w, GGMLKernelWeight | GGMLWeight):
@@ -41,13 +42,15 @@ def pack_weight(w: QuantWeight) -> PackedWeight | None:
         return None
     if w.qtype not in LAYOUTS:
         return None
+    if device is not None:
+        raw = raw.to(device)
     return PackedWeight.from_ggml(raw, w.qtype, w.out_features, w.in_features)
 
 
 def pack_weights(net: nn.Module, device: torch.device | str | None = None, progress: bool = False) -> int:
-    """Replace the model's quantized weights by PackedWeights in place (each moved to `device` as soon as it is
-    packed, so host memory holds one packed weight at a time); returns how many. A weight shared by two modules
-    (tied embeddings) stays shared."""
+    """Replace the model's quantized weights by PackedWeights in place (GGUF blocks unpacked on `device`, AWQ and
+    int8 weights packed on the host and moved at once: host memory holds one packed weight at a time); returns
+    how many. A weight shared by two modules (tied embeddings) stays shared."""
     done: dict[int, PackedWeight] = {}
     parents = list(net.modules())
     if progress:
@@ -60,7 +63,7 @@ def pack_weights(net: nn.Module, device: torch.device | str | None = None, progr
                 continue
             packed = done.get(id(child))
             if packed is None:
-                packed = pack_weight(child)
+                packed = pack_weight(child, device)
                 if packed is None:
                     continue
                 if device is not None:
@@ -72,8 +75,9 @@ def pack_weights(net: nn.Module, device: torch.device | str | None = None, progr
 
 def to_device(net: nn.Module, device: torch.device | str, progress: bool = False) -> nn.Module:
     """`net` on `device` (CUDA; any device in the tests): quantized weights packed for the Triton kernels, MoE
-    layers fused. Each quantized weight is packed on the host and moved at once (the host holds one packed copy at
-    a time); float weights that are views of memory-mapped files are copied straight to the device."""
+    layers fused. GGUF blocks are unpacked on the device, AWQ / int8 weights packed on the host and moved at once
+    (the host holds one packed copy at a time); float weights that are views of memory-mapped files are copied
+    straight to the device."""
     size = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
     try:
         pack_weights(net, device, progress)

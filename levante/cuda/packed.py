@@ -127,9 +127,10 @@ class PackedWeight(QuantWeight):
 
     @classmethod
     def from_ggml(cls, raw: Tensor, qtype: str, out_features: int, in_features: int) -> PackedWeight:
-        """From GGML blocks uint8 [out, row bytes] (exact: the same values)."""
+        """From GGML blocks uint8 [out, row bytes] (exact: the same values), on raw's device (a GPU unpacks a
+        file's blocks at its own speed; the host's torch ops take minutes for a 26 GB model)."""
         bits, off, g, sg, _, _ = LAYOUTS[qtype]
-        parts = _ggml_parts(raw.cpu(), qtype, out_features, in_features)
+        parts = _ggml_parts(raw, qtype, out_features, in_features)
         return cls(parts, qtype, bits, off, g, sg, out_features, in_features)
 
     @classmethod

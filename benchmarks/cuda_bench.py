@@ -357,7 +357,25 @@ def main() -> None:
         got = gpu("Hello there", max_tokens=16, temperature=0)["choices"][0]["text"]
         lines.append(f"- tiny float32 Mixtral, 16 greedy tokens on the GPU path == CPU: {got == want}")
 
+    def tiny_bf16_check() -> None:  # the fused kernels' bf16 rounding on the GPU: the decoder's logits vs the CPU's
+        cpu = load(work / "tiny", dtype="bfloat16").model
+        gpu = load(work / "tiny", dtype="bfloat16", device=str(dev)).model
+        fuse_moe(gpu)  # done by the load on CUDA; the smoke run's CPU load leaves the modules
+        ids = torch.randint(3, 1000, (1, 40))
+        with torch.inference_mode():
+            want = cpu(ids).float()
+            dec = CudaDecoder(gpu)
+            cache = dec.new_cache(1, 64)
+            pos = torch.arange(40)[None]
+            got = torch.cat([dec(ids[:, :39].to(dev), pos[:, :39].to(dev), cache).cpu(),
+                             dec(ids[:, 39:].to(dev), pos[:, 39:].to(dev), cache).cpu()], dim=1).float()
+        err = ((got - want).abs().amax(-1) / want.abs().amax(-1)).max().item()
+        agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+        lines.append(f"- tiny bf16 Mixtral, decoder (prefill 39 + 1 decode step) vs the CPU model: max error / max "
+                     f"|logit| {err:.1e}, same argmax at {100 * agree:.0f}% of 40 positions")
+
     attempt("tiny model check", tiny_check)
+    attempt("tiny bf16 check", tiny_bf16_check)
     attempt("kernel check", lambda: check_kernels(dev, (spec["intermediate_size"], spec["hidden_size"]), lines))
 
     # the bf16 model, saved once and loaded by both engines (nothing else can run without it)

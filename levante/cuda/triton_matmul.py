@@ -50,6 +50,9 @@ def dot_launch(m: int, dense: bool = True) -> Launch:
     return Launch(128, 256 if dense else 128, 64, 8, 4)
 
 
+_STAGES: dict[tuple, int] = {}  # (kernel, launch, constexprs) -> the pipeline stages that compiled
+
+
 def run(kernel, grid: tuple, launch: Launch, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs) with the launch's warps and stages; a configuration the GPU cannot hold
     (OutOfResources: shared memory or registers, which depend on the GPU and the weight format) is retried with
@@ -67,7 +70,6 @@ def run(kernel, grid: tuple, launch: Launch, *args, **kwargs) -> None:
             stages -= 1
 
 
-_STAGES: dict[tuple, int] = {}
 GEMV = Launch(1, 16, 256, 4, 3)  # one row of x; 16-row slices of W, so a 4096-row weight spreads over 256 programs
 
 

@@ -48,10 +48,10 @@ def test_add_rms_norm(dtype, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [24, 64])
-def test_rope_and_cache(dtype, head_dim):
-    """q, k, v as strided views of one qkv output; rows of 3 tokens, one padding token (its slot: the dump)."""
-    from levante.config import ModelConfig  # noqa: F401 - Rotary reads its fields
+@pytest.mark.parametrize(("head_dim", "ring"), [(24, 0), (64, 0), (64, 8)])
+def test_rope_and_cache(dtype, head_dim, ring):
+    """q, k, v as strided views of one qkv output; rows of 3 tokens, one padding token (its slot: the dump); the
+    angles made in the kernel equal levante.model.Rotary's; a ring buffer's slots are position % ring."""
     from levante.model import Rotary
 
     torch.manual_seed(head_dim)
@@ -61,14 +61,16 @@ def test_rope_and_cache(dtype, head_dim):
     positions = torch.tensor([[-1, 0, 1], [7, 8, 9]])
 
     class Cfg:
-        pass
+        rope_theta, rope_scaling = 10000.0, None
 
     cfg = Cfg()
-    cfg.head_dim, cfg.rope_theta, cfg.rope_scaling = head_dim, 10000.0, None
-    cos, sin = Rotary(cfg).cos_sin(positions, dtype)
-    slots = torch.where(positions < 0, S, positions)
+    cfg.head_dim = head_dim
+    rotary = Rotary(cfg)
+    cos, sin = rotary.cos_sin(positions, dtype)
+    slots = positions % ring if ring else positions
+    slots = torch.where(positions < 0, S, slots)
     kc, vc = torch.zeros(B, Hkv, S + 1, head_dim, dtype=dtype), torch.zeros(B, Hkv, S + 1, head_dim, dtype=dtype)
-    got_q = rope_and_cache(q, k, v, cos, sin, slots, kc, vc, H, Hkv)
+    got_q = rope_and_cache(q, k, v, positions, rotary.inv_freq, kc, vc, H, Hkv, S, ring)
     want_q = apply_rotary(q.reshape(B, T, H, head_dim).transpose(1, 2), cos, sin)
     want_k = apply_rotary(k.reshape(B, T, Hkv, head_dim).transpose(1, 2), cos, sin)
     _close(got_q, want_q)

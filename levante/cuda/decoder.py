@@ -101,11 +101,6 @@ class StaticCache:
         """The most tokens one forward call may write per row (a ring buffer keeps the window's keys)."""
         return self.capacity - self.window + 1 if self.rolling else self.capacity
 
-    def slots(self, positions: Tensor) -> Tensor:
-        """The slots of positions [B, T] (padding, -1: the dump slot)."""
-        slot = positions % self.capacity if self.rolling else positions
-        return torch.where(positions < 0, self.capacity, slot)
-
     def select_rows(self, keep: Tensor) -> None:
         """Keep rows `keep` (in that order) as rows 0..len(keep)-1, in place (captured graphs hold the addresses)."""
         n = keep.numel()
@@ -287,9 +282,8 @@ class CudaDecoder(nn.Module):
         cfg = net.cfg
         B, T = tokens.shape
         x = net.embed.rows(tokens, net.dtype)
-        cos, sin = net.rotary.cos_sin(positions, x.dtype)
         start = (positions[:, -1] - (T - 1)).to(torch.int32)  # left padding: a row's real positions end the chunk
-        slots = cache.slots(positions)  # padding writes go to the dump slot
+        ring = cache.capacity if cache.rolling else 0
         delta = None  # the previous block's output: added to x by the next norm's kernel
         for i, layer in enumerate(net.layers):
             a = layer.attn
@@ -300,9 +294,9 @@ class CudaDecoder(nn.Module):
             else:
                 q, k, v = a.wq(h), a.wk(h), a.wv(h)
             ck, cv = cache.k[i][row0 : row0 + B], cache.v[i][row0 : row0 + B]
-            q = rope_and_cache(q, k, v, cos, sin, slots, ck, cv, a.n_heads, a.n_kv)
-            # [B, H, T, D] over a [B, T, H, D] buffer
-            o = cache_attention(q, ck, cv, start, cfg.sliding_window, ring=cache.capacity if cache.rolling else 0)
+            # RoPE (angles made in the kernel) and the k / v writes; padding tokens write the dump slot
+            q = rope_and_cache(q, k, v, positions, net.rotary.inv_freq, ck, cv, a.n_heads, a.n_kv, cache.capacity, ring)
+            o = cache_attention(q, ck, cv, start, cfg.sliding_window, ring=ring)  # [B, H, T, D] over [B, T, H, D]
             x, h = add_rms_norm(x, a.wo(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim)),
                                 layer.ffn_norm.weight, layer.ffn_norm.eps)
             delta = feed_forward(layer.ffn, h)

@@ -70,8 +70,8 @@ def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) ->
 
 
 @triton.jit
-def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, q_out_ptr, kc_ptr, vc_ptr,
-                       T, H, HKV, D, s_q, s_k, s_v, sqo_b, sqo_h, sqo_t, sc_b, sc_h, sc_s,
+def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, freq_ptr, q_out_ptr, kc_ptr, vc_ptr,
+                       T, H, D, dump, ring, s_q, s_k, s_v, sqo_b, sqo_h, sqo_t, sc_b, sc_h, sc_s,
                        BD: tl.constexpr):
     bt = tl.program_id(0).to(tl.int64)  # token b * T + t
     head = tl.program_id(1)
@@ -79,33 +79,40 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, q_out_pt
     t = bt % T
     cols = tl.arange(0, BD)
     ok = cols < D
-    partner = (cols + D // 2) % D  # rotate-half, with the sign folded into sin (levante.rope.apply_rotary)
-    cos = tl.load(cos_ptr + bt * D + cols, mask=ok, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + bt * D + cols, mask=ok, other=0.0).to(tl.float32)
+    half = D // 2
+    partner = (cols + half) % D  # rotate-half, with the sign folded into sin (levante.rope.apply_rotary)
+    pos = tl.load(pos_ptr + bt)
     if head < H:
         src = q_ptr + bt * s_q + head * D
     else:
         src = k_ptr + bt * s_k + (head - H) * D
     x = tl.load(src + cols, mask=ok, other=0.0)
     xr = tl.load(src + partner, mask=ok, other=0.0).to(tl.float32)
+    # levante.model.Rotary.cos_sin, for this position: angles in float32, cos / signed sin rounded to x's dtype
+    angle = tl.maximum(pos, 0).to(tl.float32) * tl.load(freq_ptr + cols % half, mask=ok, other=0.0)
+    cos = rounded(tl.cos(angle), x.dtype).to(tl.float32)
+    sin = tl.sin(angle)
+    sin = rounded(tl.where(cols < half, -sin, sin), x.dtype).to(tl.float32)
     a = rounded(x.to(tl.float32) * cos, x.dtype).to(tl.float32)  # x * cos, rounded as torch rounds it
     out = rounded(a + xr * sin, x.dtype)  # addcmul: one rounding
     if head < H:
         tl.store(q_out_ptr + b * sqo_b + head * sqo_h + t * sqo_t + cols, out.to(q_out_ptr.dtype.element_ty),
                  mask=ok)
     else:
-        slot = tl.load(slot_ptr + bt)
+        slot = tl.where(ring > 0, pos % tl.maximum(ring, 1), pos)
+        slot = tl.where(pos < 0, dump, slot)  # padding: the dump slot
         dst = b * sc_b + (head - H) * sc_h + slot * sc_s + cols
         tl.store(kc_ptr + dst, out.to(kc_ptr.dtype.element_ty), mask=ok)
         v = tl.load(v_ptr + bt * s_v + (head - H) * D + cols, mask=ok, other=0.0)
         tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=ok)
 
 
-def rope_and_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, k_cache: Tensor,
-                   v_cache: Tensor, n_heads: int, n_kv: int) -> Tensor:
-    """RoPE on q [B, T, H * D] and k [B, T, Hkv * D] (rows may be strided views of one qkv output); the rotated
-    keys and the values written to the caches [B, Hkv, S, D] at slots [B, T]; returns the rotated queries as
-    [B, H, T, D] (a view of a [B, T, H, D] buffer). cos / sin: [B, 1, T, D] (levante.model.Rotary.cos_sin)."""
+def rope_and_cache(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: Tensor, k_cache: Tensor,
+                   v_cache: Tensor, n_heads: int, n_kv: int, dump: int, ring: int = 0) -> Tensor:
+    """RoPE on q [B, T, H * D] and k [B, T, Hkv * D] (rows may be strided views of one qkv output) at positions
+    [B, T], the angles from `inv_freq` [D / 2] (levante.model.Rotary's); the rotated keys and the values written
+    to the caches [B, Hkv, S, D] at slot = position (ring > 0: position % ring; padding, position -1: slot
+    `dump`); returns the rotated queries as [B, H, T, D] (a view of a [B, T, H, D] buffer)."""
     B, T, _ = q.shape
     D = q.shape[-1] // n_heads
     for t in (q, k, v):
@@ -113,11 +120,12 @@ def rope_and_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, sl
             raise ValueError("q, k and v need contiguous features and rows")
     if k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride():
         raise ValueError("the caches must share a layout with contiguous head_dim")
+    if inv_freq.numel() != D // 2:
+        raise ValueError(f"{inv_freq.numel()} rotary frequencies for head_dim {D}")
     q_out = torch.empty(B, T, n_heads, D, dtype=q.dtype, device=q.device)
-    cos2, sin2 = cos.reshape(B * T, D).contiguous(), sin.reshape(B * T, D).contiguous()
     _rope_cache_kernel[(B * T, n_heads + n_kv)](
-        q, k, v, cos2, sin2, slots.reshape(-1).contiguous(), q_out, k_cache, v_cache,
-        T, n_heads, n_kv, D, q.stride(1), k.stride(1), v.stride(1),
+        q, k, v, positions.reshape(-1).contiguous(), inv_freq.float().contiguous(), q_out, k_cache, v_cache,
+        T, n_heads, D, dump, ring, q.stride(1), k.stride(1), v.stride(1),
         q_out.stride(0), q_out.stride(2), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BD=max(16, triton.next_power_of_2(D)))
     return q_out.transpose(1, 2)

@@ -351,7 +351,7 @@ def main() -> None:
         tiny.save_pretrained(work / "tiny")
         shutil.copy(args.tokenizer, work / "tiny" / "tokenizer.model")
         want = LLM(str(work / "tiny"), n_ctx=128)("Hello there", max_tokens=16, temperature=0)["choices"][0]["text"]
-        gpu = LLM(str(work / "tiny"), n_ctx=128, device=str(dev))
+        gpu = LLM(str(work / "tiny"), n_ctx=128, device=str(dev), dtype="float32")
         if args.smoke:
             gpu._decoder = CudaDecoder(gpu.model)
         got = gpu("Hello there", max_tokens=16, temperature=0)["choices"][0]["text"]

@@ -37,12 +37,19 @@ def default_model_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, file_dtypes: set[str] | None = None) -> torch.dtype:
-    """'auto' (None) -> bfloat16 for bf16 checkpoints, else float32."""
+def resolve_dtype(dtype: str | torch.dtype | None, file_dtypes: set[str] | None = None,
+                  device: torch.device | None = None) -> torch.dtype:
+    """'auto' (None) -> bfloat16 for bf16 checkpoints; otherwise float32 on CPU (levante's CPU kernels compute in
+    float32: exact), and on a GPU float16 for f16 checkpoints, else bfloat16 (16-bit activations and KV cache run
+    on tensor cores at half the memory, as vLLM's and llama.cpp's GPU paths do)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.bfloat16 if file_dtypes == {"BF16"} else torch.float32
+        if file_dtypes == {"BF16"}:
+            return torch.bfloat16
+        if device is not None and device.type == "cuda":
+            return torch.float16 if file_dtypes == {"F16"} else torch.bfloat16
+        return torch.float32
     try:
         return DTYPES[str(dtype).lower()]
     except KeyError:
@@ -160,7 +167,7 @@ def load(
     path = resolve_path(model)
     dev = resolve_device(device)
     ckpt = read_checkpoint(path, shard=shard, for_cpu=dev.type == "cpu")
-    torch_dtype = resolve_dtype(dtype, set(ckpt.info.get("file_dtypes", [])) or None)
+    torch_dtype = resolve_dtype(dtype, set(ckpt.info.get("file_dtypes", [])) or None, dev)
     weights = ckpt.weights
     if progress:
         weights = _convert_with_progress(weights, torch_dtype, path.name)

@@ -149,7 +149,8 @@ def test_gpu_graphs_equal_eager_without_host_sync(tmp_path):
 
     path = save_hf(hf_model("mixtral_8x2", vocab_size=32000), tmp_path / "m", tokenizer=True)
     cpu = LLM(str(path))
-    gpu = LLM(str(path), device="cuda")
+    assert LLM(str(path), device="cuda").model.model.dtype == torch.bfloat16  # 'auto' on a GPU: 16-bit
+    gpu = LLM(str(path), device="cuda", dtype="float32")
     assert isinstance(gpu._decoder, CudaDecoder) and gpu._decoder.use_graphs
     for p in ("Hello there", "A longer prompt about the sea and the wind"):
         want = cpu(p, max_tokens=12, temperature=0)["choices"][0]["text"]

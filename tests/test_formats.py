@@ -45,6 +45,16 @@ def test_weights_are_memory_mapped(tmp_path):
         raise AssertionError("address not mapped")
 
 
+def test_auto_dtype_per_device():
+    """'auto': a bf16 checkpoint stays bf16; otherwise float32 on CPU (exact) and 16-bit on a GPU."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype(None, {"BF16"}, cpu) == resolve_dtype("auto", {"BF16"}, gpu) == torch.bfloat16
+    assert resolve_dtype(None, {"F32"}, cpu) == resolve_dtype(None, {"Q4_K", "F32"}, cpu) == torch.float32
+    assert resolve_dtype(None, {"Q4_K", "Q6_K", "F32"}, gpu) == resolve_dtype(None, {"F32"}, gpu) == torch.bfloat16
+    assert resolve_dtype(None, {"F16"}, gpu) == torch.float16
+    assert resolve_dtype("float32", {"Q4_K"}, gpu) == torch.float32
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_dtype_selectable(tmp_path, dtype):
     ref = hf_model("mixtral_8x2")

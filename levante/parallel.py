@@ -35,7 +35,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,7 +111,7 @@ def serve_rank(group: Group, net: torch.nn.Module) -> None:
     caches: dict[int, KVCache] = {}
     header = torch.zeros(_HEADER, dtype=torch.long, device=group.device)
     body = net.model
-    with torch.inference_mode():
+    with torch.inference_mode(), _eager_attention(group.device):
         while True:
             group.broadcast(header)
             op, a, b, c, d, e, f, _ = header.tolist()
@@ -131,6 +131,16 @@ def serve_rank(group: Group, net: torch.nn.Module) -> None:
                 caches.pop(a, None)
             elif op == _STOP:
                 return
+
+
+def _eager_attention(device: torch.device) -> AbstractContextManager:
+    """On a GPU, SDPA without cuDNN's plan per key length (levante.cuda.planless_attention): the ranks run the
+    model's modules eagerly."""
+    if device.type != "cuda":
+        return nullcontext()
+    from .cuda import planless_attention
+
+    return planless_attention()
 
 
 def _cache_op(group: Group, cache: KVCache, method: int, x: int, y: int) -> None:
@@ -306,7 +316,8 @@ class _Body:
             if positions is not None:
                 positions = positions.to(dev, torch.long).contiguous()
                 lm.group.broadcast(positions)
-            return lm.local.model(tokens, positions, cache.local if cache is not None else None, rows)
+            with _eager_attention(dev):
+                return lm.local.model(tokens, positions, cache.local if cache is not None else None, rows)
 
 
 class ParallelCache:

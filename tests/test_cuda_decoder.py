@@ -42,6 +42,23 @@ def test_memory_refused_with_a_clear_error(tmp_path, monkeypatch):
         to_device(lm.model, "cpu")
 
 
+def test_planless_attention_turns_off_cudnn_sdpa_only_inside():
+    """The tensor-parallel ranks' eager attention on a GPU: no cuDNN SDPA (a plan per key length) inside the
+    context, the process's setting back after it; the other backends stay on."""
+    from levante.cuda import planless_attention
+    from levante.parallel import _eager_attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with planless_attention():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with _eager_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    with _eager_attention(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 def _tokens(model, tok, prompts, **kw):
     with torch.inference_mode():
         return [r.tokens for r in generate(model, tok, prompts, 6, GREEDY, **kw)]

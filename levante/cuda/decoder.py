@@ -308,8 +308,10 @@ class CudaDecoder(nn.Module):
 
 def feed_forward(ffn: nn.Module, h: Tensor) -> Tensor:
     """A block's feed-forward on h: a SwiGLU MLP with its activation fused (silu_mul); a FusedMoE's top-k outputs
-    [..., k, D], left for the next add + norm to sum; any other module as it is."""
-    if isinstance(ffn, FusedMoE) and not ffn._forward_hooks:
+    [..., k, D], left for the next add + norm to sum; any other module, or one with hooks, called as it is."""
+    if ffn._forward_hooks:
+        return ffn(h)
+    if isinstance(ffn, FusedMoE):
         return ffn.parts(h)
     if all(hasattr(ffn, n) for n in ("w1", "w2", "w3")) and not hasattr(ffn, "gate"):  # levante.model.MLP
         return ffn.w2(silu_mul(ffn.w1(h), ffn.w3(h)))

@@ -42,6 +42,20 @@ def test_memory_refused_with_a_clear_error(tmp_path, monkeypatch):
         to_device(lm.model, "cpu")
 
 
+@pytest.mark.parametrize("kind", ["mixtral_8x2", "llama_tied"])
+def test_feed_forward_hooks_still_run(tmp_path, kind):
+    """A feed-forward with forward hooks (a parallel rank's all-reduce) is called as a module, fused kernels or
+    not, so its hook sees the whole output."""
+    lm = load(save_hf(hf_model(kind), tmp_path / "m"))
+    fuse_moe(lm.model)
+    seen = []
+    lm.model.model.layers[1].ffn.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape)))
+    dec = CudaDecoder(lm.model)
+    with torch.inference_mode():
+        dec(torch.tensor([[5, 6, 7]]), torch.arange(3)[None], dec.new_cache(1, 8))
+    assert seen == [(1, 3, lm.model.cfg.hidden_size)]
+
+
 def test_planless_attention_turns_off_cudnn_sdpa_only_inside():
     """The tensor-parallel ranks' eager attention on a GPU: no cuDNN SDPA (a plan per key length) inside the
     context, the process's setting back after it; the other backends stay on."""

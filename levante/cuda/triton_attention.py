@@ -47,6 +47,28 @@ def pv(p, v, q, IEEE: tl.constexpr):
 
 
 @triton.jit
+def kv_block(k_base, v_base, rs, s_ok, ring, sk_s, rd, d_ok):
+    """Keys and values of positions rs (at slot rs, or rs % ring for a ring buffer), zeros where not s_ok."""
+    slot = tl.where(ring > 0, rs % tl.maximum(ring, 1), rs)
+    k = tl.load(k_base + slot[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
+    v = tl.load(v_base + slot[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
+    return k, v
+
+
+@triton.jit
+def softmax_step(m_i, l_i, acc, scores, v, q, IEEE: tl.constexpr):
+    """One key block of flash attention's online softmax: masked scores (-inf) folded into the running max m_i,
+    sum l_i and weighted values acc."""
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + pv(p, v, q, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, start_ptr,
     T, H, S, scale, window, ring,
@@ -78,21 +100,12 @@ def _attention_kernel(
     for s0 in range(lo, hi, BN):
         rs = s0 + tl.arange(0, BN)
         s_ok = rs < hi
-        slot = tl.where(ring > 0, rs % tl.maximum(ring, 1), rs)  # a ring buffer: position % its slots
-        k = tl.load(k_base + slot[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
-        v = tl.load(v_base + slot[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
-        scores = qk(q, k, IEEE) * scale
+        k, v = kv_block(k_base, v_base, rs, s_ok, ring, sk_s, rd, d_ok)
         seen = (rs[None, :] <= qpos[:, None]) & s_ok[None, :]
         if window > 0:
             seen = seen & (qpos[:, None] - rs[None, :] < window)
-        scores = tl.where(seen, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + pv(p, v, q, IEEE)
-        m_i = m_new
+        scores = tl.where(seen, qk(q, k, IEEE) * scale, float("-inf"))
+        m_i, l_i, acc = softmax_step(m_i, l_i, acc, scores, v, q, IEEE)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o_ptr + b * so_b + h * so_h + rt[:, None] * so_t + rd[None, :], out.to(o_ptr.dtype.element_ty),
              mask=t_ok[:, None] & d_ok)
@@ -132,18 +145,9 @@ def _decode_split_kernel(
     for s0 in range(s_lo, s_hi, BN):
         rs = s0 + tl.arange(0, BN)
         s_ok = rs < s_hi
-        slot = tl.where(ring > 0, rs % tl.maximum(ring, 1), rs)
-        k = tl.load(k_base + slot[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
-        v = tl.load(v_base + slot[:, None] * sk_s + rd[None, :], mask=s_ok[:, None] & d_ok, other=0.0)
-        scores = qk(q, k, IEEE) * scale
-        scores = tl.where(s_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + pv(p, v, q, IEEE)
-        m_i = m_new
+        k, v = kv_block(k_base, v_base, rs, s_ok, ring, sk_s, rd, d_ok)
+        scores = tl.where(s_ok[None, :], qk(q, k, IEEE) * scale, float("-inf"))
+        m_i, l_i, acc = softmax_step(m_i, l_i, acc, scores, v, q, IEEE)
     part = (b * H + heads) * SPLITS + split  # [BG]
     tl.store(m_ptr + part, m_i, mask=g_ok)
     tl.store(l_ptr + part, l_i, mask=g_ok)

@@ -302,7 +302,7 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
                     routing = Routing(2, launch, experts=ids.reshape(-1).to(torch.int32))
                 else:
                     routing = align_by_expert(ids, n_exp, launch)
-                default = (launch == GEMV) == (fmt != "bf16") and launch in (GEMV, tiled[0])
+                default = launch == (tiled[0] if fmt == "bf16" else GEMV)
                 report(f"experts {fmt}", (n, k), launch, default, nbytes, partial(moe_matmul, x, c, stack, routing, 1))
     for fmt, (n, k) in (("Q4_K", (d, d)), ("Q4_K", (d + 2 * d // 4, d)), ("Q6_K", (spec["vocab_size"], d))):
         w = random_packed(n, k, fmt, dev)

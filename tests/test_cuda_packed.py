@@ -130,26 +130,15 @@ def test_launch_too_big_for_the_gpu_is_retried_with_fewer_stages():
         run(Kernel(fits=0), (1,), Launch(16, 128, 128, 4, 2), BM=16)
 
 
-@pytest.mark.parametrize("g", [64, 128])
-def test_awq_gemv(g):
+@pytest.mark.parametrize(("g", "m"), [(64, 1), (128, 1), (128, 3)])
+def test_awq_kernel(g, m):
+    """AWQ's 4-bit layout by the GEMV (one row) and the tiled kernel (three rows)."""
     from levante.cuda.triton_matmul import packed_matmul
 
     awq = AWQWeight.from_codes(torch.randint(0, 16, (N, K), dtype=torch.uint8),
                                torch.randint(0, 16, (N, K // g), dtype=torch.uint8),
                                (torch.rand(N, K // g) * 0.02 + 0.001).half().float(), g)
-    x = torch.randn(1, K)
-    ref = x @ awq.dequantize().T
-    assert (packed_matmul(x, pack_weight(awq)) - ref).abs().max() <= 1e-5 * ref.abs().max()
-
-
-def test_awq_kernel():
-    from levante.cuda.triton_matmul import packed_matmul
-
-    g = 128
-    awq = AWQWeight.from_codes(torch.randint(0, 16, (N, K), dtype=torch.uint8),
-                               torch.randint(0, 16, (N, K // g), dtype=torch.uint8),
-                               (torch.rand(N, K // g) * 0.02 + 0.001).half().float(), g)
-    x = torch.randn(3, K)
+    x = torch.randn(m, K)
     ref = x @ awq.dequantize().T
     assert (packed_matmul(x, pack_weight(awq)) - ref).abs().max() <= 1e-5 * ref.abs().max()
 

@@ -57,9 +57,14 @@ def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) ->
     shape = x.shape
     D = shape[-1]
     x2 = x.reshape(-1, D).contiguous()
-    parts = 0 if delta is None else (1 if delta.shape == shape else delta.shape[-2])
-    if delta is not None and delta.shape[:-2] + delta.shape[-1:] != shape and delta.shape != shape:
-        raise ValueError(f"delta {tuple(delta.shape)} does not fit x {tuple(shape)}")
+    parts = 0
+    if delta is not None:
+        if delta.shape == shape:
+            parts = 1
+        elif delta.ndim == x.ndim + 1 and delta.shape[:-2] + delta.shape[-1:] == shape:
+            parts = delta.shape[-2]
+        else:
+            raise ValueError(f"delta {tuple(delta.shape)} does not fit x {tuple(shape)}")
     new = torch.empty_like(x2) if delta is not None else x2
     y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     _add_rms_norm_kernel[(x2.shape[0],)](

@@ -244,7 +244,8 @@ def test_serving_engine_on_the_decoder(tmp_path, pipelined):
 
 
 def test_low_rank_model(tmp_path):
-    """A low-rank Mixtral (experts as float factors of per-matrix ranks) on the fused path: the model's tokens."""
+    """A low-rank Mixtral as `levante compress` writes it (experts as float factors of per-matrix ranks, a few
+    matrices kept full) on the fused path: the model's tokens."""
     from levante.quant.base import DenseWeight
     from levante.quant.lowrank import LowRankWeight, svd_factors
 
@@ -254,6 +255,8 @@ def test_low_rank_model(tmp_path):
             for j, name in enumerate(("w1", "w2", "w3")):
                 w = getattr(expert, name)
                 assert isinstance(w, DenseWeight)
+                if (li + ei + j) % 4 == 0:
+                    continue
                 a, b = svd_factors(w.weight, 8 + 4 * ((li + ei + j) % 3))
                 setattr(expert, name, LowRankWeight(a, b))
     want = _tokens(lm.model, lm.tokenizer, PROMPTS)

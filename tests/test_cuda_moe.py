@@ -83,12 +83,13 @@ def test_one_token_by_the_other_kernel(monkeypatch, kind, mode):
 
     moe = _moe(kind)
     fused = FusedMoE.from_module(moe)
+    packed = fused.w2.parts[0].packed
     dt = torch.bfloat16 if kind == "bf16" else torch.float32
     x = torch.randn(1, moe.gate.in_features).to(dt)
     ids = torch.tensor([[2, 0]])
-    assert route(ids, 4, fused.packed).launch.bm == (1 if fused.packed else 16)
+    assert route(ids, 4, packed).launch.bm == (1 if packed else 16)
     monkeypatch.setenv("LEVANTE_GEMV", mode)
-    assert route(ids, 4, fused.packed).launch.bm == (16 if fused.packed else 1)
+    assert route(ids, 4, packed).launch.bm == (16 if packed else 1)
     with torch.inference_mode():
         want, got = moe(x).float(), fused(x).float()
     tol = 2e-2 if kind == "bf16" else 1e-5
@@ -173,8 +174,8 @@ def test_low_rank_experts_run_factored(m):
                for i in range(4)]
     moe = MoE(_dense(4, 64), experts, 2)
     fused = FusedMoE.from_module(moe)
-    assert fused is not None and fused.w13 is None and len(fused.w2.stacks) == 2
-    assert fused.w1.stacks[0].weight.shape == (4, 20, 64)  # A factors padded to the layer's largest rank, 20
+    assert fused is not None and fused.w13 is None and len(fused.w2.parts[0].stacks) == 2
+    assert fused.w1.parts[0].stacks[0].weight.shape == (4, 20, 64)  # A factors padded to the layer's largest rank, 20
     x = torch.randn(m, 64)
     with torch.inference_mode():
         want, got = moe(x), fused(x)
@@ -189,10 +190,76 @@ def test_low_rank_experts_with_quantized_factors():
     experts = [MLP(lr(256, 256, i), lr(256, 256, 10 + i), lr(256, 256, 20 + i)) for i in range(4)]
     moe = MoE(_dense(4, 256), experts, 2)
     fused = FusedMoE.from_module(moe)
-    assert fused is not None and [st.qtype for st in fused.w2.stacks] == ["Q4_K", "Q8_0"]
+    assert fused is not None and [st.qtype for st in fused.w2.parts[0].stacks] == ["Q4_K", "Q8_0"]
     x = torch.randn(5, 256)
     with torch.inference_mode():
         want, got = moe(x), fused(x)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
-    mixed = MoE(_dense(4, 256), experts[:3] + [MLP(_dense(256, 256), _dense(256, 256), _dense(256, 256))], 2)
-    assert FusedMoE.from_module(mixed) is None  # some experts full, some factored: the module path
+
+
+def _mixed_experts(quantized: bool) -> list[MLP]:
+    """Experts as `levante compress` leaves them: each matrix factored, or kept full where its rank would not
+    save parameters; here projection by projection (expert 0 full in w1 only, expert 3 full everywhere). Float
+    factors of per-matrix ranks, or (`quantized`: a low-rank GGUF) Q4_K / Q8_0 factors next to Q4_K matrices."""
+    def full(n, k, seed):
+        return _packed(n, k, "Q4_K", seed) if quantized else _dense(n, k)
+
+    def factored(n, k, seed):
+        if quantized:
+            return LowRankWeight(_packed(64, k, "Q4_K", seed), _packed(n, 64, "Q8_0", seed + 1))
+        return _lowrank(n, k, 8 + seed % 5, seed)
+
+    return [MLP(*(full(256, 256, 3 * i + j) if i == 3 or (i, j) == (0, 0) else factored(256, 256, 3 * i + j)
+                  for j in range(3))) for i in range(4)]
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("m", [1, 9])
+@pytest.mark.parametrize("mode", ["packed", "none"])
+def test_low_rank_and_full_experts_in_one_layer(monkeypatch, quantized, m, mode):
+    """A layer with some experts factored and some full runs fused: each projection as one part per kind, every
+    pair's row written by its expert's part (no masking, no module path), equal to the module by either kernel."""
+    monkeypatch.setenv("LEVANTE_GEMV", mode)
+    moe = MoE(_dense(4, 256), _mixed_experts(quantized), 2)
+    fused = FusedMoE.from_module(moe)
+    assert fused is not None and fused.w13 is None
+    assert [p.members for p in fused.w1.parts] == [(0, 3), (1, 2)]
+    assert [p.members for p in fused.w2.parts] == [(0, 1, 2), (3,)]
+    x = torch.randn(m, 256)
+    with torch.inference_mode():
+        want, got = moe(x), fused(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("m", [1, 6])
+def test_experts_of_two_formats_share_one_gate_up_gemm(m):
+    """Experts quantized to different types (a GGUF with per-expert tensors): a part per type, and gate / up still
+    one GEMM per part where both projections split the experts alike."""
+    types = ["Q4_K", "Q6_K", "Q4_K", "Q6_K"]
+    experts = [MLP(_packed(256, 256, t, i), _packed(256, 256, "Q8_0", 10 + i), _packed(256, 256, t, 20 + i))
+               for i, t in enumerate(types)]
+    moe = MoE(_dense(4, 256), experts, 2)
+    fused = FusedMoE.from_module(moe)
+    assert fused is not None and fused.w13 is not None and len(fused.w13.parts) == 2
+    assert [p.members for p in fused.w13.parts] == [(0, 2), (1, 3)] and len(fused.w2.parts) == 1
+    x = torch.randn(m, 256)
+    with torch.inference_mode():
+        want, got = moe(x), fused(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("m", [1, 6])
+def test_expert_parallel_rank_of_mixed_experts(m):
+    """Expert parallelism over a mixed layer: each rank's parts index the global ids it holds; the two ranks'
+    outputs sum to the whole layer."""
+    whole = MoE(_dense(4, 256), _mixed_experts(False), 2)
+    ranks = [MoE(whole.gate, [whole.experts[e] for e in ids], 2, expert_ids=ids) for ids in ([0, 2], [1, 3])]
+    fused = [FusedMoE.from_module(r) for r in ranks]
+    assert [[p.members for p in f.w2.parts] for f in fused] == [[(0, 2)], [(1,), (3,)]]
+    x = torch.randn(m, 256)
+    with torch.inference_mode():
+        got = [f(x) for f in fused]
+        for g, r in zip(got, ranks, strict=True):
+            assert (g - r(x)).abs().max() <= 1e-5 * r(x).abs().max()
+        full = whole(x)
+    assert (got[0] + got[1] - full).abs().max() <= 1e-5 * full.abs().max()

@@ -159,7 +159,7 @@ class CudaDecoder(nn.Module):
         self.lm = lm
         self.model = lm.model  # generation reads model.model.device
         if use_graphs is None:
-            # an unfused MoE (some experts low-rank, some full) syncs with the host: it runs eagerly
+            # an unfused MoE (a weight kind the fused one lacks) syncs with the host: it runs eagerly
             unfused = any(hasattr(layer.ffn, "experts") for layer in lm.model.layers)
             use_graphs = lm.model.device.type == "cuda" and not unfused
         self.use_graphs = use_graphs

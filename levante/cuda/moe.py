@@ -6,7 +6,8 @@ and up projections together, then the down projection times the routing weights)
 shapes, with no host sync and no Python loop over experts, so a decode step can be captured in a CUDA graph; the
 grid skips the experts no token chose, so batch-1 decode reads only its top-k experts. Experts are float weights
 or packed quantized ones (levante.cuda.packed), all of one format per stack; low-rank experts run their two
-factors as two grouped GEMMs each.
+factors as two grouped GEMMs each. A projection whose experts are of several kinds (`levante compress` keeps some
+matrices full) runs one part per kind, each writing the rows of its own experts' pairs.
 """
 
 from __future__ import annotations
@@ -134,47 +135,128 @@ class ExpertStack(nn.Module):
         return out
 
 
-class Projection(nn.Module):
-    """One projection (w1, w2 or w3) of every expert: one stack, or, for low-rank experts (W = B A), a stack of
-    the A factors then one of the B factors (never multiplied out). Float factors of different ranks are
-    zero-padded to the largest rank of the layer (exact: the padding adds zeros); quantized factors stack when
-    their shapes agree."""
+def _kind(w: QuantWeight) -> tuple | None:
+    """What one projection's experts must share to be stacked together (None: no fused form): float weights of
+    one dtype and shape, packed weights of one format and shape, low-rank factors (float ones of any rank: they
+    are padded to the largest; quantized ones of one kind each)."""
+    if isinstance(w, DenseWeight):
+        return ("float", w.weight.dtype, w.shape)
+    if isinstance(w, PackedWeight):
+        return ("packed", w.qtype, w.shape)
+    if isinstance(w, LowRankWeight):
+        a, b = w.a, w.b
+        if isinstance(a, Tensor) and isinstance(b, Tensor):
+            return ("low-rank", a.dtype, w.shape) if a.dtype == b.dtype else None
+        ka, kb = (_kind(f) if isinstance(f, DenseWeight | PackedWeight) else None for f in (a, b))
+        return ("low-rank", ka, kb) if ka is not None and kb is not None else None
+    return None
 
-    def __init__(self, weights: list[QuantWeight]) -> None:
+
+def _float_dtypes(kinds: list[tuple]) -> set[torch.dtype]:
+    out: set[torch.dtype] = set()
+    for k in kinds:
+        if k[0] == "low-rank":
+            out |= {k[1]} if isinstance(k[1], torch.dtype) else _float_dtypes([k[1], k[2]])
+        elif k[0] == "float":
+            out.add(k[1])
+    return out
+
+
+class Part(nn.Module):
+    """The experts of one projection that share a kind (`_kind`): one stack, or, for low-rank experts (W = B A),
+    a stack of the A factors then one of the B factors (never multiplied out). Float factors of different ranks
+    are zero-padded to the part's largest rank (exact: the padding adds zeros).
+
+    `members`: the global ids of its experts, in stack order; `local_of` [n_global]: global id -> index in the
+    stack, -1 for an expert not here (None when the part holds every expert in order)."""
+
+    def __init__(self, weights: list[QuantWeight], members: list[int], n_global: int) -> None:
         super().__init__()
         self.out_features = weights[0].out_features
-        if all(isinstance(w, LowRankWeight) for w in weights):
+        if isinstance(weights[0], LowRankWeight):
             a, b = [w.a for w in weights], [w.b for w in weights]
-            if all(isinstance(f, Tensor) for f in a + b):
+            if isinstance(a[0], Tensor):
                 r = max(f.shape[0] for f in a)
                 a = [DenseWeight(F.pad(f, (0, 0, 0, r - f.shape[0]))) for f in a]
                 b = [DenseWeight(F.pad(f, (0, r - f.shape[1]))) for f in b]
             self.stacks = nn.ModuleList([ExpertStack(a), ExpertStack(b)])
         else:
             self.stacks = nn.ModuleList([ExpertStack(weights)])
+        self.members = tuple(members)
+        self.packed = any(st.weight is None for st in self.stacks)
+        local_of = None
+        if self.members != tuple(range(n_global)):
+            dev = next(iter(self.stacks[0].buffers())).device
+            local_of = torch.full((n_global,), -1, dtype=torch.long, device=dev)
+            local_of[torch.tensor(members, device=dev)] = torch.arange(len(members), device=dev)
+        self.register_buffer("local_of", local_of, persistent=False)
 
-    @staticmethod
-    def fusable(weights: list[QuantWeight]) -> bool:
-        if all(isinstance(w, LowRankWeight) for w in weights):
-            a, b = [w.a for w in weights], [w.b for w in weights]
-            if all(isinstance(f, Tensor) for f in a + b):
-                return len({f.dtype for f in a + b}) == 1
-            return ExpertStack.stackable(a) and ExpertStack.stackable(b)
-        return ExpertStack.stackable(weights)
+    def concat(self, other: Part) -> Part | None:
+        """This part and `other` (the same experts' up projections) as one GEMM, when both are one stack of one
+        format; else None."""
+        if len(self.stacks) != 1 or len(other.stacks) != 1 or self.members != other.members:
+            return None
+        a, b = self.stacks[0], other.stacks[0]
+        if a.qtype != b.qtype or (a.weight is None) != (b.weight is None):
+            return None
+        out = Part.__new__(Part)
+        nn.Module.__init__(out)
+        out.out_features = self.out_features + other.out_features
+        out.stacks = nn.ModuleList([a.concat(b)])
+        out.members, out.packed = self.members, self.packed
+        out.register_buffer("local_of", self.local_of, persistent=False)
+        return out
 
-    @property
-    def single(self) -> ExpertStack | None:
-        return self.stacks[0] if len(self.stacks) == 1 else None
-
-    def run(self, x: Tensor, routing: Routing, a_div: int, topk_weights: Tensor | None = None) -> Tensor:
-        """[pairs, out_features]: row p = x[p // a_div] through this projection of pair p's expert (times its
-        routing weight when given)."""
+    def run(self, x: Tensor, y: Tensor, routing: Routing, a_div: int, topk_weights: Tensor | None) -> None:
+        """y[p] = x[p // a_div] through this projection of pair p's expert (times its routing weight when given),
+        for the pairs of this part's experts; the other rows of y are not written."""
         for i, stack in enumerate(self.stacks):
-            y = torch.empty(routing.n_pairs, stack.out_features, dtype=x.dtype, device=x.device)
             last = i == len(self.stacks) - 1
-            moe_matmul(x, y, stack, routing, a_div if i == 0 else 1, topk_weights if last else None)
-            x = y
-        return x
+            out = y if last else torch.empty(routing.n_pairs, stack.out_features, dtype=x.dtype, device=x.device)
+            moe_matmul(x, out, stack, routing, a_div if i == 0 else 1, topk_weights if last else None)
+            x = out
+
+
+class Projection(nn.Module):
+    """One projection (w1, w2 or w3) of every expert, as parts of one kind each (usually one part; a layer of
+    `levante compress` keeps some experts full and factors others: two parts). Each pair's row is written by the
+    part of its expert."""
+
+    def __init__(self, parts: list[Part]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.out_features = parts[0].out_features
+
+    @classmethod
+    def build(cls, weights: list[QuantWeight], expert_ids: list[int], n_global: int) -> Projection | None:
+        """The experts' `weights` (global ids `expert_ids`) grouped by kind, or None where some have no fused form
+        or their float dtypes differ (each would round at its own precision)."""
+        kinds = [_kind(w) for w in weights]
+        if None in kinds or len(_float_dtypes(kinds)) > 1:
+            return None
+        groups: dict[tuple, list[int]] = {}
+        for i, k in enumerate(kinds):
+            groups.setdefault(k, []).append(i)
+        return cls([Part([weights[i] for i in idx], [expert_ids[i] for i in idx], n_global)
+                    for idx in groups.values()])
+
+    def concat(self, other: Projection) -> Projection | None:
+        """[self; other] along the output features, part by part, when every part allows it (`Part.concat`)."""
+        if len(self.parts) != len(other.parts):
+            return None
+        parts = [a.concat(b) for a, b in zip(self.parts, other.parts, strict=True)]
+        return None if None in parts else Projection(parts)
+
+    def run(self, x: Tensor, routing_of, a_div: int, topk_weights: Tensor | None = None) -> Tensor:
+        """[pairs, out_features]: row p = x[p // a_div] through this projection of pair p's expert (times its
+        routing weight when given); `routing_of(part)`: the pairs' routing for that part's experts."""
+        y = None
+        for part in self.parts:
+            routing = routing_of(part)
+            if y is None:
+                y = torch.empty(routing.n_pairs, self.out_features, dtype=x.dtype, device=x.device)
+            part.run(x, y, routing, a_div, topk_weights)
+        return y
 
 
 class FusedMoE(nn.Module):
@@ -183,38 +265,36 @@ class FusedMoE(nn.Module):
     `expert_ids`: the experts held here when they are spread over ranks (expert parallelism): the router sees all
     of them, pairs of the others are not run and add zero (the ranks' outputs are summed by an all-reduce)."""
 
-    def __init__(self, gate: QuantWeight, w1: list[QuantWeight], w2: list[QuantWeight], w3: list[QuantWeight],
-                 top_k: int, expert_ids: list[int] | None = None) -> None:
+    def __init__(self, gate: QuantWeight, w1: Projection, w2: Projection, w3: Projection, top_k: int,
+                 expert_ids: list[int] | None = None) -> None:
         super().__init__()
         self.gate = gate
         self.top_k = top_k
-        self.n_experts = len(w1)
-        local_of = None  # global expert id -> index here, -1 for another rank's
-        if expert_ids is not None and len(expert_ids) < gate.out_features:
-            dev = next(iter(gate.buffers())).device
-            local_of = torch.full((gate.out_features,), -1, dtype=torch.long, device=dev)
-            local_of[torch.tensor(expert_ids, device=dev)] = torch.arange(len(w1), device=dev)
-        self.register_buffer("local_of", local_of, persistent=False)
-        self.ffn = w1[0].out_features
-        first, up = Projection(w1), Projection(w3)
-        a, b = first.single, up.single
-        # gate and up in one GEMM when both are single stacks of one format
-        self.w13 = a.concat(b) if a is not None and b is not None and a.qtype == b.qtype else None
-        self.w1, self.w3 = (None, None) if self.w13 is not None else (first, up)
-        self.w2 = Projection(w2)
-        self.packed = any(m.weight is None for m in self.modules() if isinstance(m, ExpertStack))
+        self.n_experts = gate.out_features if expert_ids is None else len(expert_ids)
+        held = None  # global expert id -> True where held here (expert parallelism)
+        if self.n_experts < gate.out_features:
+            held = torch.zeros(gate.out_features, dtype=torch.bool, device=next(iter(gate.buffers())).device)
+            held[torch.tensor(expert_ids, device=held.device)] = True
+        self.register_buffer("held", held, persistent=False)
+        self.ffn = w1.out_features
+        self.w13 = w1.concat(w3)  # gate and up in one GEMM where their parts allow it
+        self.w1, self.w3 = (None, None) if self.w13 is not None else (w1, w3)
+        self.w2 = w2
 
     @classmethod
     def from_module(cls, moe: nn.Module) -> FusedMoE | None:
         """The fused form of a levante.model.MoE (all its experts, or an expert-parallel rank's), or None where it
-        does not apply (experts of mixed kinds, such as some low-rank and some full)."""
+        does not apply (an expert weight with no fused form, or float experts of different dtypes)."""
         experts = list(moe.experts)
         if not experts:
             return None
-        ws = {n: [getattr(e, n) for e in experts] for n in ("w1", "w2", "w3")}
-        if not all(Projection.fusable(v) for v in ws.values()):
+        n_global = moe.gate.out_features
+        ids = getattr(moe, "expert_ids", None)
+        ids = list(range(len(experts))) if ids is None else list(ids)
+        proj = {n: Projection.build([getattr(e, n) for e in experts], ids, n_global) for n in ("w1", "w2", "w3")}
+        if None in proj.values():
             return None
-        return cls(moe.gate, ws["w1"], ws["w2"], ws["w3"], moe.top_k, getattr(moe, "expert_ids", None))
+        return cls(moe.gate, proj["w1"], proj["w2"], proj["w3"], moe.top_k, None if len(ids) == n_global else ids)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.parts(x).sum(-2)
@@ -224,24 +304,28 @@ class FusedMoE(nn.Module):
         GPU decoder adds them in its next add + norm kernel)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1]).contiguous()
-        M = x.shape[0]
         if isinstance(self.gate, DenseWeight) and self.gate.weight.dtype in (torch.float32, x.dtype):
             weights, chosen = router(x, self.gate.weight, self.top_k)  # the gate's matmul in the same kernel
         else:
             weights, chosen = topk_softmax(self.gate(x), self.top_k, x.dtype)
-        if self.local_of is not None:
-            chosen = self.local_of[chosen]
-        routing = route(chosen, self.n_experts, packed=self.packed)
+        routings: dict[tuple, Routing] = {}
+
+        def routing_of(part: Part) -> Routing:
+            key = (part.members, part.packed)
+            if key not in routings:
+                ids = chosen if part.local_of is None else part.local_of[chosen]
+                routings[key] = route(ids, len(part.members), part.packed)
+            return routings[key]
+
         if self.w13 is not None:
-            h = torch.empty(M * self.top_k, 2 * self.ffn, dtype=x.dtype, device=x.device)
-            moe_matmul(x, h, self.w13, routing, self.top_k)
+            h = self.w13.run(x, routing_of, self.top_k)
             gate, up = h[:, : self.ffn], h[:, self.ffn :]
         else:
-            gate, up = self.w1.run(x, routing, self.top_k), self.w3.run(x, routing, self.top_k)
+            gate, up = self.w1.run(x, routing_of, self.top_k), self.w3.run(x, routing_of, self.top_k)
         act = silu_mul(gate, up)
-        out = self.w2.run(act, routing, 1, weights.reshape(-1))
-        if self.local_of is not None:  # other ranks' pairs: rows never written
-            out = out.masked_fill(chosen.reshape(-1, 1) < 0, 0)
+        out = self.w2.run(act, routing_of, 1, weights.reshape(-1))
+        if self.held is not None:  # other ranks' pairs: rows never written
+            out = out.masked_fill(~self.held[chosen].reshape(-1, 1), 0)
         return out.view(*shape[:-1], self.top_k, shape[-1])
 
 

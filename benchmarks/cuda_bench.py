@@ -11,7 +11,8 @@ weights in transformers (eager) are the peer. Quantized variants keep the model'
 scales in each format's packed layout (quantizing 1.5 B parameters with levante's numpy quantizer would take most
 of the GPU time; the kernels' speed does not depend on the values, their exactness is checked at these shapes
 against the dequantized weights): Q4_K_M (attention q/k/o and expert gate/up Q4_K, v and down Q6_K, head Q6_K),
-Q8_0, AWQ 4-bit g128 (head bf16), int8 rows (load_in_8bit).
+Q8_0, AWQ 4-bit g128 (head bf16), int8 rows (load_in_8bit); and a low-rank model (`levante compress`'s form:
+experts as random bf16 factors with half their parameters, one expert per layer kept full).
 
 Measured, each with the prompt of 512 tokens and 128 greedy new tokens through `LLM(...)(ids, max_tokens=128)`:
 the first generation of a fresh LLM (whose construction captured the batch-1 graph, as vLLM does at start-up;
@@ -108,6 +109,24 @@ def quantize_randomly(net: torch.nn.Module, scheme: dict[str, str], dev: torch.d
         for name, child in list(parent.named_children()):
             if isinstance(child, DenseWeight) and name in scheme:
                 setattr(parent, name, random_packed(child.out_features, child.in_features, scheme[name], dev))
+
+
+def factor_randomly(net: torch.nn.Module, keep: float, dev: torch.device) -> None:
+    """Every expert matrix W [out, in] becomes random bf16 factors B [out, r] A [r, in] with `keep` of W's
+    parameters (r a multiple of 16), as `levante compress` writes them, except one full expert per layer (compress
+    keeps a matrix whole where factors would not save): a layer of two kinds, the mixed fused path."""
+    from levante.quant.lowrank import LowRankWeight
+
+    for li, layer in enumerate(net.model.layers):
+        for ei, expert in enumerate(layer.ffn.experts):
+            for name in ("w1", "w2", "w3"):
+                w = getattr(expert, name)
+                if ei == li % len(layer.ffn.experts):
+                    continue
+                n, k = w.out_features, w.in_features
+                r = int(keep * n * k / (n + k)) // 16 * 16
+                a = torch.randn(r, k, device=dev, dtype=torch.bfloat16) * 0.02
+                setattr(expert, name, LowRankWeight(a, torch.randn(n, r, device=dev, dtype=torch.bfloat16) * 0.02))
 
 
 def active_bytes(net: torch.nn.Module) -> int:
@@ -271,7 +290,6 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
     d, f, n_exp = spec["hidden_size"], spec["intermediate_size"], spec["num_local_experts"]
     reps = 20 if dev.type == "cuda" else 1
     gemvs = [GEMV, Launch(1, 32, 128, 4, 3), Launch(1, 16, 512, 4, 4), Launch(1, 64, 128, 8, 3)]
-    tiled = [dot_launch(1), Launch(16, 64, 128, 4, 3)]
     lines += ["", "Batch-1 kernels (one token; experts: its 2 pairs), fraction of the copy rate:", "",
               "| weight | [N, K] | kernel (bm, bn, bk, warps, stages) | us | read GB/s | / copy rate |",
               "|---|---|---|---|---|---|"]
@@ -288,6 +306,9 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
     ids = torch.tensor([[3, 5]], device=dev)
     for fmt in ("bf16", "Q4_K", "Q6_K", "Q8_0", "AWQ4"):
         full = fmt in ("bf16", "Q4_K")  # every configuration for these two; the defaults for the others
+        # the default tile, then another: for packed weights vLLM's float one, which spills registers on sm_90
+        tiled = [dot_launch(1, dense=fmt == "bf16"),
+                 Launch(16, 64, 128, 4, 3) if fmt == "bf16" else Launch(16, 128, 128, 4, 5)]
         for n, k in ((2 * f, d), (d, f)):
             if fmt == "bf16":
                 stack = ExpertStack([DenseWeight(torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02)
@@ -407,11 +428,21 @@ def main() -> None:
         r.pop("llm")
         return r
 
+    def low_rank_variant() -> dict:
+        loaded = load(work / "m", dtype="bfloat16")
+        factor_randomly(loaded.model, 0.5, dev)
+        loaded.model.to(dev)
+        fuse_moe(loaded.model)
+        r = run_variant("low-rank", loaded, ids, n_new, rate, lines, args.smoke)
+        r.pop("llm")
+        return r
+
     res = {"bf16": attempt("bf16", bf16_variant)}
     for scheme, roles in SCHEMES.items():
         res[scheme] = attempt(scheme, lambda scheme=scheme, roles=roles: quantized_variant(scheme, roles))
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    res["low-rank"] = attempt("low-rank", low_rank_variant)
 
     def transformers_peer() -> tuple[float, float]:  # eager, warm, the same bf16 weights: prefill and decode
         x = torch.tensor([ids], device=dev)
@@ -465,6 +496,11 @@ def main() -> None:
     for scheme, goal in (("Q4_K_M", 2.5), ("Q8_0", 1.6), ("AWQ", 2.5), ("INT8", 1.6)):
         lines.append(row(f"{scheme} decode vs bf16 (first generation)", get(res[scheme], "first"), get(bf, "first"),
                          f">= {goal}x"))
+    lr, goal = res["low-rank"], None
+    if lr is not None and bf is not None:
+        goal = f"{bf['bytes'] / lr['bytes']:.2f}x (bytes)"
+    lines.append(row("low-rank (half the expert parameters, 1 of 8 experts full) decode vs bf16", get(lr, "first"),
+                     get(bf, "first"), goal or "bytes ratio"))
     lines += [row(f"prefill {n_prompt} vs transformers", get(bf, "prefill"), peer and peer[0], ">= 1x"),
               row(f"engine, {wide} concurrent clients vs 1", engine and engine[1], engine and engine[0], ">= 10x")]
     save()

@@ -36,9 +36,16 @@ class Launch:
 
 
 def dot_launch(m: int, dense: bool = True) -> Launch:
-    """The tiled kernels' configuration for m rows (tokens): vLLM's fused_moe tuning for Mixtral's experts on the
-    H200 (E=8, N=14336: 16-row tiles and deep pipelines for decode, 128-row tiles for prefill); packed weights keep
-    BN at 128, as their tiles are dequantized in registers."""
+    """The tiled kernels' configuration for m rows (tokens). Float weights: vLLM's fused_moe tuning for Mixtral's
+    experts on the H200 (E=8, N=14336: 16-row tiles and deep pipelines for decode, 128-row tiles for prefill).
+    Packed weights are dequantized in registers, a [BN, BK] tile at a time: vLLM's 128 x 128 tiles spill there
+    (compiled for sm_90 by tests/test_cuda_compile.py: up to 24 KB of spills per thread), so they keep it at
+    2048-4096 values over 8 warps and 3 stages, which no format spills with 16-bit activations (float32 ones, an
+    explicit dtype="float32" on a GPU, still do at 128 rows: slower, not wrong)."""
+    if not dense:
+        if m <= 32:
+            return Launch(16 if m <= 16 else 32, 64, 32, 8, 3)
+        return Launch(64, 64, 64, 8, 3) if m <= 128 else Launch(128, 128, 32, 8, 3)
     if m <= 16:
         return Launch(16, 128, 128, 4, 5)
     if m <= 32:
@@ -47,7 +54,7 @@ def dot_launch(m: int, dense: bool = True) -> Launch:
         return Launch(32, 128, 128, 4, 3)
     if m <= 128:
         return Launch(64, 128, 128, 8, 4)
-    return Launch(128, 256 if dense else 128, 64, 8, 4)
+    return Launch(128, 256, 64, 8, 4)
 
 
 _STAGES: dict[tuple, int] = {}  # (kernel, launch, constexprs) -> the pipeline stages that compiled
@@ -174,10 +181,12 @@ def dot_acc(acc, x, w, IEEE: tl.constexpr):
     return acc
 
 
-def use_ieee(dtype: torch.dtype) -> bool:
-    """float32 inputs multiply as float32; so do bfloat16 ones under the interpreter, whose tl.dot misreads
-    bfloat16 (the values are the same: bf16 -> f32 is exact)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+def use_ieee(dtype: torch.dtype, interpreted: bool | None = None) -> bool:
+    """float32 inputs multiply as float32; so do bfloat16 ones under the interpreter (`interpreted`, default: as
+    TRITON_INTERPRET says), whose tl.dot misreads bfloat16 (the values are the same: bf16 -> f32 is exact)."""
+    if interpreted is None:
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreted)
 
 
 @triton.jit

@@ -1,0 +1,119 @@
+"""Every Triton kernel levante launches compiles for the H200 (sm_90), with the constexprs and launch options a GPU
+run uses, and fits it: shared memory within a block's limit, no register spills. No GPU needed (tests/triton_aot.py:
+launches recorded under the interpreter, compiled in a subprocess).
+
+Workloads: the decoder on a one-layer bf16 Mixtral with Mixtral-8x7B's hidden size and heads (the sizes the fused
+kernels' blocks follow), through prefill chunks of every tile tier and batch-1 / batch-3 decode steps; then every
+packed format's matmul and grouped-expert kernels at each tier (one row: the GEMV)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton_aot import H200, compile_records, recording
+
+from levante.cuda.triton_matmul import Launch
+
+TIERS = (1, 5, 20, 60, 140)  # rows: the GEMV, then each of dot_launch's configurations for packed weights
+
+
+def _decoder_launches(tmp_path) -> list[dict]:
+    from fixtures import hf_model, save_hf
+
+    from levante.cuda import CudaDecoder, fuse_moe
+    from levante.loader import load
+
+    hf = hf_model("mixtral_8x2", vocab_size=256, hidden_size=4096, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                  max_position_embeddings=1024)
+    net = load(save_hf(hf, tmp_path / "m"), dtype="bfloat16").model
+    fuse_moe(net)
+    dec = CudaDecoder(net)
+    with recording() as records, torch.inference_mode():
+        cache = dec.new_cache(1, 1024)
+        start = 0
+        for n in (12, 20, 60, 100, 140, 1):  # attention's two query tiles, MoE's five tile tiers, then decode
+            ids = torch.randint(3, 256, (1, n))
+            dec(ids, torch.arange(start, start + n)[None], cache)
+            start += n
+        batch = dec.new_cache(3, 64)
+        dec(torch.randint(3, 256, (3, 4)), torch.arange(4).expand(3, 4), batch)
+        dec(torch.randint(3, 256, (3, 1)), torch.full((3, 1), 4), batch)
+    return records
+
+
+def _packed_launches() -> list[dict]:
+    from test_cuda_moe import _packed
+
+    from levante.cuda import PackedWeight
+    from levante.cuda.moe import ExpertStack, route
+    from levante.cuda.packed import LAYOUTS
+    from levante.cuda.triton_moe import moe_matmul
+
+    def weight(qtype: str, seed: int) -> PackedWeight:
+        g = torch.Generator().manual_seed(seed)
+        if qtype == "AWQ4":
+            return PackedWeight.from_awq(torch.randint(0, 16, (32, 256), generator=g, dtype=torch.uint8),
+                                         torch.randint(0, 16, (32, 2), generator=g, dtype=torch.uint8),
+                                         torch.rand(32, 2, generator=g).half() * 1e-2, 128)
+        if qtype == "INT8":
+            return PackedWeight.from_int8(torch.randint(-127, 128, (32, 256), generator=g, dtype=torch.int8),
+                                          torch.rand(32, generator=g) * 1e-2)
+        return _packed(32, 256, qtype, seed)
+
+    cases = [(q, m, torch.bfloat16) for q in (*LAYOUTS, "AWQ4", "INT8") for m in TIERS]
+    cases += [("Q4_K", m, dt) for m in (1, 140) for dt in (torch.float16, torch.float32)]
+    with recording() as records:
+        for qtype, m, dt in cases:
+            w = weight(qtype, 0)
+            w.matmul(torch.randn(m, 256).to(dt))
+            stack = ExpertStack([weight(qtype, s) for s in range(4)])
+            ids = torch.stack([torch.randperm(4)[:2] for _ in range(m)])
+            routing = route(ids, 4, packed=True)
+            x = torch.randn(m, 256).to(dt)
+            h = torch.empty(2 * m, 32, dtype=dt)
+            moe_matmul(x, h, stack, routing, 2)  # gate / up: each token's row twice
+            down = ExpertStack([weight(qtype, 9 + s) for s in range(4)])  # times the routing weights
+            moe_matmul(torch.randn(2 * m, 256).to(dt), h, down, routing, 1, torch.rand(2 * m))
+    return records
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("aot")
+    records = _decoder_launches(tmp) + _packed_launches()
+    return compile_records(records, tmp)
+
+
+def _name(r: dict) -> str:
+    kw = r["kwargs"]
+    tile = Launch(kw.get("BM", 1), kw.get("BN", 0), kw.get("BK", 0), kw.get("num_warps", 4), kw.get("num_stages", 3))
+    dtype = next(a["dtype"] for a in r["args"] if isinstance(a, dict))
+    fmt = f" bits {kw['BITS']} g {kw['G']}" if "BITS" in kw else ""
+    return f"{r['kernel']} {dtype}{fmt} {tile}"
+
+
+def test_every_kernel_compiles_for_the_h200(report):
+    kernels = {r["kernel"] for r in report}
+    assert {"_packed_gemv_kernel", "_packed_matmul_kernel", "_moe_gemv_kernel", "_moe_kernel", "_attention_kernel",
+            "_decode_split_kernel", "_decode_merge_kernel", "_add_rms_norm_kernel", "_rope_cache_kernel",
+            "_silu_mul_kernel", "_router_kernel"} <= kernels
+    failed = [f"{_name(r)}: {r['error'][:300]}" for r in report if "error" in r]
+    assert not failed, "\n".join(failed)
+
+
+def test_launches_fit_the_h200(report):
+    """With 16-bit activations (the GPU's dtypes) every launch runs with its own pipeline stages and spills no
+    registers. float32 ones (an explicit dtype="float32") may need fewer stages (levante.cuda.triton_matmul.run
+    retries) and may spill, but some number of stages must fit."""
+    rows = [r for r in report if "error" not in r]
+    too_big = [_name(r) for r in rows if r["shared"] > H200["max_shared"]]
+    assert not too_big, too_big
+    for r in rows:
+        print(f"{_name(r)}: stages {r['stages']}, shared {r['shared']}, regs {r['regs']}, spill {r['spill']}")
+    low = [r for r in rows if next(a for a in r["args"] if isinstance(a, dict))["dtype"] in ("bfloat16", "float16")]
+    assert len(low) > 100
+    fell_back = [_name(r) for r in low if r["stages"] != r["kwargs"].get("num_stages", 3)]
+    assert not fell_back, fell_back
+    spills = [f"{_name(r)}: {r['spill']} bytes" for r in low if r["spill"]]
+    assert not spills, "\n".join(spills)

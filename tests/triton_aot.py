@@ -1,0 +1,166 @@
+"""Compile the Triton kernels levante launches for a real GPU target (the H200's sm_90), without a GPU.
+
+The tests run every kernel under TRITON_INTERPRET=1, which checks its arithmetic but not that it compiles for a GPU,
+nor what it costs there (shared memory per block, registers, spills). `recording()` notes each launch made under
+the interpreter (the kernel, its arguments' types and alignment, the constexprs and launch options as a GPU run
+would have them); `compile_records` compiles each distinct one in a subprocess without the interpreter (where
+`@triton.jit` gives real JIT functions) by the same steps as `JITFunction.run` (specialization, then
+`triton.compile` for the target), and reads the registers and spills from the ptxas Triton ships (-v).
+
+    python tests/triton_aot.py RECORDS.json REPORT.json     # the subprocess: compile the records
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+H200 = dict(arch=90, warp_size=32, max_shared=232448, max_regs=255)  # bytes of shared memory a block may opt into
+
+
+def _spec(v):
+    if isinstance(v, torch.Tensor):
+        return {"dtype": str(v.dtype).removeprefix("torch."), "aligned": v.data_ptr() % 16 == 0}
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    raise TypeError(f"cannot record a {type(v).__name__} argument")
+
+
+@contextmanager
+def recording() -> Iterator[list[dict]]:
+    """Every Triton launch inside the block, as a JSON-able record (kernel, args, kwargs: num_warps, num_stages and
+    the constexprs). IEEE, the choice the interpreter makes differently (levante.cuda.triton_matmul.use_ieee), is
+    recorded as a GPU makes it for the kernel's activations (its first tensor argument)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from levante.cuda.triton_matmul import use_ieee
+
+    records: list[dict] = []
+    original = InterpretedFunction.run
+
+    def spy(self, *args, grid, warmup, **kwargs):
+        rec_kwargs = {k: _spec(v) for k, v in kwargs.items()}
+        if "IEEE" in kwargs:
+            first = next(a for a in args if isinstance(a, torch.Tensor))
+            rec_kwargs["IEEE"] = use_ieee(first.dtype, interpreted=False)
+        records.append({"module": self.fn.__module__, "kernel": self.fn.__name__,
+                        "args": [_spec(a) for a in args], "kwargs": rec_kwargs})
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = spy
+    try:
+        yield records
+    finally:
+        InterpretedFunction.run = original
+
+
+def distinct(records: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for r in records:
+        key = json.dumps(r, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def compile_records(records: list[dict], workdir: Path) -> list[dict]:
+    """Each distinct record compiled for the H200 (in a subprocess without the interpreter): the record plus
+    `stages` (the most pipeline stages, from the launch's own down to one, whose shared memory fits: what
+    levante.cuda.triton_matmul.run falls back to), `shared`, `regs`, `spill` (bytes of stack per thread, 0 when
+    nothing spills), or `error` (the compiler's message)."""
+    src, dst = workdir / "records.json", workdir / "report.json"
+    src.write_text(json.dumps(distinct(records)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, __file__, str(src), str(dst)], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    if done.returncode:
+        raise RuntimeError(f"the compile subprocess failed:\n{done.stderr[-4000:]}")
+    return json.loads(dst.read_text())
+
+
+def _arg(spec):
+    if isinstance(spec, dict):
+        t = torch.empty(64, dtype=getattr(torch, spec["dtype"]))
+        return t if spec["aligned"] else t[1:]  # one element in: not 16-byte aligned, as the recorded pointer
+    return spec
+
+
+def _resources(ptx: str, name: str, workdir: Path) -> dict:
+    """Registers and spilled bytes per thread, from the ptxas Triton itself runs for the target (-v)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    path = workdir / f"{name}.ptx"
+    path.write_text(ptx)
+    done = subprocess.run([get_ptxas(H200["arch"]).path, f"-arch=sm_{H200['arch']}a", "-v", str(path), "-o",
+                           os.devnull], capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", done.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", done.stderr)
+    if done.returncode or regs is None or spill is None:
+        raise RuntimeError(f"ptxas -v on {name}: {done.stderr[-500:]}")
+    return {"regs": int(regs.group(1)), "spill": int(spill.group(1))}
+
+
+def _compile_one(rec: dict, workdir: Path) -> dict:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", H200["arch"], H200["warp_size"])
+    backend = make_backend(target)
+    kernel = getattr(importlib.import_module(rec["module"]), rec["kernel"])
+    args = [_arg(a) for a in rec["args"]]
+    kwargs = {k: _arg(v) for k, v in rec["kwargs"].items()}
+    out = dict(rec)
+    stages = kwargs.get("num_stages", 3)
+    while True:
+        kw = dict(kwargs, num_stages=stages, debug=False)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, options = binder(*args, **kw)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization, options)
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+        shared = compiled.metadata.shared
+        if shared <= H200["max_shared"] or stages == 1:
+            break
+        stages -= 1
+    out.update(stages=stages, shared=shared, **_resources(compiled.asm["ptx"], rec["kernel"], workdir))
+    return out
+
+
+def _compile_or_error(job: tuple[int, dict, Path]) -> dict:
+    i, rec, workdir = job
+    try:
+        return _compile_one(rec, workdir / str(i))
+    except Exception as e:  # noqa: BLE001 - the report names the kernel and the compiler's message
+        return dict(rec, error=f"{type(e).__name__}: {str(e)[:2000]}")
+
+
+def main(src: str, dst: str) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    workdir = Path(dst).parent
+    records = json.loads(Path(src).read_text())
+    for i in range(len(records)):
+        (workdir / str(i)).mkdir(exist_ok=True)
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        report = list(pool.map(_compile_or_error, [(i, r, workdir) for i, r in enumerate(records)]))
+    Path(dst).write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

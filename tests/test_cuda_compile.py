@@ -2,9 +2,9 @@
 run uses, and fits it: shared memory within a block's limit, no register spills. No GPU needed (tests/triton_aot.py:
 launches recorded under the interpreter, compiled in a subprocess).
 
-Workloads: the decoder on a one-layer bf16 Mixtral with Mixtral-8x7B's hidden size and heads (the sizes the fused
-kernels' blocks follow), through prefill chunks of every tile tier and batch-1 / batch-3 decode steps; then every
-packed format's matmul and grouped-expert kernels at each tier (one row: the GEMV)."""
+Workloads: the decoder on one-layer bf16 models with Mixtral-8x7B's and SmolLM2-135M's hidden sizes and heads (the
+sizes the fused kernels' blocks follow), through prefill chunks of every tile tier and batch-1 / batch-3 decode
+steps; then every packed format's matmul and grouped-expert kernels at each tier (one row: the GEMV)."""
 
 from __future__ import annotations
 
@@ -17,16 +17,21 @@ from levante.cuda.triton_matmul import Launch
 TIERS = (1, 5, 20, 60, 140)  # rows: the GEMV, then each of dot_launch's configurations for packed weights
 
 
-def _decoder_launches(tmp_path) -> list[dict]:
+SHAPES = {  # one layer each, at the sizes the fused kernels' blocks follow
+    "mixtral_8x2": dict(hidden_size=4096, intermediate_size=128, num_attention_heads=32, num_key_value_heads=8,
+                        num_local_experts=8, num_experts_per_tok=2),  # Mixtral-8x7B
+    "llama_tied": dict(hidden_size=576, intermediate_size=64, num_attention_heads=9, num_key_value_heads=3),  # SmolLM2
+}
+
+
+def _decoder_launches(tmp_path, kind: str) -> list[dict]:
     from fixtures import hf_model, save_hf
 
     from levante.cuda import CudaDecoder, fuse_moe
     from levante.loader import load
 
-    hf = hf_model("mixtral_8x2", vocab_size=256, hidden_size=4096, intermediate_size=128, num_hidden_layers=1,
-                  num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-                  max_position_embeddings=1024)
-    net = load(save_hf(hf, tmp_path / "m"), dtype="bfloat16").model
+    hf = hf_model(kind, vocab_size=256, num_hidden_layers=1, max_position_embeddings=1024, **SHAPES[kind])
+    net = load(save_hf(hf, tmp_path / kind), dtype="bfloat16").model
     fuse_moe(net)
     dec = CudaDecoder(net)
     with recording() as records, torch.inference_mode():
@@ -81,7 +86,7 @@ def _packed_launches() -> list[dict]:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("aot")
-    records = _decoder_launches(tmp) + _packed_launches()
+    records = [r for kind in SHAPES for r in _decoder_launches(tmp, kind)] + _packed_launches()
     return compile_records(records, tmp)
 
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .config import HEADS, ModelConfig, expected_shapes  # noqa: F401  (HEADS: re-exported)
 from .errors import ContextLengthError, WeightsError
+from .kv import RowCache
 from .quant.base import DenseWeight, QuantWeight, as_weight
 from .quant.kernels import GEMV_MAX_ROWS, decode_ext, ffn_raw, fused_matmul, ggml_raw
 from .rope import apply_rotary, inv_freq
@@ -64,7 +65,7 @@ class Rotary(nn.Module):
         return emb.cos().to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
-class KVCache:
+class KVCache(RowCache):
     """Preallocated key/value cache for a batch of sequences ("rows").
 
     Each row has its own length (steps written). A forward call works on a contiguous range of
@@ -139,15 +140,8 @@ class KVCache:
         self.lengths[dst] = self.lengths[src]
 
     def swap_rows(self, a: int, b: int) -> None:
-        """Exchange rows `a` and `b` (the engine keeps its active rows contiguous)."""
-        m = min(max(self.lengths[a], self.lengths[b]), self.capacity)
-        if m:
-            for t in self.k + self.v:
-                tmp = t[a, :, :m].clone()
-                t[a, :, :m] = t[b, :, :m]
-                t[b, :, :m] = tmp
+        super().swap_rows(a, b)
         self.pos[[a, b]] = self.pos[[b, a]]
-        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
 
     def select_rows(self, keep: Tensor) -> None:
         """Keep only rows `keep` (in that order)."""
@@ -156,8 +150,6 @@ class KVCache:
         self.pos = self.pos.index_select(0, keep)
         self.lengths = [self.lengths[i] for i in keep.tolist()]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 class _Plan:

@@ -13,7 +13,7 @@ ROOT = Path(levante.__file__).resolve().parent
 # lowest first; a module may import its own layer and the ones below. Prefixes cover subpackages.
 LAYERS: list[tuple[str, ...]] = [
     ("levante.errors",),
-    ("levante.config", "levante.rope", "levante.tokenizer", "levante.sampling", "levante.shard"),
+    ("levante.config", "levante.rope", "levante.kv", "levante.tokenizer", "levante.sampling", "levante.shard"),
     # structured output, tool calls, chat formats; weight formats and kernels
     ("levante.grammar", "levante.toolcalls", "levante.chat", "levante.quant", "levante.cuda"),
     ("levante.formats",),  # file readers

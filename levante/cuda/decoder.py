@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ContextLengthError, DeviceMemoryError
+from ..kv import RowCache
 from ..quant.base import DenseWeight, QuantWeight
 from .moe import FusedMoE
 from .packed import PackedWeight
@@ -58,7 +59,7 @@ def check_fits(what: str, nbytes: int, device: torch.device, free: int | None, h
 RING_CHUNK = 512  # a ring buffer's slots beyond the window: the most tokens one forward call writes at once
 
 
-class StaticCache:
+class StaticCache(RowCache):
     """Keys and values of `rows` sequences, preallocated; slot `capacity` is the padding tokens' dump.
 
     Slot = position, or, for a sliding-window model whose context is longer than its window plus RING_CHUNK
@@ -119,17 +120,6 @@ class StaticCache:
                              f"(at most {self.write_limit})")
         self.lengths[row] = min(n, n_steps)
 
-    def swap_rows(self, a: int, b: int) -> None:
-        m = min(max(self.lengths[a], self.lengths[b]), self.capacity)
-        if m:
-            for t in self.k + self.v:
-                tmp = t[a, :, :m].clone()
-                t[a, :, :m] = t[b, :, :m]
-                t[b, :, :m] = tmp
-        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 def fused_qkv(attn: nn.Module) -> QuantWeight | None:

@@ -227,3 +227,23 @@ def test_to_device_streams_from_the_mapped_file(tmp_path, monkeypatch):
         assert not any(isinstance(m, GGMLKernelWeight) for m in net.modules())  # every one packed
         got = net(ids)
     assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_move_shows_the_bytes_and_keeps_shared_weights_shared(tmp_path, capsys):
+    """to_device's copy to the device goes module by module with a progress bar of bytes (a large model's long
+    step: the mapped file is read there); every tensor lands on the device, a tied embedding stays one tensor."""
+    import copy
+
+    from levante.cuda import move
+    from levante.loader import load
+
+    net = load(save_hf(hf_model("llama_tied", vocab_size=320), tmp_path / "m")).model
+    size = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
+    want = copy.deepcopy(net).to("meta")
+    move(net, "meta", progress=True)
+    assert all(t.device.type == "meta" for t in (*net.parameters(), *net.buffers()))
+    assert len({id(t) for t in net.buffers()}) == len({id(t) for t in want.buffers()})
+    from tqdm import tqdm
+
+    shown = capsys.readouterr().err
+    assert "copying to meta" in shown and f"/{tqdm.format_sizeof(size)} " in shown  # the model's bytes in total

@@ -27,7 +27,7 @@ from .decoder import CudaDecoder, StaticCache, bucket_for
 from .moe import FusedMoE, fuse_moe
 from .packed import LAYOUTS, PackedWeight
 
-__all__ = ["CudaDecoder", "FusedMoE", "PackedWeight", "StaticCache", "bucket_for", "fuse_moe", "pack_weight",
+__all__ = ["CudaDecoder", "FusedMoE", "PackedWeight", "StaticCache", "bucket_for", "fuse_moe", "move", "pack_weight",
            "pack_weights", "planless_attention", "to_device"]
 
 
@@ -86,6 +86,25 @@ def pack_weights(net: nn.Module, device: torch.device | str | None = None, progr
     return len(done)
 
 
+def move(net: nn.Module, device: torch.device | str, progress: bool = False) -> None:
+    """net.to(device), one module's own tensors at a time, so that `progress` can show the bytes moved: a model
+    read from memory-mapped files is read from disk here, the long step of a large model's load."""
+    modules = list(net.modules())
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
+        bar = tqdm(total=total, desc=f"copying to {device}", unit="B", unit_scale=True, leave=False)
+    for m in modules:
+        own = sum(t.numel() * t.element_size() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+        m._apply(lambda t: t.to(device), recurse=False)
+        if bar is not None:
+            bar.update(own)
+    if bar is not None:
+        bar.close()
+
+
 def to_device(net: nn.Module, device: torch.device | str, progress: bool = False) -> nn.Module:
     """`net` on `device` (CUDA; any device in the tests): quantized weights packed for the Triton kernels, MoE
     layers fused. GGUF blocks are unpacked on the device, AWQ / int8 weights packed on the host and moved at once
@@ -94,7 +113,7 @@ def to_device(net: nn.Module, device: torch.device | str, progress: bool = False
     size = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
     try:
         pack_weights(net, device, progress)
-        net.to(device)
+        move(net, device, progress)
         fuse_moe(net)
     except torch.OutOfMemoryError as e:
         torch_says = str(e).splitlines()[0][:200]

@@ -2,9 +2,10 @@
 run uses, and fits it: shared memory within a block's limit, no register spills. No GPU needed (tests/triton_aot.py:
 launches recorded under the interpreter, compiled in a subprocess).
 
-Workloads: the decoder on one-layer bf16 models with Mixtral-8x7B's and SmolLM2-135M's hidden sizes and heads (the
-sizes the fused kernels' blocks follow), through prefill chunks of every tile tier and batch-1 / batch-3 decode
-steps; then every packed format's matmul and grouped-expert kernels at each tier (one row: the GEMV)."""
+Workloads: the decoder on one-layer models with Mixtral-8x7B's and SmolLM2-135M's hidden sizes and heads (the sizes
+the fused kernels' blocks follow), bf16 (and float16, an F16 checkpoint's dtype on a GPU), through prefill chunks of
+every tile tier and batch-1 / batch-3 decode steps; then every packed format's matmul and grouped-expert kernels at
+each tier (one row: the GEMV)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,14 @@ SHAPES = {  # one layer each, at the sizes the fused kernels' blocks follow
 }
 
 
-def _decoder_launches(tmp_path, kind: str) -> list[dict]:
+def _decoder_launches(tmp_path, kind: str, dtype: str) -> list[dict]:
     from fixtures import hf_model, save_hf
 
     from levante.cuda import CudaDecoder, fuse_moe
     from levante.loader import load
 
     hf = hf_model(kind, vocab_size=256, num_hidden_layers=1, max_position_embeddings=1024, **SHAPES[kind])
-    net = load(save_hf(hf, tmp_path / kind), dtype="bfloat16").model
+    net = load(save_hf(hf, tmp_path / f"{kind}-{dtype}"), dtype=dtype).model
     fuse_moe(net)
     dec = CudaDecoder(net)
     with recording() as records, torch.inference_mode():
@@ -86,7 +87,9 @@ def _packed_launches() -> list[dict]:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("aot")
-    records = [r for kind in SHAPES for r in _decoder_launches(tmp, kind)] + _packed_launches()
+    # float16: an F16 checkpoint's dtype on a GPU (bfloat16 for the others)
+    decoders = [("mixtral_8x2", "bfloat16"), ("llama_tied", "bfloat16"), ("llama_tied", "float16")]
+    records = [r for kind, dtype in decoders for r in _decoder_launches(tmp, kind, dtype)] + _packed_launches()
     return compile_records(records, tmp)
 
 

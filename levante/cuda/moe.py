@@ -68,14 +68,14 @@ def align_by_expert(topk_ids: Tensor, n_experts: int, launch: Launch) -> Routing
     return Routing(n, launch, sorted_ids, block_expert, pad_end[n_experts - 1 : n_experts].to(torch.int32))
 
 
-def route(topk_ids: Tensor, n_experts: int, packed: bool) -> Routing:
+def route(topk_ids: Tensor, n_experts: int, packed: bool, wide: bool = False) -> Routing:
     """The routing of topk_ids [M, k] (-1: another rank's expert, not run) for the kernel that suits M: the GEMV
     for one token (its k pairs go to k different experts, so no sort is needed), else the tiled kernel's blocks
-    (`packed`: of quantized experts)."""
+    (`packed`: of quantized experts; `wide`: float32 activations)."""
     m = topk_ids.shape[0]
     if use_gemv(m, packed):
         return Routing(topk_ids.numel(), GEMV, experts=topk_ids.reshape(-1))
-    return align_by_expert(topk_ids, n_experts, dot_launch(m, dense=not packed))
+    return align_by_expert(topk_ids, n_experts, dot_launch(m, dense=not packed, wide=wide))
 
 
 class ExpertStack(nn.Module):
@@ -314,7 +314,7 @@ class FusedMoE(nn.Module):
             key = (part.members, part.packed)
             if key not in routings:
                 ids = chosen if part.local_of is None else part.local_of[chosen]
-                routings[key] = route(ids, len(part.members), part.packed)
+                routings[key] = route(ids, len(part.members), part.packed, wide=x.dtype == torch.float32)
             return routings[key]
 
         if self.w13 is not None:

@@ -35,16 +35,18 @@ class Launch:
     stages: int = 3
 
 
-def dot_launch(m: int, dense: bool = True) -> Launch:
+def dot_launch(m: int, dense: bool = True, wide: bool = False) -> Launch:
     """The tiled kernels' configuration for m rows (tokens). Float weights: vLLM's fused_moe tuning for Mixtral's
     experts on the H200 (E=8, N=14336: 16-row tiles and deep pipelines for decode, 128-row tiles for prefill).
     Packed weights are dequantized in registers, a [BN, BK] tile at a time: vLLM's 128 x 128 tiles spill there
     (compiled for sm_90 by tests/test_cuda_compile.py: up to 24 KB of spills per thread), so they keep it at
-    2048-4096 values over 8 warps and 3 stages, which no format spills with 16-bit activations (float32 ones, an
-    explicit dtype="float32" on a GPU, still do at 128 rows: slower, not wrong)."""
+    2048-4096 values over 8 warps and 3 stages, which no format spills; `wide` (float32 activations, an explicit
+    dtype="float32" on a GPU) holds twice the bytes per value, and stays at 64 x 64 x 32."""
     if not dense:
         if m <= 32:
             return Launch(16 if m <= 16 else 32, 64, 32, 8, 3)
+        if wide:
+            return Launch(64, 64, 32, 8, 3)
         return Launch(64, 64, 64, 8, 3) if m <= 128 else Launch(128, 128, 32, 8, 3)
     if m <= 16:
         return Launch(16, 128, 128, 4, 5)
@@ -252,7 +254,7 @@ def packed_matmul(x: Tensor, w, launch: Launch | None = None) -> Tensor:
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     fmt = dict(BITS=w.bits, OFF=w.off, G=w.g, SG=w.sg, HAS_SC=w.sc.numel() > 0, HAS_MIN=w.dm.numel() > 0,
                HAS_MC=w.mc.numel() > 0)
-    cfg = launch or (GEMV if use_gemv(M, packed=True) else dot_launch(M, dense=False))
+    cfg = launch or (GEMV if use_gemv(M, packed=True) else dot_launch(M, dense=False, wide=x.dtype == torch.float32))
     if cfg.bm == 1:
         run(_packed_gemv_kernel, (triton.cdiv(N, cfg.bn), M), cfg,
             x2, y, *planes(w), N, K, x2.stride(0), y.stride(0), **fmt, BN=cfg.bn, BK=cfg.bk, GT=gemv_run(w.g, cfg.bk))

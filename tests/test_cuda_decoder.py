@@ -37,7 +37,7 @@ def test_memory_refused_with_a_clear_error(tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(torch.nn.Module, "to", oom)
+    monkeypatch.setattr(torch.Tensor, "to", oom)  # the copy of the weights to the device runs out
     with pytest.raises(DeviceMemoryError, match="does not fit in cpu's memory.*Tried to allocate"):
         to_device(lm.model, "cpu")
 

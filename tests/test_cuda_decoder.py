@@ -1,6 +1,7 @@
 """levante.cuda.decoder: generation through the static cache, Triton attention and bucketed decode steps gives the
 model's tokens, token for token (on CPU the steps run eagerly under the Triton interpreter; the `gpu` test runs
-the captured graphs and checks that a step never syncs with the host)."""
+the captured graphs and checks that a step never syncs with the host; on CPU, a dispatch mode checks that a step
+runs no op that would read device values back)."""
 
 from __future__ import annotations
 
@@ -312,3 +313,73 @@ def test_speculating_engine_on_the_decoder(tmp_path):
     finally:
         eng.shutdown()
     assert got == want
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """The torch ops run inside it that read a device tensor's values back to the host on a GPU (what
+    `torch.cuda.set_sync_debug_mode("error")` refuses there): item / bool() / int(), tolist, nonzero, boolean-mask
+    indexing, unique, repeat_interleave without its output size. (An explicit copy to the CPU is invisible on CPU
+    tensors: the gpu test covers it.)"""
+
+    SYNCING = {"item", "_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+               "unique_consecutive", "equal", "is_nonzero", "allclose"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        seen = self.seen
+
+        def tolist(t):  # reads memory directly on CPU, below the dispatcher
+            seen.append("tolist")
+            return self._tolist(t)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        masks = [i for i in (args[1] if name.startswith("index") and len(args) > 1 else [])
+                 if isinstance(i, torch.Tensor) and i.dtype == torch.bool]
+        if name in self.SYNCING or masks or (name == "repeat_interleave" and kwargs.get("output_size") is None):
+            self.seen.append(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["dense", "mixed_low_rank", "expert_parallel"])
+def test_a_decode_step_reads_nothing_back(tmp_path, kind):
+    """CI's stand-in for the gpu test's sync check: a decode step (batch 1 and a bucketed 3) runs no op that reads
+    device values on the host, whatever the layers hold: float experts, factored and full ones, an expert-parallel
+    rank's half (the detector itself is checked on an op that does read back)."""
+    from levante.model import MoE
+    from levante.quant.lowrank import LowRankWeight, svd_factors
+
+    lm = load(save_hf(hf_model("mixtral_8x2", vocab_size=320, num_local_experts=4), tmp_path / "m"))
+    for layer in lm.model.model.layers:
+        if kind == "mixed_low_rank":
+            for ei, expert in enumerate(layer.ffn.experts[1:]):
+                a, b = svd_factors(expert.w2.weight, 8 + 4 * ei)
+                expert.w2 = LowRankWeight(a, b)
+        elif kind == "expert_parallel":
+            moe = layer.ffn
+            layer.ffn = MoE(moe.gate, [moe.experts[e] for e in (1, 3)], moe.top_k, expert_ids=[1, 3])
+    assert fuse_moe(lm.model) == 2
+    dec = CudaDecoder(lm.model)
+    with torch.inference_mode():
+        for rows in (1, 3):
+            cache = dec.new_cache(rows, 32)
+            dec(torch.randint(3, 300, (rows, 5)), torch.arange(5).expand(rows, 5), cache)
+            with _HostReads() as reads:
+                dec(torch.randint(3, 300, (rows, 1)), torch.full((rows, 1), 5), cache)
+            assert reads.seen == []
+        with _HostReads() as reads:
+            torch.arange(4)[torch.arange(4) > 1].sum().item()
+            torch.arange(2).tolist()
+        assert len(reads.seen) == 3

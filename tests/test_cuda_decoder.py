@@ -353,13 +353,16 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("kind", ["dense", "mixed_low_rank", "expert_parallel"])
-def test_a_decode_step_reads_nothing_back(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["dense", "gemv", "mixed_low_rank", "expert_parallel"])
+def test_a_decode_step_reads_nothing_back(tmp_path, monkeypatch, kind):
     """CI's stand-in for the gpu test's sync check: a decode step (batch 1 and a bucketed 3) runs no op that reads
-    device values on the host, whatever the layers hold: float experts, factored and full ones, an expert-parallel
-    rank's half (the detector itself is checked on an op that does read back)."""
+    device values on the host, whatever the layers hold: float experts (by the tiled kernel, or by the GEMV as
+    packed ones are), factored and full ones, an expert-parallel rank's half (the detector itself is checked on
+    ops that do read back)."""
     from levante.model import MoE
     from levante.quant.lowrank import LowRankWeight, svd_factors
+
+    monkeypatch.setenv("LEVANTE_GEMV", "all" if kind == "gemv" else "packed")
 
     lm = load(save_hf(hf_model("mixtral_8x2", vocab_size=320, num_local_experts=4), tmp_path / "m"))
     for layer in lm.model.model.layers:

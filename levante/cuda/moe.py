@@ -111,12 +111,6 @@ class ExpertStack(nn.Module):
         n = (self.weight if self.weight is not None else self.d).shape[0]
         return n * self.out_features * self.in_features
 
-    @staticmethod
-    def stackable(weights: list[QuantWeight]) -> bool:
-        if all(isinstance(w, DenseWeight) for w in weights):
-            return len({(w.weight.dtype, w.shape) for w in weights}) == 1
-        return all(isinstance(w, PackedWeight) for w in weights) and len({(w.qtype, w.shape) for w in weights}) == 1
-
     def concat(self, other: ExpertStack) -> ExpertStack:
         """One stack of [self; other] along the output features (gate and up projections, one GEMM)."""
         if (self.weight is None) != (other.weight is None) or self.qtype != other.qtype:

@@ -119,10 +119,8 @@ class KVCache(RowCache):
         n = self.lengths[row]
         if n_steps >= n:
             return
+        self.check_take_back(row, n_steps)
         if self.rolling and n > self.capacity:
-            if n - n_steps > self.capacity - self.window + 1:
-                raise ValueError(f"cannot take back {n - n_steps} steps of a rolling cache that has wrapped "
-                                 f"around (slack {self.capacity - self.window})")
             for step in range(n_steps, n):
                 self.pos[row, step % self.capacity] = -1
         else:
@@ -149,7 +147,6 @@ class KVCache(RowCache):
         self.v = [t.index_select(0, keep) for t in self.v]
         self.pos = self.pos.index_select(0, keep)
         self.lengths = [self.lengths[i] for i in keep.tolist()]
-
 
 
 class _Plan:

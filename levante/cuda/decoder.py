@@ -97,11 +97,6 @@ class StaticCache(RowCache):
     def batch_size(self) -> int:
         return self.active
 
-    @property
-    def write_limit(self) -> int:
-        """The most tokens one forward call may write per row (a ring buffer keeps the window's keys)."""
-        return self.capacity - self.window + 1 if self.rolling else self.capacity
-
     def select_rows(self, keep: Tensor) -> None:
         """Keep rows `keep` (in that order) as rows 0..len(keep)-1, in place (captured graphs hold the addresses)."""
         n = keep.numel()
@@ -114,12 +109,8 @@ class StaticCache(RowCache):
             self.lengths[r] = 0
 
     def truncate(self, row: int, n_steps: int) -> None:
-        n = self.lengths[row]
-        if self.rolling and n > self.capacity and n - n_steps > self.write_limit:
-            raise ValueError(f"cannot take back {n - n_steps} steps of a ring buffer that has wrapped around "
-                             f"(at most {self.write_limit})")
-        self.lengths[row] = min(n, n_steps)
-
+        self.check_take_back(row, n_steps)
+        self.lengths[row] = min(self.lengths[row], n_steps)
 
 
 def fused_qkv(attn: nn.Module) -> QuantWeight | None:

@@ -103,11 +103,7 @@ class LLM:
                 self.loaded = load(model_path, dtype=dtype, progress=verbose, device=device)
         self.model = self.loaded.model
         # on a GPU, generation runs levante.cuda's decoder: static cache, Triton attention, CUDA graphs
-        self._decoder = None
-        if isinstance(self.model, CausalLM) and self.model.model.device.type == "cuda":
-            from .cuda import CudaDecoder
-
-            self._decoder = CudaDecoder(self.model)
+        self._decoder = gpu_decoder(self.model)
         # KV cache element type (this LLM's, not the model's: a loaded model may be shared): "auto" = the compute
         # dtype (exact), "f16" = llama.cpp's default (half the bytes a decode step reads from the cache, ~1e-3
         # relative rounding of keys and values)
@@ -137,11 +133,7 @@ class LLM:
     def serving_model(self):
         """The model a serving engine should drive: on a GPU a decoder of its own (static cache, CUDA graphs; its
         cache apart from this LLM's; the engine warms it up for its batch), else the model itself."""
-        if self._decoder is None:
-            return self.model
-        from .cuda import CudaDecoder
-
-        return CudaDecoder(self.model)
+        return self.model if self._decoder is None else gpu_decoder(self.model)
 
     def _spec_config(self, method, draft, k, ngram, dtype, device) -> SpecConfig | None:
         if draft is not None:
@@ -507,6 +499,19 @@ class LLM:
         for delta in out.finish():
             yield chunk(delta)
         yield chunk({}, out.finish_reason(finish))
+
+
+def gpu_decoder(model) -> Any:
+    """A new GPU decoder of `model` (levante.cuda.CudaDecoder; a parallel model's: one on every rank), or None
+    when the model is not on a GPU."""
+    if model.model.device.type != "cuda":
+        return None
+    if isinstance(model, CausalLM):
+        from .cuda import CudaDecoder
+
+        return CudaDecoder(model)
+    decoder = getattr(model, "decoder", None)  # levante.parallel.ParallelLM
+    return decoder() if decoder is not None else None
 
 
 def _is_batch(prompt: Any) -> bool:

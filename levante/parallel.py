@@ -12,8 +12,10 @@ every attention and feed-forward module, with the one-call fused layer kernel of
 
 Rank 0's `ParallelLM` has the CausalLM interface (call, `new_cache`, `cfg`, `.model`). Each call first broadcasts a
 command (a header of 8 int64, then the token ids), then runs the same computation locally; the workers
-(`serve_rank`) run it in lockstep. KV caches exist on every rank, each holding its own kv heads, and change only
-through rank-0 commands (`ParallelCache`). Only rank 0 computes the lm_head (replicated: see levante.shard).
+(`serve_rank`) run it in lockstep. On GPUs, generation runs `ParallelLM.decoder()` instead: a levante.cuda
+CudaDecoder on every rank (static cache, Triton attention, fused MoE), driven by the same commands. KV caches
+exist on every rank, each holding its own kv heads, and change only through rank-0 commands (`ParallelCache`).
+Only rank 0 computes the lm_head (replicated: see levante.shard).
 
 Failures: a thread on rank 0 watches the worker processes; when one dies, the pending call (gloo raises as soon as
 the peer's socket closes) or the next one raises `WorkerError` naming the rank and exit code, and `on_lost`
@@ -51,7 +53,8 @@ from .shard import Shard
 log = logging.getLogger("levante.parallel")
 
 _HEADER = 8
-_FORWARD, _NEW_CACHE, _CACHE, _FREE, _STOP, _STATUS = 1, 2, 3, 4, 5, 6
+_FORWARD, _NEW_CACHE, _CACHE, _FREE, _STOP, _STATUS, _DECODER = 1, 2, 3, 4, 5, 6, 7
+_POSITIONS, _LAST_ONLY = 1, 2  # a forward command's flags
 _RESET, _TRUNCATE, _COPY, _SWAP, _SELECT = 1, 2, 3, 4, 5
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 _TIMEOUT = datetime.timedelta(hours=2)  # a collective may wait this long for a slow peer (a long prefill)
@@ -108,29 +111,47 @@ def parallelize(net: torch.nn.Module, group: Group) -> None:
 
 def serve_rank(group: Group, net: torch.nn.Module) -> None:
     """A worker's loop: run rank 0's commands until it stops (returns) or goes away (raises)."""
-    caches: dict[int, KVCache] = {}
+    caches: dict[int, Any] = {}  # levante.model.KVCache, or a decoder's StaticCache
+    decoders: dict[int, torch.nn.Module] = {}
     header = torch.zeros(_HEADER, dtype=torch.long, device=group.device)
     body = net.model
     with torch.inference_mode(), _eager_attention(group.device):
         while True:
             group.broadcast(header)
-            op, a, b, c, d, e, f, _ = header.tolist()
-            if op == _FORWARD:  # a: cache id or -1, b x c tokens, rows d:e (d = -1: all), f: positions follow
+            op, a, b, c, d, e, f, g = header.tolist()
+            if op == _FORWARD:  # a: cache id or -1, b x c tokens, rows d:e (d = -1: all), f: flags, g: decoder + 1
                 tokens = torch.empty(b, c, dtype=torch.long, device=group.device)
                 group.broadcast(tokens)
                 positions = None
-                if f:
+                if f & _POSITIONS:
                     positions = torch.empty_like(tokens)
                     group.broadcast(positions)
-                body(tokens, positions, caches[a] if a >= 0 else None, slice(d, e) if d >= 0 else None)
-            elif op == _NEW_CACHE:  # a: id, b rows of c steps, dtype d, slack e
-                caches[a] = net.new_cache(b, c, _DTYPES[d], e)
+                cache, rows = caches[a] if a >= 0 else None, slice(d, e) if d >= 0 else None
+                if g:
+                    decoders[g - 1](tokens, positions, cache, bool(f & _LAST_ONLY), rows)
+                else:
+                    body(tokens, positions, cache, rows)
+            elif op == _NEW_CACHE:  # a: id, b rows of c steps, dtype d, slack e, g: decoder + 1 (0: the model's)
+                caches[a] = (decoders[g - 1] if g else net).new_cache(b, c, _DTYPES[d], e)
             elif op == _CACHE:
                 _cache_op(group, caches[a], b, c, d)
-            elif op == _FREE:
-                caches.pop(a, None)
+            elif op == _DECODER:  # a: its id
+                decoders[a] = gpu_decoder(net)
+            elif op == _FREE:  # a: the id of a cache (b = 0) or a decoder (b = 1)
+                (decoders if b else caches).pop(a, None)
             elif op == _STOP:
                 return
+
+
+def gpu_decoder(net: torch.nn.Module) -> torch.nn.Module:
+    """levante.cuda's decoder (static cache, Triton attention, fused MoE) over this rank's shard; it runs the
+    all-reduce hooks of `parallelize` on the outputs it computes, and eagerly (no CUDA graph: a collective inside
+    a captured graph is not verified). The weights are packed and the MoE fused first: `load` did that on a GPU;
+    elsewhere (the tests, under TRITON_INTERPRET=1) it happens here."""
+    from .cuda import CudaDecoder, to_device
+
+    to_device(net, net.model.device)
+    return CudaDecoder(net)
 
 
 def _eager_attention(device: torch.device) -> AbstractContextManager:
@@ -201,14 +222,49 @@ class ParallelLM:
 
     def new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype | None = None,
                   slack: int = 0) -> ParallelCache:
+        return self._new_cache(batch_size, max_tokens, dtype, slack, None)
+
+    def decoder(self) -> ParallelDecoder:
+        """A GPU decoder on every rank (levante.cuda.CudaDecoder over its shard), driven from here."""
+        return ParallelDecoder(self)
+
+    def _new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype | None, slack: int,
+                   decoder: ParallelDecoder | None) -> ParallelCache:
+        """A cache on every rank, made by the model (a KVCache) or by `decoder` (a StaticCache)."""
         dtype = dtype or self.local.model.dtype
         with self._lock, self._step():
             cid = next(self._ids)
-            self._send(_NEW_CACHE, cid, batch_size, max_tokens, _DTYPES.index(dtype), slack)
-            local = self.local.new_cache(batch_size, max_tokens, dtype, slack)
+            self._send(_NEW_CACHE, cid, batch_size, max_tokens, _DTYPES.index(dtype), slack,
+                       0, 0 if decoder is None else decoder.id + 1)
+            local = (self.local if decoder is None else decoder.local).new_cache(batch_size, max_tokens, dtype, slack)
         cache = ParallelCache(self, cid, local)
-        weakref.finalize(cache, self._freed.append, cid)
+        weakref.finalize(cache, self._freed.append, (cid, 0))
         return cache
+
+    def _forward(self, tokens: Tensor, positions: Tensor | None, cache: ParallelCache | None, rows: slice | None,
+                 decoder: ParallelDecoder | None = None, last_only: bool = False) -> Tensor:
+        """Send a forward command and its tokens to every rank, then run it here: the model's hidden states, or
+        `decoder`'s logits."""
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if cache is not None and not isinstance(cache, ParallelCache):
+            raise TypeError("a parallel model needs a cache from its own new_cache()")
+        dev = self.group.device
+        with self._lock, self._step():
+            r0, r1 = (-1, -1) if rows is None else (rows.start or 0, rows.stop)
+            flags = (_POSITIONS if positions is not None else 0) | (_LAST_ONLY if last_only else 0)
+            self._send(_FORWARD, cache.id if cache is not None else -1, tokens.shape[0], tokens.shape[1], r0, r1,
+                       flags, 0 if decoder is None else decoder.id + 1)
+            tokens = tokens.to(dev, torch.long).contiguous()
+            self.group.broadcast(tokens)
+            if positions is not None:
+                positions = positions.to(dev, torch.long).contiguous()
+                self.group.broadcast(positions)
+            local = cache.local if cache is not None else None
+            if decoder is not None:
+                return decoder.local(tokens, positions, local, last_only, rows)
+            with _eager_attention(dev):
+                return self.local.model(tokens, positions, local, rows)
 
     def close(self) -> None:
         """Stop the workers (also done when this object is collected, and at exit)."""
@@ -219,7 +275,7 @@ class ParallelLM:
     def _send(self, op: int, *args: int) -> None:
         """Broadcast a command header (with the lock held, inside `_step`)."""
         while self._freed:
-            self._broadcast_header(_FREE, self._freed.pop())
+            self._broadcast_header(_FREE, *self._freed.pop())
         self._broadcast_header(op, *args)
 
     def _broadcast_header(self, op: int, *args: int) -> None:
@@ -301,23 +357,45 @@ class _Body:
 
     def __call__(self, tokens: Tensor, positions: Tensor | None = None, cache: ParallelCache | None = None,
                  rows: slice | None = None) -> Tensor:
-        lm = self._lm
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        if cache is not None and not isinstance(cache, ParallelCache):
-            raise TypeError("a parallel model needs a cache from its own new_cache()")
-        dev = lm.group.device
+        return self._lm._forward(tokens, positions, cache, rows)
+
+
+class ParallelDecoder:
+    """Rank 0's side of a GPU decoder on every rank (`ParallelLM.decoder()`): CudaDecoder's generation interface
+    (`new_cache`, a call returning logits, `warm_up`, `pipelined`), each call run on all ranks, each over its
+    shard with its static cache, all-reducing the attention and feed-forward outputs."""
+
+    def __init__(self, lm: ParallelLM) -> None:
+        self._lm = lm
         with lm._lock, lm._step():
-            r0, r1 = (-1, -1) if rows is None else (rows.start or 0, rows.stop)
-            lm._send(_FORWARD, cache.id if cache is not None else -1, tokens.shape[0], tokens.shape[1], r0, r1,
-                     int(positions is not None))
-            tokens = tokens.to(dev, torch.long).contiguous()
-            lm.group.broadcast(tokens)
-            if positions is not None:
-                positions = positions.to(dev, torch.long).contiguous()
-                lm.group.broadcast(positions)
-            with _eager_attention(dev):
-                return lm.local.model(tokens, positions, cache.local if cache is not None else None, rows)
+            self.id = next(lm._ids)
+            lm._send(_DECODER, self.id)
+            self.local = gpu_decoder(lm.local)
+        self.model = lm.model  # device, dtype, cfg
+        self.pipelined = self.local.pipelined
+        weakref.finalize(self, lm._freed.append, (self.id, 1))
+
+    @property
+    def cfg(self):
+        return self._lm.cfg
+
+    def new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype | None = None,
+                  slack: int = 0) -> ParallelCache:
+        return self._lm._new_cache(batch_size, max_tokens, dtype, slack, self)
+
+    def warm_up(self, max_rows: int, max_tokens: int, dtype: torch.dtype | None = None) -> ParallelCache:
+        """The cache for up to `max_rows` rows of `max_tokens`, allocated now on every rank (the steps run
+        eagerly: there are no graphs to capture)."""
+        return self.new_cache(max_rows, max_tokens, dtype)
+
+    def __call__(self, tokens: Tensor, positions: Tensor | None = None, cache: ParallelCache | None = None,
+                 last_only: bool = False, rows: slice | None = None) -> Tensor:
+        """Logits [B, T or 1, vocab] (float32), as CudaDecoder's; without a cache of its own, the model's path."""
+        if cache is None or isinstance(cache.local, KVCache):
+            return self._lm(tokens, positions, cache, last_only, rows)
+        return self._lm._forward(tokens, positions, cache, rows, self, last_only)
+
+    forward = __call__
 
 
 class ParallelCache:

@@ -44,17 +44,33 @@ def test_memory_refused_with_a_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["mixtral_8x2", "llama_tied"])
-def test_feed_forward_hooks_still_run(tmp_path, kind):
-    """A feed-forward with forward hooks (a parallel rank's all-reduce) is called as a module, fused kernels or
-    not, so its hook sees the whole output."""
+def test_module_hooks_still_run(tmp_path, kind):
+    """The forward hooks of a block's attention and feed-forward (a parallel rank's all-reduces) run on the whole
+    outputs the decoder computes in their place, fused kernels or not, and what they return is used; fuse_moe's
+    replacement keeps them."""
     lm = load(save_hf(hf_model(kind), tmp_path / "m"))
-    fuse_moe(lm.model)
+    layer = lm.model.model.layers[1]
     seen = []
-    lm.model.model.layers[1].ffn.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape)))
-    dec = CudaDecoder(lm.model)
+
+    def doubling(name):
+        def hook(_module, _inputs, out):
+            seen.append((name, tuple(out.shape)))
+            return 2 * out
+
+        return hook
+
+    layer.attn.register_forward_hook(doubling("attn"))
+    layer.ffn.register_forward_hook(doubling("ffn"))
+    fuse_moe(lm.model)
+    tokens, positions = torch.tensor([[5, 6, 7]]), torch.arange(3)[None]
     with torch.inference_mode():
-        dec(torch.tensor([[5, 6, 7]]), torch.arange(3)[None], dec.new_cache(1, 8))
-    assert seen == [(1, 3, lm.model.cfg.hidden_size)]
+        want = lm.model(tokens, positions)
+        seen.clear()
+        dec = CudaDecoder(lm.model)
+        got = dec(tokens, positions, dec.new_cache(1, 8))
+    d = lm.model.cfg.hidden_size
+    assert seen == [("attn", (1, 3, d)), ("ffn", (1, 3, d))]
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
 
 
 def test_planless_attention_turns_off_cudnn_sdpa_only_inside():

@@ -61,6 +61,66 @@ def test_two_ranks_equal_one(tmp_path_factory, name, ep):
         par.close()
 
 
+@pytest.mark.parametrize("ep", [False, True], ids=["tp2", "ep2"])
+def test_gpu_decoder_on_every_rank(tmp_path_factory, ep):
+    """The GPU path of a parallel model (`ParallelLM.decoder()`: a CudaDecoder on each rank over its shard, with
+    its static cache, Triton attention and fused MoE, the all-reduces run as hooks; here under the Triton
+    interpreter): greedy tokens equal the single process's, batched with left padding and bucketed decode steps,
+    pipelined as on a GPU, and through the serving engine (rows joining and leaving, prefix reuse)."""
+    from levante.cuda import StaticCache
+    from levante.engine import Engine
+    from levante.generate import generate
+    from levante.sampling import SamplingParams
+
+    greedy = SamplingParams.greedy()
+    d = _dir(tmp_path_factory, "mixtral_8x2")
+    base = LLM(str(d), n_ctx=64, n_threads=1)
+    par = LLM(str(d), n_ctx=64, tensor_parallel_size=2, enable_expert_parallel=ep)
+    try:
+        tok = base.tokenizer
+        prompts = [tok.encode(p) for p in (PROMPT, "Hello there", "A third, middling prompt")]
+        with torch.inference_mode():
+            want = [r.tokens for r in generate(base.model, tok, prompts, 6, greedy, stop_token_ids=set())]
+            dec = par.model.decoder()
+            got = [r.tokens for r in generate(dec, tok, prompts, 6, greedy, stop_token_ids=set())]
+            assert got == want
+            dec.pipelined = True  # each step sent before the last one's tokens are read back
+            assert [r.tokens for r in generate(dec, tok, prompts, 6, greedy, stop_token_ids=set())] == want
+        eng = Engine(par.model.decoder(), tok, n_ctx=64, max_batch=2).start()
+        try:
+            assert isinstance(eng.cache.local, StaticCache)
+            reqs = [eng.submit(p, 6, greedy, stop_ids=set()) for p in prompts]  # the third waits for a row
+            assert [[ev.token for ev in r] for r in reqs] == want
+            again = eng.submit(prompts[0], 6, greedy, stop_ids=set())
+            assert [ev.token for ev in again] == want[0] and again.cached_tokens > 0
+        finally:
+            eng.shutdown()
+    finally:
+        par.close()
+
+
+@pytest.mark.gpu
+def test_two_gpus(tmp_path_factory):
+    """With 2 GPUs: `LLM(..., device="cuda", tensor_parallel_size=2)` generates with the GPU decoder on both ranks
+    (NCCL), tensor- and expert-parallel, giving one GPU's tokens."""
+    from levante.parallel import ParallelDecoder
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    d = _dir(tmp_path_factory, "mixtral_8x2")
+    one = LLM(str(d), n_ctx=128, device="cuda", dtype="float32")
+    prompts = [PROMPT, "Hello there"]
+    want = [c["text"] for c in one(prompts, max_tokens=12, temperature=0)["choices"]]
+    for ep in (False, True):
+        two = LLM(str(d), n_ctx=128, device="cuda", dtype="float32", tensor_parallel_size=2,
+                  enable_expert_parallel=ep)
+        try:
+            assert isinstance(two.generation_model, ParallelDecoder)
+            assert [c["text"] for c in two(prompts, max_tokens=12, temperature=0)["choices"]] == want
+        finally:
+            two.close()
+
+
 def test_consolidated_and_f16_cache(tmp_path):
     d = save_consolidated(hf_model("mixtral_8x2", vocab_size=32000), tmp_path / "c")
     from fixtures import mistral_tokenizer_model

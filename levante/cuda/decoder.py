@@ -140,9 +140,11 @@ class CudaDecoder(nn.Module):
         self.lm = lm
         self.model = lm.model  # generation reads model.model.device
         if use_graphs is None:
-            # an unfused MoE (a weight kind the fused one lacks) syncs with the host: it runs eagerly
+            # an unfused MoE (a weight kind the fused one lacks) syncs with the host: it runs eagerly; so does a
+            # step with hooks (a parallel rank's all-reduces: a collective captured in a graph is not verified)
             unfused = any(hasattr(layer.ffn, "experts") for layer in lm.model.layers)
-            use_graphs = lm.model.device.type == "cuda" and not unfused
+            hooked = any(layer.attn._forward_hooks or layer.ffn._forward_hooks for layer in lm.model.layers)
+            use_graphs = lm.model.device.type == "cuda" and not unfused and not hooked
         self.use_graphs = use_graphs
         # generation launches the next step before reading this one's tokens back (levante.generate): on a GPU the
         # host's streaming overlaps the step; on CPU it would only add a wasted last step
@@ -278,13 +280,25 @@ class CudaDecoder(nn.Module):
             # RoPE (angles made in the kernel) and the k / v writes; padding tokens write the dump slot
             q = rope_and_cache(q, k, v, positions, net.rotary.inv_freq, ck, cv, a.n_heads, a.n_kv, cache.capacity, ring)
             o = cache_attention(q, ck, cv, start, cfg.sliding_window, ring=ring)  # [B, H, T, D] over [B, T, H, D]
-            x, h = add_rms_norm(x, a.wo(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim)),
-                                layer.ffn_norm.weight, layer.ffn_norm.eps)
+            o = run_hooks(a, h, a.wo(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim)))
+            x, h = add_rms_norm(x, o, layer.ffn_norm.weight, layer.ffn_norm.eps)
             delta = feed_forward(layer.ffn, h)
         if last_only:
             x, delta = x[:, -1:], delta[:, -1:]
         _, h = add_rms_norm(x, delta, net.norm.weight, net.norm.eps)
+        if self.lm.lm_head is None:  # a parallel model's worker rank: rank 0 alone computes the logits
+            return h
         return self.lm.lm_head(h).float()
+
+
+def run_hooks(module: nn.Module, h: Tensor, out: Tensor) -> Tensor:
+    """`out`, computed by the decoder in place of calling `module` on h, through the module's forward hooks (a
+    parallel rank's all-reduce of its partial attention output), as calling it would have."""
+    for hook in module._forward_hooks.values():
+        result = hook(module, (h,), out)
+        if result is not None:
+            out = result
+    return out
 
 
 def feed_forward(ffn: nn.Module, h: Tensor) -> Tensor:

@@ -331,6 +331,7 @@ def fuse_moe(net: nn.Module) -> int:
             # a levante.model.MoE (the model sits a layer above: recognised by its parts, not imported)
             is_moe = hasattr(child, "experts") and hasattr(child, "top_k") and hasattr(child, "gate")
             if is_moe and (fused := FusedMoE.from_module(child)) is not None:
+                fused._forward_hooks.update(child._forward_hooks)  # a parallel rank's all-reduce stays
                 setattr(parent, name, fused)
                 done += 1
     return done

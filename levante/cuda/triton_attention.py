@@ -213,11 +213,13 @@ def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, 
         return out
     BM = 16 if T <= 16 else 64
     grid = (triton.cdiv(T, BM), B * H)
+    # float32 queries of 64-row blocks over 4 warps spill 15 KB per thread (sm_90, tests/test_cuda_compile.py)
+    warps = 8 if BM == 64 and q.dtype == torch.float32 else 4
     _attention_kernel[grid](
         q, k_cache, v_cache, out, start,
         T, H, S, scale if scale is not None else D ** -0.5, window or 0, ring,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        D, GROUP=H // Hkv, BD=BD, BM=BM, BN=BN, IEEE=use_ieee(q.dtype),
+        D, GROUP=H // Hkv, BD=BD, BM=BM, BN=BN, IEEE=use_ieee(q.dtype), num_warps=warps,
     )
     return out

@@ -40,14 +40,18 @@ def dot_launch(m: int, dense: bool = True, wide: bool = False) -> Launch:
     experts on the H200 (E=8, N=14336: 16-row tiles and deep pipelines for decode, 128-row tiles for prefill).
     Packed weights are dequantized in registers, a [BN, BK] tile at a time: vLLM's 128 x 128 tiles spill there
     (compiled for sm_90 by tests/test_cuda_compile.py: up to 24 KB of spills per thread), so they keep it at
-    2048-4096 values over 8 warps and 3 stages, which no format spills; `wide` (float32 activations, an explicit
-    dtype="float32" on a GPU) holds twice the bytes per value, and stays at 64 x 64 x 32."""
+    2048-4096 values over 8 warps and 3 stages, which no format spills. `wide`: float32 activations (an explicit
+    dtype="float32" on a GPU), twice the bytes per value and float32 products without tensor cores: packed tiles
+    stay at 64 x 64 x 32; float ones at 64 x 128 x 64 at most (vLLM's larger tiles spill up to 34 KB there, or
+    need fewer stages than they ask)."""
     if not dense:
         if m <= 32:
             return Launch(16 if m <= 16 else 32, 64, 32, 8, 3)
         if wide:
             return Launch(64, 64, 32, 8, 3)
         return Launch(64, 64, 64, 8, 3) if m <= 128 else Launch(128, 128, 32, 8, 3)
+    if wide:
+        return Launch(16 if m <= 16 else 32 if m <= 32 else 64, 128, 64, 8, 3)
     if m <= 16:
         return Launch(16, 128, 128, 4, 5)
     if m <= 32:

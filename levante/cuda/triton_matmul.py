@@ -88,8 +88,9 @@ GEMV = Launch(1, 16, 256, 4, 3)  # one row of x; 16-row slices of W, so a 4096-r
 
 def gemv_run(g: int, bk: int) -> int:
     """GT: the run of values sharing their scales that the GEMV sums before scaling (a power of two that divides
-    both the format's scale group g and the slice bk; at most bk / 2)."""
-    return min(math.gcd(g, bk), bk // 2)
+    both the format's scale group g and the slice bk; at most bk / 2, and 32: a run of 4-bit codes is then one
+    thread's 16-byte load, summed without other threads)."""
+    return min(math.gcd(g, bk), bk // 2, 32)
 
 
 def use_gemv(m: int, packed: bool) -> bool:
@@ -156,25 +157,43 @@ def gemv_slice(
     DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
 ):
-    """acc [BN] + W[rn, k0 : k0 + BK] @ x[k0 : k0 + BK], the slice seen as BK / GT runs of GT values that share
-    their scales: the codes times x summed per run first, then scaled (float32 throughout)."""
+    """acc [BN, BK / GT] + W[rn, k0 : k0 + BK] @ x[k0 : k0 + BK] per run: the slice seen as BK / GT runs of GT
+    values that share their scales, the codes times x summed per run first, then scaled (float32 throughout). The
+    caller sums the runs once, after its last slice: no reduction across threads inside the loop."""
     run = tl.arange(0, BK // GT)
-    col = k0 + run[:, None] * GT + tl.arange(0, GT)[None, :]  # [runs, GT]
-    k_ok = col < K
-    x = tl.load(x_ptr + col, mask=k_ok, other=0.0).to(tl.float32)
-    ok = n_ok[:, None, None] & k_ok[None, :, :]
     if DENSE:
-        w = tl.load(w_ptr + rn[:, None, None] * K + col[None, :, :], mask=ok, other=0.0).to(tl.float32)
-        return acc + tl.sum(tl.sum(w * x[None, :, :], axis=2), axis=1)
-    q = (codes(lo_ptr, hi_ptr, rn[:, None, None], col[None, :, :], K, ok, BITS) - OFF).to(tl.float32)
-    qx = tl.sum(q * x[None, :, :], axis=2)  # [BN, runs]
+        col = k0 + run[:, None] * GT + tl.arange(0, GT)[None, :]  # [runs, GT]
+        x = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rn[:, None, None] * K + col[None, :, :], mask=n_ok[:, None, None] & (col < K)[None, :, :],
+                    other=0.0).to(tl.float32)
+        return acc + tl.sum(w * x[None, :, :], axis=2)
+    if BITS == 4:
+        # a byte holds two neighbours (the first in its low bits): each byte is read once, as one of a thread's
+        # contiguous bytes, and x is split into the values its low and high halves multiply
+        byte = k0 // 2 + run[:, None] * (GT // 2) + tl.arange(0, GT // 2)[None, :]  # [runs, GT / 2], contiguous
+        p_ok = byte < K // 2
+        xe, xo = tl.split(tl.load(x_ptr + 2 * byte[:, :, None] + tl.arange(0, 2)[None, None, :],
+                                  mask=p_ok[:, :, None], other=0.0).to(tl.float32))
+        b = tl.load(lo_ptr + rn[:, None, None] * (K // 2) + byte[None, :, :],
+                    mask=n_ok[:, None, None] & p_ok[None, :, :], other=0).to(tl.int32)
+        xs = tl.sum(xe + xo, axis=1)
+        # sum (q - OFF) x = sum q x - OFF sum x: the codes of 4 bits (<= 15) leave the difference well conditioned
+        qx = tl.sum((b & 15).to(tl.float32) * xe[None, :, :] + (b >> 4).to(tl.float32) * xo[None, :, :], axis=2)
+        qx = qx - OFF * xs[None, :]
+    else:
+        col = k0 + run[:, None] * GT + tl.arange(0, GT)[None, :]  # [runs, GT]
+        x = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
+        ok = n_ok[:, None, None] & (col < K)[None, :, :]
+        q = (codes(lo_ptr, hi_ptr, rn[:, None, None], col[None, :, :], K, ok, BITS) - OFF).to(tl.float32)
+        qx = tl.sum(q * x[None, :, :], axis=2)  # [BN, runs]
+        xs = tl.sum(x, axis=1)
     first = k0 + run * GT
     s, m = scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn[:, None], first[None, :], K, n_ok[:, None] & (first < K)[None, :],
                   G, SG, HAS_SC, HAS_MIN, HAS_MC)
     part = s * qx
     if HAS_MIN:
-        part = part + m * tl.sum(x, axis=1)[None, :]
-    return acc + tl.sum(part, axis=1)
+        part = part + m * xs[None, :]
+    return acc + part
 
 
 @triton.jit
@@ -231,11 +250,11 @@ def _packed_gemv_kernel(
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     row = tl.program_id(1)
     n_ok = rn < N
-    acc = tl.zeros((BN,), dtype=tl.float32)
+    acc = tl.zeros((BN, BK // GT), dtype=tl.float32)
     for k0 in range(0, K, BK):
         acc = gemv_slice(acc, x_ptr + row * stride_xm, lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn,
                          k0, K, n_ok, False, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT)
-    tl.store(y_ptr + row * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(y_ptr + row * stride_ym + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 def planes(w) -> tuple[Tensor, ...]:

@@ -74,14 +74,15 @@ def _moe_gemv_kernel(
     if e < 0:  # another rank's expert
         return
     x_ptr = a_ptr + (pair // A_DIV) * stride_am
-    acc = tl.zeros((BN,), dtype=tl.float32)
+    acc = tl.zeros((BN, BK // GT), dtype=tl.float32)
     for k0 in range(0, K, BK):
         acc = gemv_slice(acc, x_ptr, w_ptr + e * e_w, lo_ptr + e * e_lo, hi_ptr + e * e_hi, d_ptr + e * e_d,
                          sc_ptr + e * e_sc, dm_ptr + e * e_d, mc_ptr + e * e_sc, rn, k0, K, n_ok,
                          DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT)
+    y = tl.sum(acc, axis=1)
     if MUL_W:
-        acc = acc * tl.load(topw_ptr + pair).to(tl.float32)
-    tl.store(c_ptr + pair * stride_cm + rn, acc.to(c_ptr.dtype.element_ty), mask=n_ok)
+        y = y * tl.load(topw_ptr + pair).to(tl.float32)
+    tl.store(c_ptr + pair * stride_cm + rn, y.to(c_ptr.dtype.element_ty), mask=n_ok)
 
 
 def moe_matmul(a: Tensor, c: Tensor, stack, routing, a_div: int, topk_weights: Tensor | None = None) -> None:

@@ -152,6 +152,16 @@ def weight_tile(
 
 
 @triton.jit
+def unit_part(lo, hi, x, T: tl.constexpr, HB: tl.constexpr):
+    """sum over a run's units of code T of each unit times its x: the code's low 4 bits at bit 4T of `lo`, its HB
+    high bits at bit HB * T of `hi` (lo, hi: [BN, runs, units], x: [runs, units]) -> [BN, runs]."""
+    q = (lo >> (4 * T)) & 15
+    if HB > 0:
+        q = q | (((hi >> (HB * T)) & ((1 << HB) - 1)) << 4)
+    return tl.sum(q.to(tl.float32) * x[None, :, :], axis=2)
+
+
+@triton.jit
 def gemv_slice(
     acc, x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok,
     DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
@@ -167,18 +177,53 @@ def gemv_slice(
         w = tl.load(w_ptr + rn[:, None, None] * K + col[None, :, :], mask=n_ok[:, None, None] & (col < K)[None, :, :],
                     other=0.0).to(tl.float32)
         return acc + tl.sum(w * x[None, :, :], axis=2)
-    if BITS == 4:
-        # a byte holds two neighbours (the first in its low bits): each byte is read once, as one of a thread's
-        # contiguous bytes, and x is split into the values its low and high halves multiply
-        byte = k0 // 2 + run[:, None] * (GT // 2) + tl.arange(0, GT // 2)[None, :]  # [runs, GT / 2], contiguous
-        p_ok = byte < K // 2
-        xe, xo = tl.split(tl.load(x_ptr + 2 * byte[:, :, None] + tl.arange(0, 2)[None, None, :],
-                                  mask=p_ok[:, :, None], other=0.0).to(tl.float32))
-        b = tl.load(lo_ptr + rn[:, None, None] * (K // 2) + byte[None, :, :],
-                    mask=n_ok[:, None, None] & p_ok[None, :, :], other=0).to(tl.int32)
-        xs = tl.sum(xe + xo, axis=1)
-        # sum (q - OFF) x = sum q x - OFF sum x: the codes of 4 bits (<= 15) leave the difference well conditioned
-        qx = tl.sum((b & 15).to(tl.float32) * xe[None, :, :] + (b >> 4).to(tl.float32) * xo[None, :, :], axis=2)
+    if BITS < 8:
+        # a unit of U neighbours: their low 4 bits in U / 2 bytes of the lo plane (the first value lowest), the rest
+        # in one byte of the hi plane (5 bits: U = 8, 6 bits: U = 4; 4 bits: U = 2, no hi plane). Units are read
+        # whole, each thread's contiguous, and x is split into the U values that multiply a unit's codes
+        U: tl.constexpr = 2 if BITS == 4 else 4 if BITS == 6 else 8
+        unit = k0 // U + run[:, None] * (GT // U) + tl.arange(0, GT // U)[None, :]  # [runs, GT / U]
+        u_ok = unit < K // U
+        ok = n_ok[:, None, None] & u_ok[None, :, :]
+        two = tl.arange(0, 2)
+        if BITS == 4:
+            lo = tl.load(lo_ptr + rn[:, None, None] * (K // 2) + unit[None, :, :], mask=ok, other=0).to(tl.int32)
+            x0, x1 = tl.split(tl.load(x_ptr + 2 * unit[:, :, None] + two[None, None, :], mask=u_ok[:, :, None],
+                                      other=0.0).to(tl.float32))
+            xs = x0 + x1
+            qx = unit_part(lo, lo, x0, 0, 0) + unit_part(lo, lo, x1, 1, 0)
+        elif BITS == 6:
+            lo = tl.load(lo_ptr.to(tl.pointer_type(tl.uint16)) + rn[:, None, None] * (K // 4) + unit[None, :, :],
+                         mask=ok, other=0).to(tl.int32)
+            hi = tl.load(hi_ptr + rn[:, None, None] * (K // 4) + unit[None, :, :], mask=ok, other=0).to(tl.int32)
+            x4 = tl.load(x_ptr + 4 * unit[:, :, None, None] + 2 * two[None, None, :, None] + two[None, None, None, :],
+                         mask=u_ok[:, :, None, None], other=0.0).to(tl.float32)
+            even, odd = tl.split(x4)
+            x0, x2 = tl.split(even)
+            x1, x3 = tl.split(odd)
+            xs = x0 + x1 + x2 + x3
+            qx = (unit_part(lo, hi, x0, 0, 2) + unit_part(lo, hi, x1, 1, 2) + unit_part(lo, hi, x2, 2, 2)
+                  + unit_part(lo, hi, x3, 3, 2))
+        else:
+            lo = tl.load(lo_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None, None] * (K // 8) + unit[None, :, :],
+                         mask=ok, other=0)
+            hi = tl.load(hi_ptr + rn[:, None, None] * (K // 8) + unit[None, :, :], mask=ok, other=0).to(tl.int32)
+            x8 = tl.load(x_ptr + 8 * unit[:, :, None, None, None] + 4 * two[None, None, :, None, None]
+                         + 2 * two[None, None, None, :, None] + two[None, None, None, None, :],
+                         mask=u_ok[:, :, None, None, None], other=0.0).to(tl.float32)
+            even, odd = tl.split(x8)
+            e0, e2 = tl.split(even)
+            o0, o2 = tl.split(odd)
+            x0, x4 = tl.split(e0)
+            x2, x6 = tl.split(e2)
+            x1, x5 = tl.split(o0)
+            x3, x7 = tl.split(o2)
+            xs = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
+            qx = (unit_part(lo, hi, x0, 0, 1) + unit_part(lo, hi, x1, 1, 1) + unit_part(lo, hi, x2, 2, 1)
+                  + unit_part(lo, hi, x3, 3, 1) + unit_part(lo, hi, x4, 4, 1) + unit_part(lo, hi, x5, 5, 1)
+                  + unit_part(lo, hi, x6, 6, 1) + unit_part(lo, hi, x7, 7, 1))
+        xs = tl.sum(xs, axis=1)
+        # sum (q - OFF) x = sum q x - OFF sum x: codes of at most 6 bits leave the difference well conditioned
         qx = qx - OFF * xs[None, :]
     else:
         col = k0 + run[:, None] * GT + tl.arange(0, GT)[None, :]  # [runs, GT]

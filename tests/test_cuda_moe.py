@@ -62,7 +62,7 @@ def _moe(kind: str, n_experts: int = 4) -> MoE:
 
 
 @pytest.mark.parametrize("kind", ["f32", "bf16", "q4_k_m", "mixed"])
-@pytest.mark.parametrize("m", [1, 6, 70])
+@pytest.mark.parametrize("m", [1, 3, 6, 70])  # packed experts: 1 and 3 tokens by the GEMV (pairs sharing experts)
 def test_fused_equals_module(kind, m):
     moe = _moe(kind)
     fused = FusedMoE.from_module(moe)

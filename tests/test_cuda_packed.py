@@ -72,11 +72,12 @@ def test_kernel_equals_dequantized_matmul(qtype, m):
 
 @pytest.mark.parametrize("qtype", list(LAYOUTS))
 def test_gemv_equals_float_math(qtype):
-    """One row of x (a decode step) runs the GEMV, which scales sums of codes times x per run of shared scales:
-    equal to the float32 math of the dequantized weight, for float32 and bfloat16 x."""
-    from levante.cuda.triton_matmul import GEMV, packed_matmul, use_gemv
+    """A decode step's rows (up to GEMV_ROWS) run the GEMV, which scales sums of codes times x per run of shared
+    scales: equal to the float32 math of the dequantized weight, for float32 and bfloat16 x."""
+    from levante.cuda.triton_matmul import GEMV, GEMV_ROWS, packed_matmul, use_gemv
 
-    assert use_gemv(1, packed=True) and not use_gemv(2, packed=True)
+    assert use_gemv(1, packed=True) and use_gemv(GEMV_ROWS, packed=True) and not use_gemv(GEMV_ROWS + 1, True)
+    assert not use_gemv(1, packed=False)
     k = K if qtype.endswith("_K") else 160  # 160: five 32-value blocks, not a whole 256-value slice
     pw = PackedWeight.from_ggml(_raw(qtype, k=k, seed=3), qtype, N, k)
     for dt in (torch.float32, torch.bfloat16):
@@ -85,7 +86,10 @@ def test_gemv_equals_float_math(qtype):
         got = packed_matmul(x, pw).float()
         tol = 1e-5 if dt == torch.float32 else 8e-3  # bf16: the output's rounding (the interpreter truncates)
         assert (got - ref).abs().max() <= tol * ref.abs().max()
-    x = torch.randn(3, k)  # the GEMV forced on three rows: one program row each
+    x = torch.randn(3, k)  # three rows: a pass each
+    ref = x @ pw.dequantize().T
+    assert (packed_matmul(x, pw) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    x = torch.randn(7, k)  # the GEMV forced on more rows than it takes by default
     ref = x @ pw.dequantize().T
     assert (packed_matmul(x, pw, GEMV) - ref).abs().max() <= 1e-5 * ref.abs().max()
 

@@ -98,18 +98,41 @@ def _arg(spec):
 
 
 def _resources(ptx: str, name: str, workdir: Path) -> dict:
-    """Registers and spilled bytes per thread, from the ptxas Triton itself runs for the target (-v)."""
+    """Registers and spilled bytes per thread, from the ptxas Triton itself runs for the target (-v), and `loop`:
+    the machine instructions (SASS, per thread) of the kernel's hottest loop, by nvdisasm."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    path = workdir / f"{name}.ptx"
+    path, cubin = workdir / f"{name}.ptx", workdir / f"{name}.cubin"
     path.write_text(ptx)
-    done = subprocess.run([get_ptxas(H200["arch"]).path, f"-arch=sm_{H200['arch']}a", "-v", str(path), "-o",
-                           os.devnull], capture_output=True, text=True)
+    ptxas = get_ptxas(H200["arch"]).path
+    done = subprocess.run([ptxas, f"-arch=sm_{H200['arch']}a", "-v", str(path), "-o", str(cubin)],
+                          capture_output=True, text=True)
     regs = re.search(r"Used (\d+) registers", done.stderr)
     spill = re.search(r"(\d+) bytes spill stores", done.stderr)
     if done.returncode or regs is None or spill is None:
         raise RuntimeError(f"ptxas -v on {name}: {done.stderr[-500:]}")
-    return {"regs": int(regs.group(1)), "spill": int(spill.group(1))}
+    sass = subprocess.run([str(Path(ptxas).parent / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    return {"regs": int(regs.group(1)), "spill": int(spill.group(1)), "loop": hot_loop(sass)}
+
+
+def hot_loop(sass: str) -> int:
+    """Instructions in the longest loop of nvdisasm's listing: from a label to the last branch back to it (0 when
+    the kernel has no loop)."""
+    at: dict[str, int] = {}  # label -> index of its first instruction
+    branches: list[tuple[int, str]] = []
+    n = 0
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            at[label.group(1)] = n
+            continue
+        if re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", line):
+            target = re.search(r"BRA\s.*`\(\.(L_x_\d+)\)", line)
+            if target:
+                branches.append((n, target.group(1)))
+            n += 1
+    return max((i + 1 - at[t] for i, t in branches if t in at and at[t] <= i), default=0)
 
 
 def _compile_one(rec: dict, workdir: Path) -> dict:

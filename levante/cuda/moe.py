@@ -70,7 +70,7 @@ def align_by_expert(topk_ids: Tensor, n_experts: int, launch: Launch) -> Routing
 
 def route(topk_ids: Tensor, n_experts: int, packed: bool, wide: bool = False) -> Routing:
     """The routing of topk_ids [M, k] (-1: another rank's expert, not run) for the kernel that suits M: the GEMV
-    for one token (its k pairs go to k different experts, so no sort is needed), else the tiled kernel's blocks
+    for a few tokens (a program per pair, so no sort is needed), else the tiled kernel's blocks
     (`packed`: of quantized experts; `wide`: float32 activations)."""
     m = topk_ids.shape[0]
     if use_gemv(m, packed):

@@ -4,7 +4,8 @@ The tiled kernel computes a [BM, BN] tile of y per program: for each BK slice it
 their bit planes, applies the formula of levante.cuda.packed (d * sc * (q - OFF) + dm * mc) in float32, rounds to
 x's dtype and accumulates x_tile @ w_tile^T in float32 with tl.dot. The weight is read once per M tile.
 
-The GEMV (one row of x, a decode step) reads each quantized byte once too, but multiplies the raw codes: within a
+The GEMV (a row of x at a time: decode steps of up to GEMV_ROWS rows) reads each quantized byte once per row (from
+L2 after the first), but multiplies the raw codes: within a
 run of GT values that share their scales, sum_k W[n, k] x[k] = d * sc * sum_k (q - OFF) x  +  dm * mc * sum_k x,
 so a weight costs a code extraction and one multiply-add (llama.cpp's dequantize-mul-mat-vec), not the scale
 loads and products of the full formula; the scales are read once per run. Both run on CUDA, and on CPU tensors
@@ -84,6 +85,12 @@ def run(kernel, grid: tuple, launch: Launch, *args, **kwargs) -> None:
 
 
 GEMV = Launch(1, 16, 256, 4, 3)  # one row of x; 16-row slices of W, so a 4096-row weight spreads over 256 programs
+# Up to this many rows of x multiply packed weights by the GEMV, a pass per row (its programs side by side, so the
+# weight is read from HBM once and from L2 after): compiled for sm_90, the GEMV's loop costs 7-10 lane-instructions
+# per weight and row (Q4_K 7.7, Q6_K 9.6), the tiled kernel's 16-row tile 31-52 per weight whatever the rows used
+# (Q4_K 42), so a batch of 2-4 decode rows costs fewer instructions by the GEMV; both are bound by instruction
+# issue rather than by HBM there (tests/triton_aot.py's SASS counts)
+GEMV_ROWS = 4
 
 
 def gemv_run(g: int, bk: int) -> int:
@@ -94,10 +101,10 @@ def gemv_run(g: int, bk: int) -> int:
 
 
 def use_gemv(m: int, packed: bool) -> bool:
-    """Whether m rows of x multiply by the GEMV: one row, packed weights (LEVANTE_GEMV=all: float ones too,
-    =none: never; the benchmark compares them)."""
+    """Whether m rows of x multiply by the GEMV: up to GEMV_ROWS rows, packed weights (LEVANTE_GEMV=all: float
+    ones too, =none: never; the benchmark compares them)."""
     mode = os.environ.get("LEVANTE_GEMV", "packed")
-    return m == 1 and (mode == "all" or (mode == "packed" and packed))
+    return m <= GEMV_ROWS and (mode == "all" or (mode == "packed" and packed))
 
 
 @triton.jit
@@ -292,8 +299,8 @@ def _packed_gemv_kernel(
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
 ):
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    row = tl.program_id(1)
+    row = tl.program_id(0)  # the rows of one slice of W side by side: the slice is read from HBM once
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = rn < N
     acc = tl.zeros((BN, BK // GT), dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -324,7 +331,7 @@ def packed_matmul(x: Tensor, w, launch: Launch | None = None) -> Tensor:
                HAS_MC=w.mc.numel() > 0)
     cfg = launch or (GEMV if use_gemv(M, packed=True) else dot_launch(M, dense=False, wide=x.dtype == torch.float32))
     if cfg.bm == 1:
-        run(_packed_gemv_kernel, (triton.cdiv(N, cfg.bn), M), cfg,
+        run(_packed_gemv_kernel, (M, triton.cdiv(N, cfg.bn)), cfg,
             x2, y, *planes(w), N, K, x2.stride(0), y.stride(0), **fmt, BN=cfg.bn, BK=cfg.bk, GT=gemv_run(w.g, cfg.bk))
     else:
         run(_packed_matmul_kernel, (triton.cdiv(M, cfg.bm), triton.cdiv(N, cfg.bn)), cfg,

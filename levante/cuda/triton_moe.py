@@ -7,8 +7,9 @@ pair's routing weight when MUL_W. Blocks past the padded total stop at once, so 
 the chosen experts' weights. W is a stack of float weights [E, N, K], or of packed quantized planes (the formula
 of levante.cuda.packed, dequantized in registers by `weight_tile`).
 
-A single token's pairs (batch-1 decode: top-k pairs, all of different experts) skip the sort: a GEMV program per
-(pair, BN-slice) reads the pair's expert directly (levante.cuda.triton_matmul's `gemv_slice`).
+The pairs of a few tokens (decode steps of up to GEMV_ROWS rows; batch 1: top-k pairs, all of different experts)
+skip the sort: a GEMV program per (pair, BN-slice) reads the pair's expert directly (levante.cuda.triton_matmul's
+`gemv_slice`), the pairs of one slice side by side.
 """
 
 from __future__ import annotations

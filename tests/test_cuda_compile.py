@@ -132,7 +132,7 @@ def test_decode_gemv_instructions_per_weight(report):
     """The packed weights' decode GEMV is bound by instruction issue, not by HBM: an H200 issues ~33 T
     lane-instructions/s (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz) and its HBM delivers ~8.5 T Q4_K weights/s
     (4.8 TB/s, 0.5625 bytes each), so a loop of ~4 lane-instructions per weight would keep up with it. Reading the
-    codes by units of neighbours took Q4_K's loop from 22.6 to 7.7 and Q6_K's from 28.8 to 9.6 (SASS of the
+    codes by units of neighbours took Q4_K's loop from 22.6 to 7.7 and Q6_K's from 29.1 to 9.6 (SASS of the
     hottest loop x threads / weights per iteration); this holds every format there."""
     rows = [r for r in report if "error" not in r and r["kernel"] in ("_packed_gemv_kernel", "_moe_gemv_kernel")]
     assert len(rows) >= 20

@@ -242,8 +242,8 @@ def profile_step(llm: LLM, lines: list[str]) -> None:
 
 
 def check_kernels(dev: torch.device, shape: tuple[int, int], lines: list[str]) -> None:
-    """Each packed format at the experts' shape, by the GEMV (one and three rows) and the tiled kernel (eight
-    rows): vs x @ W^T of the dequantized weight in float32 (bf16 x)."""
+    """Each packed format at the experts' shape, by the GEMV (one row; three, but for 8-bit codes) and the tiled
+    kernel (eight rows): vs x @ W^T of the dequantized weight in float32 (bf16 x)."""
     n, k = shape
     worst = []
     for qtype in ("Q4_K", "Q6_K", "Q8_0", "Q5_K", "Q4_0", "AWQ4", "INT8"):
@@ -254,8 +254,8 @@ def check_kernels(dev: torch.device, shape: tuple[int, int], lines: list[str]) -
             err = ((w.matmul(x).float() - ref).abs().max() / ref.abs().max()).item()
             worst.append(f"{qtype}/{m} {err:.1e}")
             assert err < 1.5e-2, (qtype, m, err)  # bf16 rounding of W (tiled) and of y
-    lines.append(f"- packed kernels at [{n}, {k}], bf16 activations, 1 / 3 / 8 rows (GEMV, GEMV, tiled), max error / "
-                 "max |y|: " + ", ".join(worst))
+    lines.append(f"- packed kernels at [{n}, {k}], bf16 activations, 1 / 3 / 8 rows (GEMV; GEMV, 8-bit: tiled; tiled), "
+                 "max error / max |y|: " + ", ".join(worst))
 
 
 def per_call(fn, dev: torch.device, reps: int) -> float:

@@ -76,7 +76,7 @@ def _packed_launches() -> list[dict]:
             w.matmul(torch.randn(m, 256).to(dt))
             stack = ExpertStack([weight(qtype, s) for s in range(4)])
             ids = torch.stack([torch.randperm(4)[:2] for _ in range(m)])
-            routing = route(ids, 4, packed=True, wide=dt == torch.float32)
+            routing = route(ids, 4, packed=True, wide=dt == torch.float32, bits=stack.bits)
             x = torch.randn(m, 256).to(dt)
             h = torch.empty(2 * m, 32, dtype=dt)
             moe_matmul(x, h, stack, routing, 2)  # gate / up: each token's row twice

@@ -77,7 +77,7 @@ def test_gemv_equals_float_math(qtype):
     from levante.cuda.triton_matmul import GEMV, GEMV_ROWS, packed_matmul, use_gemv
 
     assert use_gemv(1, packed=True) and use_gemv(GEMV_ROWS, packed=True) and not use_gemv(GEMV_ROWS + 1, True)
-    assert not use_gemv(1, packed=False)
+    assert not use_gemv(1, packed=False) and use_gemv(2, True, bits=8) and not use_gemv(3, True, bits=8)
     k = K if qtype.endswith("_K") else 160  # 160: five 32-value blocks, not a whole 256-value slice
     pw = PackedWeight.from_ggml(_raw(qtype, k=k, seed=3), qtype, N, k)
     for dt in (torch.float32, torch.bfloat16):

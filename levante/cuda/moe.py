@@ -68,12 +68,12 @@ def align_by_expert(topk_ids: Tensor, n_experts: int, launch: Launch) -> Routing
     return Routing(n, launch, sorted_ids, block_expert, pad_end[n_experts - 1 : n_experts].to(torch.int32))
 
 
-def route(topk_ids: Tensor, n_experts: int, packed: bool, wide: bool = False) -> Routing:
+def route(topk_ids: Tensor, n_experts: int, packed: bool, wide: bool = False, bits: int = 4) -> Routing:
     """The routing of topk_ids [M, k] (-1: another rank's expert, not run) for the kernel that suits M: the GEMV
     for a few tokens (a program per pair, so no sort is needed), else the tiled kernel's blocks
-    (`packed`: of quantized experts; `wide`: float32 activations)."""
+    (`packed`: of quantized experts, whose codes have `bits`; `wide`: float32 activations)."""
     m = topk_ids.shape[0]
-    if use_gemv(m, packed):
+    if use_gemv(m, packed, bits):
         return Routing(topk_ids.numel(), GEMV, experts=topk_ids.reshape(-1))
     return align_by_expert(topk_ids, n_experts, dot_launch(m, dense=not packed, wide=wide))
 
@@ -178,6 +178,7 @@ class Part(nn.Module):
             self.stacks = nn.ModuleList([ExpertStack(weights)])
         self.members = tuple(members)
         self.packed = any(st.weight is None for st in self.stacks)
+        self.bits = max((st.bits for st in self.stacks if st.weight is None), default=16)  # the widest codes
         local_of = None
         if self.members != tuple(range(n_global)):
             dev = next(iter(self.stacks[0].buffers())).device
@@ -197,7 +198,7 @@ class Part(nn.Module):
         nn.Module.__init__(out)
         out.out_features = self.out_features + other.out_features
         out.stacks = nn.ModuleList([a.concat(b)])
-        out.members, out.packed = self.members, self.packed
+        out.members, out.packed, out.bits = self.members, self.packed, self.bits
         out.register_buffer("local_of", self.local_of, persistent=False)
         return out
 
@@ -305,10 +306,10 @@ class FusedMoE(nn.Module):
         routings: dict[tuple, Routing] = {}
 
         def routing_of(part: Part) -> Routing:
-            key = (part.members, part.packed)
+            key = (part.members, part.packed, part.bits)
             if key not in routings:
                 ids = chosen if part.local_of is None else part.local_of[chosen]
-                routings[key] = route(ids, len(part.members), part.packed, wide=x.dtype == torch.float32)
+                routings[key] = route(ids, len(part.members), part.packed, x.dtype == torch.float32, part.bits)
             return routings[key]
 
         if self.w13 is not None:

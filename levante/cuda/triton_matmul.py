@@ -86,10 +86,11 @@ def run(kernel, grid: tuple, launch: Launch, *args, **kwargs) -> None:
 
 GEMV = Launch(1, 16, 256, 4, 3)  # one row of x; 16-row slices of W, so a 4096-row weight spreads over 256 programs
 # Up to this many rows of x multiply packed weights by the GEMV, a pass per row (its programs side by side, so the
-# weight is read from HBM once and from L2 after): compiled for sm_90, the GEMV's loop costs 7-10 lane-instructions
-# per weight and row (Q4_K 7.7, Q6_K 9.6), the tiled kernel's 16-row tile 31-52 per weight whatever the rows used
-# (Q4_K 42), so a batch of 2-4 decode rows costs fewer instructions by the GEMV; both are bound by instruction
-# issue rather than by HBM there (tests/triton_aot.py's SASS counts)
+# weight is read from HBM once and from L2 after): compiled for sm_90, the GEMV's loop costs 6-11 lane-instructions
+# per weight and row (Q4_K 7.7, Q6_K 9.6, Q8_0 6.3), the tiled kernel's 16-row tile 14-52 per weight whatever the
+# rows used (Q4_K 42, Q5_K 50, Q6_K 40, Q4_0 25, Q8_0 18), so a batch of 2-4 decode rows costs fewer instructions
+# by the GEMV, of 2 for 8-bit codes; both are bound by instruction issue rather than by HBM there (the SASS counts
+# of tests/triton_aot.py)
 GEMV_ROWS = 4
 
 
@@ -100,11 +101,12 @@ def gemv_run(g: int, bk: int) -> int:
     return min(math.gcd(g, bk), bk // 2, 32)
 
 
-def use_gemv(m: int, packed: bool) -> bool:
-    """Whether m rows of x multiply by the GEMV: up to GEMV_ROWS rows, packed weights (LEVANTE_GEMV=all: float
-    ones too, =none: never; the benchmark compares them)."""
+def use_gemv(m: int, packed: bool, bits: int = 4) -> bool:
+    """Whether m rows of x multiply by the GEMV: up to GEMV_ROWS rows (2 for codes of 8 bits), packed weights
+    (LEVANTE_GEMV=all: float ones too, =none: never; the benchmark compares them)."""
     mode = os.environ.get("LEVANTE_GEMV", "packed")
-    return m <= GEMV_ROWS and (mode == "all" or (mode == "packed" and packed))
+    rows = 2 if bits == 8 else GEMV_ROWS
+    return m <= rows and (mode == "all" or (mode == "packed" and packed))
 
 
 @triton.jit
@@ -329,7 +331,8 @@ def packed_matmul(x: Tensor, w, launch: Launch | None = None) -> Tensor:
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     fmt = dict(BITS=w.bits, OFF=w.off, G=w.g, SG=w.sg, HAS_SC=w.sc.numel() > 0, HAS_MIN=w.dm.numel() > 0,
                HAS_MC=w.mc.numel() > 0)
-    cfg = launch or (GEMV if use_gemv(M, packed=True) else dot_launch(M, dense=False, wide=x.dtype == torch.float32))
+    wide = x.dtype == torch.float32
+    cfg = launch or (GEMV if use_gemv(M, packed=True, bits=w.bits) else dot_launch(M, dense=False, wide=wide))
     if cfg.bm == 1:
         run(_packed_gemv_kernel, (M, triton.cdiv(N, cfg.bn)), cfg,
             x2, y, *planes(w), N, K, x2.stride(0), y.stride(0), **fmt, BN=cfg.bn, BK=cfg.bk, GT=gemv_run(w.g, cfg.bk))

@@ -136,14 +136,14 @@ def serve_rank(group: Group, net: torch.nn.Module) -> None:
             elif op == _CACHE:
                 _cache_op(group, caches[a], b, c, d)
             elif op == _DECODER:  # a: its id
-                decoders[a] = gpu_decoder(net)
+                decoders[a] = _rank_decoder(net)
             elif op == _FREE:  # a: the id of a cache (b = 0) or a decoder (b = 1)
                 (decoders if b else caches).pop(a, None)
             elif op == _STOP:
                 return
 
 
-def gpu_decoder(net: torch.nn.Module) -> torch.nn.Module:
+def _rank_decoder(net: torch.nn.Module) -> torch.nn.Module:
     """levante.cuda's decoder (static cache, Triton attention, fused MoE) over this rank's shard; it runs the
     all-reduce hooks of `parallelize` on the outputs it computes, and eagerly (no CUDA graph: a collective inside
     a captured graph is not verified). The weights are packed and the MoE fused first: `load` did that on a GPU;
@@ -370,7 +370,7 @@ class ParallelDecoder:
         with lm._lock, lm._step():
             self.id = next(lm._ids)
             lm._send(_DECODER, self.id)
-            self.local = gpu_decoder(lm.local)
+            self.local = _rank_decoder(lm.local)
         self.model = lm.model  # device, dtype, cfg
         self.pipelined = self.local.pipelined
         weakref.finalize(self, lm._freed.append, (self.id, 1))

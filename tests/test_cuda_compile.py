@@ -4,9 +4,8 @@ launches recorded under the interpreter, compiled in a subprocess).
 
 Workloads: the decoder on one-layer models with Mixtral-8x7B's and SmolLM2-135M's hidden sizes and heads (the sizes
 the fused kernels' blocks follow), bf16 (and float16, an F16 checkpoint's dtype on a GPU; float32, an explicit
-dtype="float32"), through prefill chunks of
-every tile tier and batch-1 / batch-3 decode steps; then every packed format's matmul and grouped-expert kernels at
-each tier (one row: the GEMV)."""
+dtype="float32"), through prefill chunks of every tile tier and batch-1 / batch-3 decode steps; then every packed
+format's matmul and grouped-expert kernels at each tier (one row: the GEMV)."""
 
 from __future__ import annotations
 
@@ -143,4 +142,3 @@ def test_decode_gemv_instructions_per_weight(report):
         print(f"{_name(r)}: {r['loop']} instructions a loop, {per[_name(r)]:.2f} lane-instructions per weight")
     slow = {k: round(v, 2) for k, v in per.items() if v > 11}
     assert not slow, slow
-

@@ -242,20 +242,20 @@ def profile_step(llm: LLM, lines: list[str]) -> None:
 
 
 def check_kernels(dev: torch.device, shape: tuple[int, int], lines: list[str]) -> None:
-    """Each packed format at the experts' shape, by the GEMV (one row; three, but for 8-bit codes) and the tiled
-    kernel (eight rows): vs x @ W^T of the dequantized weight in float32 (bf16 x)."""
+    """Each packed format at the experts' shape, by the GEMV (one row; programs of 4 and 8 rows) and the tiled
+    kernel (twelve rows): vs x @ W^T of the dequantized weight in float32 (bf16 x)."""
     n, k = shape
     worst = []
     for qtype in ("Q4_K", "Q6_K", "Q8_0", "Q5_K", "Q4_0", "AWQ4", "INT8"):
         w = random_packed(n, k, qtype, dev)
-        for m in (1, 3, 8):
+        for m in (1, 3, 8, 12):
             x = torch.randn(m, k, device=dev).bfloat16()
             ref = x.float() @ w.dequantize().T
             err = ((w.matmul(x).float() - ref).abs().max() / ref.abs().max()).item()
             worst.append(f"{qtype}/{m} {err:.1e}")
             assert err < 1.5e-2, (qtype, m, err)  # bf16 rounding of W (tiled) and of y
-    lines.append(f"- packed kernels at [{n}, {k}], bf16 activations, 1 / 3 / 8 rows (GEMV; GEMV, 8-bit: tiled; tiled), "
-                 "max error / max |y|: " + ", ".join(worst))
+    lines.append(f"- packed kernels at [{n}, {k}], bf16 activations, 1 / 3 / 8 / 12 rows (GEMV of 1, 4, 8 rows; "
+                 "tiled), max error / max |y|: " + ", ".join(worst))
 
 
 def per_call(fn, dev: torch.device, reps: int) -> float:
@@ -283,20 +283,21 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
     """Batch-1 weight reads at the model's shapes, kernel by kernel: the experts' GEMMs of one token (top-2 pairs)
     and the packed dense matmuls, by the GEMV and by the tiled kernel in a few launch configurations, as the
     fraction of the copy rate each reaches (bytes it must read / time). The defaults are marked *."""
-    from levante.cuda.moe import ExpertStack, Routing, align_by_expert
-    from levante.cuda.triton_matmul import GEMV, Launch, dot_launch, packed_matmul
+    from levante.cuda.moe import ExpertStack, Routing, align_by_expert, route
+    from levante.cuda.triton_matmul import GEMV, Launch, dot_launch, gemv_launch, gemv_unit, packed_matmul
     from levante.cuda.triton_moe import moe_matmul
 
     d, f, n_exp = spec["hidden_size"], spec["intermediate_size"], spec["num_local_experts"]
     reps = 20 if dev.type == "cuda" else 1
-    gemvs = [GEMV, Launch(1, 32, 128, 4, 3), Launch(1, 16, 512, 4, 4), Launch(1, 64, 128, 8, 3)]
+    gemvs = [GEMV, Launch(1, 32, 128, 4, 3, gemv=True), Launch(1, 16, 512, 4, 4, gemv=True),
+             Launch(1, 64, 128, 8, 3, gemv=True)]
     lines += ["", "Batch-1 kernels (one token; experts: its 2 pairs), fraction of the copy rate:", "",
               "| weight | [N, K] | kernel (bm, bn, bk, warps, stages) | us | read GB/s | / copy rate |",
               "|---|---|---|---|---|---|"]
 
     def report(what: str, shape: tuple[int, int], launch: Launch, default: bool, nbytes: int, fn) -> None:
         t = per_call(fn, dev, reps)
-        kind = "GEMV" if launch.bm == 1 else "tiled"
+        kind = "GEMV" if launch.gemv else "tiled"
         mark = " *" if default else ""
         cfg = f"{kind}{mark} ({launch.bm}, {launch.bn}, {launch.bk}, {launch.warps}, {launch.stages})"
         lines.append(f"| {what} | {list(shape)} | {cfg} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | "
@@ -319,18 +320,39 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
             c = torch.empty(2, n, device=dev, dtype=torch.bfloat16)
             nbytes = 2 * stack.nbytes // n_exp
             for launch in (gemvs if full else gemvs[:1]) + (tiled if full else tiled[:1]):
-                if launch.bm == 1:
+                if launch.gemv:
                     routing = Routing(2, launch, experts=ids.reshape(-1).to(torch.int32))
                 else:
                     routing = align_by_expert(ids, n_exp, launch)
                 default = launch == (tiled[0] if fmt == "bf16" else GEMV)
-                report(f"experts {fmt}", (n, k), launch, default, nbytes, partial(moe_matmul, x, c, stack, routing, 1))
+                report(f"experts {fmt}", (n, k), launch, default, nbytes,
+                       partial(moe_matmul, x, c, stack, routing, 1, launch=launch))
     for fmt, (n, k) in (("Q4_K", (d, d)), ("Q4_K", (d + 2 * d // 4, d)), ("Q6_K", (spec["vocab_size"], d))):
         w = random_packed(n, k, fmt, dev)
         x = torch.randn(1, k, device=dev).bfloat16()
         nbytes = sum(b.numel() * b.element_size() for b in w.buffers())
         for launch in (GEMV, dot_launch(1, dense=False)):
             report(f"dense {fmt}", (n, k), launch, launch == GEMV, nbytes, partial(packed_matmul, x, w, launch))
+
+    lines += ["", "Batch-8 kernels (8 tokens; experts: their 16 pairs, sorted), the same weights: the GEMV of 8 rows "
+              "(dense) or of blocks of 2 pairs (experts) against the tiled kernel; bytes read: every weight once", "",
+              "| weight | [N, K] | kernel (bm, bn, bk, warps, stages) | us | read GB/s | / copy rate |",
+              "|---|---|---|---|---|---|"]
+    ids8 = torch.stack([torch.randperm(n_exp, device=dev)[:2] for _ in range(8)])
+    for fmt in ("Q4_K", "Q6_K", "Q8_0"):
+        w = random_packed(d, d, fmt, dev)
+        x = torch.randn(8, d, device=dev).bfloat16()
+        nbytes = sum(b.numel() * b.element_size() for b in w.buffers())
+        for launch in (gemv_launch(8, gemv_unit(w.bits, d)), dot_launch(8, dense=False)):
+            report(f"dense {fmt}", (d, d), launch, launch.gemv, nbytes, partial(packed_matmul, x, w, launch))
+        stack = ExpertStack([random_packed(2 * f, d, fmt, dev) for _ in range(n_exp)])
+        x = torch.randn(8, d, device=dev).bfloat16()
+        c = torch.empty(16, 2 * f, device=dev, dtype=torch.bfloat16)
+        used = len(set(ids8.reshape(-1).tolist()))
+        for routing in (route(ids8, n_exp, packed=True), align_by_expert(ids8, n_exp, dot_launch(8, dense=False))):
+            launch = gemv_launch(routing.launch.bm, gemv_unit(w.bits, d)) if routing.launch.gemv else routing.launch
+            report(f"experts {fmt}", (2 * f, d), launch, routing.launch.gemv, used * stack.nbytes // n_exp,
+                   partial(moe_matmul, x, c, stack, routing, 2))
 
 
 def main() -> None:

@@ -72,26 +72,27 @@ def test_kernel_equals_dequantized_matmul(qtype, m):
 
 @pytest.mark.parametrize("qtype", list(LAYOUTS))
 def test_gemv_equals_float_math(qtype):
-    """A decode step's rows (up to GEMV_ROWS) run the GEMV, which scales sums of codes times x per run of shared
-    scales: equal to the float32 math of the dequantized weight, for float32 and bfloat16 x."""
-    from levante.cuda.triton_matmul import GEMV, GEMV_ROWS, packed_matmul, use_gemv
+    """A decode step's rows (up to GEMV_ROWS) run the GEMV: one row scales sums of codes times x per run of shared
+    scales, more rows dequantize each value once and multiply it with each row. Both equal the float32 math of the
+    dequantized weight, for float32 and bfloat16 x, on whole and partial slices and blocks of rows."""
+    from levante.cuda.triton_matmul import GEMV, GEMV_ROWS, gemv_launch, packed_matmul, use_gemv
 
     assert use_gemv(1, packed=True) and use_gemv(GEMV_ROWS, packed=True) and not use_gemv(GEMV_ROWS + 1, True)
-    assert not use_gemv(1, packed=False) and use_gemv(2, True, bits=8) and not use_gemv(3, True, bits=8)
-    k = K if qtype.endswith("_K") else 160  # 160: five 32-value blocks, not a whole 256-value slice
+    assert not use_gemv(1, packed=False) and gemv_launch(1) == GEMV and gemv_launch(3).bm == 4
+    k = K if qtype.endswith("_K") else 160  # 160: five 32-value blocks, not a whole slice
     pw = PackedWeight.from_ggml(_raw(qtype, k=k, seed=3), qtype, N, k)
-    for dt in (torch.float32, torch.bfloat16):
-        x = torch.randn(1, k).to(dt)
-        ref = x.float() @ pw.dequantize().T
-        got = packed_matmul(x, pw).float()
-        tol = 1e-5 if dt == torch.float32 else 8e-3  # bf16: the output's rounding (the interpreter truncates)
-        assert (got - ref).abs().max() <= tol * ref.abs().max()
-    x = torch.randn(3, k)  # three rows: a pass each
-    ref = x @ pw.dequantize().T
-    assert (packed_matmul(x, pw) - ref).abs().max() <= 1e-5 * ref.abs().max()
-    x = torch.randn(7, k)  # the GEMV forced on more rows than it takes by default
-    ref = x @ pw.dequantize().T
-    assert (packed_matmul(x, pw, GEMV) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    w = pw.dequantize()
+    for m in (1, 3):  # one row; three, by a program of four rows
+        for dt in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, k).to(dt)
+            ref = x.float() @ w.T
+            got = packed_matmul(x, pw).float()
+            tol = 1e-5 if dt == torch.float32 else 8e-3  # bf16: the output's rounding (the interpreter truncates)
+            assert (got - ref).abs().max() <= tol * ref.abs().max()
+    x = torch.randn(7, k)  # a program of one row forced on more rows; programs of 2 and 8 rows: 4 blocks, one part
+    ref = x @ w.T
+    for launch in (GEMV, gemv_launch(2), gemv_launch(8)):
+        assert (packed_matmul(x, pw, launch) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 @pytest.mark.parametrize("m", [1, 20, 40, 100, 200])
@@ -134,9 +135,9 @@ def test_launch_too_big_for_the_gpu_is_retried_with_fewer_stages():
         run(Kernel(fits=0), (1,), Launch(16, 128, 128, 4, 2), BM=16)
 
 
-@pytest.mark.parametrize(("g", "m"), [(64, 1), (128, 1), (128, 3)])
+@pytest.mark.parametrize(("g", "m"), [(64, 1), (128, 1), (128, 3), (128, 12)])
 def test_awq_kernel(g, m):
-    """AWQ's 4-bit layout by the GEMV (one row) and the tiled kernel (three rows)."""
+    """AWQ's 4-bit layout by the GEMV (one row, three) and the tiled kernel (twelve rows)."""
     from levante.cuda.triton_matmul import packed_matmul
 
     awq = AWQWeight.from_codes(torch.randint(0, 16, (N, K), dtype=torch.uint8),
@@ -155,7 +156,9 @@ def test_int8_rows():
     w8 = Int8Weight.from_float(torch.randn(N, K) * 0.1)
     pw = pack_weight(w8)
     assert pw.qtype == "INT8" and torch.equal(pw.dequantize(), w8.dequantize())
-    for m, k in ((3, K), (1, K), (1, 96)):  # tiled, the GEMV, the GEMV with a row of 96 (one scale per row)
+    # tiled; the GEMV of one row and of several, with rows of 96 (one scale per row) and of 98 (codes read one by
+    # one: not whole int32 units)
+    for m, k in ((12, K), (1, K), (1, 96), (3, 96), (3, 98)):
         w8 = Int8Weight.from_float(torch.randn(N, k) * 0.1)
         pw = pack_weight(w8)
         x = torch.randn(m, k)

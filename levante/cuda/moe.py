@@ -22,7 +22,7 @@ from ..quant.base import DenseWeight, QuantWeight
 from ..quant.lowrank import LowRankWeight
 from .packed import PackedWeight
 from .triton_fused import router, silu_mul, topk_softmax
-from .triton_matmul import GEMV, Launch, dot_launch, use_gemv
+from .triton_matmul import GEMV, Launch, dot_launch, gemv_launch, use_gemv
 from .triton_moe import moe_matmul
 
 _PLANES = ("lo", "hi", "d", "sc", "dm", "mc")
@@ -32,10 +32,10 @@ _PLANES = ("lo", "hi", "d", "sc", "dm", "mc")
 class Routing:
     """How a batch's (token, choice) pairs reach the grouped GEMMs, for the kernel `launch` names.
 
-    Tiled (launch.bm > 1): sorted by expert, each expert's run padded to whole blocks of launch.bm: sorted_ids [P]:
-    pair index token * top_k + choice, or `n_pairs` for padding; block_expert [P / bm]: the expert of each block;
-    n_padded [1]: how many entries of sorted_ids are in use (the rest: empty blocks).
-    GEMV (launch.bm == 1): the pairs in order, `experts` [n_pairs] the expert of each."""
+    Sorted (the tiled kernel, or the GEMV of launch.bm > 1 rows): by expert, each expert's run padded to whole
+    blocks of launch.bm: sorted_ids [P]: pair index token * top_k + choice, or `n_pairs` for padding; block_expert
+    [P / bm]: the expert of each block; n_padded [1]: how many entries of sorted_ids are in use (the rest: empty
+    blocks). In order (the GEMV of one row): the pairs as they are, `experts` [n_pairs] the expert of each."""
 
     n_pairs: int
     launch: Launch
@@ -68,13 +68,17 @@ def align_by_expert(topk_ids: Tensor, n_experts: int, launch: Launch) -> Routing
     return Routing(n, launch, sorted_ids, block_expert, pad_end[n_experts - 1 : n_experts].to(torch.int32))
 
 
-def route(topk_ids: Tensor, n_experts: int, packed: bool, wide: bool = False, bits: int = 4) -> Routing:
-    """The routing of topk_ids [M, k] (-1: another rank's expert, not run) for the kernel that suits M: the GEMV
-    for a few tokens (a program per pair, so no sort is needed), else the tiled kernel's blocks
-    (`packed`: of quantized experts, whose codes have `bits`; `wide`: float32 activations)."""
-    m = topk_ids.shape[0]
-    if use_gemv(m, packed, bits):
-        return Routing(topk_ids.numel(), GEMV, experts=topk_ids.reshape(-1))
+def route(topk_ids: Tensor, n_experts: int, packed: bool, wide: bool = False) -> Routing:
+    """The routing of topk_ids [M, k] (-1: another rank's expert, not run) for the kernel that suits the pairs per
+    expert (spread evenly): the GEMV while they are few, a program per pair (one on average: no sort needed) or per
+    block of them sorted by expert, else the tiled kernel's blocks (`packed`: of quantized experts; `wide`: float32
+    activations)."""
+    m, k = topk_ids.shape
+    per_expert = -(-m * k // n_experts)
+    if use_gemv(per_expert, packed):
+        if per_expert == 1:
+            return Routing(topk_ids.numel(), GEMV, experts=topk_ids.reshape(-1))
+        return align_by_expert(topk_ids, n_experts, gemv_launch(per_expert))
     return align_by_expert(topk_ids, n_experts, dot_launch(m, dense=not packed, wide=wide))
 
 
@@ -178,7 +182,6 @@ class Part(nn.Module):
             self.stacks = nn.ModuleList([ExpertStack(weights)])
         self.members = tuple(members)
         self.packed = any(st.weight is None for st in self.stacks)
-        self.bits = max((st.bits for st in self.stacks if st.weight is None), default=16)  # the widest codes
         local_of = None
         if self.members != tuple(range(n_global)):
             dev = next(iter(self.stacks[0].buffers())).device
@@ -198,7 +201,7 @@ class Part(nn.Module):
         nn.Module.__init__(out)
         out.out_features = self.out_features + other.out_features
         out.stacks = nn.ModuleList([a.concat(b)])
-        out.members, out.packed, out.bits = self.members, self.packed, self.bits
+        out.members, out.packed = self.members, self.packed
         out.register_buffer("local_of", self.local_of, persistent=False)
         return out
 
@@ -306,10 +309,10 @@ class FusedMoE(nn.Module):
         routings: dict[tuple, Routing] = {}
 
         def routing_of(part: Part) -> Routing:
-            key = (part.members, part.packed, part.bits)
+            key = (part.members, part.packed)
             if key not in routings:
                 ids = chosen if part.local_of is None else part.local_of[chosen]
-                routings[key] = route(ids, len(part.members), part.packed, x.dtype == torch.float32, part.bits)
+                routings[key] = route(ids, len(part.members), part.packed, x.dtype == torch.float32)
             return routings[key]
 
         if self.w13 is not None:

@@ -4,12 +4,13 @@ The tiled kernel computes a [BM, BN] tile of y per program: for each BK slice it
 their bit planes, applies the formula of levante.cuda.packed (d * sc * (q - OFF) + dm * mc) in float32, rounds to
 x's dtype and accumulates x_tile @ w_tile^T in float32 with tl.dot. The weight is read once per M tile.
 
-The GEMV (a row of x at a time: decode steps of up to GEMV_ROWS rows) reads each quantized byte once per row (from
-L2 after the first), but multiplies the raw codes: within a
-run of GT values that share their scales, sum_k W[n, k] x[k] = d * sc * sum_k (q - OFF) x  +  dm * mc * sum_k x,
-so a weight costs a code extraction and one multiply-add (llama.cpp's dequantize-mul-mat-vec), not the scale
-loads and products of the full formula; the scales are read once per run. Both run on CUDA, and on CPU tensors
-under TRITON_INTERPRET=1 (the tests).
+The GEMV (decode steps of up to GEMV_ROWS rows) reads each quantized byte once, the rows of one slice of W side by
+side. One row multiplies the raw codes: within a run of GT values that share their scales,
+sum_k W[n, k] x[k] = d * sc * sum_k (q - OFF) x  +  dm * mc * sum_k x, so a weight costs a code extraction and one
+multiply-add (llama.cpp's dequantize-mul-mat-vec), not the scale loads and products of the full formula; the scales
+are read once per run. R rows dequantize each value once (one multiply-add: d * sc * q + (dm * mc - OFF * d * sc))
+and multiply it with every row, so a row costs a multiply-add per weight. All run on CUDA, and on CPU tensors under
+TRITON_INTERPRET=1 (the tests).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Launch:
     bk: int
     warps: int = 4
     stages: int = 3
+    gemv: bool = False  # a GEMV program (bm: the rows of x it multiplies), else a tile of the tiled kernel
 
 
 def dot_launch(m: int, dense: bool = True, wide: bool = False) -> Launch:
@@ -84,14 +86,27 @@ def run(kernel, grid: tuple, launch: Launch, *args, **kwargs) -> None:
             stages -= 1
 
 
-GEMV = Launch(1, 16, 256, 4, 3)  # one row of x; 16-row slices of W, so a 4096-row weight spreads over 256 programs
-# Up to this many rows of x multiply packed weights by the GEMV, a pass per row (its programs side by side, so the
-# weight is read from HBM once and from L2 after): compiled for sm_90, the GEMV's loop costs 6-11 lane-instructions
-# per weight and row (Q4_K 7.7, Q6_K 9.6, Q8_0 6.3), the tiled kernel's 16-row tile 14-52 per weight whatever the
-# rows used (Q4_K 42, Q5_K 50, Q6_K 40, Q4_0 25, Q8_0 18), so a batch of 2-4 decode rows costs fewer instructions
-# by the GEMV, of 2 for 8-bit codes; both are bound by instruction issue rather than by HBM there (the SASS counts
-# of tests/triton_aot.py)
-GEMV_ROWS = 4
+GEMV = Launch(1, 16, 256, 4, 3, gemv=True)  # one row of x; 16-row slices of W: a 4096-row weight spreads over 256
+# programs. Up to GEMV_ROWS rows of x multiply packed weights by a GEMV program of that many rows (`gemv_launch`),
+# which dequantizes each value once and multiplies it with every row. Compiled for sm_90 (the SASS counts of
+# tests/triton_aot.py), lane-instructions per weight: one row 6-11 (Q4_K 7.7, Q6_K 9.6, Q8_0 6.2), 2 / 4 / 8 rows
+# Q4_K 9.9 / 12.7 / 18.8, Q6_K 11.7 / 14.3 / 19.5, Q8_0 7.3 / 9.7 / 14.7, against 18-52 for the tiled kernel's
+# 16-row tile, whatever the rows used (Q4_K 42, Q5_K 50, Q6_K 40, Q4_0 25, Q8_0 18): decode steps of up to 8 rows
+# cost fewer instructions by the GEMV, and at these rates both are bound by instruction issue rather than by HBM
+GEMV_ROWS = 8
+
+
+def gemv_launch(rows: int, unit: int = 2) -> Launch:
+    """The GEMV program for blocks of `rows` rows of x (rounded up to a power of two) on a weight read by units of
+    `unit` values (`gemv_unit`): one row by `GEMV` (codes times x summed per run, then scaled); more by 16-row
+    slices of W as long as the slice's values (one accumulator per unit and row in each thread) keep at most 64
+    accumulators per thread (by the SASS counts, 4-bit codes cost 18.4 lane-instructions per weight over 8 rows
+    at 256 values, in 236 registers, 18.8 at 128, in 128 registers: more blocks per SM to hide HBM latency)."""
+    if rows == 1:
+        return GEMV
+    r = triton.next_power_of_2(rows)
+    bk = next(bk for bk in (256, 128, 64) if bk == 64 or r * 16 * bk // unit <= 64 * 128)
+    return Launch(r, 16, bk, 4, 3, gemv=True)
 
 
 def gemv_run(g: int, bk: int) -> int:
@@ -101,12 +116,20 @@ def gemv_run(g: int, bk: int) -> int:
     return min(math.gcd(g, bk), bk // 2, 32)
 
 
-def use_gemv(m: int, packed: bool, bits: int = 4) -> bool:
-    """Whether m rows of x multiply by the GEMV: up to GEMV_ROWS rows (2 for codes of 8 bits), packed weights
-    (LEVANTE_GEMV=all: float ones too, =none: never; the benchmark compares them)."""
+def gemv_unit(bits: int, k: int) -> int:
+    """U: the values a GEMV program of several rows reads as one unit of W: a byte of two 4-bit codes, 2 bytes of
+    nibbles + a byte of high bits for 4 6-bit codes, 4 + 1 bytes for 8 5-bit ones, 4 bytes of 8-bit codes or 4
+    float values where rows of k keep units aligned (else 1)."""
+    if bits in (4, 5, 6):
+        return {4: 2, 5: 8, 6: 4}[bits]
+    return 4 if k % 4 == 0 else 1
+
+
+def use_gemv(m: int, packed: bool) -> bool:
+    """Whether m rows of x multiply by the GEMV: up to GEMV_ROWS rows, of packed weights (LEVANTE_GEMV=all: float
+    ones too, =none: never; the benchmark compares them)."""
     mode = os.environ.get("LEVANTE_GEMV", "packed")
-    rows = 2 if bits == 8 else GEMV_ROWS
-    return m <= rows and (mode == "all" or (mode == "packed" and packed))
+    return m <= GEMV_ROWS and (mode == "all" or (mode == "packed" and packed))
 
 
 @triton.jit
@@ -251,6 +274,63 @@ def gemv_slice(
 
 
 @triton.jit
+def unit_code(lo, hi, T: tl.constexpr, BITS: tl.constexpr):
+    """Code T of each unit (int32): 8 bits at bit 8T of `lo`; else 4 bits at bit 4T of `lo` and, for 5 / 6-bit codes,
+    1 / 2 high bits at bit T / 2T of `hi`."""
+    if BITS == 8:
+        return (lo >> (8 * T)) & 255
+    q = (lo >> (4 * T)) & 15
+    if BITS == 5:
+        q = q | (((hi >> T) & 1) << 4)
+    if BITS == 6:
+        q = q | (((hi >> (2 * T)) & 3) << 4)
+    return q
+
+
+@triton.jit
+def gemv_rows_slice(
+    acc, x_ptr, x_off, r_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok,
+    DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
+    HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
+    U: tl.constexpr,
+):
+    """acc [R, BN, BK / GT, GT / U] + the products of W[rn, k0 : k0 + BK] with R rows of x (at x_ptr + x_off [R];
+    r_ok: the real ones), W's values taken by units of U neighbours (`gemv_unit`): each value of a packed W is
+    dequantized once (d * sc * q + (dm * mc - OFF * d * sc), the scales loaded once per run of GT),
+    then multiplied with every row, one multiply-add per value and row. The caller sums the last two axes once,
+    after its last slice."""
+    run = tl.arange(0, BK // GT)
+    unit = k0 // U + run[:, None] * (GT // U) + tl.arange(0, GT // U)[None, :]  # [runs, GT / U]
+    u_ok = unit < K // U
+    ok = n_ok[:, None, None] & u_ok[None, :, :]
+    at = rn[:, None, None] * (K // U) + unit[None, :, :]
+    if not DENSE:
+        first = k0 + run * GT
+        s, m = scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn[:, None], first[None, :], K,
+                      n_ok[:, None] & (first < K)[None, :], G, SG, HAS_SC, HAS_MIN, HAS_MC)
+        m = m - OFF * s if HAS_MIN else -OFF * s
+        if BITS == 6:  # 2 bytes of nibbles + a byte of high bits
+            lo = tl.load(lo_ptr.to(tl.pointer_type(tl.uint16)) + at, mask=ok, other=0).to(tl.int32)
+        elif BITS == 5 or U == 4:  # 4 bytes of nibbles + a byte of high bits; 4 bytes of 8-bit codes
+            lo = tl.load(lo_ptr.to(tl.pointer_type(tl.int32)) + at, mask=ok, other=0)
+        else:  # a byte: two 4-bit codes, or one of 8 bits
+            lo = tl.load(lo_ptr + at, mask=ok, other=0).to(tl.int32)
+        hi = lo
+        if BITS == 5 or BITS == 6:
+            hi = tl.load(hi_ptr + at, mask=ok, other=0).to(tl.int32)
+    xu = x_ptr + x_off[:, None, None] + U * unit[None, :, :]  # [R, runs, GT / U]: each unit's first x
+    x_ok = r_ok[:, None, None] & u_ok[None, :, :]
+    for t in tl.static_range(U):
+        if DENSE:
+            w = tl.load(w_ptr + U * at + t, mask=ok, other=0.0).to(tl.float32)
+        else:
+            w = unit_code(lo, hi, t, BITS).to(tl.float32) * s[:, :, None] + m[:, :, None]
+        x = tl.load(xu + t, mask=x_ok, other=0.0).to(tl.float32)
+        acc = acc + w[None, :, :, :] * x[:, None, :, :]
+    return acc
+
+
+@triton.jit
 def dot_acc(acc, x, w, IEEE: tl.constexpr):
     """acc + x @ w^T with w rounded to x's dtype: on tensor cores, or (IEEE) as exact float32 products."""
     if IEEE:
@@ -296,19 +376,31 @@ def _packed_matmul_kernel(
 
 @triton.jit
 def _packed_gemv_kernel(
-    x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, N, K, stride_xm, stride_ym,
+    x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, M, N, K, stride_xm, stride_ym,
     BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
+    R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr,
 ):
-    row = tl.program_id(0)  # the rows of one slice of W side by side: the slice is read from HBM once
+    # the row blocks of one slice of W side by side: the slice is read from HBM once
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    r_ok = rows < M
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = rn < N
-    acc = tl.zeros((BN, BK // GT), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        acc = gemv_slice(acc, x_ptr + row * stride_xm, lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn,
-                         k0, K, n_ok, False, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT)
-    tl.store(y_ptr + row * stride_ym + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_ok)
+    if R == 1:
+        x_ptr = x_ptr + tl.program_id(0) * stride_xm
+        acc = tl.zeros((BN, BK // GT), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            acc = gemv_slice(acc, x_ptr, lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok,
+                             False, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT)
+        y = tl.sum(acc, axis=1)[None, :]
+    else:
+        acc = tl.zeros((R, BN, BK // GT, GT // U), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            acc = gemv_rows_slice(acc, x_ptr, rows * stride_xm, r_ok, lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr,
+                                  mc_ptr, rn, k0, K, n_ok, False, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
+        y = tl.sum(tl.sum(acc, axis=3), axis=2)
+    tl.store(y_ptr + rows[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & n_ok[None, :])
 
 
 def planes(w) -> tuple[Tensor, ...]:
@@ -332,10 +424,12 @@ def packed_matmul(x: Tensor, w, launch: Launch | None = None) -> Tensor:
     fmt = dict(BITS=w.bits, OFF=w.off, G=w.g, SG=w.sg, HAS_SC=w.sc.numel() > 0, HAS_MIN=w.dm.numel() > 0,
                HAS_MC=w.mc.numel() > 0)
     wide = x.dtype == torch.float32
-    cfg = launch or (GEMV if use_gemv(M, packed=True, bits=w.bits) else dot_launch(M, dense=False, wide=wide))
-    if cfg.bm == 1:
-        run(_packed_gemv_kernel, (M, triton.cdiv(N, cfg.bn)), cfg,
-            x2, y, *planes(w), N, K, x2.stride(0), y.stride(0), **fmt, BN=cfg.bn, BK=cfg.bk, GT=gemv_run(w.g, cfg.bk))
+    unit = gemv_unit(w.bits, K)
+    cfg = launch or (gemv_launch(M, unit) if use_gemv(M, packed=True) else dot_launch(M, dense=False, wide=wide))
+    if cfg.gemv:
+        run(_packed_gemv_kernel, (triton.cdiv(M, cfg.bm), triton.cdiv(N, cfg.bn)), cfg,
+            x2, y, *planes(w), M, N, K, x2.stride(0), y.stride(0), **fmt, R=cfg.bm, BN=cfg.bn, BK=cfg.bk,
+            GT=gemv_run(w.g, cfg.bk), U=unit)
     else:
         run(_packed_matmul_kernel, (triton.cdiv(M, cfg.bm), triton.cdiv(N, cfg.bn)), cfg,
             x2, y, *planes(w), M, N, K, x2.stride(0), y.stride(0), **fmt, IEEE=use_ieee(x.dtype),

@@ -7,9 +7,10 @@ pair's routing weight when MUL_W. Blocks past the padded total stop at once, so 
 the chosen experts' weights. W is a stack of float weights [E, N, K], or of packed quantized planes (the formula
 of levante.cuda.packed, dequantized in registers by `weight_tile`).
 
-The pairs of a few tokens (decode steps of up to GEMV_ROWS rows; batch 1: top-k pairs, all of different experts)
-skip the sort: a GEMV program per (pair, BN-slice) reads the pair's expert directly (levante.cuda.triton_matmul's
-`gemv_slice`), the pairs of one slice side by side.
+Decode steps of packed experts take the GEMV (levante.cuda.triton_matmul's `gemv_slice` / `gemv_rows_slice`): at
+most one pair per expert on average (batch 1: top-k pairs, all of different experts), a program per (pair,
+BN-slice) reads the pair's expert directly, no sort; up to GEMV_ROWS per expert, a program per (sorted block of R
+pairs, BN-slice) dequantizes its expert's slice once for the R pairs. The programs of one slice run side by side.
 """
 
 from __future__ import annotations
@@ -18,7 +19,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_matmul import dot_acc, gemv_run, gemv_slice, run, use_ieee, weight_tile
+from .triton_matmul import (
+    Launch,
+    dot_acc,
+    gemv_launch,
+    gemv_rows_slice,
+    gemv_run,
+    gemv_slice,
+    gemv_unit,
+    run,
+    use_ieee,
+    weight_tile,
+)
 
 
 @triton.jit
@@ -59,38 +71,57 @@ def _moe_kernel(
 
 @triton.jit
 def _moe_gemv_kernel(
-    a_ptr, c_ptr, expert_ptr, topw_ptr,
+    a_ptr, c_ptr, expert_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, topw_ptr,
     w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr,
     e_w, e_lo, e_hi, e_d, e_sc,
-    N, K, stride_am, stride_cm,
+    N, K, n_pairs, stride_am, stride_cm,
     A_DIV: tl.constexpr, MUL_W: tl.constexpr,
     DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
+    R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr,
 ):
-    pair = tl.program_id(0)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = rn < N
-    e = tl.load(expert_ptr + pair).to(tl.int64)
-    if e < 0:  # another rank's expert
-        return
-    x_ptr = a_ptr + (pair // A_DIV) * stride_am
-    acc = tl.zeros((BN, BK // GT), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        acc = gemv_slice(acc, x_ptr, w_ptr + e * e_w, lo_ptr + e * e_lo, hi_ptr + e * e_hi, d_ptr + e * e_d,
-                         sc_ptr + e * e_sc, dm_ptr + e * e_d, mc_ptr + e * e_sc, rn, k0, K, n_ok,
-                         DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT)
-    y = tl.sum(acc, axis=1)
+    if R == 1:  # a pair, in order
+        pairs = tl.program_id(0) + tl.arange(0, 1)
+        e = tl.load(expert_ptr + tl.program_id(0)).to(tl.int64)
+        if e < 0:  # another rank's expert
+            return
+    else:  # a block of R pairs sorted by expert
+        if tl.program_id(0) * R >= tl.load(n_padded_ptr):
+            return
+        pairs = tl.load(sorted_ptr + tl.program_id(0) * R + tl.arange(0, R))
+        e = tl.load(block_expert_ptr + tl.program_id(0)).to(tl.int64)
+    p_ok = pairs < n_pairs
+    w_ptr, lo_ptr, hi_ptr = w_ptr + e * e_w, lo_ptr + e * e_lo, hi_ptr + e * e_hi
+    d_ptr, sc_ptr, dm_ptr, mc_ptr = d_ptr + e * e_d, sc_ptr + e * e_sc, dm_ptr + e * e_d, mc_ptr + e * e_sc
+    if R == 1:
+        x_ptr = a_ptr + (tl.program_id(0) // A_DIV) * stride_am
+        acc = tl.zeros((BN, BK // GT), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            acc = gemv_slice(acc, x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok,
+                             DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT)
+        y = tl.sum(acc, axis=1)[None, :]
+    else:
+        acc = tl.zeros((R, BN, BK // GT, GT // U), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            acc = gemv_rows_slice(acc, a_ptr, (pairs // A_DIV) * stride_am, p_ok, w_ptr, lo_ptr, hi_ptr, d_ptr,
+                                  sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN,
+                                  HAS_MC, BK, GT, U)
+        y = tl.sum(tl.sum(acc, axis=3), axis=2)
     if MUL_W:
-        y = y * tl.load(topw_ptr + pair).to(tl.float32)
-    tl.store(c_ptr + pair * stride_cm + rn, y.to(c_ptr.dtype.element_ty), mask=n_ok)
+        y = y * tl.load(topw_ptr + pairs, mask=p_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(c_ptr + pairs[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty),
+             mask=p_ok[:, None] & n_ok[None, :])
 
 
-def moe_matmul(a: Tensor, c: Tensor, stack, routing, a_div: int, topk_weights: Tensor | None = None) -> None:
+def moe_matmul(a: Tensor, c: Tensor, stack, routing, a_div: int, topk_weights: Tensor | None = None,
+               launch: Launch | None = None) -> None:
     """c[pair] = a[pair // a_div] @ W[expert of pair]^T (* the pair's routing weight) for every (token, choice)
-    pair of `routing` (a levante.cuda.moe.Routing: sorted by expert for the tiled kernel, or in order with each
-    pair's expert for the GEMV; its `launch` says which, and the tiles); `stack`: a levante.cuda.moe.ExpertStack
-    (neither imported here: that module imports this one)."""
+    pair of `routing` (a levante.cuda.moe.Routing: sorted by expert for the tiled kernel or the GEMV of several
+    rows, or in order with each pair's expert for the GEMV of one; its `launch` says which, and the tiles: a GEMV's
+    slices follow the stack's format, `gemv_launch`); `stack`: a levante.cuda.moe.ExpertStack (neither imported
+    here: that module imports this one). `launch`: another configuration of the same kind (the benchmark's)."""
     N, K = stack.out_features, stack.in_features
     if a.shape[1] != K or c.shape[1] != N:
         raise ValueError(f"a [{a.shape[1]}] / c [{c.shape[1]}] do not fit the experts' [{N}, {K}]")
@@ -108,13 +139,21 @@ def moe_matmul(a: Tensor, c: Tensor, stack, routing, a_div: int, topk_weights: T
                HAS_MC=not dense and stack.mc.numel() > 0)
     topw = topk_weights if topk_weights is not None else a
     cfg = routing.launch
-    if cfg.bm == 1:  # the pairs in order, each with its expert
-        run(_moe_gemv_kernel, (routing.n_pairs, triton.cdiv(N, cfg.bn)), cfg,
-            a, c, routing.experts, topw, *weights, N, K, a.stride(0), c.stride(0), **fmt,
-            BN=cfg.bn, BK=cfg.bk, GT=gemv_run(stack.g if not dense else 32, cfg.bk))
+    if cfg.gemv:
+        unit = gemv_unit(stack.bits, K)
+        cfg = launch or gemv_launch(cfg.bm, unit)  # the slices that suit this stack's format, for the routing's blocks
+        gt = gemv_run(stack.g if not dense else 32, cfg.bk)
+        if cfg.bm == 1:  # the pairs in order, each with its expert (the sort's pointers unused)
+            grid, pointers = routing.n_pairs, (routing.experts,) * 4
+        else:  # blocks of pairs sorted by expert (the experts' pointer unused)
+            grid = routing.block_expert.numel()
+            pointers = (routing.sorted_ids, routing.sorted_ids, routing.block_expert, routing.n_padded)
+        run(_moe_gemv_kernel, (grid, triton.cdiv(N, cfg.bn)), cfg,
+            a, c, *pointers, topw, *weights, N, K, routing.n_pairs, a.stride(0), c.stride(0), **fmt,
+            R=cfg.bm, BN=cfg.bn, BK=cfg.bk, GT=gt, U=unit)
         return
+    cfg = launch or cfg
     run(_moe_kernel, (routing.block_expert.numel(), triton.cdiv(N, cfg.bn)), cfg,
         a, c, routing.sorted_ids, routing.block_expert, routing.n_padded, topw, *weights,
         N, K, routing.n_pairs, a.stride(0), c.stride(0), **fmt, IEEE=use_ieee(a.dtype),
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk)
-

@@ -160,8 +160,9 @@ def timed_generation(llm: LLM, prompts: list[list[int]], n: int) -> tuple[float,
 def run_variant(name: str, loaded: LoadedModel, ids: list[int], n_new: int, limit: float, lines: list[str],
                 smoke: bool) -> dict:
     llm = LLM(_loaded=loaded, n_ctx=1024)
-    if smoke:  # CPU: the GPU path itself, under the Triton interpreter
+    if smoke:  # CPU: the GPU path itself, under the Triton interpreter (the engine's decoder too)
         llm._decoder = CudaDecoder(llm.model)
+        llm.serving_model = lambda: CudaDecoder(llm.model)
     first = timed_generation(llm, [ids], n_new)
     warm = timed_generation(llm, [ids], n_new)
     res = dict(name=name, first=(first[2] - 1) / first[1], warm=(warm[2] - 1) / warm[1], prefill=len(ids) / warm[0],

@@ -89,23 +89,24 @@ def run(kernel, grid: tuple, launch: Launch, *args, **kwargs) -> None:
 GEMV = Launch(1, 16, 256, 4, 3, gemv=True)  # one row of x; 16-row slices of W: a 4096-row weight spreads over 256
 # programs. Up to GEMV_ROWS rows of x multiply packed weights by a GEMV program of that many rows (`gemv_launch`),
 # which dequantizes each value once and multiplies it with every row. Compiled for sm_90 (the SASS counts of
-# tests/triton_aot.py), lane-instructions per weight: one row 6-11 (Q4_K 7.7, Q6_K 9.6, Q8_0 6.2), 2 / 4 / 8 rows
-# Q4_K 9.9 / 12.7 / 18.8, Q6_K 11.7 / 14.3 / 19.5, Q8_0 7.3 / 9.7 / 14.7, against 18-52 for the tiled kernel's
-# 16-row tile, whatever the rows used (Q4_K 42, Q5_K 50, Q6_K 40, Q4_0 25, Q8_0 18): decode steps of up to 8 rows
-# cost fewer instructions by the GEMV, and at these rates both are bound by instruction issue rather than by HBM
+# tests/triton_aot.py, Triton 3.9; the GPU's 3.6 within ~10 %, Q5_K's 4 and 8 rows within 25 %), lane-instructions
+# per weight for 1 / 2 / 4 / 8 rows: Q4_K 7.7 / 9.9 / 12.7 / 18.4, Q6_K 9.3 / 11.7 / 14.3 / 19.5, Q8_0 6.2 / 7.3 /
+# 9.7 / 14.7, against 14-52 for the tiled kernel's 16-row tile, whatever the rows used (Q4_K 42, Q5_K 50, Q6_K 40,
+# Q4_0 25, Q8_0 18, int8 rows 14): decode steps of up to 8 rows cost fewer instructions by the GEMV (int8 rows
+# about as many), and at these rates both are bound by instruction issue rather than by HBM
 GEMV_ROWS = 8
 
 
 def gemv_launch(rows: int, unit: int = 2) -> Launch:
     """The GEMV program for blocks of `rows` rows of x (rounded up to a power of two) on a weight read by units of
-    `unit` values (`gemv_unit`): one row by `GEMV` (codes times x summed per run, then scaled); more by 16-row
-    slices of W as long as the slice's values (one accumulator per unit and row in each thread) keep at most 64
-    accumulators per thread (by the SASS counts, 4-bit codes cost 18.4 lane-instructions per weight over 8 rows
-    at 256 values, in 236 registers, 18.8 at 128, in 128 registers: more blocks per SM to hide HBM latency)."""
+    `unit` values (`gemv_unit`): one row by `GEMV` (codes times x summed per run, then scaled); more by 16 x 256
+    slices of W, narrower where a thread would hold over 128 accumulators (one per unit and row; compiled for sm_90
+    by the GPU's Triton 3.6, 8 rows of 4-bit codes cost 18.7 lane-instructions per weight at 256 values, 30.3 at
+    128, both in 229-255 registers)."""
     if rows == 1:
         return GEMV
     r = triton.next_power_of_2(rows)
-    bk = next(bk for bk in (256, 128, 64) if bk == 64 or r * 16 * bk // unit <= 64 * 128)
+    bk = next(bk for bk in (256, 128, 64) if bk == 64 or r * 16 * bk // unit <= 128 * 128)
     return Launch(r, 16, bk, 4, 3, gemv=True)
 
 
@@ -185,12 +186,15 @@ def weight_tile(
 
 @triton.jit
 def unit_part(lo, hi, x, T: tl.constexpr, HB: tl.constexpr):
-    """sum over a run's units of code T of each unit times its x: the code's low 4 bits at bit 4T of `lo`, its HB
-    high bits at bit HB * T of `hi` (lo, hi: [BN, runs, units], x: [runs, units]) -> [BN, runs]."""
+    """Code T of each unit times its x: the code's low 4 bits at bit 4T of `lo`, its HB high bits at bit HB * T of
+    `hi` (lo, hi: [BN, runs, units], x: [runs, units]) -> [BN, runs, units]. For 5 and 6-bit codes the caller adds
+    a unit's products before summing the units, so most are multiply-adds (sm_90 SASS, lane-instructions per
+    weight: Q5_K 12.1 -> 10.8 by the GPU's Triton 3.6, 10.4 -> 9.5 by 3.9); 4-bit codes sum each code's products
+    apart (adding them first: Q4_K 8.2 -> 8.5 by 3.6, 7.7 -> 7.5 by 3.9)."""
     q = (lo >> (4 * T)) & 15
     if HB > 0:
         q = q | (((hi >> (HB * T)) & ((1 << HB) - 1)) << 4)
-    return tl.sum(q.to(tl.float32) * x[None, :, :], axis=2)
+    return q.to(tl.float32) * x[None, :, :]
 
 
 @triton.jit
@@ -223,7 +227,7 @@ def gemv_slice(
             x0, x1 = tl.split(tl.load(x_ptr + 2 * unit[:, :, None] + two[None, None, :], mask=u_ok[:, :, None],
                                       other=0.0).to(tl.float32))
             xs = x0 + x1
-            qx = unit_part(lo, lo, x0, 0, 0) + unit_part(lo, lo, x1, 1, 0)
+            qx = tl.sum(unit_part(lo, lo, x0, 0, 0), axis=2) + tl.sum(unit_part(lo, lo, x1, 1, 0), axis=2)
         elif BITS == 6:
             lo = tl.load(lo_ptr.to(tl.pointer_type(tl.uint16)) + rn[:, None, None] * (K // 4) + unit[None, :, :],
                          mask=ok, other=0).to(tl.int32)
@@ -234,8 +238,8 @@ def gemv_slice(
             x0, x2 = tl.split(even)
             x1, x3 = tl.split(odd)
             xs = x0 + x1 + x2 + x3
-            qx = (unit_part(lo, hi, x0, 0, 2) + unit_part(lo, hi, x1, 1, 2) + unit_part(lo, hi, x2, 2, 2)
-                  + unit_part(lo, hi, x3, 3, 2))
+            qx = tl.sum(unit_part(lo, hi, x0, 0, 2) + unit_part(lo, hi, x1, 1, 2) + unit_part(lo, hi, x2, 2, 2)
+                        + unit_part(lo, hi, x3, 3, 2), axis=2)
         else:
             lo = tl.load(lo_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None, None] * (K // 8) + unit[None, :, :],
                          mask=ok, other=0)
@@ -251,9 +255,9 @@ def gemv_slice(
             x1, x5 = tl.split(o0)
             x3, x7 = tl.split(o2)
             xs = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-            qx = (unit_part(lo, hi, x0, 0, 1) + unit_part(lo, hi, x1, 1, 1) + unit_part(lo, hi, x2, 2, 1)
-                  + unit_part(lo, hi, x3, 3, 1) + unit_part(lo, hi, x4, 4, 1) + unit_part(lo, hi, x5, 5, 1)
-                  + unit_part(lo, hi, x6, 6, 1) + unit_part(lo, hi, x7, 7, 1))
+            qx = tl.sum(unit_part(lo, hi, x0, 0, 1) + unit_part(lo, hi, x1, 1, 1) + unit_part(lo, hi, x2, 2, 1)
+                        + unit_part(lo, hi, x3, 3, 1) + unit_part(lo, hi, x4, 4, 1) + unit_part(lo, hi, x5, 5, 1)
+                        + unit_part(lo, hi, x6, 6, 1) + unit_part(lo, hi, x7, 7, 1), axis=2)
         xs = tl.sum(xs, axis=1)
         # sum (q - OFF) x = sum q x - OFF sum x: codes of at most 6 bits leave the difference well conditioned
         qx = qx - OFF * xs[None, :]

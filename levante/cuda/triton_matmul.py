@@ -335,6 +335,29 @@ def gemv_rows_slice(
 
 
 @triton.jit
+def gemv(
+    x_ptr, x_off, r_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, K, n_ok,
+    DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
+    HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr,
+    R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr,
+):
+    """y [R, BN] = the R rows of x at x_ptr + x_off [R] (r_ok: the real ones) @ W[rn]^T over all K, slice by
+    slice: one row by `gemv_slice`, more by `gemv_rows_slice`."""
+    if R == 1:
+        x_ptr = x_ptr + tl.sum(x_off, axis=0)
+        acc = tl.zeros((BN, BK // GT), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            acc = gemv_slice(acc, x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok,
+                             DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT)
+        return tl.sum(acc, axis=1)[None, :]
+    acc = tl.zeros((R, BN, BK // GT, GT // U), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        acc = gemv_rows_slice(acc, x_ptr, x_off, r_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0,
+                              K, n_ok, DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
+    return tl.sum(tl.sum(acc, axis=3), axis=2)
+
+
+@triton.jit
 def dot_acc(acc, x, w, IEEE: tl.constexpr):
     """acc + x @ w^T with w rounded to x's dtype: on tensor cores, or (IEEE) as exact float32 products."""
     if IEEE:
@@ -390,19 +413,8 @@ def _packed_gemv_kernel(
     r_ok = rows < M
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = rn < N
-    if R == 1:
-        x_ptr = x_ptr + tl.program_id(0) * stride_xm
-        acc = tl.zeros((BN, BK // GT), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            acc = gemv_slice(acc, x_ptr, lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok,
-                             False, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT)
-        y = tl.sum(acc, axis=1)[None, :]
-    else:
-        acc = tl.zeros((R, BN, BK // GT, GT // U), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            acc = gemv_rows_slice(acc, x_ptr, rows * stride_xm, r_ok, lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr,
-                                  mc_ptr, rn, k0, K, n_ok, False, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
-        y = tl.sum(tl.sum(acc, axis=3), axis=2)
+    y = gemv(x_ptr, rows * stride_xm, r_ok, lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, K, n_ok,
+             False, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, R, BN, BK, GT, U)
     tl.store(y_ptr + rows[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
              mask=r_ok[:, None] & n_ok[None, :])
 

@@ -7,7 +7,7 @@ pair's routing weight when MUL_W. Blocks past the padded total stop at once, so 
 the chosen experts' weights. W is a stack of float weights [E, N, K], or of packed quantized planes (the formula
 of levante.cuda.packed, dequantized in registers by `weight_tile`).
 
-Decode steps of packed experts take the GEMV (levante.cuda.triton_matmul's `gemv_slice` / `gemv_rows_slice`): at
+Decode steps of packed experts take the GEMV (levante.cuda.triton_matmul's `gemv`): at
 most one pair per expert on average (batch 1: top-k pairs, all of different experts), a program per (pair,
 BN-slice) reads the pair's expert directly, no sort; up to GEMV_ROWS per expert, a program per (sorted block of R
 pairs, BN-slice) dequantizes its expert's slice once for the R pairs. The programs of one slice run side by side.
@@ -22,10 +22,9 @@ from torch import Tensor
 from .triton_matmul import (
     Launch,
     dot_acc,
+    gemv,
     gemv_launch,
-    gemv_rows_slice,
     gemv_run,
-    gemv_slice,
     gemv_unit,
     run,
     use_ieee,
@@ -95,20 +94,8 @@ def _moe_gemv_kernel(
     p_ok = pairs < n_pairs
     w_ptr, lo_ptr, hi_ptr = w_ptr + e * e_w, lo_ptr + e * e_lo, hi_ptr + e * e_hi
     d_ptr, sc_ptr, dm_ptr, mc_ptr = d_ptr + e * e_d, sc_ptr + e * e_sc, dm_ptr + e * e_d, mc_ptr + e * e_sc
-    if R == 1:
-        x_ptr = a_ptr + (tl.program_id(0) // A_DIV) * stride_am
-        acc = tl.zeros((BN, BK // GT), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            acc = gemv_slice(acc, x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok,
-                             DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT)
-        y = tl.sum(acc, axis=1)[None, :]
-    else:
-        acc = tl.zeros((R, BN, BK // GT, GT // U), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            acc = gemv_rows_slice(acc, a_ptr, (pairs // A_DIV) * stride_am, p_ok, w_ptr, lo_ptr, hi_ptr, d_ptr,
-                                  sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN,
-                                  HAS_MC, BK, GT, U)
-        y = tl.sum(tl.sum(acc, axis=3), axis=2)
+    y = gemv(a_ptr, (pairs // A_DIV) * stride_am, p_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, K,
+             n_ok, DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, R, BN, BK, GT, U)
     if MUL_W:
         y = y * tl.load(topw_ptr + pairs, mask=p_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(c_ptr + pairs[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty),

@@ -158,7 +158,7 @@ def test_int8_rows():
     assert pw.qtype == "INT8" and torch.equal(pw.dequantize(), w8.dequantize())
     # tiled; the GEMV of one row and of several, with rows of 96 (one scale per row) and of 98 (codes read one by
     # one: not whole int32 units)
-    for m, k in ((12, K), (1, K), (1, 96), (3, 96), (3, 98)):
+    for m, k in ((12, K), (1, K), (1, 96), (3, 96), (1, 98), (3, 98)):
         w8 = Int8Weight.from_float(torch.randn(N, k) * 0.1)
         pw = pack_weight(w8)
         x = torch.randn(m, k)

@@ -98,8 +98,9 @@ def _arg(spec):
 
 
 def _resources(ptx: str, name: str, workdir: Path) -> dict:
-    """Registers and spilled bytes per thread, from the ptxas Triton itself runs for the target (-v), and `loop`:
-    the machine instructions (SASS, per thread) of the kernel's hottest loop, by nvdisasm."""
+    """Registers and spilled bytes per thread, from the ptxas Triton itself runs for the target (-v), `loop`: the
+    machine instructions (SASS, per thread) of the kernel's hottest loop, by nvdisasm, and `conversions`: its
+    int <-> float conversions."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     path, cubin = workdir / f"{name}.ptx", workdir / f"{name}.cubin"
@@ -113,26 +114,38 @@ def _resources(ptx: str, name: str, workdir: Path) -> dict:
         raise RuntimeError(f"ptxas -v on {name}: {done.stderr[-500:]}")
     sass = subprocess.run([str(Path(ptxas).parent / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
                           check=True).stdout
-    return {"regs": int(regs.group(1)), "spill": int(spill.group(1)), "loop": hot_loop(sass)}
+    loop = hot_loop(sass)
+    return {"regs": int(regs.group(1)), "spill": int(spill.group(1)), "loop": len(loop),
+            "conversions": sum(op.split(".")[0] in CONVERSIONS for op in loop)}
 
 
-def hot_loop(sass: str) -> int:
-    """Instructions in the longest loop of nvdisasm's listing: from a label to the last branch back to it (0 when
+def hot_loop(sass: str) -> list[str]:
+    """The opcodes of the longest loop of nvdisasm's listing: from a label to the last branch back to it (none when
     the kernel has no loop)."""
     at: dict[str, int] = {}  # label -> index of its first instruction
     branches: list[tuple[int, str]] = []
-    n = 0
+    ops: list[str] = []
     for line in sass.splitlines():
         label = re.match(r"\s*\.(L_x_\d+):", line)
         if label:
-            at[label.group(1)] = n
+            at[label.group(1)] = len(ops)
             continue
-        if re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", line):
+        op = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", line)
+        if op:
             target = re.search(r"BRA\s.*`\(\.(L_x_\d+)\)", line)
             if target:
-                branches.append((n, target.group(1)))
-            n += 1
-    return max((i + 1 - at[t] for i, t in branches if t in at and at[t] <= i), default=0)
+                branches.append((len(ops), target.group(1)))
+            ops.append(op.group(1))
+    loops = [(i + 1 - at[t], at[t], i) for i, t in branches if t in at and at[t] <= i]
+    if not loops:
+        return []
+    _, first, last = max(loops)
+    return ops[first:last + 1]
+
+
+# int <-> float conversions: Hopper issues them at 16 per clock and SM (CUDA C++ Programming Guide, arithmetic
+# instructions' throughput), against 64 for integer and 128 for float32 arithmetic
+CONVERSIONS = ("I2F", "I2FP", "F2I", "F2IP")
 
 
 def _compile_one(rec: dict, workdir: Path) -> dict:

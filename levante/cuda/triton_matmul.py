@@ -9,7 +9,9 @@ side. One row multiplies the raw codes: within a run of GT values that share the
 sum_k W[n, k] x[k] = d * sc * sum_k (q - OFF) x  +  dm * mc * sum_k x, so a weight costs a code extraction and one
 multiply-add (llama.cpp's dequantize-mul-mat-vec), not the scale loads and products of the full formula; the scales
 are read once per run. R rows dequantize each value once (one multiply-add: d * sc * q + (dm * mc - OFF * d * sc))
-and multiply it with every row, so a row costs a multiply-add per weight. All run on CUDA, and on CPU tensors under
+and multiply it with every row, so a row costs a multiply-add per weight. Codes become floats without a conversion
+instruction: their bits are moved under the mantissa of 2.0**BITS (`code_float`, `unit_float`), which gives
+2**BITS + q exactly, and the 2**BITS is taken off with OFF. All run on CUDA, and on CPU tensors under
 TRITON_INTERPRET=1 (the tests).
 """
 
@@ -134,6 +136,16 @@ def use_gemv(m: int, packed: bool) -> bool:
 
 
 @triton.jit
+def code_float(q, BITS: tl.constexpr, base):
+    """2**BITS + q in float32, exactly, for codes 0 <= q < 2**BITS (int32): q's bits put under the mantissa of
+    2.0**BITS (`base`: its bits, `float_base`). A shift and a logic operation instead of an int-to-float conversion
+    (I2F / I2FP), which Hopper issues at 16 per clock and SM, against 64 for integer and 128 for float32 arithmetic:
+    at a conversion per weight the GEMV would be capped near half the HBM rate of 4-bit weights. Callers take the
+    2**BITS off with the codes' zero (q - OFF = f - (2**BITS + OFF), exact)."""
+    return ((q << (23 - BITS)) | base).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def codes(lo_ptr, hi_ptr, row, col, K, ok, BITS: tl.constexpr):
     """The integer codes q[row, col] of a packed weight (row and col broadcast against each other), int32."""
     if BITS == 8:
@@ -167,7 +179,7 @@ def scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, row, col, K, ok,
 
 @triton.jit
 def weight_tile(
-    w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, rk, K, w_ok,
+    w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, rk, K, w_ok,
     DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr,
 ):
@@ -178,34 +190,57 @@ def weight_tile(
         q = codes(lo_ptr, hi_ptr, rn[:, None], rk[None, :], K, w_ok, BITS)
         s, m = scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn[:, None], rk[None, :], K, w_ok, G, SG, HAS_SC, HAS_MIN,
                       HAS_MC)
-        w = s * (q - OFF).to(tl.float32)
+        w = s * (code_float(q, BITS, base) - ((1 << BITS) + OFF))
         if HAS_MIN:
             w = w + m
     return w
 
 
+def float_base(bits: int) -> int:
+    """The bits of 2.0**bits as a float32, under whose mantissa `code_float` puts codes of `bits` bits. A kernel
+    argument rather than a constant: ptxas then keeps it in one register, where as an immediate it re-materialized
+    it before most uses (~0.8 instruction per weight in the 4-bit GEMV's loop)."""
+    return (127 + bits) << 23
+
+
 @triton.jit
-def unit_part(lo, hi, x, T: tl.constexpr, HB: tl.constexpr):
-    """Code T of each unit times its x: the code's low 4 bits at bit 4T of `lo`, its HB high bits at bit HB * T of
-    `hi` (lo, hi: [BN, runs, units], x: [runs, units]) -> [BN, runs, units]. For 5 and 6-bit codes the caller adds
-    a unit's products before summing the units, so most are multiply-adds (sm_90 SASS, lane-instructions per
-    weight: Q5_K 12.1 -> 10.8 by the GPU's Triton 3.6, 10.4 -> 9.5 by 3.9); 4-bit codes sum each code's products
-    apart (adding them first: Q4_K 8.2 -> 8.5 by 3.6, 7.7 -> 7.5 by 3.9)."""
-    q = (lo >> (4 * T)) & 15
-    if HB > 0:
-        q = q | (((hi >> (HB * T)) & ((1 << HB) - 1)) << 4)
-    return q.to(tl.float32) * x[None, :, :]
+def move(v, FROM: tl.constexpr, TO: tl.constexpr, N: tl.constexpr):
+    """Bits FROM .. FROM + N - 1 of v (int32) moved to bits TO .. TO + N - 1, the others 0: a shift and a mask."""
+    if TO >= FROM:
+        v = v << (TO - FROM)
+    else:
+        v = v >> (FROM - TO)
+    return v & (((1 << N) - 1) << TO)
+
+
+@triton.jit
+def unit_float(lo, hi, T: tl.constexpr, BITS: tl.constexpr, base):
+    """2**BITS + code T of each unit, in float32 (`code_float`, each code's bits moved straight under the mantissa):
+    8 bits at bit 8T of `lo`; else 4 bits at bit 4T of `lo` and, for 5 / 6-bit codes, 1 / 2 high bits at bit
+    T / 2T of `hi`."""
+    P: tl.constexpr = 23 - BITS
+    if BITS == 8:
+        f = move(lo, 8 * T, P, 8) | base
+    else:
+        f = move(lo, 4 * T, P, 4) | base  # a logic op of 3 inputs takes the mask and the base at once
+        if BITS == 5:
+            f = f | move(hi, T, P + 4, 1)
+        if BITS == 6:
+            f = f | move(hi, 2 * T, P + 4, 2)
+    return f.to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def gemv_slice(
-    acc, x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok,
+    acc, x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, k0, K, n_ok,
     DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
+    U8: tl.constexpr,
 ):
     """acc [BN, BK / GT] + W[rn, k0 : k0 + BK] @ x[k0 : k0 + BK] per run: the slice seen as BK / GT runs of GT
     values that share their scales, the codes times x summed per run first, then scaled (float32 throughout). The
-    caller sums the runs once, after its last slice: no reduction across threads inside the loop."""
+    caller sums the runs once, after its last slice: no reduction across threads inside the loop. U8: 8-bit codes
+    read by int32 words of 4 (rows of K % 4 == 0, `gemv_unit`), else one by one."""
     run = tl.arange(0, BK // GT)
     if DENSE:
         col = k0 + run[:, None] * GT + tl.arange(0, GT)[None, :]  # [runs, GT]
@@ -215,20 +250,14 @@ def gemv_slice(
         return acc + tl.sum(w * x[None, :, :], axis=2)
     if BITS < 8:
         # a unit of U neighbours: their low 4 bits in U / 2 bytes of the lo plane (the first value lowest), the rest
-        # in one byte of the hi plane (5 bits: U = 8, 6 bits: U = 4; 4 bits: U = 2, no hi plane). Units are read
-        # whole, each thread's contiguous, and x is split into the U values that multiply a unit's codes
-        U: tl.constexpr = 2 if BITS == 4 else 4 if BITS == 6 else 8
+        # in one byte of the hi plane (4 and 5 bits: U = 8, an int32 of nibbles (+ a byte); 6 bits: U = 4). Units
+        # are read whole, each thread's contiguous, and x is split into the U values that multiply a unit's codes
+        U: tl.constexpr = 4 if BITS == 6 else 8
         unit = k0 // U + run[:, None] * (GT // U) + tl.arange(0, GT // U)[None, :]  # [runs, GT / U]
         u_ok = unit < K // U
         ok = n_ok[:, None, None] & u_ok[None, :, :]
         two = tl.arange(0, 2)
-        if BITS == 4:
-            lo = tl.load(lo_ptr + rn[:, None, None] * (K // 2) + unit[None, :, :], mask=ok, other=0).to(tl.int32)
-            x0, x1 = tl.split(tl.load(x_ptr + 2 * unit[:, :, None] + two[None, None, :], mask=u_ok[:, :, None],
-                                      other=0.0).to(tl.float32))
-            xs = x0 + x1
-            qx = tl.sum(unit_part(lo, lo, x0, 0, 0), axis=2) + tl.sum(unit_part(lo, lo, x1, 1, 0), axis=2)
-        elif BITS == 6:
+        if BITS == 6:
             lo = tl.load(lo_ptr.to(tl.pointer_type(tl.uint16)) + rn[:, None, None] * (K // 4) + unit[None, :, :],
                          mask=ok, other=0).to(tl.int32)
             hi = tl.load(hi_ptr + rn[:, None, None] * (K // 4) + unit[None, :, :], mask=ok, other=0).to(tl.int32)
@@ -238,12 +267,16 @@ def gemv_slice(
             x0, x2 = tl.split(even)
             x1, x3 = tl.split(odd)
             xs = x0 + x1 + x2 + x3
-            qx = tl.sum(unit_part(lo, hi, x0, 0, 2) + unit_part(lo, hi, x1, 1, 2) + unit_part(lo, hi, x2, 2, 2)
-                        + unit_part(lo, hi, x3, 3, 2), axis=2)
+            qx = unit_float(lo, hi, 0, 6, base) * x0[None, :, :]
+            qx += unit_float(lo, hi, 1, 6, base) * x1[None, :, :]
+            qx += unit_float(lo, hi, 2, 6, base) * x2[None, :, :]
+            qx = tl.sum(qx + unit_float(lo, hi, 3, 6, base) * x3[None, :, :], axis=2)
         else:
             lo = tl.load(lo_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None, None] * (K // 8) + unit[None, :, :],
                          mask=ok, other=0)
-            hi = tl.load(hi_ptr + rn[:, None, None] * (K // 8) + unit[None, :, :], mask=ok, other=0).to(tl.int32)
+            hi = lo
+            if BITS == 5:
+                hi = tl.load(hi_ptr + rn[:, None, None] * (K // 8) + unit[None, :, :], mask=ok, other=0).to(tl.int32)
             x8 = tl.load(x_ptr + 8 * unit[:, :, None, None, None] + 4 * two[None, None, :, None, None]
                          + 2 * two[None, None, None, :, None] + two[None, None, None, None, :],
                          mask=u_ok[:, :, None, None, None], other=0.0).to(tl.float32)
@@ -255,19 +288,42 @@ def gemv_slice(
             x1, x5 = tl.split(o0)
             x3, x7 = tl.split(o2)
             xs = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-            qx = tl.sum(unit_part(lo, hi, x0, 0, 1) + unit_part(lo, hi, x1, 1, 1) + unit_part(lo, hi, x2, 2, 1)
-                        + unit_part(lo, hi, x3, 3, 1) + unit_part(lo, hi, x4, 4, 1) + unit_part(lo, hi, x5, 5, 1)
-                        + unit_part(lo, hi, x6, 6, 1) + unit_part(lo, hi, x7, 7, 1), axis=2)
+            qx = unit_float(lo, hi, 0, BITS, base) * x0[None, :, :]
+            qx += unit_float(lo, hi, 1, BITS, base) * x1[None, :, :]
+            qx += unit_float(lo, hi, 2, BITS, base) * x2[None, :, :]
+            qx += unit_float(lo, hi, 3, BITS, base) * x3[None, :, :]
+            qx += unit_float(lo, hi, 4, BITS, base) * x4[None, :, :]
+            qx += unit_float(lo, hi, 5, BITS, base) * x5[None, :, :]
+            qx += unit_float(lo, hi, 6, BITS, base) * x6[None, :, :]
+            qx = tl.sum(qx + unit_float(lo, hi, 7, BITS, base) * x7[None, :, :], axis=2)
         xs = tl.sum(xs, axis=1)
-        # sum (q - OFF) x = sum q x - OFF sum x: codes of at most 6 bits leave the difference well conditioned
-        qx = qx - OFF * xs[None, :]
+        # sum (q - OFF) x = sum (2**BITS + q) x - (2**BITS + OFF) sum x: codes of at most 6 bits leave the
+        # difference well conditioned
+        qx = qx - ((1 << BITS) + OFF) * xs[None, :]
+    elif U8 == 4:
+        unit = k0 // 4 + run[:, None] * (GT // 4) + tl.arange(0, GT // 4)[None, :]  # [runs, GT / 4]
+        u_ok = unit < K // 4
+        lo = tl.load(lo_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None, None] * (K // 4) + unit[None, :, :],
+                     mask=n_ok[:, None, None] & u_ok[None, :, :], other=0)
+        two = tl.arange(0, 2)
+        x4 = tl.load(x_ptr + 4 * unit[:, :, None, None] + 2 * two[None, None, :, None] + two[None, None, None, :],
+                     mask=u_ok[:, :, None, None], other=0.0).to(tl.float32)
+        even, odd = tl.split(x4)
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+        xs = tl.sum(x0 + x1 + x2 + x3, axis=1)
+        qx = unit_float(lo, lo, 0, 8, base) * x0[None, :, :]
+        qx += unit_float(lo, lo, 1, 8, base) * x1[None, :, :]
+        qx += unit_float(lo, lo, 2, 8, base) * x2[None, :, :]
+        qx = tl.sum(qx + unit_float(lo, lo, 3, 8, base) * x3[None, :, :], axis=2)
+        qx = qx - (256 + OFF) * xs[None, :]
     else:
         col = k0 + run[:, None] * GT + tl.arange(0, GT)[None, :]  # [runs, GT]
         x = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
         ok = n_ok[:, None, None] & (col < K)[None, :, :]
-        q = (codes(lo_ptr, hi_ptr, rn[:, None, None], col[None, :, :], K, ok, BITS) - OFF).to(tl.float32)
-        qx = tl.sum(q * x[None, :, :], axis=2)  # [BN, runs]
+        q = code_float(codes(lo_ptr, hi_ptr, rn[:, None, None], col[None, :, :], K, ok, BITS), BITS, base)
         xs = tl.sum(x, axis=1)
+        qx = tl.sum(q * x[None, :, :], axis=2) - ((1 << BITS) + OFF) * xs[None, :]  # [BN, runs]
     first = k0 + run * GT
     s, m = scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn[:, None], first[None, :], K, n_ok[:, None] & (first < K)[None, :],
                   G, SG, HAS_SC, HAS_MIN, HAS_MC)
@@ -278,22 +334,8 @@ def gemv_slice(
 
 
 @triton.jit
-def unit_code(lo, hi, T: tl.constexpr, BITS: tl.constexpr):
-    """Code T of each unit (int32): 8 bits at bit 8T of `lo`; else 4 bits at bit 4T of `lo` and, for 5 / 6-bit codes,
-    1 / 2 high bits at bit T / 2T of `hi`."""
-    if BITS == 8:
-        return (lo >> (8 * T)) & 255
-    q = (lo >> (4 * T)) & 15
-    if BITS == 5:
-        q = q | (((hi >> T) & 1) << 4)
-    if BITS == 6:
-        q = q | (((hi >> (2 * T)) & 3) << 4)
-    return q
-
-
-@triton.jit
 def gemv_rows_slice(
-    acc, x_ptr, x_off, r_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok,
+    acc, x_ptr, x_off, r_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, k0, K, n_ok,
     DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
     U: tl.constexpr,
@@ -312,12 +354,14 @@ def gemv_rows_slice(
         first = k0 + run * GT
         s, m = scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn[:, None], first[None, :], K,
                       n_ok[:, None] & (first < K)[None, :], G, SG, HAS_SC, HAS_MIN, HAS_MC)
-        m = m - OFF * s if HAS_MIN else -OFF * s
-        if BITS == 6:  # 2 bytes of nibbles + a byte of high bits
-            lo = tl.load(lo_ptr.to(tl.pointer_type(tl.uint16)) + at, mask=ok, other=0).to(tl.int32)
-        elif BITS == 5 or U == 4:  # 4 bytes of nibbles + a byte of high bits; 4 bytes of 8-bit codes
+        zero: tl.constexpr = (1 << BITS) + OFF  # code_float's 2**BITS and the codes' zero
+        m = m - zero * s if HAS_MIN else -zero * s
+        LO: tl.constexpr = U if BITS == 8 else U // 2  # bytes of the lo plane per unit
+        if LO == 4:  # 8 4-bit codes (5-bit: + a byte of high bits), or 4 8-bit ones
             lo = tl.load(lo_ptr.to(tl.pointer_type(tl.int32)) + at, mask=ok, other=0)
-        else:  # a byte: two 4-bit codes, or one of 8 bits
+        elif LO == 2:  # 4 6-bit codes' low 4 bits (+ a byte of high bits)
+            lo = tl.load(lo_ptr.to(tl.pointer_type(tl.uint16)) + at, mask=ok, other=0).to(tl.int32)
+        else:  # an 8-bit code
             lo = tl.load(lo_ptr + at, mask=ok, other=0).to(tl.int32)
         hi = lo
         if BITS == 5 or BITS == 6:
@@ -328,7 +372,7 @@ def gemv_rows_slice(
         if DENSE:
             w = tl.load(w_ptr + U * at + t, mask=ok, other=0.0).to(tl.float32)
         else:
-            w = unit_code(lo, hi, t, BITS).to(tl.float32) * s[:, :, None] + m[:, :, None]
+            w = unit_float(lo, hi, t, BITS, base) * s[:, :, None] + m[:, :, None]
         x = tl.load(xu + t, mask=x_ok, other=0.0).to(tl.float32)
         acc = acc + w[None, :, :, :] * x[:, None, :, :]
     return acc
@@ -336,7 +380,7 @@ def gemv_rows_slice(
 
 @triton.jit
 def gemv(
-    x_ptr, x_off, r_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, K, n_ok,
+    x_ptr, x_off, r_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, K, n_ok,
     DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr,
     R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr,
@@ -347,13 +391,13 @@ def gemv(
         x_ptr = x_ptr + tl.sum(x_off, axis=0)
         acc = tl.zeros((BN, BK // GT), dtype=tl.float32)
         for k0 in range(0, K, BK):
-            acc = gemv_slice(acc, x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok,
-                             DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT)
+            acc = gemv_slice(acc, x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, k0, K, n_ok,
+                             DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
         return tl.sum(acc, axis=1)[None, :]
     acc = tl.zeros((R, BN, BK // GT, GT // U), dtype=tl.float32)
     for k0 in range(0, K, BK):
-        acc = gemv_rows_slice(acc, x_ptr, x_off, r_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0,
-                              K, n_ok, DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
+        acc = gemv_rows_slice(acc, x_ptr, x_off, r_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn,
+                              k0, K, n_ok, DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
     return tl.sum(tl.sum(acc, axis=3), axis=2)
 
 
@@ -377,7 +421,7 @@ def use_ieee(dtype: torch.dtype, interpreted: bool | None = None) -> bool:
 
 @triton.jit
 def _packed_matmul_kernel(
-    x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr,
+    x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base,
     M, N, K, stride_xm, stride_ym,
     BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, IEEE: tl.constexpr,
@@ -394,7 +438,7 @@ def _packed_matmul_kernel(
         rk = k0 + tl.arange(0, BK)
         k_ok = rk[None, :] < K
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok & k_ok, other=0.0)
-        w = weight_tile(lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, rk, K, n_ok & k_ok,
+        w = weight_tile(lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, rk, K, n_ok & k_ok,
                         False, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC)
         acc = dot_acc(acc, x, w, IEEE)
     y_ok = m_ok & (rn[None, :] < N)
@@ -403,7 +447,7 @@ def _packed_matmul_kernel(
 
 @triton.jit
 def _packed_gemv_kernel(
-    x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, M, N, K, stride_xm, stride_ym,
+    x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, M, N, K, stride_xm, stride_ym,
     BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr,
     R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr,
@@ -413,7 +457,7 @@ def _packed_gemv_kernel(
     r_ok = rows < M
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = rn < N
-    y = gemv(x_ptr, rows * stride_xm, r_ok, lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, K, n_ok,
+    y = gemv(x_ptr, rows * stride_xm, r_ok, lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, K, n_ok,
              False, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, R, BN, BK, GT, U)
     tl.store(y_ptr + rows[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
              mask=r_ok[:, None] & n_ok[None, :])
@@ -444,10 +488,10 @@ def packed_matmul(x: Tensor, w, launch: Launch | None = None) -> Tensor:
     cfg = launch or (gemv_launch(M, unit) if use_gemv(M, packed=True) else dot_launch(M, dense=False, wide=wide))
     if cfg.gemv:
         run(_packed_gemv_kernel, (triton.cdiv(M, cfg.bm), triton.cdiv(N, cfg.bn)), cfg,
-            x2, y, *planes(w), M, N, K, x2.stride(0), y.stride(0), **fmt, R=cfg.bm, BN=cfg.bn, BK=cfg.bk,
-            GT=gemv_run(w.g, cfg.bk), U=unit)
+            x2, y, *planes(w), float_base(w.bits), M, N, K, x2.stride(0), y.stride(0), **fmt, R=cfg.bm, BN=cfg.bn,
+            BK=cfg.bk, GT=gemv_run(w.g, cfg.bk), U=unit)
     else:
         run(_packed_matmul_kernel, (triton.cdiv(M, cfg.bm), triton.cdiv(N, cfg.bn)), cfg,
-            x2, y, *planes(w), M, N, K, x2.stride(0), y.stride(0), **fmt, IEEE=use_ieee(x.dtype),
+            x2, y, *planes(w), float_base(w.bits), M, N, K, x2.stride(0), y.stride(0), **fmt, IEEE=use_ieee(x.dtype),
             BM=cfg.bm, BN=cfg.bn, BK=cfg.bk)
     return y.reshape(*shape[:-1], N)

@@ -22,6 +22,7 @@ from torch import Tensor
 from .triton_matmul import (
     Launch,
     dot_acc,
+    float_base,
     gemv,
     gemv_launch,
     gemv_run,
@@ -35,7 +36,7 @@ from .triton_matmul import (
 @triton.jit
 def _moe_kernel(
     a_ptr, c_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, topw_ptr,
-    w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr,
+    w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base,
     e_w, e_lo, e_hi, e_d, e_sc,
     N, K, n_pairs, stride_am, stride_cm,
     A_DIV: tl.constexpr, MUL_W: tl.constexpr,
@@ -59,7 +60,7 @@ def _moe_kernel(
         k_ok = rk[None, :] < K
         x = tl.load(a_ptr + rows[:, None] * stride_am + rk[None, :], mask=p_ok[:, None] & k_ok, other=0.0)
         w = weight_tile(w_ptr + e * e_w, lo_ptr + e * e_lo, hi_ptr + e * e_hi, d_ptr + e * e_d, sc_ptr + e * e_sc,
-                        dm_ptr + e * e_d, mc_ptr + e * e_sc, rn, rk, K, n_ok & k_ok,
+                        dm_ptr + e * e_d, mc_ptr + e * e_sc, base, rn, rk, K, n_ok & k_ok,
                         DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC)
         acc = dot_acc(acc, x, w, IEEE)
     if MUL_W:
@@ -71,7 +72,7 @@ def _moe_kernel(
 @triton.jit
 def _moe_gemv_kernel(
     a_ptr, c_ptr, expert_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, topw_ptr,
-    w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr,
+    w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base,
     e_w, e_lo, e_hi, e_d, e_sc,
     N, K, n_pairs, stride_am, stride_cm,
     A_DIV: tl.constexpr, MUL_W: tl.constexpr,
@@ -94,8 +95,8 @@ def _moe_gemv_kernel(
     p_ok = pairs < n_pairs
     w_ptr, lo_ptr, hi_ptr = w_ptr + e * e_w, lo_ptr + e * e_lo, hi_ptr + e * e_hi
     d_ptr, sc_ptr, dm_ptr, mc_ptr = d_ptr + e * e_d, sc_ptr + e * e_sc, dm_ptr + e * e_d, mc_ptr + e * e_sc
-    y = gemv(a_ptr, (pairs // A_DIV) * stride_am, p_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, K,
-             n_ok, DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, R, BN, BK, GT, U)
+    y = gemv(a_ptr, (pairs // A_DIV) * stride_am, p_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn,
+             K, n_ok, DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, R, BN, BK, GT, U)
     if MUL_W:
         y = y * tl.load(topw_ptr + pairs, mask=p_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(c_ptr + pairs[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty),
@@ -120,7 +121,8 @@ def moe_matmul(a: Tensor, c: Tensor, stack, routing, a_div: int, topk_weights: T
         return (t, t.stride(0)) if t is not None and t.numel() else (anchor, 0)
 
     (lo, e_lo), (hi, e_hi), (d, e_d), (sc, e_sc), (dm, _), (mc, _) = map(plane, ("lo", "hi", "d", "sc", "dm", "mc"))
-    weights = (anchor, lo, hi, d, sc, dm, mc, anchor.stride(0) if dense else 0, e_lo, e_hi, e_d, e_sc)
+    weights = (anchor, lo, hi, d, sc, dm, mc, float_base(stack.bits), anchor.stride(0) if dense else 0, e_lo, e_hi,
+               e_d, e_sc)
     fmt = dict(A_DIV=a_div, MUL_W=topk_weights is not None, DENSE=dense, BITS=stack.bits, OFF=stack.off, G=stack.g,
                SG=stack.sg, HAS_SC=not dense and stack.sc.numel() > 0, HAS_MIN=not dense and stack.dm.numel() > 0,
                HAS_MC=not dense and stack.mc.numel() > 0)

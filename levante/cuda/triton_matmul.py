@@ -91,11 +91,12 @@ def run(kernel, grid: tuple, launch: Launch, *args, **kwargs) -> None:
 GEMV = Launch(1, 16, 256, 4, 3, gemv=True)  # one row of x; 16-row slices of W: a 4096-row weight spreads over 256
 # programs. Up to GEMV_ROWS rows of x multiply packed weights by a GEMV program of that many rows (`gemv_launch`),
 # which dequantizes each value once and multiplies it with every row. Compiled for sm_90 (the SASS counts of
-# tests/triton_aot.py, Triton 3.9; the GPU's 3.6 within ~10 %, Q5_K's 4 and 8 rows within 25 %), lane-instructions
-# per weight for 1 / 2 / 4 / 8 rows: Q4_K 7.7 / 9.9 / 12.7 / 18.4, Q6_K 9.3 / 11.7 / 14.3 / 19.5, Q8_0 6.2 / 7.3 /
-# 9.7 / 14.7, against 14-52 for the tiled kernel's 16-row tile, whatever the rows used (Q4_K 42, Q5_K 50, Q6_K 40,
-# Q4_0 25, Q8_0 18, int8 rows 14): decode steps of up to 8 rows cost fewer instructions by the GEMV (int8 rows
-# about as many), and at these rates both are bound by instruction issue rather than by HBM
+# tests/triton_aot.py), lane-instructions per weight for 1 / 2 / 4 / 8 rows, by Triton 3.9 (CI's) and 3.6 (the
+# GPU's): Q4_K 6.4 / 9.0 / 11.7 / 17.4 and 8.3 / 9.6 / 12.5 / 18.6, Q6_K 8.8 / 11.3 / 13.9 / 18.8 and 10.7 / 11.8 /
+# 14.5 / 20.4, Q8_0 5.9 / 8.3 / 10.7 / 15.7 and 7.2 / 8.2 / 11.3 / 17.6 (3.6 converts x from bf16 once per weight
+# in the one-row loop, 3.9 before sharing it), against 14-52 for the tiled kernel's 16-row tile, whatever the rows
+# used (Q4_K 42, Q5_K 50, Q6_K 40, Q4_0 25, Q8_0 18, int8 rows 14): decode steps of up to 8 rows cost fewer
+# instructions by the GEMV, and at these rates both are bound by instruction issue rather than by HBM
 GEMV_ROWS = 8
 
 
@@ -104,7 +105,7 @@ def gemv_launch(rows: int, unit: int = 2) -> Launch:
     `unit` values (`gemv_unit`): one row by `GEMV` (codes times x summed per run, then scaled); more by 16 x 256
     slices of W, narrower where a thread would hold over 128 accumulators (one per unit and row; compiled for sm_90
     by the GPU's Triton 3.6, 8 rows of 4-bit codes cost 18.7 lane-instructions per weight at 256 values, 30.3 at
-    128, both in 229-255 registers)."""
+    128, both in 229-255 registers, before `code_float`)."""
     if rows == 1:
         return GEMV
     r = triton.next_power_of_2(rows)
@@ -223,10 +224,12 @@ def unit_float(lo, hi, T: tl.constexpr, BITS: tl.constexpr, base):
         f = move(lo, 8 * T, P, 8) | base
     else:
         f = move(lo, 4 * T, P, 4) | base  # a logic op of 3 inputs takes the mask and the base at once
+        # the high bits join by xor (their bits are clear in f): ptxas then masks and joins them in one logic op,
+        # where LLVM would regroup an `or` of the three parts into two
         if BITS == 5:
-            f = f | move(hi, T, P + 4, 1)
+            f = f ^ move(hi, T, P + 4, 1)
         if BITS == 6:
-            f = f | move(hi, 2 * T, P + 4, 2)
+            f = f ^ move(hi, 2 * T, P + 4, 2)
     return f.to(tl.float32, bitcast=True)
 
 

@@ -138,7 +138,7 @@ def test_decode_gemv_instructions_per_weight(report):
     hottest loop x threads / weights per iteration); putting 4-bit codes under a float's mantissa instead of
     converting them took it to 6.4. A program of R rows dequantizes each value once and adds a multiply-add per
     row: at most 12 + 1.5 R per weight (Q4_K: 9.0, 11.7 and 17.4 for 2, 4 and 8 rows), where R one-row passes would
-    cost 6.4 R and the tiled kernel's 16-row tile 42. No loop converts codes from int to float (I2F / I2FP: 16 per
+    cost 6.4 R. No loop converts codes from int to float (I2F / I2FP: 16 per
     clock and SM, a quarter of the integer rate; one per weight capped Q4_K near half the HBM rate): only the
     sub-scales are, once per run of 16 or 32 values."""
     rows = [r for r in report if "error" not in r and r["kernel"] in ("_packed_gemv_kernel", "_moe_gemv_kernel")]
@@ -157,3 +157,22 @@ def test_decode_gemv_instructions_per_weight(report):
             converting[_name(r)] = r["conversions"] / weights
     assert not slow, slow
     assert not converting, converting
+
+
+def test_tiled_dequantization_per_weight(report):
+    """The tiled kernels (prefill, and decode steps of over GEMV_ROWS rows) dequantize a [BN, BK] tile per
+    iteration for the tensor cores: read by units like the GEMV, each code made a float without a conversion and
+    the scales loaded once per run, a weight costs at most 24 lane-instructions and a quarter of a conversion
+    (Q4_K's 16-row tile: 17.8 and 0.25, the sub-scales; per value, as before: 42 and 2, Q5_K 52, Q6_K 41)."""
+    rows = [r for r in report if "error" not in r and r["kernel"] in ("_packed_matmul_kernel", "_moe_kernel")
+            and not r["kwargs"].get("DENSE", False) and not r["kwargs"]["IEEE"]]  # float32 x: products by FMAs
+    assert len(rows) >= 20
+    slow = {}
+    for r in rows:
+        kw = r["kwargs"]
+        weights = kw["BN"] * kw["BK"] / (32 * kw["num_warps"])
+        per, conv = r["loop"] / weights, r["conversions"] / weights
+        print(f"{_name(r)}: {per:.2f} lane-instructions per weight, {conv:.3f} conversions")
+        if per > 24 or conv > 0.25:
+            slow[_name(r)] = (round(per, 2), round(conv, 3))
+    assert not slow, slow

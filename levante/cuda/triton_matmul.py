@@ -43,12 +43,12 @@ class Launch:
 def dot_launch(m: int, dense: bool = True, wide: bool = False) -> Launch:
     """The tiled kernels' configuration for m rows (tokens). Float weights: vLLM's fused_moe tuning for Mixtral's
     experts on the H200 (E=8, N=14336: 16-row tiles and deep pipelines for decode, 128-row tiles for prefill).
-    Packed weights are dequantized in registers, a [BN, BK] tile at a time: vLLM's 128 x 128 tiles spill there
-    (compiled for sm_90 by tests/test_cuda_compile.py: up to 24 KB of spills per thread), so they keep it at
-    2048-4096 values over 8 warps and 3 stages, which no format spills. `wide`: float32 activations (an explicit
-    dtype="float32" on a GPU), twice the bytes per value and float32 products without tensor cores: packed tiles
-    stay at 64 x 64 x 32; float ones at 64 x 128 x 64 at most (vLLM's larger tiles spill up to 34 KB there, or
-    need fewer stages than they ask)."""
+    Packed weights are dequantized in registers, a [BN, BK] tile at a time: vLLM's 128 x 128 tiles spilled there
+    (compiled for sm_90 by tests/test_cuda_compile.py: up to 24 KB of spills per thread, before `weight_tile` read
+    units), so they keep it at 2048-4096 values over 8 warps and 3 stages, which no format spills. `wide`: float32
+    activations (an explicit dtype="float32" on a GPU), twice the bytes per value and float32 products without
+    tensor cores: packed tiles stay at 64 x 64 x 32; float ones at 64 x 128 x 64 at most (vLLM's larger tiles spill
+    up to 34 KB there, or need fewer stages than they ask)."""
     if not dense:
         if m <= 32:
             return Launch(16 if m <= 16 else 32, 64, 32, 8, 3)
@@ -94,9 +94,10 @@ GEMV = Launch(1, 16, 256, 4, 3, gemv=True)  # one row of x; 16-row slices of W: 
 # tests/triton_aot.py), lane-instructions per weight for 1 / 2 / 4 / 8 rows, by Triton 3.9 (CI's) and 3.6 (the
 # GPU's): Q4_K 6.4 / 9.0 / 11.7 / 17.4 and 8.3 / 9.6 / 12.5 / 18.6, Q6_K 8.8 / 11.3 / 13.9 / 18.8 and 10.7 / 11.8 /
 # 14.5 / 20.4, Q8_0 5.9 / 8.3 / 10.7 / 15.7 and 7.2 / 8.2 / 11.3 / 17.6 (3.6 converts x from bf16 once per weight
-# in the one-row loop, 3.9 before sharing it), against 14-52 for the tiled kernel's 16-row tile, whatever the rows
-# used (Q4_K 42, Q5_K 50, Q6_K 40, Q4_0 25, Q8_0 18, int8 rows 14): decode steps of up to 8 rows cost fewer
-# instructions by the GEMV, and at these rates both are bound by instruction issue rather than by HBM
+# in the one-row loop, 3.9 before sharing it). The tiled kernel's 16-row tile costs 13-19 whatever the rows used
+# (3.9 / 3.6: Q4_K 17.8 / 17.3, Q6_K 18.8 / 17.8, Q8_0 13.4 / 13.4; 25-53 before `weight_tile` read units):
+# as cheap as 8 GEMV rows, but its 64-row slices give a 4096-row weight 64 programs where the GEMV has 256, so
+# decode steps of up to 8 rows keep the GEMV. At these rates both are bound by instruction issue rather than HBM
 GEMV_ROWS = 8
 
 
@@ -118,6 +119,11 @@ def gemv_run(g: int, bk: int) -> int:
     both the format's scale group g and the slice bk; at most bk / 2, and 32: a run of 4-bit codes is then one
     thread's 16-byte load, summed without other threads)."""
     return min(math.gcd(g, bk), bk // 2, 32)
+
+
+def tile_run(g: int, bk: int) -> int:
+    """GT of the tiled kernels: the values of a BK slice that share their scales (a divisor of the scale group g)."""
+    return math.gcd(g, bk)
 
 
 def gemv_unit(bits: int, k: int) -> int:
@@ -178,25 +184,6 @@ def scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, row, col, K, ok,
     return s, m
 
 
-@triton.jit
-def weight_tile(
-    w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, rk, K, w_ok,
-    DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
-    HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr,
-):
-    """Rows rn, columns rk of W in float32: a float weight as it is, or a packed one by its formula."""
-    if DENSE:
-        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=w_ok, other=0.0).to(tl.float32)
-    else:
-        q = codes(lo_ptr, hi_ptr, rn[:, None], rk[None, :], K, w_ok, BITS)
-        s, m = scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn[:, None], rk[None, :], K, w_ok, G, SG, HAS_SC, HAS_MIN,
-                      HAS_MC)
-        w = s * (code_float(q, BITS, base) - ((1 << BITS) + OFF))
-        if HAS_MIN:
-            w = w + m
-    return w
-
-
 def float_base(bits: int) -> int:
     """The bits of 2.0**bits as a float32, under whose mantissa `code_float` puts codes of `bits` bits. A kernel
     argument rather than a constant: ptxas then keeps it in one register, where as an immediate it re-materialized
@@ -231,6 +218,54 @@ def unit_float(lo, hi, T: tl.constexpr, BITS: tl.constexpr, base):
         if BITS == 6:
             f = f ^ move(hi, 2 * T, P + 4, 2)
     return f.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def weight_tile(
+    w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, k0, K, n_ok,
+    DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
+    HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
+    U: tl.constexpr,
+):
+    """W[rn, k0 : k0 + BK] in float32 (n_ok [BN, 1]: the real rows): a float weight as it is, or a packed one by its
+    formula, read by the GEMV's units of U values (`gemv_unit`), each code made a float by `unit_float` and the
+    units' values interleaved back into rows, the scales loaded once per run of GT values that share them."""
+    if DENSE:
+        rk = k0 + tl.arange(0, BK)
+        return tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok & (rk < K)[None, :], other=0.0).to(tl.float32)
+    unit = k0 // U + tl.arange(0, BK // U)
+    ok = n_ok & (unit < K // U)[None, :]
+    at = rn[:, None] * (K // U) + unit[None, :]
+    LO: tl.constexpr = U if BITS == 8 else U // 2  # bytes of the lo plane per unit
+    if LO == 4:
+        lo = tl.load(lo_ptr.to(tl.pointer_type(tl.int32)) + at, mask=ok, other=0)
+    elif LO == 2:
+        lo = tl.load(lo_ptr.to(tl.pointer_type(tl.uint16)) + at, mask=ok, other=0).to(tl.int32)
+    else:
+        lo = tl.load(lo_ptr + at, mask=ok, other=0).to(tl.int32)
+    hi = lo
+    if BITS == 5 or BITS == 6:
+        hi = tl.load(hi_ptr + at, mask=ok, other=0).to(tl.int32)
+    # value U * unit + t: the joins below put t = 4a + 2b + c at [unit, a, b, c]
+    f = unit_float(lo, hi, 0, BITS, base)
+    if U == 2:
+        f = tl.join(f, unit_float(lo, hi, 1, BITS, base))
+    if U == 4:
+        f = tl.join(tl.join(f, unit_float(lo, hi, 2, BITS, base)),
+                    tl.join(unit_float(lo, hi, 1, BITS, base), unit_float(lo, hi, 3, BITS, base)))
+    if U == 8:
+        even = tl.join(tl.join(f, unit_float(lo, hi, 4, BITS, base)),
+                       tl.join(unit_float(lo, hi, 2, BITS, base), unit_float(lo, hi, 6, BITS, base)))
+        odd = tl.join(tl.join(unit_float(lo, hi, 1, BITS, base), unit_float(lo, hi, 5, BITS, base)),
+                      tl.join(unit_float(lo, hi, 3, BITS, base), unit_float(lo, hi, 7, BITS, base)))
+        f = tl.join(even, odd)
+    first = k0 + tl.arange(0, BK // GT) * GT
+    s, m = scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn[:, None], first[None, :], K, n_ok & (first < K)[None, :], G, SG,
+                  HAS_SC, HAS_MIN, HAS_MC)
+    w = (tl.reshape(f, (f.shape[0], BK // GT, GT)) - ((1 << BITS) + OFF)) * s[:, :, None]  # (q - OFF) s, exact
+    if HAS_MIN:
+        w = w + m[:, :, None]
+    return tl.reshape(w, (w.shape[0], BK))
 
 
 @triton.jit
@@ -428,7 +463,7 @@ def _packed_matmul_kernel(
     M, N, K, stride_xm, stride_ym,
     BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -441,8 +476,8 @@ def _packed_matmul_kernel(
         rk = k0 + tl.arange(0, BK)
         k_ok = rk[None, :] < K
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok & k_ok, other=0.0)
-        w = weight_tile(lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, rk, K, n_ok & k_ok,
-                        False, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC)
+        w = weight_tile(lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, k0, K, n_ok,
+                        False, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
         acc = dot_acc(acc, x, w, IEEE)
     y_ok = m_ok & (rn[None, :] < N)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_ok)
@@ -496,5 +531,5 @@ def packed_matmul(x: Tensor, w, launch: Launch | None = None) -> Tensor:
     else:
         run(_packed_matmul_kernel, (triton.cdiv(M, cfg.bm), triton.cdiv(N, cfg.bn)), cfg,
             x2, y, *planes(w), float_base(w.bits), M, N, K, x2.stride(0), y.stride(0), **fmt, IEEE=use_ieee(x.dtype),
-            BM=cfg.bm, BN=cfg.bn, BK=cfg.bk)
+            BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GT=tile_run(w.g, cfg.bk), U=unit)
     return y.reshape(*shape[:-1], N)

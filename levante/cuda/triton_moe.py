@@ -28,6 +28,7 @@ from .triton_matmul import (
     gemv_run,
     gemv_unit,
     run,
+    tile_run,
     use_ieee,
     weight_tile,
 )
@@ -42,7 +43,7 @@ def _moe_kernel(
     A_DIV: tl.constexpr, MUL_W: tl.constexpr,
     DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -60,8 +61,8 @@ def _moe_kernel(
         k_ok = rk[None, :] < K
         x = tl.load(a_ptr + rows[:, None] * stride_am + rk[None, :], mask=p_ok[:, None] & k_ok, other=0.0)
         w = weight_tile(w_ptr + e * e_w, lo_ptr + e * e_lo, hi_ptr + e * e_hi, d_ptr + e * e_d, sc_ptr + e * e_sc,
-                        dm_ptr + e * e_d, mc_ptr + e * e_sc, base, rn, rk, K, n_ok & k_ok,
-                        DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC)
+                        dm_ptr + e * e_d, mc_ptr + e * e_sc, base, rn, k0, K, n_ok,
+                        DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
         acc = dot_acc(acc, x, w, IEEE)
     if MUL_W:
         acc = acc * tl.load(topw_ptr + pairs, mask=p_ok, other=0.0).to(tl.float32)[:, None]
@@ -145,4 +146,5 @@ def moe_matmul(a: Tensor, c: Tensor, stack, routing, a_div: int, topk_weights: T
     run(_moe_kernel, (routing.block_expert.numel(), triton.cdiv(N, cfg.bn)), cfg,
         a, c, routing.sorted_ids, routing.block_expert, routing.n_padded, topw, *weights,
         N, K, routing.n_pairs, a.stride(0), c.stride(0), **fmt, IEEE=use_ieee(a.dtype),
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk)
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GT=tile_run(stack.g if not dense else 32, cfg.bk),
+        U=gemv_unit(stack.bits, K))

@@ -285,12 +285,12 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
     and the packed dense matmuls, by the GEMV and by the tiled kernel in a few launch configurations, as the
     fraction of the copy rate each reaches (bytes it must read / time). The defaults are marked *."""
     from levante.cuda.moe import ExpertStack, Routing, align_by_expert, route
-    from levante.cuda.triton_matmul import GEMV, Launch, dot_launch, gemv_launch, gemv_unit, packed_matmul
+    from levante.cuda.triton_matmul import GEMV, GEMV_WIDE, Launch, dot_launch, gemv_launch, gemv_unit, packed_matmul
     from levante.cuda.triton_moe import moe_matmul
 
     d, f, n_exp = spec["hidden_size"], spec["intermediate_size"], spec["num_local_experts"]
     reps = 20 if dev.type == "cuda" else 1
-    gemvs = [GEMV, Launch(1, 32, 128, 4, 3, gemv=True), Launch(1, 16, 512, 4, 4, gemv=True),
+    gemvs = [GEMV, GEMV_WIDE, Launch(1, 32, 128, 4, 3, gemv=True), Launch(1, 16, 512, 4, 4, gemv=True),
              Launch(1, 64, 128, 8, 3, gemv=True)]
     lines += ["", "Batch-1 kernels (one token; experts: its 2 pairs), fraction of the copy rate:", "",
               "| weight | [N, K] | kernel (bm, bn, bk, warps, stages) | us | read GB/s | / copy rate |",
@@ -320,20 +320,23 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
             x = torch.randn(2, k, device=dev).bfloat16()
             c = torch.empty(2, n, device=dev, dtype=torch.bfloat16)
             nbytes = 2 * stack.nbytes // n_exp
-            for launch in (gemvs if full else gemvs[:1]) + (tiled if full else tiled[:1]):
+            ours = gemv_launch(1, 2, n)  # the default GEMV for n rows first
+            mine = [ours] + [g for g in gemvs if g != ours]
+            for launch in (mine if full else mine[:1]) + (tiled if full else tiled[:1]):
                 if launch.gemv:
                     routing = Routing(2, launch, experts=ids.reshape(-1).to(torch.int32))
                 else:
                     routing = align_by_expert(ids, n_exp, launch)
-                default = launch == (tiled[0] if fmt == "bf16" else GEMV)
+                default = launch == (tiled[0] if fmt == "bf16" else ours)
                 report(f"experts {fmt}", (n, k), launch, default, nbytes,
                        partial(moe_matmul, x, c, stack, routing, 1, launch=launch))
     for fmt, (n, k) in (("Q4_K", (d, d)), ("Q4_K", (d + 2 * d // 4, d)), ("Q6_K", (spec["vocab_size"], d))):
         w = random_packed(n, k, fmt, dev)
         x = torch.randn(1, k, device=dev).bfloat16()
         nbytes = sum(b.numel() * b.element_size() for b in w.buffers())
-        for launch in (GEMV, dot_launch(1, dense=False)):
-            report(f"dense {fmt}", (n, k), launch, launch == GEMV, nbytes, partial(packed_matmul, x, w, launch))
+        for launch in dict.fromkeys((gemv_launch(1, 2, n), GEMV, dot_launch(1, dense=False))):
+            report(f"dense {fmt}", (n, k), launch, launch == gemv_launch(1, 2, n), nbytes,
+                   partial(packed_matmul, x, w, launch))
 
     lines += ["", "Batch-8 kernels (8 tokens; experts: their 16 pairs, sorted), the same weights: the GEMV of 8 rows "
               "(dense) or of blocks of 2 pairs (experts) against the tiled kernel; bytes read: every weight once", "",

@@ -56,6 +56,7 @@ def _packed_launches() -> list[dict]:
     from levante.cuda import PackedWeight
     from levante.cuda.moe import ExpertStack, route
     from levante.cuda.packed import LAYOUTS
+    from levante.cuda.triton_matmul import WIDE_N, gemv_launch, gemv_unit, packed_matmul
     from levante.cuda.triton_moe import moe_matmul
 
     def weight(qtype: str, seed: int) -> PackedWeight:
@@ -75,6 +76,8 @@ def _packed_launches() -> list[dict]:
         for qtype, m, dt in cases:
             w = weight(qtype, 0)
             w.matmul(torch.randn(m, 256).to(dt))
+            if m == 1:  # the GEMV's slices for a weight of WIDE_N rows or more
+                packed_matmul(torch.randn(1, 256).to(dt), w, gemv_launch(1, gemv_unit(w.bits, 256), WIDE_N))
             stack = ExpertStack([weight(qtype, s) for s in range(4)])
             ids = torch.stack([torch.randperm(4)[:2] for _ in range(m)])
             routing = route(ids, 4, packed=True, wide=dt == torch.float32)

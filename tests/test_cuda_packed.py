@@ -75,10 +75,11 @@ def test_gemv_equals_float_math(qtype):
     """A decode step's rows (up to GEMV_ROWS) run the GEMV: one row scales sums of codes times x per run of shared
     scales, more rows dequantize each value once and multiply it with each row. Both equal the float32 math of the
     dequantized weight, for float32 and bfloat16 x, on whole and partial slices and blocks of rows."""
-    from levante.cuda.triton_matmul import GEMV, GEMV_ROWS, gemv_launch, packed_matmul, use_gemv
+    from levante.cuda.triton_matmul import GEMV, GEMV_ROWS, GEMV_WIDE, WIDE_N, gemv_launch, packed_matmul, use_gemv
 
     assert use_gemv(1, packed=True) and use_gemv(GEMV_ROWS, packed=True) and not use_gemv(GEMV_ROWS + 1, True)
     assert not use_gemv(1, packed=False) and gemv_launch(1) == GEMV and gemv_launch(3).bm == 4
+    assert gemv_launch(1, 2, 4096) == GEMV and gemv_launch(1, 2, WIDE_N) == GEMV_WIDE and GEMV_WIDE.bn > GEMV.bn
     k = K if qtype.endswith("_K") else 160  # 160: five 32-value blocks, not a whole slice
     pw = PackedWeight.from_ggml(_raw(qtype, k=k, seed=3), qtype, N, k)
     w = pw.dequantize()
@@ -91,7 +92,7 @@ def test_gemv_equals_float_math(qtype):
             assert (got - ref).abs().max() <= tol * ref.abs().max()
     x = torch.randn(7, k)  # a program of one row forced on more rows; programs of 2 and 8 rows: 4 blocks, one part
     ref = x @ w.T
-    for launch in (GEMV, gemv_launch(2), gemv_launch(8)):
+    for launch in (GEMV, GEMV_WIDE, gemv_launch(2), gemv_launch(8)):
         assert (packed_matmul(x, pw, launch) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 

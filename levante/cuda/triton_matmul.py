@@ -99,16 +99,22 @@ GEMV = Launch(1, 16, 256, 4, 3, gemv=True)  # one row of x; 16-row slices of W: 
 # as cheap as 8 GEMV rows, but its 64-row slices give a 4096-row weight 64 programs where the GEMV has 256, so
 # decode steps of up to 8 rows keep the GEMV. At these rates both are bound by instruction issue rather than HBM
 GEMV_ROWS = 8
+# one row of x on a weight of WIDE_N rows or more (Mixtral's experts' gate and up, 14336; the LM head): slices of 32
+# rows, where a thread takes twice the rows of W per value of x it converts and shares (sm_90 SASS per weight,
+# Triton 3.9 / 3.6: Q4_K 6.4 / 8.3 -> 5.2 / 7.2, Q6_K 8.8 / 10.7 -> 7.8 / 9.9), and such a weight still has at least
+# as many programs (256) as a 4096-row one by `GEMV`
+GEMV_WIDE = Launch(1, 32, 256, 4, 3, gemv=True)
+WIDE_N = 8192
 
 
-def gemv_launch(rows: int, unit: int = 2) -> Launch:
-    """The GEMV program for blocks of `rows` rows of x (rounded up to a power of two) on a weight read by units of
-    `unit` values (`gemv_unit`): one row by `GEMV` (codes times x summed per run, then scaled); more by 16 x 256
-    slices of W, narrower where a thread would hold over 128 accumulators (one per unit and row; compiled for sm_90
-    by the GPU's Triton 3.6, 8 rows of 4-bit codes cost 18.7 lane-instructions per weight at 256 values, 30.3 at
-    128, both in 229-255 registers, before `code_float`)."""
+def gemv_launch(rows: int, unit: int = 2, n: int = 0) -> Launch:
+    """The GEMV program for blocks of `rows` rows of x (rounded up to a power of two) on a weight of `n` rows read by
+    units of `unit` values (`gemv_unit`): one row by `GEMV`, or `GEMV_WIDE` from WIDE_N rows (codes times x summed
+    per run, then scaled); more by 16 x 256 slices of W, narrower where a thread would hold over 128 accumulators
+    (one per unit and row; compiled for sm_90 by the GPU's Triton 3.6, 8 rows of 4-bit codes cost 18.7
+    lane-instructions per weight at 256 values, 30.3 at 128, both in 229-255 registers, before `code_float`)."""
     if rows == 1:
-        return GEMV
+        return GEMV_WIDE if n >= WIDE_N else GEMV
     r = triton.next_power_of_2(rows)
     bk = next(bk for bk in (256, 128, 64) if bk == 64 or r * 16 * bk // unit <= 128 * 128)
     return Launch(r, 16, bk, 4, 3, gemv=True)
@@ -523,7 +529,7 @@ def packed_matmul(x: Tensor, w, launch: Launch | None = None) -> Tensor:
                HAS_MC=w.mc.numel() > 0)
     wide = x.dtype == torch.float32
     unit = gemv_unit(w.bits, K)
-    cfg = launch or (gemv_launch(M, unit) if use_gemv(M, packed=True) else dot_launch(M, dense=False, wide=wide))
+    cfg = launch or (gemv_launch(M, unit, N) if use_gemv(M, packed=True) else dot_launch(M, dense=False, wide=wide))
     if cfg.gemv:
         run(_packed_gemv_kernel, (triton.cdiv(M, cfg.bm), triton.cdiv(N, cfg.bn)), cfg,
             x2, y, *planes(w), float_base(w.bits), M, N, K, x2.stride(0), y.stride(0), **fmt, R=cfg.bm, BN=cfg.bn,

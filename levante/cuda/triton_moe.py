@@ -131,7 +131,7 @@ def moe_matmul(a: Tensor, c: Tensor, stack, routing, a_div: int, topk_weights: T
     cfg = routing.launch
     if cfg.gemv:
         unit = gemv_unit(stack.bits, K)
-        cfg = launch or gemv_launch(cfg.bm, unit)  # the slices that suit this stack's format, for the routing's blocks
+        cfg = launch or gemv_launch(cfg.bm, unit, N)  # the slices that suit the stack and the routing's blocks
         gt = gemv_run(stack.g if not dense else 32, cfg.bk)
         if cfg.bm == 1:  # the pairs in order, each with its expert (the sort's pointers unused)
             grid, pointers = routing.n_pairs, (routing.experts,) * 4

@@ -227,6 +227,26 @@ def unit_float(lo, hi, T: tl.constexpr, BITS: tl.constexpr, base):
 
 
 @triton.jit
+def unit_planes(lo_ptr, hi_ptr, row, unit, ok, BITS: tl.constexpr, U: tl.constexpr):
+    """The lo and hi planes (int32) of units of U values, unit `unit` of the row starting at unit `row` (broadcast
+    against each other; `ok`: the mask), as `unit_float` reads them: lo holds U / 2 bytes of nibbles (8-bit codes:
+    U bytes), read as one int32, uint16 or byte; hi one byte of 5th / 6th bits (other formats: lo again, never
+    read). The pointers add `row`, then `unit`: the one-row GEMV's loop keeps them apart (their sum first costs
+    Q4_K 0.15 instruction per weight there), the others pass the sum and 0."""
+    LO: tl.constexpr = U if BITS == 8 else U // 2  # bytes of the lo plane per unit
+    if LO == 4:
+        lo = tl.load(lo_ptr.to(tl.pointer_type(tl.int32)) + row + unit, mask=ok, other=0)
+    elif LO == 2:
+        lo = tl.load(lo_ptr.to(tl.pointer_type(tl.uint16)) + row + unit, mask=ok, other=0).to(tl.int32)
+    else:
+        lo = tl.load(lo_ptr + row + unit, mask=ok, other=0).to(tl.int32)
+    hi = lo
+    if BITS == 5 or BITS == 6:
+        hi = tl.load(hi_ptr + row + unit, mask=ok, other=0).to(tl.int32)
+    return lo, hi
+
+
+@triton.jit
 def weight_tile(
     w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, k0, K, n_ok,
     DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
@@ -241,17 +261,7 @@ def weight_tile(
         return tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok & (rk < K)[None, :], other=0.0).to(tl.float32)
     unit = k0 // U + tl.arange(0, BK // U)
     ok = n_ok & (unit < K // U)[None, :]
-    at = rn[:, None] * (K // U) + unit[None, :]
-    LO: tl.constexpr = U if BITS == 8 else U // 2  # bytes of the lo plane per unit
-    if LO == 4:
-        lo = tl.load(lo_ptr.to(tl.pointer_type(tl.int32)) + at, mask=ok, other=0)
-    elif LO == 2:
-        lo = tl.load(lo_ptr.to(tl.pointer_type(tl.uint16)) + at, mask=ok, other=0).to(tl.int32)
-    else:
-        lo = tl.load(lo_ptr + at, mask=ok, other=0).to(tl.int32)
-    hi = lo
-    if BITS == 5 or BITS == 6:
-        hi = tl.load(hi_ptr + at, mask=ok, other=0).to(tl.int32)
+    lo, hi = unit_planes(lo_ptr, hi_ptr, rn[:, None] * (K // U) + unit[None, :], 0, ok, BITS, U)
     # value U * unit + t: the joins below put t = 4a + 2b + c at [unit, a, b, c]
     f = unit_float(lo, hi, 0, BITS, base)
     if U == 2:
@@ -292,35 +302,28 @@ def gemv_slice(
         w = tl.load(w_ptr + rn[:, None, None] * K + col[None, :, :], mask=n_ok[:, None, None] & (col < K)[None, :, :],
                     other=0.0).to(tl.float32)
         return acc + tl.sum(w * x[None, :, :], axis=2)
-    if BITS < 8:
-        # a unit of U neighbours: their low 4 bits in U / 2 bytes of the lo plane (the first value lowest), the rest
-        # in one byte of the hi plane (4 and 5 bits: U = 8, an int32 of nibbles (+ a byte); 6 bits: U = 4). Units
-        # are read whole, each thread's contiguous, and x is split into the U values that multiply a unit's codes
-        U: tl.constexpr = 4 if BITS == 6 else 8
+    if BITS < 8 or U8 == 4:
+        # a unit of U neighbours, read whole (`unit_planes`), each thread's contiguous: 4- and 5-bit codes by int32
+        # words of 8 nibbles (+ a byte of 5th bits), 6-bit ones by 4 nibbles + a byte, 8-bit ones by int32 words
+        # of 4; x is split into the U values that multiply a unit's codes
+        U: tl.constexpr = 8 if BITS == 4 or BITS == 5 else 4
         unit = k0 // U + run[:, None] * (GT // U) + tl.arange(0, GT // U)[None, :]  # [runs, GT / U]
         u_ok = unit < K // U
-        ok = n_ok[:, None, None] & u_ok[None, :, :]
+        lo, hi = unit_planes(lo_ptr, hi_ptr, rn[:, None, None] * (K // U), unit[None, :, :],
+                             n_ok[:, None, None] & u_ok[None, :, :], BITS, U)
         two = tl.arange(0, 2)
-        if BITS == 6:
-            lo = tl.load(lo_ptr.to(tl.pointer_type(tl.uint16)) + rn[:, None, None] * (K // 4) + unit[None, :, :],
-                         mask=ok, other=0).to(tl.int32)
-            hi = tl.load(hi_ptr + rn[:, None, None] * (K // 4) + unit[None, :, :], mask=ok, other=0).to(tl.int32)
+        if U == 4:
             x4 = tl.load(x_ptr + 4 * unit[:, :, None, None] + 2 * two[None, None, :, None] + two[None, None, None, :],
                          mask=u_ok[:, :, None, None], other=0.0).to(tl.float32)
             even, odd = tl.split(x4)
             x0, x2 = tl.split(even)
             x1, x3 = tl.split(odd)
             xs = x0 + x1 + x2 + x3
-            qx = unit_float(lo, hi, 0, 6, base) * x0[None, :, :]
-            qx += unit_float(lo, hi, 1, 6, base) * x1[None, :, :]
-            qx += unit_float(lo, hi, 2, 6, base) * x2[None, :, :]
-            qx = tl.sum(qx + unit_float(lo, hi, 3, 6, base) * x3[None, :, :], axis=2)
+            qx = unit_float(lo, hi, 0, BITS, base) * x0[None, :, :]
+            qx += unit_float(lo, hi, 1, BITS, base) * x1[None, :, :]
+            qx += unit_float(lo, hi, 2, BITS, base) * x2[None, :, :]
+            qx = tl.sum(qx + unit_float(lo, hi, 3, BITS, base) * x3[None, :, :], axis=2)
         else:
-            lo = tl.load(lo_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None, None] * (K // 8) + unit[None, :, :],
-                         mask=ok, other=0)
-            hi = lo
-            if BITS == 5:
-                hi = tl.load(hi_ptr + rn[:, None, None] * (K // 8) + unit[None, :, :], mask=ok, other=0).to(tl.int32)
             x8 = tl.load(x_ptr + 8 * unit[:, :, None, None, None] + 4 * two[None, None, :, None, None]
                          + 2 * two[None, None, None, :, None] + two[None, None, None, None, :],
                          mask=u_ok[:, :, None, None, None], other=0.0).to(tl.float32)
@@ -341,26 +344,9 @@ def gemv_slice(
             qx += unit_float(lo, hi, 6, BITS, base) * x6[None, :, :]
             qx = tl.sum(qx + unit_float(lo, hi, 7, BITS, base) * x7[None, :, :], axis=2)
         xs = tl.sum(xs, axis=1)
-        # sum (q - OFF) x = sum (2**BITS + q) x - (2**BITS + OFF) sum x: codes of at most 6 bits leave the
-        # difference well conditioned
+        # sum (q - OFF) x = sum (2**BITS + q) x - (2**BITS + OFF) sum x, the codes' zero and 2**BITS at most 384
+        # times sum x: the difference stays well conditioned
         qx = qx - ((1 << BITS) + OFF) * xs[None, :]
-    elif U8 == 4:
-        unit = k0 // 4 + run[:, None] * (GT // 4) + tl.arange(0, GT // 4)[None, :]  # [runs, GT / 4]
-        u_ok = unit < K // 4
-        lo = tl.load(lo_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None, None] * (K // 4) + unit[None, :, :],
-                     mask=n_ok[:, None, None] & u_ok[None, :, :], other=0)
-        two = tl.arange(0, 2)
-        x4 = tl.load(x_ptr + 4 * unit[:, :, None, None] + 2 * two[None, None, :, None] + two[None, None, None, :],
-                     mask=u_ok[:, :, None, None], other=0.0).to(tl.float32)
-        even, odd = tl.split(x4)
-        x0, x2 = tl.split(even)
-        x1, x3 = tl.split(odd)
-        xs = tl.sum(x0 + x1 + x2 + x3, axis=1)
-        qx = unit_float(lo, lo, 0, 8, base) * x0[None, :, :]
-        qx += unit_float(lo, lo, 1, 8, base) * x1[None, :, :]
-        qx += unit_float(lo, lo, 2, 8, base) * x2[None, :, :]
-        qx = tl.sum(qx + unit_float(lo, lo, 3, 8, base) * x3[None, :, :], axis=2)
-        qx = qx - (256 + OFF) * xs[None, :]
     else:
         col = k0 + run[:, None] * GT + tl.arange(0, GT)[None, :]  # [runs, GT]
         x = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
@@ -400,16 +386,7 @@ def gemv_rows_slice(
                       n_ok[:, None] & (first < K)[None, :], G, SG, HAS_SC, HAS_MIN, HAS_MC)
         zero: tl.constexpr = (1 << BITS) + OFF  # code_float's 2**BITS and the codes' zero
         m = m - zero * s if HAS_MIN else -zero * s
-        LO: tl.constexpr = U if BITS == 8 else U // 2  # bytes of the lo plane per unit
-        if LO == 4:  # 8 4-bit codes (5-bit: + a byte of high bits), or 4 8-bit ones
-            lo = tl.load(lo_ptr.to(tl.pointer_type(tl.int32)) + at, mask=ok, other=0)
-        elif LO == 2:  # 4 6-bit codes' low 4 bits (+ a byte of high bits)
-            lo = tl.load(lo_ptr.to(tl.pointer_type(tl.uint16)) + at, mask=ok, other=0).to(tl.int32)
-        else:  # an 8-bit code
-            lo = tl.load(lo_ptr + at, mask=ok, other=0).to(tl.int32)
-        hi = lo
-        if BITS == 5 or BITS == 6:
-            hi = tl.load(hi_ptr + at, mask=ok, other=0).to(tl.int32)
+        lo, hi = unit_planes(lo_ptr, hi_ptr, at, 0, ok, BITS, U)
     xu = x_ptr + x_off[:, None, None] + U * unit[None, :, :]  # [R, runs, GT / U]: each unit's first x
     x_ok = r_ok[:, None, None] & u_ok[None, :, :]
     for t in tl.static_range(U):

@@ -174,6 +174,23 @@ def run_variant(name: str, loaded: LoadedModel, ids: list[int], n_new: int, limi
     return res
 
 
+def step_ms(net: torch.nn.Module, float32_inputs: bool, reps: int) -> float:
+    """Milliseconds of one batch-1 decode step at position 600 (captured in a graph on CUDA), with the packed
+    weights' inputs stored as float32 or as the model's 16-bit dtype."""
+    dev = net.model.device
+    dec = CudaDecoder(net, float32_inputs=float32_inputs)
+    cache = dec.new_cache(1, 1024)
+    tok, pos = torch.tensor([[5]], device=dev), torch.tensor([[600]], device=dev)
+    with torch.inference_mode():
+        dec(tok, pos, cache)  # compiles, captures
+        sync(dev)
+        t = time.perf_counter()
+        for _ in range(reps):
+            dec(tok, pos, cache)
+        sync(dev)
+    return (time.perf_counter() - t) / reps * 1e3
+
+
 def engine_rate(llm: LLM, prompts: list[list[int]], n: int) -> float:
     """Total new tokens per second of the serving engine with one concurrent client per prompt."""
     from levante.engine import Engine
@@ -292,7 +309,8 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
     reps = 20 if dev.type == "cuda" else 1
     gemvs = [GEMV, GEMV_WIDE, Launch(1, 32, 128, 4, 3, gemv=True), Launch(1, 16, 512, 4, 4, gemv=True),
              Launch(1, 64, 128, 8, 3, gemv=True)]
-    lines += ["", "Batch-1 kernels (one token; experts: its 2 pairs), fraction of the copy rate:", "",
+    lines += ["", "Batch-1 kernels (one token; experts: its 2 pairs), fraction of the copy rate (x bf16; 'x f32': the "
+              "same values stored as float32, as the decoder passes them to packed weights):", "",
               "| weight | [N, K] | kernel (bm, bn, bk, warps, stages) | us | read GB/s | / copy rate |",
               "|---|---|---|---|---|---|"]
 
@@ -330,6 +348,9 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
                 default = launch == (tiled[0] if fmt == "bf16" else ours)
                 report(f"experts {fmt}", (n, k), launch, default, nbytes,
                        partial(moe_matmul, x, c, stack, routing, 1, launch=launch))
+                if default and launch.gemv:  # the decoder's float32 inputs (the values of bf16 ones)
+                    report(f"experts {fmt}, x f32", (n, k), launch, default, nbytes,
+                           partial(moe_matmul, x.float(), c, stack, routing, 1, launch=launch))
     for fmt, (n, k) in (("Q4_K", (d, d)), ("Q4_K", (d + 2 * d // 4, d)), ("Q6_K", (spec["vocab_size"], d))):
         w = random_packed(n, k, fmt, dev)
         x = torch.randn(1, k, device=dev).bfloat16()
@@ -337,6 +358,8 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
         for launch in dict.fromkeys((gemv_launch(1, 2, n), GEMV, dot_launch(1, dense=False))):
             report(f"dense {fmt}", (n, k), launch, launch == gemv_launch(1, 2, n), nbytes,
                    partial(packed_matmul, x, w, launch))
+        report(f"dense {fmt}, x f32", (n, k), gemv_launch(1, 2, n), True, nbytes,
+               partial(packed_matmul, x.float(), w, gemv_launch(1, 2, n), torch.bfloat16))
 
     lines += ["", "Batch-8 kernels (8 tokens; experts: their 16 pairs, sorted), the same weights: the GEMV of 8 rows "
               "(dense) or of blocks of 2 pairs (experts) against the tiled kernel; bytes read: every weight once", "",
@@ -349,6 +372,9 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
         nbytes = sum(b.numel() * b.element_size() for b in w.buffers())
         for launch in (gemv_launch(8, gemv_unit(w.bits, d)), dot_launch(8, dense=False)):
             report(f"dense {fmt}", (d, d), launch, launch.gemv, nbytes, partial(packed_matmul, x, w, launch))
+        launch = gemv_launch(8, gemv_unit(w.bits, d))
+        report(f"dense {fmt}, x f32", (d, d), launch, True, nbytes,
+               partial(packed_matmul, x.float(), w, launch, torch.bfloat16))
         stack = ExpertStack([random_packed(2 * f, d, fmt, dev) for _ in range(n_exp)])
         x = torch.randn(8, d, device=dev).bfloat16()
         c = torch.empty(16, 2 * f, device=dev, dtype=torch.bfloat16)
@@ -357,6 +383,9 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
             launch = gemv_launch(routing.launch.bm, gemv_unit(w.bits, d)) if routing.launch.gemv else routing.launch
             report(f"experts {fmt}", (2 * f, d), launch, routing.launch.gemv, used * stack.nbytes // n_exp,
                    partial(moe_matmul, x, c, stack, routing, 2))
+            if routing.launch.gemv:
+                report(f"experts {fmt}, x f32", (2 * f, d), launch, True, used * stack.nbytes // n_exp,
+                       partial(moe_matmul, x.float(), c, stack, routing, 2))
 
 
 def main() -> None:
@@ -451,7 +480,10 @@ def main() -> None:
         loaded.model.to(dev)
         fuse_moe(loaded.model)
         r = run_variant(scheme, loaded, ids, n_new, rate, lines, args.smoke)
-        r.pop("llm")
+        llm = r.pop("llm")
+        if scheme in ("Q4_K_M", "Q8_0"):  # the decoder's float32 GEMV inputs against bf16 ones, step by step
+            reps = 50 if dev.type == "cuda" else 1
+            r["step_f32"], r["step_bf16"] = (step_ms(llm.model, f, reps) for f in (True, False))
         return r
 
     def low_rank_variant() -> dict:
@@ -522,6 +554,10 @@ def main() -> None:
     for scheme, goal in (("Q4_K_M", 2.5), ("Q8_0", 1.6), ("AWQ", 2.5), ("INT8", 1.6)):
         lines.append(row(f"{scheme} decode vs bf16 (first generation)", get(res[scheme], "first"), get(bf, "first"),
                          f">= {goal}x"))
+        steps = res[scheme] or {}
+        if "step_f32" in steps:
+            lines.append(row(f"{scheme} decode step, bf16 / float32 GEMV inputs (float32: the default)",
+                             steps["step_bf16"], steps["step_f32"], "> 1x", "ms"))
     lr, goal = res["low-rank"], None
     if lr is not None and bf is not None:
         goal = f"{bf['bytes'] / lr['bytes']:.2f}x (bytes)"

@@ -50,6 +50,22 @@ def _decoder_launches(tmp_path, kind: str, dtype: str) -> list[dict]:
     return records
 
 
+def _float32_store_launches() -> list[dict]:
+    """The small ops of a bf16 model's decode step whose outputs only packed weights read, stored as float32 (the
+    decoder's `packed_readers`), at Mixtral-8x7B's sizes: the norms (alone, after a residual, after the experts'
+    top-2 outputs), the router on float32 x, the experts' activation."""
+    from levante.cuda.triton_fused import add_rms_norm, router, silu_mul
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    x, w = torch.randn(1, 4096).to(bf16), torch.ones(4096, dtype=bf16)
+    with recording() as records:
+        for delta in (None, torch.randn(1, 4096).to(bf16), torch.randn(1, 2, 4096).to(bf16)):
+            add_rms_norm(x, delta, w, 1e-5, f32)
+        router(torch.randn(1, 4096), torch.randn(8, 4096).to(bf16), 2, bf16)
+        silu_mul(torch.randn(2, 14336).to(bf16), torch.randn(2, 14336).to(bf16), f32)
+    return records
+
+
 def _packed_launches() -> list[dict]:
     from test_cuda_moe import _packed
 
@@ -70,19 +86,22 @@ def _packed_launches() -> list[dict]:
                                           torch.rand(32, generator=g) * 1e-2)
         return _packed(32, 256, qtype, seed)
 
-    cases = [(q, m, torch.bfloat16) for q in (*LAYOUTS, "AWQ4", "INT8") for m in TIERS]
-    cases += [("Q4_K", m, dt) for m in TIERS for dt in (torch.float16, torch.float32)]
+    # (format, rows, x's dtype, the output's)
+    cases = [(q, m, torch.bfloat16, torch.bfloat16) for q in (*LAYOUTS, "AWQ4", "INT8") for m in TIERS]
+    cases += [("Q4_K", m, dt, dt) for m in TIERS for dt in (torch.float16, torch.float32)]
+    # the decoder's GEMV inputs of a bf16 model: float32, holding bf16 values (one row, and eight)
+    cases += [(q, m, torch.float32, torch.bfloat16) for q in (*LAYOUTS, "AWQ4", "INT8") for m in (1, 5)]
     with recording() as records:
-        for qtype, m, dt in cases:
+        for qtype, m, dt, out in cases:
             w = weight(qtype, 0)
-            w.matmul(torch.randn(m, 256).to(dt))
+            packed_matmul(torch.randn(m, 256).to(dt), w, out_dtype=out)
             if m == 1:  # the GEMV's slices for a weight of WIDE_N rows or more
-                packed_matmul(torch.randn(1, 256).to(dt), w, gemv_launch(1, gemv_unit(w.bits, 256), WIDE_N))
+                packed_matmul(torch.randn(1, 256).to(dt), w, gemv_launch(1, gemv_unit(w.bits, 256), WIDE_N), out)
             stack = ExpertStack([weight(qtype, s) for s in range(4)])
             ids = torch.stack([torch.randperm(4)[:2] for _ in range(m)])
-            routing = route(ids, 4, packed=True, wide=dt == torch.float32)
+            routing = route(ids, 4, packed=True, wide=out == torch.float32)
             x = torch.randn(m, 256).to(dt)
-            h = torch.empty(2 * m, 32, dtype=dt)
+            h = torch.empty(2 * m, 32, dtype=out)
             moe_matmul(x, h, stack, routing, 2)  # gate / up: each token's row twice
             down = ExpertStack([weight(qtype, 9 + s) for s in range(4)])  # times the routing weights
             moe_matmul(torch.randn(2 * m, 256).to(dt), h, down, routing, 1, torch.rand(2 * m))
@@ -95,7 +114,8 @@ def report(tmp_path_factory) -> list[dict]:
     # float16: an F16 checkpoint's dtype on a GPU (bfloat16 for the others); float32: an explicit dtype="float32"
     decoders = [("mixtral_8x2", "bfloat16"), ("llama_tied", "bfloat16"), ("llama_tied", "float16"),
                 ("mixtral_8x2", "float32")]
-    records = [r for kind, dtype in decoders for r in _decoder_launches(tmp, kind, dtype)] + _packed_launches()
+    records = [r for kind, dtype in decoders for r in _decoder_launches(tmp, kind, dtype)]
+    records += _float32_store_launches() + _packed_launches()
     return compile_records(records, tmp)
 
 

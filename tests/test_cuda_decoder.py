@@ -171,6 +171,34 @@ def test_packed_quantized_model(tmp_path):
     assert got == want
 
 
+@pytest.mark.parametrize("kind", ["mixtral_8x2", "mistral_dense"])
+def test_float32_gemv_inputs_change_no_value(tmp_path, monkeypatch, kind):
+    """A bf16 model of packed weights (Q4_K_M: three formats; Mixtral's router in bf16): steps of up to GEMV_ROWS
+    tokens store what only packed weights read as float32 (the same values: the GPU's Triton 3.6 reads float32 x
+    with fewer instructions) and give bf16 inputs' logits bit for bit, in a prefill chunk and a decode step."""
+    import levante.cuda.decoder as decoder
+    from levante.tools.quantize import quantize_model
+
+    src = save_hf(hf_model(kind, vocab_size=256, hidden_size=256, intermediate_size=256), tmp_path / "m")
+    lm = load(quantize_model(src, tmp_path / "m.gguf", "Q4_K_M", progress=False), dtype="bfloat16")
+    seen = []
+    packed_matmul = decoder.packed_matmul
+    monkeypatch.setattr(decoder, "packed_matmul", lambda x, w, **kw: seen.append(x.dtype) or packed_matmul(x, w, **kw))
+    ids = torch.randint(3, 256, (3, 3), generator=torch.Generator().manual_seed(0))
+    logits = []
+    with torch.inference_mode():
+        assert pack_weights(lm.model) > 0
+        fuse_moe(lm.model)
+        for wide in (False, True):
+            dec = CudaDecoder(lm.model, float32_inputs=wide)
+            cache = dec.new_cache(3, 8)
+            logits.append([dec(ids[:, :2], torch.arange(2).expand(3, 2), cache),
+                           dec(ids[:, 2:], torch.full((3, 1), 2), cache)])
+    assert torch.float32 in seen  # the float32 steps multiplied float32 inputs
+    for a, b in zip(*logits, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_cache_is_reused_while_it_fits(tmp_path):
     lm = load(save_hf(hf_model("mistral_dense"), tmp_path / "m"))
     dec = CudaDecoder(lm.model)

@@ -118,3 +118,23 @@ def test_router(dtype, e, k, d):
     order, want_order = ids.argsort(-1), want_ids.argsort(-1)
     assert torch.equal(ids.gather(-1, order), want_ids.gather(-1, want_order))
     _close(w.gather(-1, order), want_w.gather(-1, want_order), reduced=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_stores_keep_the_values(dtype):
+    """`store=float32` (the decoder's inputs of packed weights) stores the very values of the 16-bit result: the
+    norms (alone, after a residual, after top-2 parts), the activation; the router reads float32 x holding 16-bit
+    values and rounds its logits to `dtype`, as on the 16-bit x."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 200, generator=g).to(dtype), (1 + torch.randn(200, generator=g) / 4).to(dtype)
+    for delta in (None, torch.randn(3, 200, generator=g).to(dtype), torch.randn(3, 2, 200, generator=g).to(dtype)):
+        new, h = add_rms_norm(x, delta, w, 1e-5)
+        new32, h32 = add_rms_norm(x, delta, w, 1e-5, torch.float32)
+        assert h32.dtype == torch.float32 and torch.equal(h32, h.float()) and torch.equal(new32, new)
+    gate, up = torch.randn(3, 300, generator=g).to(dtype), torch.randn(3, 300, generator=g).to(dtype)
+    act = silu_mul(gate, up, torch.float32)
+    assert act.dtype == torch.float32 and torch.equal(act, silu_mul(gate, up).float())
+    experts = torch.randn(8, 200, generator=g).to(dtype)
+    weights, ids = router(x, experts, 2)
+    weights32, ids32 = router(x.float(), experts, 2, dtype)
+    assert weights32.dtype == dtype and torch.equal(weights32, weights) and torch.equal(ids32, ids)

@@ -9,6 +9,10 @@ with the model's numbers but GPU-shaped work:
 - attention is `cache_attention` (no mask tensor, no per-length planning: the lengths are data); the residual
   adds and norms, RoPE with the cache writes, and the feed-forward's activation are one kernel each
   (levante.cuda.triton_fused), so a layer is ~13 kernels rather than ~40;
+- in steps of up to GEMV_ROWS tokens of a 16-bit model, the activations that only packed weights read (the norms'
+  outputs, the feed-forward's activation) are stored as float32, holding the same values: the GEMV's products are
+  float32 either way, and the GPU's Triton (3.6) multiplies float32 x without converting it per weight
+  (`packed_readers`);
 - a decode step (one token per row) runs for the smallest bucket (1, 2, 4, 8, 16, 32, ...) holding the batch; on
   CUDA each bucket's step is captured once in a CUDA graph and replayed with new token ids and positions copied
   into its static inputs: no host sync inside a step, only the logits come out (sampling then runs on them on the
@@ -28,6 +32,7 @@ from .moe import FusedMoE
 from .packed import PackedWeight
 from .triton_attention import cache_attention
 from .triton_fused import add_rms_norm, rope_and_cache, silu_mul
+from .triton_matmul import packed_matmul, use_gemv
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -135,7 +140,7 @@ def fused_qkv(attn: nn.Module) -> QuantWeight | None:
 class CudaDecoder(nn.Module):
     """Generation's view of a CausalLM on the GPU (see the module docstring)."""
 
-    def __init__(self, lm: nn.Module, use_graphs: bool | None = None) -> None:
+    def __init__(self, lm: nn.Module, use_graphs: bool | None = None, float32_inputs: bool = True) -> None:
         super().__init__()
         self.lm = lm
         self.model = lm.model  # generation reads model.model.device
@@ -151,6 +156,10 @@ class CudaDecoder(nn.Module):
         self.pipelined = self.model.device.type == "cuda"
         self._cache: StaticCache | None = None
         self._graphs: dict[int, tuple] = {}
+        # decode steps store the activations that only packed weights read as float32 (their values unchanged):
+        # Triton 3.6's one-row GEMV then reads x without converting it, 8.3 -> 6.5 lane-instructions per Q4_K weight
+        self.float32_inputs = float32_inputs
+        self._readers: tuple | None = None
 
     @property
     def cfg(self):
@@ -264,31 +273,41 @@ class CudaDecoder(nn.Module):
         net = self.model
         cfg = net.cfg
         B, T = tokens.shape
-        x = net.embed.rows(tokens, net.dtype)
+        dt = net.dtype
+        wide = self.float32_inputs and dt != torch.float32 and use_gemv(B * T, packed=True)
+        if self._readers is None:
+            self._readers = packed_readers(net, self.lm.lm_head, dt)
+        layers_in, head_in = self._readers
+
+        def store(packed_only: bool) -> torch.dtype | None:
+            return torch.float32 if wide and packed_only else None
+
+        x = net.embed.rows(tokens, dt)
         start = (positions[:, -1] - (T - 1)).to(torch.int32)  # left padding: a row's real positions end the chunk
         ring = cache.capacity if cache.rolling else 0
         delta = None  # the previous block's output: added to x by the next norm's kernel
         for i, layer in enumerate(net.layers):
             a = layer.attn
-            x, h = add_rms_norm(x, delta, layer.attn_norm.weight, layer.attn_norm.eps)
+            qkv_in, ffn_in, act = layers_in[i]
+            x, h = add_rms_norm(x, delta, layer.attn_norm.weight, layer.attn_norm.eps, store(qkv_in))
             qkv = fused_qkv(a)
             if qkv is not None:  # one matmul
-                q, k, v = qkv(h).split([a.wq.out_features, a.wk.out_features, a.wv.out_features], dim=-1)
+                q, k, v = linear(qkv, h, dt).split([a.wq.out_features, a.wk.out_features, a.wv.out_features], dim=-1)
             else:
-                q, k, v = a.wq(h), a.wk(h), a.wv(h)
+                q, k, v = (linear(w, h, dt) for w in (a.wq, a.wk, a.wv))
             ck, cv = cache.k[i][row0 : row0 + B], cache.v[i][row0 : row0 + B]
             # RoPE (angles made in the kernel) and the k / v writes; padding tokens write the dump slot
             q = rope_and_cache(q, k, v, positions, net.rotary.inv_freq, ck, cv, a.n_heads, a.n_kv, cache.capacity, ring)
             o = cache_attention(q, ck, cv, start, cfg.sliding_window, ring=ring)  # [B, H, T, D] over [B, T, H, D]
             o = run_hooks(a, h, a.wo(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim)))
-            x, h = add_rms_norm(x, o, layer.ffn_norm.weight, layer.ffn_norm.eps)
-            delta = feed_forward(layer.ffn, h)
+            x, h = add_rms_norm(x, o, layer.ffn_norm.weight, layer.ffn_norm.eps, store(ffn_in))
+            delta = feed_forward(layer.ffn, h, dt, store(act))
         if last_only:
             x, delta = x[:, -1:], delta[:, -1:]
-        _, h = add_rms_norm(x, delta, net.norm.weight, net.norm.eps)
+        _, h = add_rms_norm(x, delta, net.norm.weight, net.norm.eps, store(head_in))
         if self.lm.lm_head is None:  # a parallel model's worker rank: rank 0 alone computes the logits
             return h
-        return self.lm.lm_head(h).float()
+        return linear(self.lm.lm_head, h, dt).float()
 
 
 def run_hooks(module: nn.Module, h: Tensor, out: Tensor) -> Tensor:
@@ -301,13 +320,54 @@ def run_hooks(module: nn.Module, h: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def feed_forward(ffn: nn.Module, h: Tensor) -> Tensor:
-    """A block's feed-forward on h: a SwiGLU MLP with its activation fused (silu_mul); a FusedMoE's top-k outputs
-    [..., k, D], left for the next add + norm to sum; any other module, or one with hooks, called as it is."""
+def is_mlp(ffn: nn.Module) -> bool:
+    """A levante.model.MLP (w1, w2, w3; recognised by its parts: the model sits a layer above)."""
+    return all(hasattr(ffn, n) for n in ("w1", "w2", "w3")) and not hasattr(ffn, "gate")
+
+
+def feed_forward(ffn: nn.Module, h: Tensor, dtype: torch.dtype | None = None, store: torch.dtype | None = None
+                 ) -> Tensor:
+    """A block's feed-forward on h, in the activations' `dtype` (default h's; h may be float32 holding such values
+    where `packed_readers` says so): a SwiGLU MLP with its activation fused (silu_mul, stored as `store`); a
+    FusedMoE's top-k outputs [..., k, D], left for the next add + norm to sum; any other module, or one with
+    hooks, called as it is."""
+    dtype = dtype or h.dtype
     if ffn._forward_hooks:
         return ffn(h)
     if isinstance(ffn, FusedMoE):
-        return ffn.parts(h)
-    if all(hasattr(ffn, n) for n in ("w1", "w2", "w3")) and not hasattr(ffn, "gate"):  # levante.model.MLP
-        return ffn.w2(silu_mul(ffn.w1(h), ffn.w3(h)))
+        return ffn.parts(h, dtype, store)
+    if is_mlp(ffn):
+        return linear(ffn.w2, silu_mul(linear(ffn.w1, h, dtype), linear(ffn.w3, h, dtype), store), dtype)
     return ffn(h)
+
+
+def linear(w: QuantWeight, h: Tensor, dtype: torch.dtype) -> Tensor:
+    """w(h) in `dtype`; h is float32 holding values of `dtype` only where w is packed (`packed_readers`)."""
+    if h.dtype != dtype:
+        return packed_matmul(h, w, out_dtype=dtype)
+    return w(h)
+
+
+def packed_readers(net: nn.Module, head: QuantWeight | None, dtype: torch.dtype) -> tuple[list[tuple], bool]:
+    """Which of a decode step's activations only packed weights read (they may then be stored as float32, with
+    their values: a GEMV reads float32 x with fewer instructions on the GPU's Triton): per layer, (the attention
+    norm's output: q, k and v; the feed-forward norm's: the router and the experts' gate and up, or the MLP's w1
+    and w3; the activation between them: the down projection), and the final norm's (the LM head). A module with
+    hooks (a parallel rank's feed-forward) is called as it is, on its usual input."""
+    def packed(*ws: QuantWeight) -> bool:
+        return all(isinstance(w, PackedWeight) for w in ws)
+
+    layers = []
+    for layer in net.layers:
+        a, ffn = layer.attn, layer.ffn
+        qkv = fused_qkv(a)
+        attn = packed(qkv) if qkv is not None else packed(a.wq, a.wk, a.wv)
+        if ffn._forward_hooks:
+            layers.append((attn, False, False))
+        elif isinstance(ffn, FusedMoE):
+            layers.append((attn, *(ffn.reads_float32(dtype),) * 2))
+        elif is_mlp(ffn):
+            layers.append((attn, packed(ffn.w1, ffn.w3), packed(ffn.w2)))
+        else:
+            layers.append((attn, False, False))
+    return layers, head is not None and packed(head)

@@ -22,7 +22,7 @@ from ..quant.base import DenseWeight, QuantWeight
 from ..quant.lowrank import LowRankWeight
 from .packed import PackedWeight
 from .triton_fused import router, silu_mul, topk_softmax
-from .triton_matmul import GEMV, Launch, dot_launch, gemv_launch, use_gemv
+from .triton_matmul import GEMV, Launch, dot_launch, gemv_launch, packed_matmul, use_gemv
 from .triton_moe import moe_matmul
 
 _PLANES = ("lo", "hi", "d", "sc", "dm", "mc")
@@ -205,12 +205,17 @@ class Part(nn.Module):
         out.register_buffer("local_of", self.local_of, persistent=False)
         return out
 
+    @property
+    def quantized(self) -> bool:
+        """Whether every stack is packed (a GEMV reads x: it may come as float32, `FusedMoE.parts`)."""
+        return all(st.weight is None for st in self.stacks)
+
     def run(self, x: Tensor, y: Tensor, routing: Routing, a_div: int, topk_weights: Tensor | None) -> None:
         """y[p] = x[p // a_div] through this projection of pair p's expert (times its routing weight when given),
-        for the pairs of this part's experts; the other rows of y are not written."""
+        for the pairs of this part's experts, in y's dtype; the other rows of y are not written."""
         for i, stack in enumerate(self.stacks):
             last = i == len(self.stacks) - 1
-            out = y if last else torch.empty(routing.n_pairs, stack.out_features, dtype=x.dtype, device=x.device)
+            out = y if last else torch.empty(routing.n_pairs, stack.out_features, dtype=y.dtype, device=x.device)
             moe_matmul(x, out, stack, routing, a_div if i == 0 else 1, topk_weights if last else None)
             x = out
 
@@ -245,14 +250,20 @@ class Projection(nn.Module):
         parts = [a.concat(b) for a, b in zip(self.parts, other.parts, strict=True)]
         return None if None in parts else Projection(parts)
 
-    def run(self, x: Tensor, routing_of, a_div: int, topk_weights: Tensor | None = None) -> Tensor:
-        """[pairs, out_features]: row p = x[p // a_div] through this projection of pair p's expert (times its
-        routing weight when given); `routing_of(part)`: the pairs' routing for that part's experts."""
+    @property
+    def quantized(self) -> bool:
+        return all(p.quantized for p in self.parts)
+
+    def run(self, x: Tensor, routing_of, a_div: int, topk_weights: Tensor | None = None,
+            dtype: torch.dtype | None = None) -> Tensor:
+        """[pairs, out_features] in `dtype` (default x's): row p = x[p // a_div] through this projection of pair
+        p's expert (times its routing weight when given); `routing_of(part)`: the pairs' routing for that part's
+        experts."""
         y = None
         for part in self.parts:
             routing = routing_of(part)
             if y is None:
-                y = torch.empty(routing.n_pairs, self.out_features, dtype=x.dtype, device=x.device)
+                y = torch.empty(routing.n_pairs, self.out_features, dtype=dtype or x.dtype, device=x.device)
             part.run(x, y, routing, a_div, topk_weights)
         return y
 
@@ -297,31 +308,47 @@ class FusedMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.parts(x).sum(-2)
 
-    def parts(self, x: Tensor) -> Tensor:
+    def reads_float32(self, dtype: torch.dtype) -> bool:
+        """Whether x, and the activation between the experts' GEMMs, may come as float32 holding values of the
+        activations' `dtype` (`parts`): the gate is packed or read by the router kernel, and every expert is
+        packed (a decode step's GEMVs read float32 x with fewer instructions)."""
+        gate = self.gate
+        routed = isinstance(gate, PackedWeight) or (
+            isinstance(gate, DenseWeight) and gate.weight.dtype in (torch.float32, dtype))
+        ups = [self.w13] if self.w13 is not None else [self.w1, self.w3]
+        return routed and all(p.quantized for p in ups) and self.w2.quantized
+
+    def parts(self, x: Tensor, dtype: torch.dtype | None = None, store: torch.dtype | None = None) -> Tensor:
         """Each token's top-k expert outputs, times their routing weights, not yet summed: [..., top_k, D] (the
-        GPU decoder adds them in its next add + norm kernel)."""
+        GPU decoder adds them in its next add + norm kernel), in the activations' `dtype` (default x's; x may be
+        float32 holding such values where `reads_float32`); `store`: the dtype the activation between the
+        experts' two GEMMs is stored in (float32 for the down projection's GEMV), default `dtype`."""
         shape = x.shape
+        dtype = dtype or x.dtype
         x = x.reshape(-1, shape[-1]).contiguous()
-        if isinstance(self.gate, DenseWeight) and self.gate.weight.dtype in (torch.float32, x.dtype):
-            weights, chosen = router(x, self.gate.weight, self.top_k)  # the gate's matmul in the same kernel
+        gate = self.gate
+        if isinstance(gate, DenseWeight) and gate.weight.dtype in (torch.float32, dtype):
+            weights, chosen = router(x, gate.weight, self.top_k, dtype)  # the gate's matmul in the same kernel
+        elif isinstance(gate, PackedWeight):
+            weights, chosen = topk_softmax(packed_matmul(x, gate, out_dtype=dtype), self.top_k, dtype)
         else:
-            weights, chosen = topk_softmax(self.gate(x), self.top_k, x.dtype)
+            weights, chosen = topk_softmax(gate(x.to(dtype)), self.top_k, dtype)
         routings: dict[tuple, Routing] = {}
 
         def routing_of(part: Part) -> Routing:
             key = (part.members, part.packed)
             if key not in routings:
                 ids = chosen if part.local_of is None else part.local_of[chosen]
-                routings[key] = route(ids, len(part.members), part.packed, x.dtype == torch.float32)
+                routings[key] = route(ids, len(part.members), part.packed, dtype == torch.float32)
             return routings[key]
 
         if self.w13 is not None:
-            h = self.w13.run(x, routing_of, self.top_k)
+            h = self.w13.run(x, routing_of, self.top_k, dtype=dtype)
             gate, up = h[:, : self.ffn], h[:, self.ffn :]
         else:
-            gate, up = self.w1.run(x, routing_of, self.top_k), self.w3.run(x, routing_of, self.top_k)
-        act = silu_mul(gate, up)
-        out = self.w2.run(act, routing_of, 1, weights.reshape(-1))
+            gate, up = (p.run(x, routing_of, self.top_k, dtype=dtype) for p in (self.w1, self.w3))
+        act = silu_mul(gate, up, store)
+        out = self.w2.run(act, routing_of, 1, weights.reshape(-1), dtype=dtype)
         if self.held is not None:  # other ranks' pairs: rows never written
             out = out.masked_fill(~self.held[chosen].reshape(-1, 1), 0)
         return out.view(*shape[:-1], self.top_k, shape[-1])

@@ -29,7 +29,7 @@ def rounded(x, dtype: tl.constexpr):
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, x_out_ptr, y_ptr, D, eps,
-                         PARTS: tl.constexpr, LOW: tl.constexpr, BD: tl.constexpr):
+                         PARTS: tl.constexpr, LOW: tl.constexpr, ROUND: tl.constexpr, BD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BD)
     ok = cols < D
@@ -46,14 +46,18 @@ def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, x_out_ptr, y_ptr, D, eps,
     h = xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
     if LOW:  # levante.model.RMSNorm on 16-bit activations: normalised in float32, rounded, then scaled
         h = rounded(h, x_out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * D + cols, rounded(w * h, y_ptr.dtype.element_ty), mask=ok)
+    y = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32) * h
+    if ROUND:  # the norm's output dtype is x's 16-bit one (y may store its values as float32)
+        y = rounded(y, x_out_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * D + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float,
+                 store: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """(x + delta, RMSNorm(x + delta)) for x [..., D] and delta [..., D] or [..., k, D] (k parts summed first:
     a MoE's top-k outputs): a residual add and the next norm in one pass (delta None: the norm alone, x returned
-    as it is)."""
+    as it is). `store`: the dtype the norm's output is stored in (float32: its values, rounded to their own dtype
+    as before, for a GEMV that reads float32 x more cheaply); default its own dtype."""
     shape = x.shape
     D = shape[-1]
     x2 = x.reshape(-1, D).contiguous()
@@ -66,10 +70,11 @@ def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) ->
         else:
             raise ValueError(f"delta {tuple(delta.shape)} does not fit x {tuple(shape)}")
     new = torch.empty_like(x2) if delta is not None else x2
-    y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    own = torch.promote_types(weight.dtype, x.dtype)
+    y = torch.empty(x2.shape, dtype=store or own, device=x.device)
     _add_rms_norm_kernel[(x2.shape[0],)](
         x2, delta.contiguous() if delta is not None else x2, weight, new, y, D, eps,
-        PARTS=parts, LOW=x.dtype != torch.float32, BD=triton.next_power_of_2(D),
+        PARTS=parts, LOW=x.dtype != torch.float32, ROUND=own == x.dtype != torch.float32, BD=triton.next_power_of_2(D),
         num_warps=4 if D <= 4096 else 8)
     return new.view(shape), y.view(shape)
 
@@ -145,17 +150,18 @@ def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, F, s_g, s_u, BF: tl.constexpr):
     u = tl.load(u_ptr + row * s_u + cols, mask=ok, other=0.0).to(tl.float32)
     gf = g.to(tl.float32)
     s = rounded(gf / (1.0 + tl.exp(-gf)), g.dtype).to(tl.float32)  # F.silu, rounded to the dtype
-    tl.store(o_ptr + row * F + cols, rounded(s * u, o_ptr.dtype.element_ty), mask=ok)
+    tl.store(o_ptr + row * F + cols, rounded(s * u, g.dtype).to(o_ptr.dtype.element_ty), mask=ok)
 
 
-def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
-    """silu(gate) * up for gate, up [..., F] (may be the two halves of one [.., 2F] output: strided rows)."""
+def silu_mul(gate: Tensor, up: Tensor, store: torch.dtype | None = None) -> Tensor:
+    """silu(gate) * up for gate, up [..., F] (may be the two halves of one [.., 2F] output: strided rows), in
+    gate's dtype; `store`: the dtype its values are stored in (float32 for a GEMV's x), default gate's."""
     shape = gate.shape
     F = shape[-1]
     g2, u2 = gate.reshape(-1, F), up.reshape(-1, F)
     if g2.stride(-1) != 1 or u2.stride(-1) != 1:
         raise ValueError("gate and up need contiguous features")
-    out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    out = torch.empty(g2.shape, dtype=store or gate.dtype, device=gate.device)
     BF = min(1024, triton.next_power_of_2(F))
     _silu_mul_kernel[(g2.shape[0], triton.cdiv(F, BF))](g2, u2, out, F, g2.stride(0), u2.stride(0), BF=BF)
     return out.view(shape)
@@ -199,7 +205,7 @@ def _router_kernel(x_ptr, g_ptr, w_ptr, id_ptr, E, D, K: tl.constexpr, BE: tl.co
         x = tl.load(x_ptr + row * D + rd, mask=rd < D, other=0.0)
         g = tl.load(g_ptr + cols[:, None] * D + rd[None, :], mask=(cols[:, None] < E) & (rd[None, :] < D), other=0.0)
         acc += tl.sum(g.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-    logits = rounded(acc, x_ptr.dtype.element_ty).to(tl.float32)  # the gate's output, in x's dtype
+    logits = rounded(acc, w_ptr.dtype.element_ty).to(tl.float32)  # the gate's output, in the activations' dtype
     _store_topk(logits, cols, E, w_ptr, id_ptr, row, K, BK)
 
 
@@ -215,14 +221,14 @@ def topk_softmax(logits: Tensor, top_k: int, dtype: torch.dtype) -> tuple[Tensor
     return w, ids
 
 
-def router(x: Tensor, gate: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+def router(x: Tensor, gate: Tensor, top_k: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """topk_softmax of the gate's logits x [M, D] @ gate [E, D]^T, computed in the same kernel: float32 products,
-    the logits rounded to x's dtype as the gate's matmul returns them (one kernel instead of a cast, a matmul, a
-    cast and the top-k)."""
+    the logits rounded to the activations' `dtype` (default x's; x may be float32 holding such values) as the
+    gate's matmul returns them (one kernel instead of a cast, a matmul, a cast and the top-k)."""
     M, D = x.shape
     E = gate.shape[0]
     x = x.contiguous()
-    w = torch.empty(M, top_k, dtype=x.dtype, device=x.device)
+    w = torch.empty(M, top_k, dtype=dtype or x.dtype, device=x.device)
     ids = torch.empty(M, top_k, dtype=torch.long, device=x.device)
     BE = max(2, triton.next_power_of_2(E))
     _router_kernel[(M,)](x, gate.contiguous(), w, ids, E, D, K=top_k, BE=BE,

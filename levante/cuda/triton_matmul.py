@@ -93,9 +93,12 @@ GEMV = Launch(1, 16, 256, 4, 3, gemv=True)  # one row of x; 16-row slices of W: 
 # which dequantizes each value once and multiplies it with every row. Compiled for sm_90 (the SASS counts of
 # tests/triton_aot.py), lane-instructions per weight for 1 / 2 / 4 / 8 rows, by Triton 3.9 (CI's) and 3.6 (the
 # GPU's): Q4_K 6.4 / 9.0 / 11.7 / 17.4 and 8.3 / 9.6 / 12.5 / 18.6, Q6_K 8.8 / 11.3 / 13.9 / 18.8 and 10.7 / 11.8 /
-# 14.5 / 20.4, Q8_0 5.9 / 8.3 / 10.7 / 15.7 and 7.2 / 8.2 / 11.3 / 17.6 (3.6 converts x from bf16 once per weight
-# in the one-row loop, 3.9 before sharing it). The tiled kernel's 16-row tile costs 13-19 whatever the rows used
-# (3.9 / 3.6: Q4_K 17.8 / 17.3, Q6_K 18.8 / 17.8, Q8_0 13.4 / 13.4; 25-53 before `weight_tile` read units):
+# 14.5 / 20.4, Q8_0 5.9 / 8.3 / 10.7 / 15.7 and 7.2 / 8.2 / 11.3 / 17.6, for bf16 x (3.6 converts it once per
+# weight in the one-row loop, 3.9 before sharing it). float32 x, as the decoder passes a bf16 model's activations
+# to packed weights (`packed_readers`), costs 3.6 Q4_K 6.5 / 9.5 / 11.8 / 17.0, Q6_K 9.1 / 11.6 / 13.5 / 17.9,
+# Q8_0 5.6 / 8.0 / 10.1 / 14.8 (3.9: within 0.1-1.1 of bf16 x's, fewer). The tiled kernel's 16-row tile costs
+# 13-19 whatever the rows used (3.9 / 3.6: Q4_K 17.8 / 17.3, Q6_K 18.8 / 17.8, Q8_0 13.4 / 13.4; 25-53 before
+# `weight_tile` read units):
 # as cheap as 8 GEMV rows, but its 64-row slices give a 4096-row weight 64 programs where the GEMV has 256, so
 # decode steps of up to 8 rows keep the GEMV. At these rates both are bound by instruction issue rather than HBM
 GEMV_ROWS = 8
@@ -491,17 +494,19 @@ def planes(w) -> tuple[Tensor, ...]:
             w.dm if w.dm.numel() else w.d, w.mc if w.mc.numel() else dummy)
 
 
-def packed_matmul(x: Tensor, w, launch: Launch | None = None) -> Tensor:
-    """x [..., K] @ W^T -> [..., N] in x's dtype (float32 x: exact float32 products); `w`: a levante.cuda
-    PackedWeight (not imported here: it imports this module when it first multiplies). One row of x runs the
-    GEMV, more the tiled kernel (`launch`: another configuration, for the benchmark's comparisons)."""
+def packed_matmul(x: Tensor, w, launch: Launch | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
+    """x [..., K] @ W^T -> [..., N] in `out_dtype`, default x's (float32 x: exact float32 products; the GEMV's
+    products are float32 whatever x's dtype, so float32 x holding bf16 values gives the bf16 x's results); `w`: a
+    levante.cuda PackedWeight (not imported here: it imports this module when it first multiplies). Up to
+    GEMV_ROWS rows of x run the GEMV, more the tiled kernel (`launch`: another configuration, for the benchmark's
+    comparisons)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     M, K = x2.shape
     N = w.out_features
     if K != w.in_features:
         raise ValueError(f"x has {K} features, the weight {w.in_features}")
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
     fmt = dict(BITS=w.bits, OFF=w.off, G=w.g, SG=w.sg, HAS_SC=w.sc.numel() > 0, HAS_MIN=w.dm.numel() > 0,
                HAS_MC=w.mc.numel() > 0)
     wide = x.dtype == torch.float32

@@ -103,6 +103,21 @@ def test_left_padded_rows_and_half_precision():
     assert (got.float() - _reference(q1, kc, vc, start1, None).float()).abs().max() <= 2e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 3])
+def test_float32_store_keeps_the_values(dtype, T):
+    """store=float32 (the decoder's input of a packed output projection) holds the 16-bit output's very values,
+    decode in key slices (T = 1) and the query-block kernel alike."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, T, 32).to(dtype)
+    kc, vc = torch.randn(2, 2, 20, 32).to(dtype), torch.randn(2, 2, 20, 32).to(dtype)
+    start = torch.tensor([12, 5], dtype=torch.int32)
+    want = cache_attention(q, kc, vc, start, splits=2)
+    got = cache_attention(q, kc, vc, start, splits=2, store=torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, want.float())
+    assert got.transpose(1, 2).is_contiguous()  # heads side by side, as the output projection reads them
+
+
 def test_rejects_shapes_it_cannot_run():
     with pytest.raises(ValueError, match="do not fit"):
         cache_attention(torch.randn(1, 3, 1, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32),

@@ -53,7 +53,8 @@ def _decoder_launches(tmp_path, kind: str, dtype: str) -> list[dict]:
 def _float32_store_launches() -> list[dict]:
     """The small ops of a bf16 model's decode step whose outputs only packed weights read, stored as float32 (the
     decoder's `packed_readers`), at Mixtral-8x7B's sizes: the norms (alone, after a residual, after the experts'
-    top-2 outputs), the router on float32 x, the experts' activation."""
+    top-2 outputs), the router on float32 x, the experts' activation, the attention's output (decode and a chunk)."""
+    from levante.cuda.triton_attention import cache_attention
     from levante.cuda.triton_fused import add_rms_norm, router, silu_mul
 
     bf16, f32 = torch.bfloat16, torch.float32
@@ -63,6 +64,10 @@ def _float32_store_launches() -> list[dict]:
             add_rms_norm(x, delta, w, 1e-5, f32)
         router(torch.randn(1, 4096), torch.randn(8, 4096).to(bf16), 2, bf16)
         silu_mul(torch.randn(2, 14336).to(bf16), torch.randn(2, 14336).to(bf16), f32)
+        kc, vc = torch.randn(1, 8, 64, 128).to(bf16), torch.randn(1, 8, 64, 128).to(bf16)
+        for t in (1, 3):
+            cache_attention(torch.randn(1, 32, t, 128).to(bf16), kc, vc, torch.tensor([40], dtype=torch.int32),
+                            store=f32)
     return records
 
 

@@ -10,9 +10,9 @@ with the model's numbers but GPU-shaped work:
   adds and norms, RoPE with the cache writes, and the feed-forward's activation are one kernel each
   (levante.cuda.triton_fused), so a layer is ~13 kernels rather than ~40;
 - in steps of up to GEMV_ROWS tokens of a 16-bit model, the activations that only packed weights read (the norms'
-  outputs, the feed-forward's activation) are stored as float32, holding the same values: the GEMV's products are
-  float32 either way, and the GPU's Triton (3.6) multiplies float32 x without converting it per weight
-  (`packed_readers`);
+  outputs, the attention's, the feed-forward's activation) are stored as float32, holding the same values: the
+  GEMV's products are float32 either way, and the GPU's Triton (3.6) multiplies float32 x without converting it
+  per weight (`packed_readers`);
 - a decode step (one token per row) runs for the smallest bucket (1, 2, 4, 8, 16, 32, ...) holding the batch; on
   CUDA each bucket's step is captured once in a CUDA graph and replayed with new token ids and positions copied
   into its static inputs: no host sync inside a step, only the logits come out (sampling then runs on them on the
@@ -288,7 +288,7 @@ class CudaDecoder(nn.Module):
         delta = None  # the previous block's output: added to x by the next norm's kernel
         for i, layer in enumerate(net.layers):
             a = layer.attn
-            qkv_in, ffn_in, act = layers_in[i]
+            qkv_in, wo_in, ffn_in, act = layers_in[i]
             x, h = add_rms_norm(x, delta, layer.attn_norm.weight, layer.attn_norm.eps, store(qkv_in))
             qkv = fused_qkv(a)
             if qkv is not None:  # one matmul
@@ -298,8 +298,9 @@ class CudaDecoder(nn.Module):
             ck, cv = cache.k[i][row0 : row0 + B], cache.v[i][row0 : row0 + B]
             # RoPE (angles made in the kernel) and the k / v writes; padding tokens write the dump slot
             q = rope_and_cache(q, k, v, positions, net.rotary.inv_freq, ck, cv, a.n_heads, a.n_kv, cache.capacity, ring)
-            o = cache_attention(q, ck, cv, start, cfg.sliding_window, ring=ring)  # [B, H, T, D] over [B, T, H, D]
-            o = run_hooks(a, h, a.wo(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim)))
+            # [B, H, T, D] over a [B, T, H, D] buffer
+            o = cache_attention(q, ck, cv, start, cfg.sliding_window, ring=ring, store=store(wo_in))
+            o = run_hooks(a, h, linear(a.wo, o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim), dt))
             x, h = add_rms_norm(x, o, layer.ffn_norm.weight, layer.ffn_norm.eps, store(ffn_in))
             delta = feed_forward(layer.ffn, h, dt, store(act))
         if last_only:
@@ -351,9 +352,10 @@ def linear(w: QuantWeight, h: Tensor, dtype: torch.dtype) -> Tensor:
 def packed_readers(net: nn.Module, head: QuantWeight | None, dtype: torch.dtype) -> tuple[list[tuple], bool]:
     """Which of a decode step's activations only packed weights read (they may then be stored as float32, with
     their values: a GEMV reads float32 x with fewer instructions on the GPU's Triton): per layer, (the attention
-    norm's output: q, k and v; the feed-forward norm's: the router and the experts' gate and up, or the MLP's w1
-    and w3; the activation between them: the down projection), and the final norm's (the LM head). A module with
-    hooks (a parallel rank's feed-forward) is called as it is, on its usual input."""
+    norm's output: q, k and v; the attention's: the output projection; the feed-forward norm's: the router and
+    the experts' gate and up, or the MLP's w1 and w3; the activation between them: the down projection), and the
+    final norm's (the LM head). A module with hooks (a parallel rank's feed-forward) is called as it is, on its
+    usual input."""
     def packed(*ws: QuantWeight) -> bool:
         return all(isinstance(w, PackedWeight) for w in ws)
 
@@ -361,13 +363,13 @@ def packed_readers(net: nn.Module, head: QuantWeight | None, dtype: torch.dtype)
     for layer in net.layers:
         a, ffn = layer.attn, layer.ffn
         qkv = fused_qkv(a)
-        attn = packed(qkv) if qkv is not None else packed(a.wq, a.wk, a.wv)
+        attn = (packed(qkv) if qkv is not None else packed(a.wq, a.wk, a.wv)), packed(a.wo)
         if ffn._forward_hooks:
-            layers.append((attn, False, False))
+            layers.append((*attn, False, False))
         elif isinstance(ffn, FusedMoE):
-            layers.append((attn, *(ffn.reads_float32(dtype),) * 2))
+            layers.append((*attn, *(ffn.reads_float32(dtype),) * 2))
         elif is_mlp(ffn):
-            layers.append((attn, packed(ffn.w1, ffn.w3), packed(ffn.w2)))
+            layers.append((*attn, packed(ffn.w1, ffn.w3), packed(ffn.w2)))
         else:
-            layers.append((attn, False, False))
+            layers.append((*attn, False, False))
     return layers, head is not None and packed(head)

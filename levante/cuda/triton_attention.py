@@ -69,11 +69,23 @@ def softmax_step(m_i, l_i, acc, scores, v, q, IEEE: tl.constexpr):
 
 
 @triton.jit
+def as_output(out, o_ptr, LOW: tl.constexpr):
+    """The float32 result in o's dtype; LOW (1: bfloat16, 2: float16): rounded to the queries' 16-bit dtype first,
+    for a float32 o that holds their values (`cache_attention`'s `store`)."""
+    if LOW == 1:
+        return out.to(tl.bfloat16).to(o_ptr.dtype.element_ty)
+    if LOW == 2:
+        return out.to(tl.float16).to(o_ptr.dtype.element_ty)
+    return out.to(o_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, start_ptr,
     T, H, S, scale, window, ring,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, so_b, so_h, so_t,
     D, GROUP: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+    LOW: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -107,7 +119,7 @@ def _attention_kernel(
         scores = tl.where(seen, qk(q, k, IEEE) * scale, float("-inf"))
         m_i, l_i, acc = softmax_step(m_i, l_i, acc, scores, v, q, IEEE)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + b * so_b + h * so_h + rt[:, None] * so_t + rd[None, :], out.to(o_ptr.dtype.element_ty),
+    tl.store(o_ptr + b * so_b + h * so_h + rt[:, None] * so_t + rd[None, :], as_output(out, o_ptr, LOW),
              mask=t_ok[:, None] & d_ok)
 
 
@@ -156,7 +168,7 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, H, so_b, so_h, D,
-                         SPLITS: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+                         SPLITS: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, LOW: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -170,7 +182,7 @@ def _decode_merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, H, so_b, so_h, D,
     total = tl.sum(l_s * w, 0)
     acc = tl.load(acc_ptr + (bh * SPLITS + rs)[:, None] * BD + rd[None, :], mask=s_ok[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(o_ptr + b * so_b + h * so_h + rd, out.to(o_ptr.dtype.element_ty), mask=rd < D)
+    tl.store(o_ptr + b * so_b + h * so_h + rd, as_output(out, o_ptr, LOW), mask=rd < D)
 
 
 def decode_splits(rows: int, n_kv: int, keys: int, block: int = 32) -> int:
@@ -180,12 +192,14 @@ def decode_splits(rows: int, n_kv: int, keys: int, block: int = 32) -> int:
 
 
 def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, window: int | None = None,
-                    scale: float | None = None, splits: int | None = None, ring: int = 0) -> Tensor:
+                    scale: float | None = None, splits: int | None = None, ring: int = 0,
+                    store: torch.dtype | None = None) -> Tensor:
     """q [B, H, T, D] at positions start[b] + t over the cache [B, Hkv, S, D] (keys up to each query's own
     position, within `window`); returns [B, H, T, D] in q's dtype, a view of a [B, T, H, D] buffer (so that the
     heads' outputs are already side by side for the output projection). `start`: int32 [B] on q's device.
     `splits`: the decode path's key slices (default: `decode_splits`; the tests choose). `ring` > 0: the cache is
-    a ring buffer of that many slots (position p at slot p % ring; the window must fit in it)."""
+    a ring buffer of that many slots (position p at slot p % ring; the window must fit in it). `store`: the dtype
+    the output is stored in (float32: q's 16-bit values, for the output projection's GEMV), default q's."""
     if ring and not (window and window < ring):
         raise ValueError(f"a ring buffer of {ring} slots needs a sliding window shorter than it, not {window}")
     B, H, T, D = q.shape
@@ -194,7 +208,8 @@ def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, 
         raise ValueError(f"queries {tuple(q.shape)} do not fit the cache {tuple(k_cache.shape)}")
     if k_cache.stride(3) != 1 or q.stride(3) != 1:
         raise ValueError("the head dimension must be contiguous")
-    out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    out = torch.empty(B, T, H, D, dtype=store or q.dtype, device=q.device).transpose(1, 2)
+    low = {torch.bfloat16: 1, torch.float16: 2}.get(q.dtype, 0) if out.dtype != q.dtype else 0
     BD = max(16, triton.next_power_of_2(D))  # a head_dim that is not a power of two: masked lanes
     BN = 64 if BD <= 64 else 32
     if T == 1:
@@ -209,7 +224,7 @@ def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, 
             SPLITS=n, GROUP=H // Hkv, BG=max(16, triton.next_power_of_2(H // Hkv)), BD=BD, BN=BN,
             IEEE=use_ieee(q.dtype))
         _decode_merge_kernel[(B * H,)](m, lsum, acc, out, H, out.stride(0), out.stride(1), D,
-                                       SPLITS=n, BS=max(2, triton.next_power_of_2(n)), BD=BD)
+                                       SPLITS=n, BS=max(2, triton.next_power_of_2(n)), BD=BD, LOW=low)
         return out
     BM = 16 if T <= 16 else 64
     grid = (triton.cdiv(T, BM), B * H)
@@ -220,6 +235,6 @@ def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, 
         T, H, S, scale if scale is not None else D ** -0.5, window or 0, ring,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        D, GROUP=H // Hkv, BD=BD, BM=BM, BN=BN, IEEE=use_ieee(q.dtype), num_warps=warps,
+        D, GROUP=H // Hkv, BD=BD, BM=BM, BN=BN, IEEE=use_ieee(q.dtype), LOW=low, num_warps=warps,
     )
     return out

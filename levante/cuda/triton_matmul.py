@@ -96,9 +96,9 @@ GEMV = Launch(1, 16, 256, 4, 3, gemv=True)  # one row of x; 16-row slices of W: 
 # 14.5 / 20.4, Q8_0 5.9 / 8.3 / 10.7 / 15.7 and 7.2 / 8.2 / 11.3 / 17.6, for bf16 x (3.6 converts it once per
 # weight in the one-row loop, 3.9 before sharing it). float32 x, as the decoder passes a bf16 model's activations
 # to packed weights (`packed_readers`), costs 3.6 Q4_K 6.5 / 9.5 / 11.8 / 17.0, Q6_K 9.1 / 11.6 / 13.5 / 17.9,
-# Q8_0 5.6 / 8.0 / 10.1 / 14.8 (3.9: within 0.1-1.1 of bf16 x's, fewer). The tiled kernel's 16-row tile costs
-# 13-19 whatever the rows used (3.9 / 3.6: Q4_K 17.8 / 17.3, Q6_K 18.8 / 17.8, Q8_0 13.4 / 13.4; 25-53 before
-# `weight_tile` read units):
+# Q8_0 5.6 / 8.0 / 10.1 / 14.8 (3.9: 0.1-1.1 fewer than bf16 x, INT8's one row 0.1 more). The tiled kernel's
+# 16-row tile costs 13-19 whatever the rows used (3.9 / 3.6: Q4_K 17.8 / 17.3, Q6_K 18.8 / 17.8, Q8_0 13.4 / 13.4;
+# 25-53 before `weight_tile` read units):
 # as cheap as 8 GEMV rows, but its 64-row slices give a 4096-row weight 64 programs where the GEMV has 256, so
 # decode steps of up to 8 rows keep the GEMV. At these rates both are bound by instruction issue rather than HBM
 GEMV_ROWS = 8

@@ -355,11 +355,11 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
         w = random_packed(n, k, fmt, dev)
         x = torch.randn(1, k, device=dev).bfloat16()
         nbytes = sum(b.numel() * b.element_size() for b in w.buffers())
-        for launch in dict.fromkeys((gemv_launch(1, 2, n), GEMV, dot_launch(1, dense=False))):
-            report(f"dense {fmt}", (n, k), launch, launch == gemv_launch(1, 2, n), nbytes,
-                   partial(packed_matmul, x, w, launch))
-        report(f"dense {fmt}, x f32", (n, k), gemv_launch(1, 2, n), True, nbytes,
-               partial(packed_matmul, x.float(), w, gemv_launch(1, 2, n), torch.bfloat16))
+        ours = gemv_launch(1, 2, n)
+        for launch in dict.fromkeys((ours, GEMV, dot_launch(1, dense=False))):
+            report(f"dense {fmt}", (n, k), launch, launch == ours, nbytes, partial(packed_matmul, x, w, launch))
+        report(f"dense {fmt}, x f32", (n, k), ours, True, nbytes,
+               partial(packed_matmul, x.float(), w, ours, torch.bfloat16))
 
     lines += ["", "Batch-8 kernels (8 tokens; experts: their 16 pairs, sorted), the same weights: the GEMV of 8 rows "
               "(dense) or of blocks of 2 pairs (experts) against the tiled kernel; bytes read: every weight once", "",

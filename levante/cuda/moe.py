@@ -308,13 +308,17 @@ class FusedMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.parts(x).sum(-2)
 
+    def _router_reads(self, dtype: torch.dtype) -> bool:
+        """Whether the router kernel computes the gate's matmul (a float gate in float32 or the activations'
+        `dtype`)."""
+        gate = self.gate
+        return isinstance(gate, DenseWeight) and gate.weight.dtype in (torch.float32, dtype)
+
     def reads_float32(self, dtype: torch.dtype) -> bool:
         """Whether x, and the activation between the experts' GEMMs, may come as float32 holding values of the
         activations' `dtype` (`parts`): the gate is packed or read by the router kernel, and every expert is
         packed (a decode step's GEMVs read float32 x with fewer instructions)."""
-        gate = self.gate
-        routed = isinstance(gate, PackedWeight) or (
-            isinstance(gate, DenseWeight) and gate.weight.dtype in (torch.float32, dtype))
+        routed = isinstance(self.gate, PackedWeight) or self._router_reads(dtype)
         ups = [self.w13] if self.w13 is not None else [self.w1, self.w3]
         return routed and all(p.quantized for p in ups) and self.w2.quantized
 
@@ -327,7 +331,7 @@ class FusedMoE(nn.Module):
         dtype = dtype or x.dtype
         x = x.reshape(-1, shape[-1]).contiguous()
         gate = self.gate
-        if isinstance(gate, DenseWeight) and gate.weight.dtype in (torch.float32, dtype):
+        if self._router_reads(dtype):
             weights, chosen = router(x, gate.weight, self.top_k, dtype)  # the gate's matmul in the same kernel
         elif isinstance(gate, PackedWeight):
             weights, chosen = topk_softmax(packed_matmul(x, gate, out_dtype=dtype), self.top_k, dtype)

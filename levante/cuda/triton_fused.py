@@ -47,7 +47,7 @@ def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, x_out_ptr, y_ptr, D, eps,
     if LOW:  # levante.model.RMSNorm on 16-bit activations: normalised in float32, rounded, then scaled
         h = rounded(h, x_out_ptr.dtype.element_ty).to(tl.float32)
     y = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32) * h
-    if ROUND:  # the norm's output dtype is x's 16-bit one (y may store its values as float32)
+    if ROUND:  # a 16-bit output dtype, which is then x's (y may store its values as float32)
         y = rounded(y, x_out_ptr.dtype.element_ty)
     tl.store(y_ptr + row * D + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
 
@@ -74,7 +74,7 @@ def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float,
     y = torch.empty(x2.shape, dtype=store or own, device=x.device)
     _add_rms_norm_kernel[(x2.shape[0],)](
         x2, delta.contiguous() if delta is not None else x2, weight, new, y, D, eps,
-        PARTS=parts, LOW=x.dtype != torch.float32, ROUND=own == x.dtype != torch.float32, BD=triton.next_power_of_2(D),
+        PARTS=parts, LOW=x.dtype != torch.float32, ROUND=own != torch.float32, BD=triton.next_power_of_2(D),
         num_warps=4 if D <= 4096 else 8)
     return new.view(shape), y.view(shape)
 

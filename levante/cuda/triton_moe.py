@@ -128,11 +128,12 @@ def moe_matmul(a: Tensor, c: Tensor, stack, routing, a_div: int, topk_weights: T
                SG=stack.sg, HAS_SC=not dense and stack.sc.numel() > 0, HAS_MIN=not dense and stack.dm.numel() > 0,
                HAS_MC=not dense and stack.mc.numel() > 0)
     topw = topk_weights if topk_weights is not None else a
+    g = 32 if dense else stack.g  # the scale group (float weights have none: runs of 32)
     cfg = routing.launch
     if cfg.gemv:
         unit = gemv_unit(stack.bits, K)
         cfg = launch or gemv_launch(cfg.bm, unit, N)  # the slices that suit the stack and the routing's blocks
-        gt = gemv_run(stack.g if not dense else 32, cfg.bk)
+        gt = gemv_run(g, cfg.bk)
         if cfg.bm == 1:  # the pairs in order, each with its expert (the sort's pointers unused)
             grid, pointers = routing.n_pairs, (routing.experts,) * 4
         else:  # blocks of pairs sorted by expert (the experts' pointer unused)
@@ -146,5 +147,5 @@ def moe_matmul(a: Tensor, c: Tensor, stack, routing, a_div: int, topk_weights: T
     run(_moe_kernel, (routing.block_expert.numel(), triton.cdiv(N, cfg.bn)), cfg,
         a, c, routing.sorted_ids, routing.block_expert, routing.n_padded, topw, *weights,
         N, K, routing.n_pairs, a.stride(0), c.stride(0), **fmt, IEEE=use_ieee(a.dtype),
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GT=tile_run(stack.g if not dense else 32, cfg.bk),
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GT=tile_run(g, cfg.bk),
         U=gemv_unit(stack.bits, K))

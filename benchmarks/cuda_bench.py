@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import traceback
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -302,15 +303,27 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
     and the packed dense matmuls, by the GEMV and by the tiled kernel in a few launch configurations, as the
     fraction of the copy rate each reaches (bytes it must read / time). The defaults are marked *."""
     from levante.cuda.moe import ExpertStack, Routing, align_by_expert, route
-    from levante.cuda.triton_matmul import GEMV, GEMV_WIDE, Launch, dot_launch, gemv_launch, gemv_unit, packed_matmul
+    from levante.cuda.triton_matmul import (
+        GEMV,
+        GEMV_NEAR,
+        GEMV_WIDE,
+        Launch,
+        dot_launch,
+        gemv_launch,
+        gemv_unit,
+        packed_matmul,
+    )
     from levante.cuda.triton_moe import moe_matmul
 
     d, f, n_exp = spec["hidden_size"], spec["intermediate_size"], spec["num_local_experts"]
     reps = 20 if dev.type == "cuda" else 1
-    gemvs = [GEMV, GEMV_WIDE, Launch(1, 32, 128, 4, 3, gemv=True), Launch(1, 16, 512, 4, 4, gemv=True),
+    # the one-row GEMV's slices loaded ahead (Launch.ahead): GEMV's and GEMV_WIDE's defaults against the others
+    gemvs = [GEMV, GEMV_NEAR, GEMV_WIDE, replace(GEMV, ahead=0), replace(GEMV_WIDE, ahead=1),
+             Launch(1, 32, 128, 4, 3, gemv=True), Launch(1, 16, 512, 4, 4, gemv=True),
              Launch(1, 64, 128, 8, 3, gemv=True)]
     lines += ["", "Batch-1 kernels (one token; experts: its 2 pairs), fraction of the copy rate (x bf16; 'x f32': the "
-              "same values stored as float32, as the decoder passes them to packed weights):", "",
+              "same values stored as float32, as the decoder passes them to packed weights; 'ahead': the slices a "
+              "one-row GEMV loads before it multiplies one):", "",
               "| weight | [N, K] | kernel (bm, bn, bk, warps, stages) | us | read GB/s | / copy rate |",
               "|---|---|---|---|---|---|"]
 
@@ -318,7 +331,8 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
         t = per_call(fn, dev, reps)
         kind = "GEMV" if launch.gemv else "tiled"
         mark = " *" if default else ""
-        cfg = f"{kind}{mark} ({launch.bm}, {launch.bn}, {launch.bk}, {launch.warps}, {launch.stages})"
+        ahead = f", ahead {launch.ahead}" if launch.gemv and launch.bm == 1 else ""
+        cfg = f"{kind}{mark} ({launch.bm}, {launch.bn}, {launch.bk}, {launch.warps}, {launch.stages}{ahead})"
         lines.append(f"| {what} | {list(shape)} | {cfg} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | "
                      f"{nbytes / t / rate:.2f} |")
         print(lines[-1], flush=True)
@@ -338,7 +352,7 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
             x = torch.randn(2, k, device=dev).bfloat16()
             c = torch.empty(2, n, device=dev, dtype=torch.bfloat16)
             nbytes = 2 * stack.nbytes // n_exp
-            ours = gemv_launch(1, 2, n)  # the default GEMV for n rows first
+            ours = gemv_launch(1, 2, n, 32 if fmt == "bf16" else stack.g, k)  # the default GEMV for n rows first
             mine = [ours] + [g for g in gemvs if g != ours]
             for launch in (mine if full else mine[:1]) + (tiled if full else tiled[:1]):
                 if launch.gemv:
@@ -355,8 +369,8 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
         w = random_packed(n, k, fmt, dev)
         x = torch.randn(1, k, device=dev).bfloat16()
         nbytes = sum(b.numel() * b.element_size() for b in w.buffers())
-        ours = gemv_launch(1, 2, n)
-        for launch in dict.fromkeys((ours, GEMV, dot_launch(1, dense=False))):
+        ours = gemv_launch(1, 2, n, w.g, k)
+        for launch in dict.fromkeys((ours, GEMV, GEMV_NEAR, replace(GEMV, ahead=0), dot_launch(1, dense=False))):
             report(f"dense {fmt}", (n, k), launch, launch == ours, nbytes, partial(packed_matmul, x, w, launch))
         report(f"dense {fmt}, x f32", (n, k), ours, True, nbytes,
                partial(packed_matmul, x.float(), w, ours, torch.bfloat16))

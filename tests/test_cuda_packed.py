@@ -96,6 +96,27 @@ def test_gemv_equals_float_math(qtype):
         assert (packed_matmul(x, pw, launch) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("qtype", list(LAYOUTS))
+def test_gemv_loads_ahead_change_no_value(qtype):
+    """The one-row GEMV may issue the loads of the next 1 or 3 slices before it multiplies one (Launch.ahead, its
+    loop unrolled by 2 or 4): the slices are summed in the same order, so the result is bit for bit the same, also
+    where the slices do not fill the unrolled loop (5 slices, the last one partial for 32-value blocks)."""
+    from dataclasses import replace
+
+    from levante.cuda.triton_matmul import GEMV, GEMV_WIDE, packed_matmul
+
+    k = 5 * 256 if qtype.endswith("_K") else 4 * 256 + 160
+    pw = PackedWeight.from_ggml(_raw(qtype, k=k, seed=5), qtype, N, k)
+    x = torch.randn(1, k)
+    ref = x @ pw.dequantize().T
+    for dt in (torch.float32, torch.bfloat16):
+        for base in (GEMV, GEMV_WIDE):
+            got = [packed_matmul(x.to(dt), pw, replace(base, ahead=a)) for a in (0, 1, 3)]
+            assert all(torch.equal(got[0], g) for g in got[1:])
+            tol = 1e-5 if dt == torch.float32 else 8e-3
+            assert (got[0].float() - ref).abs().max() <= tol * ref.abs().max()
+
+
 @pytest.mark.parametrize("m", [1, 20, 40, 100, 200])
 def test_every_tiled_launch(m):
     """Each configuration of the tiled kernel's table (decode to prefill tiles), on a Q5_K and a Q8_0 weight."""

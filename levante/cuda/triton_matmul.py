@@ -8,8 +8,10 @@ The GEMV (decode steps of up to GEMV_ROWS rows) reads each quantized byte once, 
 side. One row multiplies the raw codes: within a run of GT values that share their scales,
 sum_k W[n, k] x[k] = d * sc * sum_k (q - OFF) x  +  dm * mc * sum_k x, so a weight costs a code extraction and one
 multiply-add (llama.cpp's dequantize-mul-mat-vec), not the scale loads and products of the full formula; the scales
-are read once per run. R rows dequantize each value once (one multiply-add: d * sc * q + (dm * mc - OFF * d * sc))
-and multiply it with every row, so a row costs a multiply-add per weight. Codes become floats without a conversion
+are read once per run, and a program loads the next slice's codes, scales and x while it multiplies one
+(`Launch.ahead`: the few programs of a 4096-row weight cannot hide HBM's latency by switching warps). R rows
+dequantize each value once (one multiply-add: d * sc * q + (dm * mc - OFF * d * sc)) and multiply it with every
+row, so a row costs a multiply-add per weight. Codes become floats without a conversion
 instruction: their bits are moved under the mantissa of 2.0**BITS (`code_float`, `unit_float`), which gives
 2**BITS + q exactly, and the 2**BITS is taken off with OFF. All run on CUDA, and on CPU tensors under
 TRITON_INTERPRET=1 (the tests).
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -38,6 +40,7 @@ class Launch:
     warps: int = 4
     stages: int = 3
     gemv: bool = False  # a GEMV program (bm: the rows of x it multiplies), else a tile of the tiled kernel
+    ahead: int = 0  # one-row GEMV: the slices whose loads are in flight while one is multiplied (0, 1 or 2)
 
 
 def dot_launch(m: int, dense: bool = True, wide: bool = False) -> Launch:
@@ -88,9 +91,18 @@ def run(kernel, grid: tuple, launch: Launch, *args, **kwargs) -> None:
             stages -= 1
 
 
-GEMV = Launch(1, 16, 256, 4, 3, gemv=True)  # one row of x; 16-row slices of W: a 4096-row weight spreads over 256
-# programs. Up to GEMV_ROWS rows of x multiply packed weights by a GEMV program of that many rows (`gemv_launch`),
-# which dequantizes each value once and multiplies it with every row. Compiled for sm_90 (the SASS counts of
+GEMV = Launch(1, 16, 256, 4, 3, gemv=True, ahead=3)
+GEMV_NEAR = replace(GEMV, ahead=1)
+# One row of x; 16-row slices of W: a 4096-row weight spreads over 256 programs, 2 per SM of an H200 (8 warps): too
+# few for switching warps to hide HBM's latency, so a program issues the loads of later slices (codes, scales, x)
+# before it multiplies one (`ahead`). Reasoned, not measured: a slice that waits for its loads takes a latency
+# (~0.7 us) plus its arithmetic (~0.25 us for 2 programs of ~200 instructions a warp per SM), ~13 % of HBM's rate for
+# a 4096-row Q4_K weight; 1 slice ahead, max(latency, arithmetic): ~18 %; 3 ahead, the arithmetic: ~50 %. Loading
+# ahead costs -0.2 to +0.3 lane-instructions per weight; 3 ahead keeps formats whose scales cover 32 values or more
+# within 128 registers (4 programs per SM) on Triton 3.6 and 3.9, those of 16 (Q6_K, Q3_K, Q2_K) take 168-255 and
+# spill on 3.9: they load 1 ahead (`GEMV_NEAR`, within 128).
+# Up to GEMV_ROWS rows of x multiply packed weights by a GEMV program of that many rows (`gemv_launch`), which
+# dequantizes each value once and multiplies it with every row. Compiled for sm_90 (the SASS counts of
 # tests/triton_aot.py), lane-instructions per weight for 1 / 2 / 4 / 8 rows, by Triton 3.9 (CI's) and 3.6 (the
 # GPU's): Q4_K 6.4 / 9.0 / 11.7 / 17.4 and 8.3 / 9.6 / 12.5 / 18.6, Q6_K 8.8 / 11.3 / 13.9 / 18.8 and 10.7 / 11.8 /
 # 14.5 / 20.4, Q8_0 5.9 / 8.3 / 10.7 / 15.7 and 7.2 / 8.2 / 11.3 / 17.6, for bf16 x (3.6 converts it once per
@@ -105,22 +117,37 @@ GEMV_ROWS = 8
 # one row of x on a weight of WIDE_N rows or more (Mixtral's experts' gate and up, 14336; the LM head): slices of 32
 # rows, where a thread takes twice the rows of W per value of x it converts and shares (sm_90 SASS per weight,
 # Triton 3.9 / 3.6: Q4_K 6.4 / 8.3 -> 5.2 / 7.2, Q6_K 8.8 / 10.7 -> 7.8 / 9.9), and such a weight still has at least
-# as many programs (256) as a 4096-row one by `GEMV`
+# as many programs (256) as a 4096-row one by `GEMV`; Mixtral's experts' gate and up have 896 for their 2 pairs, 7
+# per SM, which switch warps enough without loading ahead (which takes Q5_K and Q6_K to 128-255 registers here)
 GEMV_WIDE = Launch(1, 32, 256, 4, 3, gemv=True)
 WIDE_N = 8192
 
 
-def gemv_launch(rows: int, unit: int = 2, n: int = 0) -> Launch:
-    """The GEMV program for blocks of `rows` rows of x (rounded up to a power of two) on a weight of `n` rows read by
-    units of `unit` values (`gemv_unit`): one row by `GEMV`, or `GEMV_WIDE` from WIDE_N rows (codes times x summed
-    per run, then scaled); more by 16 x 256 slices of W, narrower where a thread would hold over 128 accumulators
-    (one per unit and row; compiled for sm_90 by the GPU's Triton 3.6, 8 rows of 4-bit codes cost 18.7
-    lane-instructions per weight at 256 values, 30.3 at 128, both in 229-255 registers, before `code_float`)."""
+def gemv_launch(rows: int, unit: int = 2, n: int = 0, g: int = 32, k: int = 0) -> Launch:
+    """The GEMV program for blocks of `rows` rows of x (rounded up to a power of two) on a weight of `n` rows of `k`
+    values read by units of `unit` values (`gemv_unit`), with scales shared by runs of `g`: one row by `GEMV`
+    (`GEMV_NEAR` for g < 32) or `GEMV_WIDE` from WIDE_N rows (codes times x summed per run, then scaled), loading
+    fewer slices ahead where rows of k would leave its unrolled loop slices to spare (`loads_ahead`); more by
+    16 x 256 slices of W, narrower where a thread would hold over 128 accumulators (one per unit and row; compiled
+    for sm_90 by the GPU's Triton 3.6, 8 rows of 4-bit codes cost 18.7 lane-instructions per weight at 256 values,
+    30.3 at 128, both in 229-255 registers, before `code_float`)."""
     if rows == 1:
-        return GEMV_WIDE if n >= WIDE_N else GEMV
+        launch = GEMV_WIDE if n >= WIDE_N else GEMV if g >= 32 else GEMV_NEAR
+        return replace(launch, ahead=loads_ahead(launch.ahead, k, launch.bk)) if k else launch
     r = triton.next_power_of_2(rows)
     bk = next(bk for bk in (256, 128, 64) if bk == 64 or r * 16 * bk // unit <= 128 * 128)
     return Launch(r, 16, bk, 4, 3, gemv=True)
+
+
+def loads_ahead(most: int, k: int, bk: int) -> int:
+    """The slices a one-row GEMV loads ahead (3, 1 or 0, at most `most`) on rows of k values in slices of bk: its
+    loop, unrolled by ahead + 1, may multiply at most an eighth more slices than the rows hold (masked off, they read
+    nothing but cost their arithmetic; Mixtral's 4096 and 14336 values are whole multiples of 4 slices)."""
+    slices = triton.cdiv(k, bk)
+    for ahead in (3, 1):
+        if ahead <= most and triton.cdiv(slices, ahead + 1) * (ahead + 1) - slices <= slices // 8:
+            return ahead
+    return 0
 
 
 def gemv_run(g: int, bk: int) -> int:
@@ -179,18 +206,40 @@ def codes(lo_ptr, hi_ptr, row, col, K, ok, BITS: tl.constexpr):
 
 
 @triton.jit
-def scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, row, col, K, ok,
-           G: tl.constexpr, SG: tl.constexpr, HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr):
-    """(d * sc, dm * mc) at [row, col] in float32 (without a min, the second is meaningless: not to be used)."""
-    s = tl.load(d_ptr + row * (K // SG) + col // SG, mask=ok, other=0.0).to(tl.float32)
+def scale_planes(d_ptr, sc_ptr, dm_ptr, mc_ptr, row, col, K, ok,
+                 G: tl.constexpr, SG: tl.constexpr, HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr):
+    """The scale planes (d, sc, dm, mc) at [row, col] as stored; those the format lacks are d again (never read)."""
+    d = tl.load(d_ptr + row * (K // SG) + col // SG, mask=ok, other=0.0)
+    sc, dm, mc = d, d, d
     if HAS_SC:
-        s = s * tl.load(sc_ptr + row * (K // G) + col // G, mask=ok, other=0).to(tl.float32)
+        sc = tl.load(sc_ptr + row * (K // G) + col // G, mask=ok, other=0)
+    if HAS_MIN:
+        dm = tl.load(dm_ptr + row * (K // SG) + col // SG, mask=ok, other=0.0)
+        if HAS_MC:
+            mc = tl.load(mc_ptr + row * (K // G) + col // G, mask=ok, other=0)
+    return d, sc, dm, mc
+
+
+@triton.jit
+def scale_values(d, sc, dm, mc, HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr):
+    """(d * sc, dm * mc) in float32 from `scale_planes` (without a min, the second is meaningless: not to be used)."""
+    s = d.to(tl.float32)
+    if HAS_SC:
+        s = s * sc.to(tl.float32)
     m = s
     if HAS_MIN:
-        m = tl.load(dm_ptr + row * (K // SG) + col // SG, mask=ok, other=0.0).to(tl.float32)
+        m = dm.to(tl.float32)
         if HAS_MC:
-            m = m * tl.load(mc_ptr + row * (K // G) + col // G, mask=ok, other=0).to(tl.float32)
+            m = m * mc.to(tl.float32)
     return s, m
+
+
+@triton.jit
+def scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, row, col, K, ok,
+           G: tl.constexpr, SG: tl.constexpr, HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr):
+    """(d * sc, dm * mc) at [row, col] in float32 (`scale_values` of `scale_planes`)."""
+    d, sc, dm, mc = scale_planes(d_ptr, sc_ptr, dm_ptr, mc_ptr, row, col, K, ok, G, SG, HAS_SC, HAS_MIN, HAS_MC)
+    return scale_values(d, sc, dm, mc, HAS_SC, HAS_MIN, HAS_MC)
 
 
 def float_base(bits: int) -> int:
@@ -288,27 +337,27 @@ def weight_tile(
 
 
 @triton.jit
-def gemv_slice(
-    acc, x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, k0, K, n_ok,
-    DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
-    HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
-    U8: tl.constexpr,
+def slice_codes(
+    x_ptr, w_ptr, lo_ptr, hi_ptr, rn, k0, K, n_ok,
+    DENSE: tl.constexpr, BITS: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U8: tl.constexpr,
 ):
-    """acc [BN, BK / GT] + W[rn, k0 : k0 + BK] @ x[k0 : k0 + BK] per run: the slice seen as BK / GT runs of GT
-    values that share their scales, the codes times x summed per run first, then scaled (float32 throughout). The
-    caller sums the runs once, after its last slice: no reduction across threads inside the loop. U8: 8-bit codes
-    read by int32 words of 4 (rows of K % 4 == 0, `gemv_unit`), else one by one."""
+    """(x, lo, hi): the one-row GEMV's reads of x and of W's codes for the slice W[rn, k0 : k0 + BK], as stored
+    (`run_sums` multiplies them; loads only, so that the loop can issue them slices ahead). The codes are read by
+    units of U neighbours, each thread's contiguous (`unit_planes`): 4- and 5-bit codes by int32 words of 8 nibbles
+    (+ a byte of 5th bits), 6-bit ones by 4 nibbles + a byte, 8-bit ones by int32 words of 4, x as the U values
+    that multiply a unit's codes ([runs, GT / U, 2, 2(, 2)]). U8: 8-bit codes by words of 4 (rows of K % 4 == 0,
+    `gemv_unit`), else one by one ([BN, runs, GT], as the values of a float W), and x as [runs, GT]."""
     run = tl.arange(0, BK // GT)
-    if DENSE:
+    if DENSE or (BITS == 8 and U8 != 4):
         col = k0 + run[:, None] * GT + tl.arange(0, GT)[None, :]  # [runs, GT]
-        x = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rn[:, None, None] * K + col[None, :, :], mask=n_ok[:, None, None] & (col < K)[None, :, :],
-                    other=0.0).to(tl.float32)
-        return acc + tl.sum(w * x[None, :, :], axis=2)
-    if BITS < 8 or U8 == 4:
-        # a unit of U neighbours, read whole (`unit_planes`), each thread's contiguous: 4- and 5-bit codes by int32
-        # words of 8 nibbles (+ a byte of 5th bits), 6-bit ones by 4 nibbles + a byte, 8-bit ones by int32 words
-        # of 4; x is split into the U values that multiply a unit's codes
+        x = tl.load(x_ptr + col, mask=col < K, other=0.0)
+        ok = n_ok[:, None, None] & (col < K)[None, :, :]
+        if DENSE:
+            lo = tl.load(w_ptr + rn[:, None, None] * K + col[None, :, :], mask=ok, other=0.0)
+        else:
+            lo = codes(lo_ptr, hi_ptr, rn[:, None, None], col[None, :, :], K, ok, BITS)
+        hi = lo
+    else:
         U: tl.constexpr = 8 if BITS == 4 or BITS == 5 else 4
         unit = k0 // U + run[:, None] * (GT // U) + tl.arange(0, GT // U)[None, :]  # [runs, GT / U]
         u_ok = unit < K // U
@@ -316,9 +365,37 @@ def gemv_slice(
                              n_ok[:, None, None] & u_ok[None, :, :], BITS, U)
         two = tl.arange(0, 2)
         if U == 4:
-            x4 = tl.load(x_ptr + 4 * unit[:, :, None, None] + 2 * two[None, None, :, None] + two[None, None, None, :],
-                         mask=u_ok[:, :, None, None], other=0.0).to(tl.float32)
-            even, odd = tl.split(x4)
+            x = tl.load(x_ptr + 4 * unit[:, :, None, None] + 2 * two[None, None, :, None] + two[None, None, None, :],
+                        mask=u_ok[:, :, None, None], other=0.0)
+        else:
+            x = tl.load(x_ptr + 8 * unit[:, :, None, None, None] + 4 * two[None, None, :, None, None]
+                        + 2 * two[None, None, None, :, None] + two[None, None, None, None, :],
+                        mask=u_ok[:, :, None, None, None], other=0.0)
+    return x, lo, hi
+
+
+@triton.jit
+def slice_scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, G: tl.constexpr, SG: tl.constexpr,
+                 HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, BK: tl.constexpr,
+                 GT: tl.constexpr):
+    """The scale planes of the slice's runs ([BN, BK / GT] each, `scale_planes`)."""
+    first = k0 + tl.arange(0, BK // GT) * GT
+    return scale_planes(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn[:, None], first[None, :], K,
+                        n_ok[:, None] & (first < K)[None, :], G, SG, HAS_SC, HAS_MIN, HAS_MC)
+
+
+@triton.jit
+def run_sums(loaded, base, DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, U8: tl.constexpr):
+    """(sum (q - OFF) x [BN, runs], sum x [runs]) per run of GT values that share their scales, from a slice's
+    `slice_codes` (a float W: (sum w x, sum x)), in float32."""
+    x, lo, hi = loaded
+    x = x.to(tl.float32)
+    if DENSE:
+        return tl.sum(lo.to(tl.float32) * x[None, :, :], axis=2), tl.sum(x, axis=1)
+    if BITS < 8 or U8 == 4:
+        U: tl.constexpr = 8 if BITS == 4 or BITS == 5 else 4
+        if U == 4:
+            even, odd = tl.split(x)
             x0, x2 = tl.split(even)
             x1, x3 = tl.split(odd)
             xs = x0 + x1 + x2 + x3
@@ -327,10 +404,7 @@ def gemv_slice(
             qx += unit_float(lo, hi, 2, BITS, base) * x2[None, :, :]
             qx = tl.sum(qx + unit_float(lo, hi, 3, BITS, base) * x3[None, :, :], axis=2)
         else:
-            x8 = tl.load(x_ptr + 8 * unit[:, :, None, None, None] + 4 * two[None, None, :, None, None]
-                         + 2 * two[None, None, None, :, None] + two[None, None, None, None, :],
-                         mask=u_ok[:, :, None, None, None], other=0.0).to(tl.float32)
-            even, odd = tl.split(x8)
+            even, odd = tl.split(x)
             e0, e2 = tl.split(even)
             o0, o2 = tl.split(odd)
             x0, x4 = tl.split(e0)
@@ -347,23 +421,52 @@ def gemv_slice(
             qx += unit_float(lo, hi, 6, BITS, base) * x6[None, :, :]
             qx = tl.sum(qx + unit_float(lo, hi, 7, BITS, base) * x7[None, :, :], axis=2)
         xs = tl.sum(xs, axis=1)
-        # sum (q - OFF) x = sum (2**BITS + q) x - (2**BITS + OFF) sum x, the codes' zero and 2**BITS at most 384
-        # times sum x: the difference stays well conditioned
-        qx = qx - ((1 << BITS) + OFF) * xs[None, :]
     else:
-        col = k0 + run[:, None] * GT + tl.arange(0, GT)[None, :]  # [runs, GT]
-        x = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
-        ok = n_ok[:, None, None] & (col < K)[None, :, :]
-        q = code_float(codes(lo_ptr, hi_ptr, rn[:, None, None], col[None, :, :], K, ok, BITS), BITS, base)
         xs = tl.sum(x, axis=1)
-        qx = tl.sum(q * x[None, :, :], axis=2) - ((1 << BITS) + OFF) * xs[None, :]  # [BN, runs]
-    first = k0 + run * GT
-    s, m = scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn[:, None], first[None, :], K, n_ok[:, None] & (first < K)[None, :],
-                  G, SG, HAS_SC, HAS_MIN, HAS_MC)
+        qx = tl.sum(code_float(lo, BITS, base) * x[None, :, :], axis=2)
+    # sum (q - OFF) x = sum (2**BITS + q) x - (2**BITS + OFF) sum x, the codes' zero and 2**BITS at most 384
+    # times sum x: the difference stays well conditioned
+    return qx - ((1 << BITS) + OFF) * xs[None, :], xs
+
+
+@triton.jit
+def scaled(acc, qx, xs, planes, DENSE: tl.constexpr, HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr,
+           HAS_MC: tl.constexpr):
+    """acc + the runs' sums (`run_sums`) times their scales (`slice_scales`: d * sc * qx + dm * mc * xs)."""
+    if DENSE:
+        return acc + qx
+    d, sc, dm, mc = planes
+    s, m = scale_values(d, sc, dm, mc, HAS_SC, HAS_MIN, HAS_MC)
     part = s * qx
     if HAS_MIN:
         part = part + m * xs[None, :]
     return acc + part
+
+
+@triton.jit
+def slice_loads(
+    x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok,
+    DENSE: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
+    HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
+    U8: tl.constexpr,
+):
+    """(`slice_codes`, `slice_scales`): all the one-row GEMV reads for one slice (a float W: its codes' only)."""
+    loaded = slice_codes(x_ptr, w_ptr, lo_ptr, hi_ptr, rn, k0, K, n_ok, DENSE, BITS, BK, GT, U8)
+    planes = (x_ptr, x_ptr, x_ptr, x_ptr)  # never read
+    if not DENSE:
+        planes = slice_scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT)
+    return loaded, planes
+
+
+@triton.jit
+def gemv_slice(acc, loads, base, DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr,
+               HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, U8: tl.constexpr):
+    """acc [BN, BK / GT] + W[rn, k0 : k0 + BK] @ x[k0 : k0 + BK] per run, from the slice's loads (its
+    `slice_codes` and `slice_scales`): the codes times x summed per run, then scaled (float32 throughout). The
+    caller sums the runs once, after its last slice: no reduction across threads inside the loop."""
+    loaded, planes = loads
+    qx, xs = run_sums(loaded, base, DENSE, BITS, OFF, U8)
+    return scaled(acc, qx, xs, planes, DENSE, HAS_SC, HAS_MIN, HAS_MC)
 
 
 @triton.jit
@@ -407,16 +510,53 @@ def gemv(
     x_ptr, x_off, r_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, K, n_ok,
     DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr,
-    R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr,
+    R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr, AHEAD: tl.constexpr,
 ):
     """y [R, BN] = the R rows of x at x_ptr + x_off [R] (r_ok: the real ones) @ W[rn]^T over all K, slice by
-    slice: one row by `gemv_slice`, more by `gemv_rows_slice`."""
+    slice: one row by `gemv_slice`, loading AHEAD (0, 1 or 3: `Launch.ahead`) slices ahead; more by
+    `gemv_rows_slice`."""
     if R == 1:
         x_ptr = x_ptr + tl.sum(x_off, axis=0)
         acc = tl.zeros((BN, BK // GT), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            acc = gemv_slice(acc, x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, k0, K, n_ok,
-                             DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
+        if AHEAD == 0:  # the scales loaded after the codes are summed: in this order, no launch spills on 3.6
+            for k0 in range(0, K, BK):
+                qx, xs = run_sums(slice_codes(x_ptr, w_ptr, lo_ptr, hi_ptr, rn, k0, K, n_ok, DENSE, BITS, BK, GT, U),
+                                  base, DENSE, BITS, OFF, U)
+                planes = slice_scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, G, SG, HAS_SC, HAS_MIN, HAS_MC,
+                                      BK, GT)
+                acc = scaled(acc, qx, xs, planes, DENSE, HAS_SC, HAS_MIN, HAS_MC)
+            return tl.sum(acc, axis=1)[None, :]
+        # the loads of the AHEAD slices after slice k0 are in flight while slice k0 is multiplied (past K they are
+        # masked off and read nothing): without them, each slice waits a full memory latency. The loop is unrolled
+        # so that no registers are copied from one slice's loads to the next's.
+        now = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, 0, K, n_ok,
+                          DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
+        if AHEAD == 1:
+            for k0 in range(0, K, 2 * BK):
+                b1 = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0 + BK, K, n_ok,
+                                 DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
+                acc = gemv_slice(acc, now, base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
+                now = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0 + 2 * BK, K,
+                                  n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
+                acc = gemv_slice(acc, b1, base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
+        else:  # 3
+            b1 = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, BK, K, n_ok,
+                             DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
+            b2 = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, 2 * BK, K, n_ok,
+                             DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
+            for k0 in range(0, K, 4 * BK):
+                b3 = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0 + 3 * BK, K,
+                                 n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
+                acc = gemv_slice(acc, now, base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
+                now = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0 + 4 * BK, K,
+                                  n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
+                acc = gemv_slice(acc, b1, base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
+                b1 = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0 + 5 * BK, K,
+                                 n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
+                acc = gemv_slice(acc, b2, base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
+                b2 = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0 + 6 * BK, K,
+                                 n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
+                acc = gemv_slice(acc, b3, base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
         return tl.sum(acc, axis=1)[None, :]
     acc = tl.zeros((R, BN, BK // GT, GT // U), dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -474,7 +614,7 @@ def _packed_gemv_kernel(
     x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, M, N, K, stride_xm, stride_ym,
     BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr,
-    R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr,
+    R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr, AHEAD: tl.constexpr,
 ):
     # the row blocks of one slice of W side by side: the slice is read from HBM once
     rows = tl.program_id(0) * R + tl.arange(0, R)
@@ -482,7 +622,7 @@ def _packed_gemv_kernel(
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = rn < N
     y = gemv(x_ptr, rows * stride_xm, r_ok, lo_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, K, n_ok,
-             False, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, R, BN, BK, GT, U)
+             False, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, R, BN, BK, GT, U, AHEAD)
     tl.store(y_ptr + rows[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
              mask=r_ok[:, None] & n_ok[None, :])
 
@@ -511,11 +651,14 @@ def packed_matmul(x: Tensor, w, launch: Launch | None = None, out_dtype: torch.d
                HAS_MC=w.mc.numel() > 0)
     wide = x.dtype == torch.float32
     unit = gemv_unit(w.bits, K)
-    cfg = launch or (gemv_launch(M, unit, N) if use_gemv(M, packed=True) else dot_launch(M, dense=False, wide=wide))
+    if launch is None:
+        use = use_gemv(M, packed=True)
+        launch = gemv_launch(M, unit, N, w.g, K) if use else dot_launch(M, dense=False, wide=wide)
+    cfg = launch
     if cfg.gemv:
         run(_packed_gemv_kernel, (triton.cdiv(M, cfg.bm), triton.cdiv(N, cfg.bn)), cfg,
             x2, y, *planes(w), float_base(w.bits), M, N, K, x2.stride(0), y.stride(0), **fmt, R=cfg.bm, BN=cfg.bn,
-            BK=cfg.bk, GT=gemv_run(w.g, cfg.bk), U=unit)
+            BK=cfg.bk, GT=gemv_run(w.g, cfg.bk), U=unit, AHEAD=cfg.ahead)
     else:
         run(_packed_matmul_kernel, (triton.cdiv(M, cfg.bm), triton.cdiv(N, cfg.bn)), cfg,
             x2, y, *planes(w), float_base(w.bits), M, N, K, x2.stride(0), y.stride(0), **fmt, IEEE=use_ieee(x.dtype),

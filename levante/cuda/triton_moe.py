@@ -79,7 +79,7 @@ def _moe_gemv_kernel(
     A_DIV: tl.constexpr, MUL_W: tl.constexpr,
     DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr,
-    R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr,
+    R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr, AHEAD: tl.constexpr,
 ):
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = rn < N
@@ -97,7 +97,7 @@ def _moe_gemv_kernel(
     w_ptr, lo_ptr, hi_ptr = w_ptr + e * e_w, lo_ptr + e * e_lo, hi_ptr + e * e_hi
     d_ptr, sc_ptr, dm_ptr, mc_ptr = d_ptr + e * e_d, sc_ptr + e * e_sc, dm_ptr + e * e_d, mc_ptr + e * e_sc
     y = gemv(a_ptr, (pairs // A_DIV) * stride_am, p_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn,
-             K, n_ok, DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, R, BN, BK, GT, U)
+             K, n_ok, DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, R, BN, BK, GT, U, AHEAD)
     if MUL_W:
         y = y * tl.load(topw_ptr + pairs, mask=p_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(c_ptr + pairs[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty),
@@ -132,7 +132,7 @@ def moe_matmul(a: Tensor, c: Tensor, stack, routing, a_div: int, topk_weights: T
     cfg = routing.launch
     if cfg.gemv:
         unit = gemv_unit(stack.bits, K)
-        cfg = launch or gemv_launch(cfg.bm, unit, N)  # the slices that suit the stack and the routing's blocks
+        cfg = launch or gemv_launch(cfg.bm, unit, N, g, K)  # the slices that suit the stack and the routing's blocks
         gt = gemv_run(g, cfg.bk)
         if cfg.bm == 1:  # the pairs in order, each with its expert (the sort's pointers unused)
             grid, pointers = routing.n_pairs, (routing.experts,) * 4
@@ -141,7 +141,7 @@ def moe_matmul(a: Tensor, c: Tensor, stack, routing, a_div: int, topk_weights: T
             pointers = (routing.sorted_ids, routing.sorted_ids, routing.block_expert, routing.n_padded)
         run(_moe_gemv_kernel, (grid, triton.cdiv(N, cfg.bn)), cfg,
             a, c, *pointers, topw, *weights, N, K, routing.n_pairs, a.stride(0), c.stride(0), **fmt,
-            R=cfg.bm, BN=cfg.bn, BK=cfg.bk, GT=gt, U=unit)
+            R=cfg.bm, BN=cfg.bn, BK=cfg.bk, GT=gt, U=unit, AHEAD=cfg.ahead)
         return
     cfg = launch or cfg
     run(_moe_kernel, (routing.block_expert.numel(), triton.cdiv(N, cfg.bn)), cfg,

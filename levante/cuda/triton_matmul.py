@@ -40,7 +40,7 @@ class Launch:
     warps: int = 4
     stages: int = 3
     gemv: bool = False  # a GEMV program (bm: the rows of x it multiplies), else a tile of the tiled kernel
-    ahead: int = 0  # one-row GEMV: the slices whose loads are in flight while one is multiplied (0, 1 or 2)
+    ahead: int = 0  # one-row GEMV: the slices whose loads are in flight while one is multiplied
 
 
 def dot_launch(m: int, dense: bool = True, wide: bool = False) -> Launch:
@@ -513,7 +513,7 @@ def gemv(
     R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr, AHEAD: tl.constexpr,
 ):
     """y [R, BN] = the R rows of x at x_ptr + x_off [R] (r_ok: the real ones) @ W[rn]^T over all K, slice by
-    slice: one row by `gemv_slice`, loading AHEAD (0, 1 or 3: `Launch.ahead`) slices ahead; more by
+    slice: one row by `gemv_slice`, loading AHEAD slices ahead (`Launch.ahead`); more by
     `gemv_rows_slice`."""
     if R == 1:
         x_ptr = x_ptr + tl.sum(x_off, axis=0)
@@ -528,35 +528,20 @@ def gemv(
             return tl.sum(acc, axis=1)[None, :]
         # the loads of the AHEAD slices after slice k0 are in flight while slice k0 is multiplied (past K they are
         # masked off and read nothing): without them, each slice waits a full memory latency. The loop is unrolled
-        # so that no registers are copied from one slice's loads to the next's.
-        now = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, 0, K, n_ok,
-                          DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
-        if AHEAD == 1:
-            for k0 in range(0, K, 2 * BK):
-                b1 = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0 + BK, K, n_ok,
-                                 DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
-                acc = gemv_slice(acc, now, base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
-                now = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0 + 2 * BK, K,
-                                  n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
-                acc = gemv_slice(acc, b1, base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
-        else:  # 3
-            b1 = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, BK, K, n_ok,
-                             DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
-            b2 = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, 2 * BK, K, n_ok,
-                             DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
-            for k0 in range(0, K, 4 * BK):
-                b3 = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0 + 3 * BK, K,
-                                 n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
-                acc = gemv_slice(acc, now, base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
-                now = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0 + 4 * BK, K,
-                                  n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
-                acc = gemv_slice(acc, b1, base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
-                b1 = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0 + 5 * BK, K,
-                                 n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
-                acc = gemv_slice(acc, b2, base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
-                b2 = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0 + 6 * BK, K,
-                                 n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
-                acc = gemv_slice(acc, b3, base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
+        # by AHEAD + 1 (tl.static_range): each slice's loads then land in the registers of the one they replace,
+        # where a loop of one slice would copy them over from one iteration to the next.
+        queue = (slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, 0, K, n_ok,
+                             DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U),)
+        for j in tl.static_range(1, AHEAD):
+            queue = queue + (slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, j * BK, K,
+                                         n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U),)
+        for k0 in range(0, K, (AHEAD + 1) * BK):
+            for j in tl.static_range(AHEAD + 1):
+                later = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn,
+                                    k0 + (j + AHEAD) * BK, K, n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK,
+                                    GT, U)
+                acc = gemv_slice(acc, queue[0], base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
+                queue = queue[1:] + (later,)
         return tl.sum(acc, axis=1)[None, :]
     acc = tl.zeros((R, BN, BK // GT, GT // U), dtype=tl.float32)
     for k0 in range(0, K, BK):

@@ -265,9 +265,11 @@ def test_expert_parallel_rank_of_mixed_experts(m):
     assert (got[0] + got[1] - full).abs().max() <= 1e-5 * full.abs().max()
 
 
-def test_experts_gemv_loads_ahead_change_no_value():
+@pytest.mark.parametrize("kind", ["Q4_K", "bf16"])
+def test_experts_gemv_loads_ahead_change_no_value(kind):
     """A token's pairs take the one-row GEMV, which loads slices ahead as the dense one does (Launch.ahead; Mixtral's
-    rows of 4096 and 14336 values: 3 ahead): the same sums, bit for bit, equal to each pair's expert times its row."""
+    rows of 4096 and 14336 values: 3 ahead): the same sums, bit for bit, equal to each pair's expert times its row
+    (float experts too, where LEVANTE_GEMV=all runs them by the GEMV)."""
     from dataclasses import replace
 
     from levante.cuda.moe import route
@@ -275,17 +277,17 @@ def test_experts_gemv_loads_ahead_change_no_value():
     from levante.cuda.triton_moe import moe_matmul
 
     k = 4 * 256
-    experts = [_packed(24, k, "Q4_K", s) for s in range(4)]
+    experts = [_packed(24, k, "Q4_K", s) if kind == "Q4_K" else _dense(24, k, torch.bfloat16) for s in range(4)]
     stack = ExpertStack(experts)
     ids = torch.tensor([[3, 1]])
     routing = route(ids, 4, packed=True)
     x = torch.randn(1, k)
-    assert routing.launch.gemv and gemv_launch(1, 2, 24, stack.g, k) == GEMV and GEMV.ahead == 3
+    assert routing.launch.gemv and gemv_launch(1, 2, 24, 32, k) == GEMV and GEMV.ahead == 3
     got = []
     for ahead in (0, 1, 3):
         c = torch.empty(2, 24)
         moe_matmul(x, c, stack, routing, 2, launch=replace(GEMV, ahead=ahead))  # each pair reads the token's row
         got.append(c)
     assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
-    ref = torch.stack([x[0] @ experts[e].dequantize().T for e in (3, 1)])
+    ref = torch.stack([x[0] @ experts[e].dequantize().float().T for e in (3, 1)])
     assert (got[2] - ref).abs().max() <= 1e-5 * ref.abs().max()

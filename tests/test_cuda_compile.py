@@ -81,6 +81,7 @@ def _packed_launches() -> list[dict]:
     from levante.cuda.packed import LAYOUTS
     from levante.cuda.triton_matmul import GEMV, GEMV_NEAR, WIDE_N, gemv_launch, gemv_unit, packed_matmul
     from levante.cuda.triton_moe import moe_matmul
+    from levante.quant.base import DenseWeight
 
     def weight(qtype: str, seed: int) -> PackedWeight:
         g = torch.Generator().manual_seed(seed)
@@ -120,6 +121,11 @@ def _packed_launches() -> list[dict]:
             for launch in dict.fromkeys((None, real if qtype in ("Q4_K", "Q6_K") else None)):
                 moe_matmul(x, h, stack, routing, 2, launch=launch)  # gate / up: each token's row twice
                 moe_matmul(torch.randn(2 * m, 256).to(dt), h, down, routing, 1, torch.rand(2 * m), launch)
+        # float experts by the one-row GEMV (LEVANTE_GEMV=all; the benchmark's rows), loading none and 3 slices ahead
+        floats = ExpertStack([DenseWeight(torch.randn(32, 256).bfloat16()) for _ in range(4)])
+        routing = route(torch.tensor([[1, 2]]), 4, packed=True)
+        for launch in (replace(GEMV, ahead=0), GEMV):
+            moe_matmul(torch.randn(1, 256), torch.empty(2, 32), floats, routing, 2, launch=launch)
     return records
 
 

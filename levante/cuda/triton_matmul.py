@@ -375,71 +375,79 @@ def slice_codes(
 
 
 @triton.jit
-def slice_scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, G: tl.constexpr, SG: tl.constexpr,
-                 HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, BK: tl.constexpr,
-                 GT: tl.constexpr):
-    """The scale planes of the slice's runs ([BN, BK / GT] each, `scale_planes`)."""
-    first = k0 + tl.arange(0, BK // GT) * GT
-    return scale_planes(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn[:, None], first[None, :], K,
-                        n_ok[:, None] & (first < K)[None, :], G, SG, HAS_SC, HAS_MIN, HAS_MC)
+def slice_scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, DENSE: tl.constexpr, G: tl.constexpr,
+                 SG: tl.constexpr, HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr,
+                 BK: tl.constexpr, GT: tl.constexpr):
+    """The scale planes of the slice's runs ([BN, BK / GT] each, `scale_planes`); a float W has none (d_ptr four
+    times, never read)."""
+    planes = (d_ptr, d_ptr, d_ptr, d_ptr)
+    if not DENSE:
+        first = k0 + tl.arange(0, BK // GT) * GT
+        planes = scale_planes(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn[:, None], first[None, :], K,
+                              n_ok[:, None] & (first < K)[None, :], G, SG, HAS_SC, HAS_MIN, HAS_MC)
+    return planes
 
 
 @triton.jit
 def run_sums(loaded, base, DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, U8: tl.constexpr):
     """(sum (q - OFF) x [BN, runs], sum x [runs]) per run of GT values that share their scales, from a slice's
     `slice_codes` (a float W: (sum w x, sum x)), in float32."""
+    # one return, after if / else: Triton compiles the statements after a `return` in a constexpr branch too
     x, lo, hi = loaded
     x = x.to(tl.float32)
     if DENSE:
-        return tl.sum(lo.to(tl.float32) * x[None, :, :], axis=2), tl.sum(x, axis=1)
-    if BITS < 8 or U8 == 4:
-        U: tl.constexpr = 8 if BITS == 4 or BITS == 5 else 4
-        if U == 4:
-            even, odd = tl.split(x)
-            x0, x2 = tl.split(even)
-            x1, x3 = tl.split(odd)
-            xs = x0 + x1 + x2 + x3
-            qx = unit_float(lo, hi, 0, BITS, base) * x0[None, :, :]
-            qx += unit_float(lo, hi, 1, BITS, base) * x1[None, :, :]
-            qx += unit_float(lo, hi, 2, BITS, base) * x2[None, :, :]
-            qx = tl.sum(qx + unit_float(lo, hi, 3, BITS, base) * x3[None, :, :], axis=2)
-        else:
-            even, odd = tl.split(x)
-            e0, e2 = tl.split(even)
-            o0, o2 = tl.split(odd)
-            x0, x4 = tl.split(e0)
-            x2, x6 = tl.split(e2)
-            x1, x5 = tl.split(o0)
-            x3, x7 = tl.split(o2)
-            xs = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-            qx = unit_float(lo, hi, 0, BITS, base) * x0[None, :, :]
-            qx += unit_float(lo, hi, 1, BITS, base) * x1[None, :, :]
-            qx += unit_float(lo, hi, 2, BITS, base) * x2[None, :, :]
-            qx += unit_float(lo, hi, 3, BITS, base) * x3[None, :, :]
-            qx += unit_float(lo, hi, 4, BITS, base) * x4[None, :, :]
-            qx += unit_float(lo, hi, 5, BITS, base) * x5[None, :, :]
-            qx += unit_float(lo, hi, 6, BITS, base) * x6[None, :, :]
-            qx = tl.sum(qx + unit_float(lo, hi, 7, BITS, base) * x7[None, :, :], axis=2)
-        xs = tl.sum(xs, axis=1)
-    else:
+        qx = tl.sum(lo.to(tl.float32) * x[None, :, :], axis=2)
         xs = tl.sum(x, axis=1)
-        qx = tl.sum(code_float(lo, BITS, base) * x[None, :, :], axis=2)
-    # sum (q - OFF) x = sum (2**BITS + q) x - (2**BITS + OFF) sum x, the codes' zero and 2**BITS at most 384
-    # times sum x: the difference stays well conditioned
-    return qx - ((1 << BITS) + OFF) * xs[None, :], xs
+    else:
+        if BITS < 8 or U8 == 4:
+            U: tl.constexpr = 8 if BITS == 4 or BITS == 5 else 4
+            if U == 4:
+                even, odd = tl.split(x)
+                x0, x2 = tl.split(even)
+                x1, x3 = tl.split(odd)
+                xs = x0 + x1 + x2 + x3
+                qx = unit_float(lo, hi, 0, BITS, base) * x0[None, :, :]
+                qx += unit_float(lo, hi, 1, BITS, base) * x1[None, :, :]
+                qx += unit_float(lo, hi, 2, BITS, base) * x2[None, :, :]
+                qx = tl.sum(qx + unit_float(lo, hi, 3, BITS, base) * x3[None, :, :], axis=2)
+            else:
+                even, odd = tl.split(x)
+                e0, e2 = tl.split(even)
+                o0, o2 = tl.split(odd)
+                x0, x4 = tl.split(e0)
+                x2, x6 = tl.split(e2)
+                x1, x5 = tl.split(o0)
+                x3, x7 = tl.split(o2)
+                xs = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
+                qx = unit_float(lo, hi, 0, BITS, base) * x0[None, :, :]
+                qx += unit_float(lo, hi, 1, BITS, base) * x1[None, :, :]
+                qx += unit_float(lo, hi, 2, BITS, base) * x2[None, :, :]
+                qx += unit_float(lo, hi, 3, BITS, base) * x3[None, :, :]
+                qx += unit_float(lo, hi, 4, BITS, base) * x4[None, :, :]
+                qx += unit_float(lo, hi, 5, BITS, base) * x5[None, :, :]
+                qx += unit_float(lo, hi, 6, BITS, base) * x6[None, :, :]
+                qx = tl.sum(qx + unit_float(lo, hi, 7, BITS, base) * x7[None, :, :], axis=2)
+            xs = tl.sum(xs, axis=1)
+        else:
+            xs = tl.sum(x, axis=1)
+            qx = tl.sum(code_float(lo, BITS, base) * x[None, :, :], axis=2)
+        # sum (q - OFF) x = sum (2**BITS + q) x - (2**BITS + OFF) sum x, the codes' zero and 2**BITS at most 384
+        # times sum x: the difference stays well conditioned
+        qx = qx - ((1 << BITS) + OFF) * xs[None, :]
+    return qx, xs
 
 
 @triton.jit
 def scaled(acc, qx, xs, planes, DENSE: tl.constexpr, HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr,
            HAS_MC: tl.constexpr):
     """acc + the runs' sums (`run_sums`) times their scales (`slice_scales`: d * sc * qx + dm * mc * xs)."""
-    if DENSE:
-        return acc + qx
-    d, sc, dm, mc = planes
-    s, m = scale_values(d, sc, dm, mc, HAS_SC, HAS_MIN, HAS_MC)
-    part = s * qx
-    if HAS_MIN:
-        part = part + m * xs[None, :]
+    part = qx
+    if not DENSE:
+        d, sc, dm, mc = planes
+        s, m = scale_values(d, sc, dm, mc, HAS_SC, HAS_MIN, HAS_MC)
+        part = s * qx
+        if HAS_MIN:
+            part = part + m * xs[None, :]
     return acc + part
 
 
@@ -450,12 +458,9 @@ def slice_loads(
     HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
     U8: tl.constexpr,
 ):
-    """(`slice_codes`, `slice_scales`): all the one-row GEMV reads for one slice (a float W: its codes' only)."""
-    loaded = slice_codes(x_ptr, w_ptr, lo_ptr, hi_ptr, rn, k0, K, n_ok, DENSE, BITS, BK, GT, U8)
-    planes = (x_ptr, x_ptr, x_ptr, x_ptr)  # never read
-    if not DENSE:
-        planes = slice_scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT)
-    return loaded, planes
+    """(`slice_codes`, `slice_scales`): all the one-row GEMV reads for one slice."""
+    return (slice_codes(x_ptr, w_ptr, lo_ptr, hi_ptr, rn, k0, K, n_ok, DENSE, BITS, BK, GT, U8),
+            slice_scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, DENSE, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT))
 
 
 @triton.jit
@@ -522,26 +527,26 @@ def gemv(
             for k0 in range(0, K, BK):
                 qx, xs = run_sums(slice_codes(x_ptr, w_ptr, lo_ptr, hi_ptr, rn, k0, K, n_ok, DENSE, BITS, BK, GT, U),
                                   base, DENSE, BITS, OFF, U)
-                planes = slice_scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, G, SG, HAS_SC, HAS_MIN, HAS_MC,
-                                      BK, GT)
+                planes = slice_scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, DENSE, G, SG, HAS_SC, HAS_MIN,
+                                      HAS_MC, BK, GT)
                 acc = scaled(acc, qx, xs, planes, DENSE, HAS_SC, HAS_MIN, HAS_MC)
-            return tl.sum(acc, axis=1)[None, :]
-        # the loads of the AHEAD slices after slice k0 are in flight while slice k0 is multiplied (past K they are
-        # masked off and read nothing): without them, each slice waits a full memory latency. The loop is unrolled
-        # by AHEAD + 1 (tl.static_range): each slice's loads then land in the registers of the one they replace,
-        # where a loop of one slice would copy them over from one iteration to the next.
-        queue = (slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, 0, K, n_ok,
-                             DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U),)
-        for j in tl.static_range(1, AHEAD):
-            queue = queue + (slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, j * BK, K,
-                                         n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U),)
-        for k0 in range(0, K, (AHEAD + 1) * BK):
-            for j in tl.static_range(AHEAD + 1):
-                later = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn,
-                                    k0 + (j + AHEAD) * BK, K, n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK,
-                                    GT, U)
-                acc = gemv_slice(acc, queue[0], base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
-                queue = queue[1:] + (later,)
+        else:
+            # the loads of the AHEAD slices after slice k0 are in flight while slice k0 is multiplied (past K they
+            # are masked off and read nothing): without them, each slice waits a full memory latency. The loop is
+            # unrolled by AHEAD + 1 (tl.static_range): each slice's loads then land in the registers of the one
+            # they replace, where a loop of one slice would copy them over from one iteration to the next.
+            queue = (slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, 0, K, n_ok,
+                                 DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U),)
+            for j in tl.static_range(1, AHEAD):
+                queue = queue + (slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, j * BK,
+                                             K, n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U),)
+            for k0 in range(0, K, (AHEAD + 1) * BK):
+                for j in tl.static_range(AHEAD + 1):
+                    later = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn,
+                                        k0 + (j + AHEAD) * BK, K, n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC,
+                                        BK, GT, U)
+                    acc = gemv_slice(acc, queue[0], base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
+                    queue = queue[1:] + (later,)
         return tl.sum(acc, axis=1)[None, :]
     acc = tl.zeros((R, BN, BK // GT, GT // U), dtype=tl.float32)
     for k0 in range(0, K, BK):

@@ -641,10 +641,9 @@ def packed_matmul(x: Tensor, w, launch: Launch | None = None, out_dtype: torch.d
                HAS_MC=w.mc.numel() > 0)
     wide = x.dtype == torch.float32
     unit = gemv_unit(w.bits, K)
-    if launch is None:
-        use = use_gemv(M, packed=True)
-        launch = gemv_launch(M, unit, N, w.g, K) if use else dot_launch(M, dense=False, wide=wide)
     cfg = launch
+    if cfg is None:
+        cfg = gemv_launch(M, unit, N, w.g, K) if use_gemv(M, packed=True) else dot_launch(M, dense=False, wide=wide)
     if cfg.gemv:
         run(_packed_gemv_kernel, (triton.cdiv(M, cfg.bm), triton.cdiv(N, cfg.bn)), cfg,
             x2, y, *planes(w), float_base(w.bits), M, N, K, x2.stride(0), y.stride(0), **fmt, R=cfg.bm, BN=cfg.bn,

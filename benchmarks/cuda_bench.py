@@ -331,7 +331,7 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
         t = per_call(fn, dev, reps)
         kind = "GEMV" if launch.gemv else "tiled"
         mark = " *" if default else ""
-        ahead = f", ahead {launch.ahead}" if launch.gemv and launch.bm == 1 else ""
+        ahead = f", ahead {launch.ahead}" if launch.gemv else ""
         cfg = f"{kind}{mark} ({launch.bm}, {launch.bn}, {launch.bk}, {launch.warps}, {launch.stages}{ahead})"
         lines.append(f"| {what} | {list(shape)} | {cfg} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | "
                      f"{nbytes / t / rate:.2f} |")
@@ -375,6 +375,20 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
         report(f"dense {fmt}, x f32", (n, k), ours, True, nbytes,
                partial(packed_matmul, x.float(), w, ours, torch.bfloat16))
 
+    lines += ["", "Batch-2 and -4 kernels (dense weights, the decoder's float32 inputs): the GEMV of 2 and 4 rows "
+              "loading the next slice ahead (the default on weights of few programs) or not", "",
+              "| weight | [N, K] | kernel (bm, bn, bk, warps, stages) | us | read GB/s | / copy rate |",
+              "|---|---|---|---|---|---|"]
+    for fmt in ("Q4_K", "Q6_K"):
+        w = random_packed(d, d, fmt, dev)
+        nbytes = sum(b.numel() * b.element_size() for b in w.buffers())
+        for m in (2, 4):
+            x = torch.randn(m, d, device=dev)
+            ours = gemv_launch(m, gemv_unit(w.bits, d), d, w.g, d)
+            for launch in dict.fromkeys((ours, replace(ours, ahead=0), replace(ours, ahead=1))):
+                report(f"dense {fmt}, {m} rows", (d, d), launch, launch == ours, nbytes,
+                       partial(packed_matmul, x, w, launch, torch.bfloat16))
+
     lines += ["", "Batch-8 kernels (8 tokens; experts: their 16 pairs, sorted), the same weights: the GEMV of 8 rows "
               "(dense) or of blocks of 2 pairs (experts) against the tiled kernel; bytes read: every weight once", "",
               "| weight | [N, K] | kernel (bm, bn, bk, warps, stages) | us | read GB/s | / copy rate |",
@@ -394,7 +408,8 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
         c = torch.empty(16, 2 * f, device=dev, dtype=torch.bfloat16)
         used = len(set(ids8.reshape(-1).tolist()))
         for routing in (route(ids8, n_exp, packed=True), align_by_expert(ids8, n_exp, dot_launch(8, dense=False))):
-            launch = gemv_launch(routing.launch.bm, gemv_unit(w.bits, d)) if routing.launch.gemv else routing.launch
+            launch = (gemv_launch(routing.launch.bm, gemv_unit(w.bits, d), 2 * f, w.g, d,
+                                  blocks=routing.block_expert.numel()) if routing.launch.gemv else routing.launch)
             report(f"experts {fmt}", (2 * f, d), launch, routing.launch.gemv, used * stack.nbytes // n_exp,
                    partial(moe_matmul, x, c, stack, routing, 2))
             if routing.launch.gemv:

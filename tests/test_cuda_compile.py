@@ -126,6 +126,14 @@ def _packed_launches() -> list[dict]:
         routing = route(torch.tensor([[1, 2]]), 4, packed=True)
         for launch in (replace(GEMV, ahead=0), GEMV):
             moe_matmul(torch.randn(1, 256), torch.empty(2, 32), floats, routing, 2, launch=launch)
+        # a batch's 2 or 3 rows of Mixtral's 4096 values (the decoder's float32 inputs): programs of 2 and 4 rows
+        # that load a slice ahead
+        for qtype in ("Q4_K", "Q6_K"):
+            w = weight(qtype, 0)
+            for m in (2, 3):
+                launch = gemv_launch(m, gemv_unit(w.bits, 256), 0, w.g, 4096)
+                assert launch.ahead == 1
+                packed_matmul(torch.randn(m, 256), w, launch, torch.bfloat16)
     return records
 
 

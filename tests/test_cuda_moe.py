@@ -291,3 +291,16 @@ def test_experts_gemv_loads_ahead_change_no_value(kind):
     assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
     ref = torch.stack([x[0] @ experts[e].dequantize().float().T for e in (3, 1)])
     assert (got[2] - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # 3 tokens: blocks of pairs sorted by expert, by the GEMV program of 2 rows
+    ids = torch.tensor([[3, 1], [1, 3], [3, 0]])
+    routing = route(ids, 4, packed=True)
+    x = torch.randn(3, k)
+    assert routing.launch.gemv and routing.launch.bm == 2
+    got = []
+    for ahead in (0, 1, 3):
+        c = torch.empty(6, 24)
+        moe_matmul(x, c, stack, routing, 2, launch=replace(routing.launch, ahead=ahead))
+        got.append(c)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+    ref = torch.stack([x[p // 2] @ experts[e].dequantize().float().T for p, e in enumerate(ids.flatten().tolist())])
+    assert (got[2] - ref).abs().max() <= 1e-5 * ref.abs().max()

@@ -80,6 +80,9 @@ def test_gemv_equals_float_math(qtype):
     assert use_gemv(1, packed=True) and use_gemv(GEMV_ROWS, packed=True) and not use_gemv(GEMV_ROWS + 1, True)
     assert not use_gemv(1, packed=False) and gemv_launch(1) == GEMV and gemv_launch(3).bm == 4
     assert gemv_launch(1, 2, 4096) == GEMV and gemv_launch(1, 2, WIDE_N) == GEMV_WIDE and GEMV_WIDE.bn > GEMV.bn
+    # 2 and 4 rows load a slice ahead on a weight of few programs: one block of 4096 rows, not two, nor WIDE_N rows
+    assert [gemv_launch(r, 2, 4096, 32, 4096).ahead for r in (2, 3, 4, 5)] == [1, 1, 1, 0]
+    assert gemv_launch(2, 2, 4096, 32, 4096, blocks=2).ahead == gemv_launch(2, 2, WIDE_N, 32, 4096).ahead == 0
     k = K if qtype.endswith("_K") else 160  # 160: five 32-value blocks, not a whole slice
     pw = PackedWeight.from_ggml(_raw(qtype, k=k, seed=3), qtype, N, k)
     w = pw.dequantize()
@@ -98,23 +101,25 @@ def test_gemv_equals_float_math(qtype):
 
 @pytest.mark.parametrize("qtype", list(LAYOUTS))
 def test_gemv_loads_ahead_change_no_value(qtype):
-    """The one-row GEMV may issue the loads of the next 1 or 3 slices before it multiplies one (Launch.ahead, its
-    loop unrolled by 2 or 4): the slices are summed in the same order, so the result is bit for bit the same, also
-    where the slices do not fill the unrolled loop (5 slices, the last one partial for 32-value blocks)."""
+    """The GEMV may issue the loads of the next 1 or 3 slices before it multiplies one (Launch.ahead, its loop
+    unrolled by 2 or 4): the slices are summed in the same order, so the result is bit for bit the same, also where
+    the slices do not fill the unrolled loop (5 slices, the last one partial for 32-value blocks); one row (16- and
+    32-row slices of W) and a program of 4 rows (3 of them real)."""
     from dataclasses import replace
 
-    from levante.cuda.triton_matmul import GEMV, GEMV_WIDE, packed_matmul
+    from levante.cuda.triton_matmul import GEMV, GEMV_WIDE, gemv_launch, packed_matmul
 
     k = 5 * 256 if qtype.endswith("_K") else 4 * 256 + 160
     pw = PackedWeight.from_ggml(_raw(qtype, k=k, seed=5), qtype, N, k)
-    x = torch.randn(1, k)
-    ref = x @ pw.dequantize().T
-    for dt in (torch.float32, torch.bfloat16):
-        for base in (GEMV, GEMV_WIDE):
-            got = [packed_matmul(x.to(dt), pw, replace(base, ahead=a)) for a in (0, 1, 3)]
-            assert all(torch.equal(got[0], g) for g in got[1:])
-            tol = 1e-5 if dt == torch.float32 else 8e-3
-            assert (got[0].float() - ref).abs().max() <= tol * ref.abs().max()
+    for rows, bases in ((1, (GEMV, GEMV_WIDE)), (3, (gemv_launch(3),))):
+        x = torch.randn(rows, k)
+        ref = x @ pw.dequantize().T
+        for dt in (torch.float32, torch.bfloat16):
+            for base in bases:
+                got = [packed_matmul(x.to(dt), pw, replace(base, ahead=a)) for a in (0, 1, 3)]
+                assert all(torch.equal(got[0], g) for g in got[1:])
+                tol = 1e-5 if dt == torch.float32 else 8e-3
+                assert (got[0].float() - ref).abs().max() <= tol * ref.abs().max()
 
 
 @pytest.mark.parametrize("m", [1, 20, 40, 100, 200])

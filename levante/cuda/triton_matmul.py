@@ -121,22 +121,33 @@ GEMV_ROWS = 8
 # per SM, which switch warps enough without loading ahead (which takes Q5_K and Q6_K to 128-255 registers here)
 GEMV_WIDE = Launch(1, 32, 256, 4, 3, gemv=True)
 WIDE_N = 8192
+# A program of 2 or 4 rows (a batch's decode step on a dense weight) loads the next slice's codes and scales before it
+# multiplies one (`Launch.ahead`) where the weight has under FEW_PROGRAMS programs (a 4096-row weight: 256, 2 per
+# SM, which cannot hide HBM's latency by switching warps). sm_90 SASS, float32 x, Triton 3.6 / 3.9: every GGUF
+# layout, AWQ4 and INT8 compile without spills in at most 168 / 168 registers (2 rows), 255 / 208 (4 rows); the
+# loop changes by -0.9 to +0.5 lane-instructions per weight (Q4_K 9.50 -> 9.36 and 11.91 -> 11.45, Q6_K 11.62 ->
+# 11.30 and 13.50 -> 13.47; 3.9: Q4_K 8.66 -> 8.48 and 11.22 -> 10.78). 8 rows spill (Q4_K: 140 bytes on 3.6);
+# the experts' blocks of pairs give a weight 2 or more blocks of programs, enough to switch warps, where registers
+# would cost residency.
+FEW_PROGRAMS = WIDE_N // 16
 
 
-def gemv_launch(rows: int, unit: int = 2, n: int = 0, g: int = 32, k: int = 0) -> Launch:
+def gemv_launch(rows: int, unit: int = 2, n: int = 0, g: int = 32, k: int = 0, blocks: int = 1) -> Launch:
     """The GEMV program for blocks of `rows` rows of x (rounded up to a power of two) on a weight of `n` rows of `k`
     values read by units of `unit` values (`gemv_unit`), with scales shared by runs of `g`: one row by `GEMV`
     (`GEMV_NEAR` for g < 32) or `GEMV_WIDE` from WIDE_N rows (codes times x summed per run, then scaled), loading
     fewer slices ahead where rows of k would leave its unrolled loop slices to spare (`loads_ahead`); more by
     16 x 256 slices of W, narrower where a thread would hold over 128 accumulators (one per unit and row; compiled
     for sm_90 by the GPU's Triton 3.6, 8 rows of 4-bit codes cost 18.7 lane-instructions per weight at 256 values,
-    30.3 at 128, both in 229-255 registers, before `code_float`)."""
+    30.3 at 128, both in 229-255 registers, before `code_float`), loading a slice ahead in programs of 2 or 4 rows
+    where the weight's `blocks` blocks of rows make few programs (`FEW_PROGRAMS`)."""
     if rows == 1:
         launch = GEMV_WIDE if n >= WIDE_N else GEMV if g >= 32 else GEMV_NEAR
         return replace(launch, ahead=loads_ahead(launch.ahead, k, launch.bk)) if k else launch
     r = triton.next_power_of_2(rows)
     bk = next(bk for bk in (256, 128, 64) if bk == 64 or r * 16 * bk // unit <= 128 * 128)
-    return Launch(r, 16, bk, 4, 3, gemv=True)
+    few = r <= 4 and blocks * triton.cdiv(n, 16) < FEW_PROGRAMS
+    return Launch(r, 16, bk, 4, 3, gemv=True, ahead=loads_ahead(1, k, bk) if few else 0)
 
 
 def loads_ahead(most: int, k: int, bk: int) -> int:
@@ -475,38 +486,88 @@ def gemv_slice(acc, loads, base, DENSE: tl.constexpr, BITS: tl.constexpr, OFF: t
 
 
 @triton.jit
-def gemv_rows_slice(
-    acc, x_ptr, x_off, r_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn, k0, K, n_ok,
-    DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, SG: tl.constexpr,
-    HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
-    U: tl.constexpr,
+def rows_loads(
+    w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok,
+    DENSE: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, SG: tl.constexpr, HAS_SC: tl.constexpr,
+    HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr,
 ):
-    """acc [R, BN, BK / GT, GT / U] + the products of W[rn, k0 : k0 + BK] with R rows of x (at x_ptr + x_off [R];
-    r_ok: the real ones), W's values taken by units of U neighbours (`gemv_unit`): each value of a packed W is
-    dequantized once (d * sc * q + (dm * mc - OFF * d * sc), the scales loaded once per run of GT),
-    then multiplied with every row, one multiply-add per value and row. The caller sums the last two axes once,
-    after its last slice."""
+    """(values, `slice_scales`): the multi-row GEMV's reads of W[rn, k0 : k0 + BK] by units of U neighbours
+    (`gemv_unit`), [BN, runs, GT / U] each: a packed W's codes (lo, hi) by `unit_planes`, a float W's values as U
+    tiles (the units' t-th values). Loads only, so that the loop can issue them slices ahead."""
     run = tl.arange(0, BK // GT)
     unit = k0 // U + run[:, None] * (GT // U) + tl.arange(0, GT // U)[None, :]  # [runs, GT / U]
-    u_ok = unit < K // U
-    ok = n_ok[:, None, None] & u_ok[None, :, :]
+    ok = n_ok[:, None, None] & (unit < K // U)[None, :, :]
     at = rn[:, None, None] * (K // U) + unit[None, :, :]
+    if DENSE:
+        values = (tl.load(w_ptr + U * at, mask=ok, other=0.0),)
+        for t in tl.static_range(1, U):
+            values = values + (tl.load(w_ptr + U * at + t, mask=ok, other=0.0),)
+    else:
+        values = unit_planes(lo_ptr, hi_ptr, at, 0, ok, BITS, U)
+    return values, slice_scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, DENSE, G, SG, HAS_SC, HAS_MIN,
+                                HAS_MC, BK, GT)
+
+
+@triton.jit
+def rows_slice(
+    acc, loads, x_ptr, x_off, r_ok, base, k0, K,
+    DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr,
+    HAS_MC: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr,
+):
+    """acc [R, BN, BK / GT, GT / U] + the products of the slice W[rn, k0 : k0 + BK] (its `rows_loads`) with R rows
+    of x (at x_ptr + x_off [R]; r_ok: the real ones): each value of a packed W is dequantized once
+    (d * sc * q + (dm * mc - OFF * d * sc), the scales loaded once per run of GT), then multiplied with every
+    row, one multiply-add per value and row. The caller sums the last two axes once, after its last slice."""
+    values, planes = loads
     if not DENSE:
-        first = k0 + run * GT
-        s, m = scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn[:, None], first[None, :], K,
-                      n_ok[:, None] & (first < K)[None, :], G, SG, HAS_SC, HAS_MIN, HAS_MC)
+        d, sc, dm, mc = planes
+        s, m = scale_values(d, sc, dm, mc, HAS_SC, HAS_MIN, HAS_MC)
         zero: tl.constexpr = (1 << BITS) + OFF  # code_float's 2**BITS and the codes' zero
         m = m - zero * s if HAS_MIN else -zero * s
-        lo, hi = unit_planes(lo_ptr, hi_ptr, at, 0, ok, BITS, U)
+        lo, hi = values
+    run = tl.arange(0, BK // GT)
+    unit = k0 // U + run[:, None] * (GT // U) + tl.arange(0, GT // U)[None, :]  # [runs, GT / U]
     xu = x_ptr + x_off[:, None, None] + U * unit[None, :, :]  # [R, runs, GT / U]: each unit's first x
-    x_ok = r_ok[:, None, None] & u_ok[None, :, :]
+    x_ok = r_ok[:, None, None] & (unit < K // U)[None, :, :]
     for t in tl.static_range(U):
         if DENSE:
-            w = tl.load(w_ptr + U * at + t, mask=ok, other=0.0).to(tl.float32)
+            w = values[t].to(tl.float32)
         else:
             w = unit_float(lo, hi, t, BITS, base) * s[:, :, None] + m[:, :, None]
         x = tl.load(xu + t, mask=x_ok, other=0.0).to(tl.float32)
         acc = acc + w[None, :, :, :] * x[:, None, :, :]
+    return acc
+
+
+@triton.jit
+def gemv_loads(
+    x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok,
+    DENSE: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, SG: tl.constexpr, HAS_SC: tl.constexpr,
+    HAS_MIN: tl.constexpr, HAS_MC: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr,
+    U: tl.constexpr,
+):
+    """A slice's loads: one row's `slice_loads` (x too), more rows' `rows_loads` (W only)."""
+    if R == 1:
+        loads = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, DENSE, BITS,
+                            G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
+    else:
+        loads = rows_loads(w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, DENSE, BITS, G, SG,
+                           HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
+    return loads
+
+
+@triton.jit
+def gemv_step(
+    acc, loads, x_ptr, x_off, r_ok, base, k0, K,
+    DENSE: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr,
+    HAS_MC: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr,
+):
+    """acc + slice k0's products from its `gemv_loads`: one row's `gemv_slice`, more rows' `rows_slice`."""
+    if R == 1:
+        acc = gemv_slice(acc, loads, base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
+    else:
+        acc = rows_slice(acc, loads, x_ptr, x_off, r_ok, base, k0, K, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, BK,
+                         GT, U)
     return acc
 
 
@@ -518,41 +579,48 @@ def gemv(
     R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr, U: tl.constexpr, AHEAD: tl.constexpr,
 ):
     """y [R, BN] = the R rows of x at x_ptr + x_off [R] (r_ok: the real ones) @ W[rn]^T over all K, slice by
-    slice: one row by `gemv_slice`, loading AHEAD slices ahead (`Launch.ahead`); more by
-    `gemv_rows_slice`."""
+    slice (one row by `gemv_slice`, more by `rows_slice`), loading AHEAD slices ahead (`Launch.ahead`)."""
     if R == 1:
         x_ptr = x_ptr + tl.sum(x_off, axis=0)
         acc = tl.zeros((BN, BK // GT), dtype=tl.float32)
-        if AHEAD == 0:  # the scales loaded after the codes are summed: in this order, no launch spills on 3.6
-            for k0 in range(0, K, BK):
-                qx, xs = run_sums(slice_codes(x_ptr, w_ptr, lo_ptr, hi_ptr, rn, k0, K, n_ok, DENSE, BITS, BK, GT, U),
-                                  base, DENSE, BITS, OFF, U)
-                planes = slice_scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, DENSE, G, SG, HAS_SC, HAS_MIN,
-                                      HAS_MC, BK, GT)
-                acc = scaled(acc, qx, xs, planes, DENSE, HAS_SC, HAS_MIN, HAS_MC)
-        else:
-            # the loads of the AHEAD slices after slice k0 are in flight while slice k0 is multiplied (past K they
-            # are masked off and read nothing): without them, each slice waits a full memory latency. The loop is
-            # unrolled by AHEAD + 1 (tl.static_range): each slice's loads then land in the registers of the one
-            # they replace, where a loop of one slice would copy them over from one iteration to the next.
-            queue = (slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, 0, K, n_ok,
-                                 DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U),)
-            for j in tl.static_range(1, AHEAD):
-                queue = queue + (slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, j * BK,
-                                             K, n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U),)
-            for k0 in range(0, K, (AHEAD + 1) * BK):
-                for j in tl.static_range(AHEAD + 1):
-                    later = slice_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn,
-                                        k0 + (j + AHEAD) * BK, K, n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC,
-                                        BK, GT, U)
-                    acc = gemv_slice(acc, queue[0], base, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC, U)
-                    queue = queue[1:] + (later,)
-        return tl.sum(acc, axis=1)[None, :]
-    acc = tl.zeros((R, BN, BK // GT, GT // U), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        acc = gemv_rows_slice(acc, x_ptr, x_off, r_ok, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base, rn,
-                              k0, K, n_ok, DENSE, BITS, OFF, G, SG, HAS_SC, HAS_MIN, HAS_MC, BK, GT, U)
-    return tl.sum(tl.sum(acc, axis=3), axis=2)
+    else:
+        acc = tl.zeros((R, BN, BK // GT, GT // U), dtype=tl.float32)
+    if AHEAD == 0 and R == 1:  # the scales loaded after the codes are summed: in this order, no launch spills on 3.6
+        for k0 in range(0, K, BK):
+            qx, xs = run_sums(slice_codes(x_ptr, w_ptr, lo_ptr, hi_ptr, rn, k0, K, n_ok, DENSE, BITS, BK, GT, U),
+                              base, DENSE, BITS, OFF, U)
+            planes = slice_scales(d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, DENSE, G, SG, HAS_SC, HAS_MIN,
+                                  HAS_MC, BK, GT)
+            acc = scaled(acc, qx, xs, planes, DENSE, HAS_SC, HAS_MIN, HAS_MC)
+    elif AHEAD == 0:
+        for k0 in range(0, K, BK):
+            loads = gemv_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, k0, K, n_ok, DENSE,
+                               BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, R, BK, GT, U)
+            acc = gemv_step(acc, loads, x_ptr, x_off, r_ok, base, k0, K, DENSE, BITS, OFF, HAS_SC, HAS_MIN, HAS_MC,
+                            R, BK, GT, U)
+    else:
+        # the loads of the AHEAD slices after slice k0 are in flight while slice k0 is multiplied (past K they are
+        # masked off and read nothing): without them, each slice waits a full memory latency. The loop is unrolled
+        # by AHEAD + 1 (tl.static_range): each slice's loads then land in the registers of the one they replace,
+        # where a loop of one slice would copy them over from one iteration to the next.
+        queue = (gemv_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, 0, K, n_ok, DENSE, BITS,
+                            G, SG, HAS_SC, HAS_MIN, HAS_MC, R, BK, GT, U),)
+        for j in tl.static_range(1, AHEAD):
+            queue = queue + (gemv_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn, j * BK, K,
+                                        n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, R, BK, GT, U),)
+        for k0 in range(0, K, (AHEAD + 1) * BK):
+            for j in tl.static_range(AHEAD + 1):
+                later = gemv_loads(x_ptr, w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, rn,
+                                   k0 + (j + AHEAD) * BK, K, n_ok, DENSE, BITS, G, SG, HAS_SC, HAS_MIN, HAS_MC, R, BK,
+                                   GT, U)
+                acc = gemv_step(acc, queue[0], x_ptr, x_off, r_ok, base, k0 + j * BK, K, DENSE, BITS, OFF, HAS_SC,
+                                HAS_MIN, HAS_MC, R, BK, GT, U)
+                queue = queue[1:] + (later,)
+    if R == 1:
+        y = tl.sum(acc, axis=1)[None, :]
+    else:
+        y = tl.sum(tl.sum(acc, axis=3), axis=2)
+    return y
 
 
 @triton.jit

@@ -132,13 +132,14 @@ def moe_matmul(a: Tensor, c: Tensor, stack, routing, a_div: int, topk_weights: T
     cfg = routing.launch
     if cfg.gemv:
         unit = gemv_unit(stack.bits, K)
-        cfg = launch or gemv_launch(cfg.bm, unit, N, g, K)  # the slices that suit the stack and the routing's blocks
-        gt = gemv_run(g, cfg.bk)
         if cfg.bm == 1:  # the pairs in order, each with its expert (the sort's pointers unused)
             grid, pointers = routing.n_pairs, (routing.experts,) * 4
         else:  # blocks of pairs sorted by expert (the experts' pointer unused)
             grid = routing.block_expert.numel()
             pointers = (routing.sorted_ids, routing.sorted_ids, routing.block_expert, routing.n_padded)
+        # the slices that suit the stack and the routing's blocks
+        cfg = launch or gemv_launch(cfg.bm, unit, N, g, K, blocks=grid if cfg.bm > 1 else 1)
+        gt = gemv_run(g, cfg.bk)
         run(_moe_gemv_kernel, (grid, triton.cdiv(N, cfg.bn)), cfg,
             a, c, *pointers, topw, *weights, N, K, routing.n_pairs, a.stride(0), c.stride(0), **fmt,
             R=cfg.bm, BN=cfg.bn, BK=cfg.bk, GT=gt, U=unit, AHEAD=cfg.ahead)

@@ -190,10 +190,10 @@ def test_decode_gemv_instructions_per_weight(report):
     hottest loop x threads / weights per iteration); putting 4-bit codes under a float's mantissa instead of
     converting them took it to 6.4. A program of R rows dequantizes each value once and adds a multiply-add per
     row: at most 12 + 1.5 R per weight (Q4_K: 9.0, 11.7 and 17.4 for 2, 4 and 8 rows), where R one-row passes would
-    cost 6.4 R. Loading the next slice's codes, scales and x before multiplying one (Launch.ahead) changes the
-    count by -0.2 to +0.3. No loop converts codes from int to float (I2F / I2FP: 16 per
-    clock and SM, a quarter of the integer rate; one per weight capped Q4_K near half the HBM rate): only the
-    sub-scales are, once per run of 16 or 32 values."""
+    cost 6.4 R. Loading the next slices' codes, scales (and one row's x) before multiplying one (Launch.ahead)
+    changes the count by -0.2 to +0.3 for one row, -0.9 to +0.5 for 2 and 4. No loop converts codes from int to
+    float (I2F / I2FP: 16 per clock and SM, a quarter of the integer rate; one per weight capped Q4_K near half the
+    HBM rate): only the sub-scales are, once per run of 16 or 32 values."""
     rows = [r for r in report if "error" not in r and r["kernel"] in ("_packed_gemv_kernel", "_moe_gemv_kernel")]
     assert len(rows) >= 20 and {r["kwargs"]["R"] for r in rows} == {1, 2, 4, 8}
     slow, converting = {}, {}

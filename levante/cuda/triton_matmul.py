@@ -40,7 +40,7 @@ class Launch:
     warps: int = 4
     stages: int = 3
     gemv: bool = False  # a GEMV program (bm: the rows of x it multiplies), else a tile of the tiled kernel
-    ahead: int = 0  # one-row GEMV: the slices whose loads are in flight while one is multiplied
+    ahead: int = 0  # GEMV: the slices whose loads are in flight while one is multiplied
 
 
 def dot_launch(m: int, dense: bool = True, wide: bool = False) -> Launch:

@@ -15,10 +15,11 @@ Q8_0, AWQ 4-bit g128 (head bf16), int8 rows (load_in_8bit); and a low-rank model
 experts as random bf16 factors with half their parameters, one expert per layer kept full).
 
 Measured, each with the prompt of 512 tokens and 128 greedy new tokens through `LLM(...)(ids, max_tokens=128)`:
-the first generation of a fresh LLM (whose construction captured the batch-1 graph, as vLLM does at start-up;
-prefill kernels compile in this first generation) and a warm one; decode
-tok/s = (new tokens - 1) / (time after the first token). The HBM limit is the active bytes a batch-1 step reads
-(attention, router, 2 of 8 experts per layer, the head) over the device-to-device copy rate measured here.
+the first generation of a fresh LLM (whose construction compiled the kernels of the batch-1 decode step and of
+prefills ahead, in parallel processes, and captured the batch-1 graph, as vLLM does at start-up; its start-up time
+is reported) and a warm one; decode tok/s = (new tokens - 1) / (time after the first token). The HBM limit is the
+active bytes a batch-1 step reads (attention, router, 2 of 8 experts per layer, the head) over the
+device-to-device copy rate measured here.
 Batch 32 x 64 new tokens; prefill 512 vs transformers; the serving engine with 32 concurrent clients vs 1; the
 profile of one decode step; `torch.cuda.set_sync_debug_mode("error")` around a captured step; last, the batch-1
 kernels one by one (GEMV vs tiled, a few launch configurations) as fractions of the copy rate.
@@ -45,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from levante import LLM  # noqa: E402
 from levante.cuda import CudaDecoder, PackedWeight, fuse_moe  # noqa: E402
 from levante.cuda.packed import LAYOUTS, _Parts  # noqa: E402
+from levante.cuda.precompile import compile_launches, device_target, distinct, recorded_launches  # noqa: E402
 from levante.loader import LoadedModel, load  # noqa: E402
 from levante.quant.base import DenseWeight  # noqa: E402
 from levante.sampling import SamplingParams  # noqa: E402
@@ -160,7 +162,9 @@ def timed_generation(llm: LLM, prompts: list[list[int]], n: int) -> tuple[float,
 
 def run_variant(name: str, loaded: LoadedModel, ids: list[int], n_new: int, limit: float, lines: list[str],
                 smoke: bool) -> dict:
-    llm = LLM(_loaded=loaded, n_ctx=1024)
+    t = time.perf_counter()
+    llm = LLM(_loaded=loaded, n_ctx=1024)  # on CUDA its warm-up compiles the kernels ahead, captures batch 1
+    start = time.perf_counter() - t
     if smoke:  # CPU: the GPU path itself, under the Triton interpreter (the engine's decoder too)
         llm._decoder = CudaDecoder(llm.model)
         llm.serving_model = lambda: CudaDecoder(llm.model)
@@ -169,8 +173,11 @@ def run_variant(name: str, loaded: LoadedModel, ids: list[int], n_new: int, limi
     res = dict(name=name, first=(first[2] - 1) / first[1], warm=(warm[2] - 1) / warm[1], prefill=len(ids) / warm[0],
                bytes=active_bytes(llm.model), llm=llm)
     res["limit"] = limit / res["bytes"]
+    ahead = llm._decoder.precompiled if llm._decoder is not None else None
+    compiled = f"{ahead['kernels']} in {ahead['seconds']:.1f} s" if ahead else "-"
     lines.append(f"| {name} | {res['bytes'] / 2**30:.2f} GiB | {res['limit']:.0f} | {res['first']:.1f} | "
-                 f"{res['warm']:.1f} | {100 * res['first'] / res['limit']:.0f}% | {res['prefill']:.0f} |")
+                 f"{res['warm']:.1f} | {100 * res['first'] / res['limit']:.0f}% | {res['prefill']:.0f} | "
+                 f"{start:.1f} s | {compiled} | {first[0]:.2f} s |")
     print(lines[-1], flush=True)
     return res
 
@@ -327,15 +334,15 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
               "| weight | [N, K] | kernel (bm, bn, bk, warps, stages) | us | read GB/s | / copy rate |",
               "|---|---|---|---|---|---|"]
 
+    todo: list[tuple] = []  # the calls to time, each with its row of `lines`: timed once all are compiled
+
     def report(what: str, shape: tuple[int, int], launch: Launch, default: bool, nbytes: int, fn) -> None:
-        t = per_call(fn, dev, reps)
         kind = "GEMV" if launch.gemv else "tiled"
         mark = " *" if default else ""
         ahead = f", ahead {launch.ahead}" if launch.gemv else ""
         cfg = f"{kind}{mark} ({launch.bm}, {launch.bn}, {launch.bk}, {launch.warps}, {launch.stages}{ahead})"
-        lines.append(f"| {what} | {list(shape)} | {cfg} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | "
-                     f"{nbytes / t / rate:.2f} |")
-        print(lines[-1], flush=True)
+        todo.append((len(lines), f"| {what} | {list(shape)} | {cfg} |", nbytes, fn))
+        lines.append(f"| {what} | {list(shape)} | {cfg} | not timed | | |")
 
     ids = torch.tensor([[3, 5]], device=dev)
     for fmt in ("bf16", "Q4_K", "Q6_K", "Q8_0", "AWQ4"):
@@ -416,6 +423,17 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
                 report(f"experts {fmt}, x f32", (2 * f, d), launch, True, used * stack.nbytes // n_exp,
                        partial(moe_matmul, x.float(), c, stack, routing, 2))
 
+    if dev.type == "cuda":  # the configurations' kernels compiled in parallel (levante.cuda.precompile)
+        with recorded_launches(run=False) as records:
+            for *_, fn in todo:
+                fn()
+        done = compile_launches(distinct(records), *device_target(dev))
+        print(f"kernel sweep: {done['kernels']} kernels compiled in {done['seconds']:.1f} s", flush=True)
+    for i, head, nbytes, fn in todo:
+        t = per_call(fn, dev, reps)
+        lines[i] = f"{head} {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | {nbytes / t / rate:.2f} |"
+        print(lines[i], flush=True)
+
 
 def main() -> None:
     import transformers
@@ -494,7 +512,8 @@ def main() -> None:
     rate = copy_rate(dev, (1 << 30) if not args.smoke else (1 << 24))
     lines += ["", f"Device copy rate: {rate / 1e12:.2f} TB/s (read + write).", "",
               "| weights | active bytes / token | HBM limit tok/s | first gen decode tok/s | warm decode tok/s | "
-              "first / limit | prefill tok/s |", "|---|---|---|---|---|---|---|"]
+              "first / limit | prefill tok/s | LLM start-up | kernels compiled ahead | first gen's first token |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
 
     def bf16_variant() -> dict:
         loaded = load(work / "m", dtype="bfloat16", device=str(dev))
@@ -554,6 +573,8 @@ def main() -> None:
 
     def batch_rate() -> float:
         batch = [torch.randint(3, spec["vocab_size"], (n_prompt,)).tolist() for _ in range(wide)]
+        if llm._decoder is not None:  # every bucket's kernels compiled ahead, in parallel; the graphs captured
+            llm._decoder.warm_up(wide, llm.n_ctx, llm.kv_dtype)
         for b in (32, 16, 8, 4, 2, 1):  # capture the buckets the batch shrinks through, outside the measurement
             if b <= wide:
                 timed_generation(llm, batch[:b], 2)

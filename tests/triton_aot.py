@@ -4,8 +4,9 @@ The tests run every kernel under TRITON_INTERPRET=1, which checks its arithmetic
 nor what it costs there (shared memory per block, registers, spills). `recording()` notes each launch made under
 the interpreter (the kernel, its arguments' types and alignment, the constexprs and launch options as a GPU run
 would have them); `compile_records` compiles each distinct one in a subprocess without the interpreter (where
-`@triton.jit` gives real JIT functions) by the same steps as `JITFunction.run` (specialization, then
-`triton.compile` for the target), and reads the registers and spills from the ptxas Triton ships (-v).
+`@triton.jit` gives real JIT functions) through the kernel's own `JITFunction.run` under a compile-only driver
+(levante.cuda.precompile.compile_launch, what a GPU decoder's warm-up compiles ahead with), and reads the registers
+and spills from the ptxas Triton ships (-v).
 
     python tests/triton_aot.py RECORDS.json REPORT.json     # the subprocess: compile the records
 """
@@ -17,60 +18,18 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import torch
+from levante.cuda.precompile import compile_launch, distinct, recorded_launches
 
 ROOT = Path(__file__).resolve().parents[1]
 H200 = dict(arch=90, warp_size=32, max_shared=232448, max_regs=255)  # bytes of shared memory a block may opt into
 
 
-def _spec(v):
-    if isinstance(v, torch.Tensor):
-        return {"dtype": str(v.dtype).removeprefix("torch."), "aligned": v.data_ptr() % 16 == 0}
-    if v is None or isinstance(v, bool | int | float | str):
-        return v
-    raise TypeError(f"cannot record a {type(v).__name__} argument")
-
-
-@contextmanager
-def recording() -> Iterator[list[dict]]:
-    """Every Triton launch inside the block, as a JSON-able record (kernel, args, kwargs: num_warps, num_stages and
-    the constexprs). IEEE, the choice the interpreter makes differently (levante.cuda.triton_matmul.use_ieee), is
-    recorded as a GPU makes it for the kernel's activations (its first tensor argument)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from levante.cuda.triton_matmul import use_ieee
-
-    records: list[dict] = []
-    original = InterpretedFunction.run
-
-    def spy(self, *args, grid, warmup, **kwargs):
-        rec_kwargs = {k: _spec(v) for k, v in kwargs.items()}
-        if "IEEE" in kwargs:
-            first = next(a for a in args if isinstance(a, torch.Tensor))
-            rec_kwargs["IEEE"] = use_ieee(first.dtype, interpreted=False)
-        records.append({"module": self.fn.__module__, "kernel": self.fn.__name__,
-                        "args": [_spec(a) for a in args], "kwargs": rec_kwargs})
-        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-    InterpretedFunction.run = spy
-    try:
-        yield records
-    finally:
-        InterpretedFunction.run = original
-
-
-def distinct(records: list[dict]) -> list[dict]:
-    seen, out = set(), []
-    for r in records:
-        key = json.dumps(r, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append(r)
-    return out
+def recording():
+    """Every Triton launch inside the block, as a JSON-able record, run as well (levante.cuda.precompile's
+    recorder: IEEE, which the interpreter picks differently, recorded as a GPU picks it)."""
+    return recorded_launches(run=True)
 
 
 def compile_records(records: list[dict], workdir: Path) -> list[dict]:
@@ -88,13 +47,6 @@ def compile_records(records: list[dict], workdir: Path) -> list[dict]:
     if done.returncode:
         raise RuntimeError(f"the compile subprocess failed:\n{done.stderr[-4000:]}")
     return json.loads(dst.read_text())
-
-
-def _arg(spec):
-    if isinstance(spec, dict):
-        t = torch.empty(64, dtype=getattr(torch, spec["dtype"]))
-        return t if spec["aligned"] else t[1:]  # one element in: not 16-byte aligned, as the recorded pointer
-    return spec
 
 
 def _resources(ptx: str, name: str, workdir: Path) -> dict:
@@ -149,32 +101,12 @@ CONVERSIONS = ("I2F", "I2FP", "F2I", "F2IP")
 
 
 def _compile_one(rec: dict, workdir: Path) -> dict:
-    import importlib
-
-    import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
 
     target = GPUTarget("cuda", H200["arch"], H200["warp_size"])
-    backend = make_backend(target)
-    kernel = getattr(importlib.import_module(rec["module"]), rec["kernel"])
-    args = [_arg(a) for a in rec["args"]]
-    kwargs = {k: _arg(v) for k, v in rec["kwargs"].items()}
-    out = dict(rec)
-    stages = kwargs.get("num_stages", 3)
-    while True:
-        kw = dict(kwargs, num_stages=stages, debug=False)
-        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound, specialization, options = binder(*args, **kw)
-        options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization, options)
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                                  options=options.__dict__)
-        shared = compiled.metadata.shared
-        if shared <= H200["max_shared"] or stages == 1:
-            break
-        stages -= 1
-    out.update(stages=stages, shared=shared, **_resources(compiled.asm["ptx"], rec["kernel"], workdir))
+    compiled, stages = compile_launch(rec, target, H200["max_shared"])
+    out = dict(rec, stages=compiled.metadata.num_stages if stages is None else stages, shared=compiled.metadata.shared)
+    out.update(_resources(compiled.asm["ptx"], rec["kernel"], workdir))
     return out
 
 

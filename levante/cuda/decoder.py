@@ -30,6 +30,7 @@ from ..kv import RowCache
 from ..quant.base import DenseWeight, QuantWeight
 from .moe import FusedMoE
 from .packed import PackedWeight
+from .precompile import precompile_decoder
 from .triton_attention import cache_attention
 from .triton_fused import add_rms_norm, rope_and_cache, silu_mul
 from .triton_matmul import packed_matmul, use_gemv
@@ -160,6 +161,7 @@ class CudaDecoder(nn.Module):
         # Triton 3.6's one-row GEMV then reads x without converting it, 8.3 -> 6.5 lane-instructions per Q4_K weight
         self.float32_inputs = float32_inputs
         self._readers: tuple | None = None
+        self.precompiled: dict | None = None  # the last warm-up's report of kernels compiled ahead
 
     @property
     def cfg(self):
@@ -181,16 +183,19 @@ class CudaDecoder(nn.Module):
         c.reset()
         return c
 
-    def warm_up(self, max_rows: int, max_tokens: int, dtype: torch.dtype | None = None) -> StaticCache:
+    def warm_up(self, max_rows: int, max_tokens: int, dtype: torch.dtype | None = None,
+                precompile: bool = True) -> StaticCache:
         """Allocate the cache for up to `max_rows` rows of `max_tokens` and capture the decode step of every bucket
         up to bucket_for(max_rows) now (Triton compiles, graphs), as vLLM does at start-up, so that the first
-        generation does not pay for it. Generations that fit reuse both."""
+        generation does not pay for it. Generations that fit reuse both. `precompile`: first compile the kernels
+        of those steps and of prefills (levante.cuda.precompile.PREFILL_TOKENS) in a pool of processes."""
         cache = self.new_cache(max_rows, max_tokens, dtype)
         if self.use_graphs:
+            buckets = [b for b in BUCKETS if b <= cache.rows]
+            if precompile:
+                self.precompiled = precompile_decoder(self, buckets, max_tokens, cache.dtype)
             dev = self.model.device
-            for b in BUCKETS:
-                if b > cache.rows:
-                    break
+            for b in buckets:
                 if b not in self._graphs:
                     with torch.inference_mode():
                         self._capture(b, cache)

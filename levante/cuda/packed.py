@@ -209,7 +209,7 @@ class PackedWeight(QuantWeight):
         return sub.dequantize(dtype).reshape(*ids.shape, self.in_features)
 
     def matmul(self, x: Tensor) -> Tensor:
-        if x.device.type == "cuda" or _interpreting():
+        if x.device.type in ("cuda", "meta") or _interpreting():  # meta: a dry run (levante.cuda.precompile)
             from .triton_matmul import packed_matmul
 
             return packed_matmul(x, self)

@@ -1,0 +1,270 @@
+"""Triton kernels compiled in parallel, before their first launch.
+
+Triton compiles a kernel the first time it is launched with new constexprs, argument dtypes or alignments, in the
+launching thread, one after another. A GPU decoder's warm-up meets dozens of them (a decode step per batch bucket:
+GEMVs of 1 to 8 rows per weight format, the fused small ops, attention; prefills: the tiled kernels), 1-3 s each.
+`precompile_decoder` runs those steps on a copy of the model on the meta device (shapes, no values), with every
+Triton launch recorded instead of run (`recorded_launches`), and compiles the distinct launches in a pool of
+processes (`compile_launches`, in a subprocess: `main`) into Triton's on-disk cache, where the real launches find
+them. Each is compiled through the kernel's own JIT entry point (`JITFunction.run` with warmup=True, under a driver
+that only names the target: `compile_launch`), so it is cached under the key the real launch looks up.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger("levante.cuda")
+
+# prompt lengths whose prefill is compiled ahead: one per tier of the tiled kernels' tiles (levante.cuda.triton_matmul
+# dot_launch) and of attention's query tiles, and 512 (the serving engine's prefill chunk); other lengths may meet a
+# variant of their own (Triton specializes integers divisible by 16) and compile it at first use
+PREFILL_TOKENS = (12, 20, 60, 100, 512)
+
+
+def launch_spec(v):
+    """A launch argument as JSON: a tensor by its dtype and whether its address is 16-byte aligned (what Triton
+    specializes on), other values as they are."""
+    if isinstance(v, Tensor):
+        return {"dtype": str(v.dtype).removeprefix("torch."), "aligned": v.data_ptr() % 16 == 0}
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    raise TypeError(f"cannot record a {type(v).__name__} argument")
+
+
+def launch_arg(spec):
+    """An argument with the recorded spec: a small CPU tensor of the dtype, one element in when not aligned."""
+    if isinstance(spec, dict):
+        t = torch.empty(64, dtype=getattr(torch, spec["dtype"]))
+        return t if spec["aligned"] else t[1:]
+    return spec
+
+
+@contextmanager
+def recorded_launches(run: bool = True) -> Iterator[list[dict]]:
+    """Every Triton launch inside the block, as a JSON-able record (module, kernel, args, kwargs: the constexprs and
+    num_warps / num_stages), as a GPU would make it (IEEE, which levante picks differently under the interpreter:
+    levante.cuda.triton_matmul.use_ieee, recorded for the kernel's first tensor as a GPU picks it); `run=False`:
+    recorded instead of run (their outputs keep whatever they held)."""
+    import triton.runtime.jit as jit
+
+    from .triton_matmul import use_ieee
+
+    classes = [jit.JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        classes.append(InterpretedFunction)
+    except ImportError:  # pragma: no cover - every Triton levante supports has the interpreter
+        pass
+    records: list[dict] = []
+    originals = {cls: cls.__dict__["run"] for cls in classes}
+
+    def spying(original):
+        def spy(self, *args, grid, warmup, **kwargs):
+            rec_kwargs = {k: launch_spec(v) for k, v in kwargs.items()}
+            if "IEEE" in kwargs:
+                first = next(a for a in args if isinstance(a, Tensor))
+                rec_kwargs["IEEE"] = use_ieee(first.dtype, interpreted=False)
+            records.append({"module": self.fn.__module__, "kernel": self.fn.__name__,
+                            "args": [launch_spec(a) for a in args], "kwargs": rec_kwargs})
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs) if run else None
+
+        return spy
+
+    for cls, original in originals.items():
+        cls.run = spying(original)
+    try:
+        yield records
+    finally:
+        for cls, original in originals.items():
+            cls.run = original
+
+
+def distinct(records: list[dict]) -> list[dict]:
+    """The records without repeats, in their order."""
+    seen, out = set(), []
+    for r in records:
+        key = json.dumps(r, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` whose tensors are on the meta device (same shapes, strides, storage offsets and
+    dtypes, no memory): the model's steps run on it as shape computations."""
+
+    def tensor(t: Tensor, memo: dict) -> Tensor:
+        n = t.untyped_storage().nbytes() // t.element_size()
+        return torch.empty(n, dtype=t.dtype, device="meta").as_strided(t.shape, t.stride(), t.storage_offset())
+
+    def parameter(p: nn.Parameter, memo: dict) -> nn.Parameter:
+        return nn.Parameter(tensor(p, memo), requires_grad=False)
+
+    saved = torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__
+    torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__ = tensor, parameter
+    try:
+        return copy.deepcopy(module)
+    finally:
+        torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__ = saved
+
+
+def dry_steps(decoder, buckets: Sequence[int], max_tokens: int, dtype: torch.dtype, slack: int = 0,
+              prefill: Sequence[int] = PREFILL_TOKENS) -> None:
+    """`decoder`'s (a CudaDecoder's) decode step for each batch bucket of `buckets`, over a cache of `max_tokens`
+    tokens per row (+ `slack`), and a one-row prefill of each length in `prefill` that fits, run on a meta copy of
+    its model: shapes only, nothing allocated; its Triton launches are whatever the caller makes them."""
+    dry = type(decoder)(meta_copy(decoder.lm), use_graphs=False, float32_inputs=decoder.float32_inputs)
+    meta = torch.device("meta")
+    cache = dry.new_cache(max(buckets), max_tokens, dtype, slack)
+    with torch.inference_mode():
+        for b in buckets:
+            dry._step(torch.zeros(b, 1, dtype=torch.long, device=meta),
+                      torch.full((b, 1), -1, dtype=torch.long, device=meta), cache, True)
+        for t in prefill:
+            if t <= max_tokens:
+                dry(torch.zeros(1, t, dtype=torch.long, device=meta), torch.arange(t, device=meta)[None], cache,
+                    last_only=True)
+
+
+def decoder_launches(decoder, buckets: Sequence[int], max_tokens: int, dtype: torch.dtype, slack: int = 0,
+                     prefill: Sequence[int] = PREFILL_TOKENS) -> list[dict]:
+    """The distinct Triton launches of `dry_steps`, recorded, none run."""
+    with recorded_launches(run=False) as records:
+        dry_steps(decoder, buckets, max_tokens, dtype, slack, prefill)
+    return distinct(records)
+
+
+class _CompileOnly:
+    """The Triton driver of a process that only compiles: it names the target (device 0, stream 0); nothing is
+    launched there."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+
+def compile_launch(rec: dict, target, max_shared: int):
+    """The recorded launch compiled for `target` (a triton GPUTarget) by the kernel's own entry point
+    (`JITFunction.run`, warmup=True: compile, no launch), so that Triton's cache holds it under the key the real
+    launch computes; a launch that names its stages is compiled with fewer while its shared memory exceeds
+    `max_shared` (what levante.cuda.triton_matmul.run falls back to). Returns (the compiled kernel, its stages)."""
+    from triton.runtime import driver
+
+    driver.set_active(_CompileOnly(target))
+    kernel = getattr(importlib.import_module(rec["module"]), rec["kernel"])
+    args = [launch_arg(a) for a in rec["args"]]
+    kwargs = {k: launch_arg(v) for k, v in rec["kwargs"].items()}
+    stages = kwargs.pop("num_stages", None)
+    while True:
+        staged = kwargs if stages is None else dict(kwargs, num_stages=stages)
+        compiled = kernel.run(*args, grid=(1,), warmup=True, **staged)
+        if stages is None or stages == 1 or compiled.metadata.shared <= max_shared:
+            return compiled, stages
+        stages -= 1
+
+
+def _compile_job(job: tuple[dict, list, int]) -> str | None:
+    rec, target, max_shared = job
+    from triton.backends.compiler import GPUTarget
+
+    try:
+        compile_launch(rec, GPUTarget(*target), max_shared)
+        return None
+    except Exception as e:  # noqa: BLE001 - the report names the kernel; its launch will raise the error itself
+        return f"{rec['kernel']}: {type(e).__name__}: {str(e)[:300]}"
+
+
+def device_target(device: torch.device) -> tuple[list, int]:
+    """Triton's target for a CUDA device ([backend, arch, warp size]) and the shared memory a block may opt into."""
+    from triton.runtime import driver
+
+    with torch.cuda.device(device):
+        t = driver.active.get_current_target()
+    props = torch.cuda.get_device_properties(device)
+    return [t.backend, t.arch, t.warp_size], props.shared_memory_per_block_optin
+
+
+_COMPILED: set[str] = set()  # records this process has had compiled (per cache folder and target): not sent again
+
+
+def compile_launches(records: list[dict], target: list, max_shared: int, workers: int | None = None,
+                     timeout: float = 1800) -> dict:
+    """Compile the records this process has not had compiled yet into Triton's on-disk cache, in a subprocess (no
+    CUDA, no interpreter) with a pool of `workers` processes (default: one per CPU). Returns {"kernels" (compiled
+    now), "workers", "seconds", "errors"}."""
+    cache = os.environ.get("TRITON_CACHE_DIR", "")
+    keys = [json.dumps([cache, target, max_shared, r], sort_keys=True) for r in records]
+    todo = [r for r, key in zip(records, keys, strict=True) if key not in _COMPILED]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    t0 = time.perf_counter()
+    errors: list[str] = []
+    if todo:
+        with tempfile.TemporaryDirectory(prefix="levante-precompile-") as d:
+            src, dst = Path(d) / "launches.json", Path(d) / "errors.json"
+            src.write_text(json.dumps({"target": list(target), "max_shared": max_shared, "records": todo}))
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            code = "import sys; from levante.cuda.precompile import main; main(*sys.argv[1:])"
+            done = subprocess.run([sys.executable, "-c", code, str(src), str(dst), str(workers)], env=env,
+                                  capture_output=True, text=True, timeout=timeout)
+            if done.returncode:
+                raise RuntimeError(f"the compile processes failed: {done.stderr[-2000:]}")
+            errors = json.loads(dst.read_text())
+        _COMPILED.update(keys)
+    return {"kernels": len(todo), "workers": workers, "seconds": time.perf_counter() - t0, "errors": errors}
+
+
+def precompile_decoder(decoder, buckets: Sequence[int], max_tokens: int, dtype: torch.dtype, slack: int = 0,
+                       prefill: Sequence[int] = PREFILL_TOKENS, workers: int | None = None) -> dict | None:
+    """Compile, in parallel, the kernels `decoder`'s steps will launch (`decoder_launches`), for its CUDA device.
+    Best effort: a failure is logged and the kernels compile at their first launch as before (returns None)."""
+    try:
+        records = decoder_launches(decoder, buckets, max_tokens, dtype, slack, prefill)
+        target, max_shared = device_target(decoder.model.device)
+        report = compile_launches(records, target, max_shared, workers)
+    except Exception as e:  # noqa: BLE001 - an optimisation: the launches compile one by one instead
+        log.warning("compiling the decoder's kernels ahead failed (%s: %s); they compile at first use",
+                    type(e).__name__, str(e)[:300])
+        return None
+    log.info("compiled %d Triton kernels in %.1f s (%d processes)", report["kernels"], report["seconds"],
+             report["workers"])
+    for err in report["errors"]:
+        log.warning("compiling ahead: %s", err)
+    return report
+
+
+def main(src: str, dst: str, workers: str) -> None:
+    """The compile subprocess: the records of `src` compiled by `workers` processes; the errors written to `dst`."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    job = json.loads(Path(src).read_text())
+    for module in {r["module"] for r in job["records"]}:  # imported once, before the pool's processes fork
+        importlib.import_module(module)
+    jobs = [(r, job["target"], job["max_shared"]) for r in job["records"]]
+    with ProcessPoolExecutor(max_workers=int(workers)) as pool:
+        errors = [e for e in pool.map(_compile_job, jobs) if e is not None]
+    Path(dst).write_text(json.dumps(errors))

@@ -1,0 +1,147 @@
+"""levante.cuda.precompile: a dry run of a decoder's steps on a meta copy of its model records the Triton launches
+the real steps make, and the kernels compiled from those records are the ones a real launch looks up in Triton's
+cache (checked through Triton's own JIT entry point, for an sm_90 target, without a GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures import hf_model, save_hf
+
+from levante.cuda import CudaDecoder, fuse_moe, pack_weights
+from levante.cuda.decoder import BUCKETS
+from levante.cuda.precompile import compile_launches, decoder_launches, distinct, meta_copy, recorded_launches
+from levante.loader import load
+
+H200 = (["cuda", 90, 32], 232448)
+
+
+def _model(tmp_path: Path, kind: str, quant: str | None):
+    """A bf16 model (packed weights of a GGUF `quant`) whose tensors own their memory, as on a GPU: on CPU some are
+    views of the memory-mapped file, at offsets that are not 16-byte aligned."""
+    src = save_hf(hf_model(kind, vocab_size=256, hidden_size=128, intermediate_size=128), tmp_path / "m")
+    path = src
+    if quant is not None:
+        from levante.tools.quantize import quantize_model
+
+        path = quantize_model(src, tmp_path / f"m.{quant}.gguf", quant, progress=False)
+    net = load(path, dtype="bfloat16").model
+    if quant is not None:
+        assert pack_weights(net) > 0
+    return net._apply(torch.clone), path
+
+
+def _keys(records: list[dict]) -> set[str]:
+    return {json.dumps(r, sort_keys=True) for r in records}
+
+
+def test_meta_copy_keeps_shapes_and_the_model():
+    net = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    view = torch.nn.Module()
+    base = torch.randn(10)
+    view.register_buffer("tail", base[3:])
+    for m in (net, view):
+        copy = meta_copy(m)
+        for (name, t), (_, c) in zip(m.state_dict().items(), copy.state_dict().items(), strict=True):
+            assert c.device.type == "meta" and c.shape == t.shape and c.dtype == t.dtype, name
+            assert c.stride() == t.stride() and c.storage_offset() == t.storage_offset()
+    assert net.weight.device.type == "cpu" and view.tail.data_ptr() == base.data_ptr() + 12
+    assert isinstance(meta_copy(net).weight, torch.nn.Parameter)
+
+
+@pytest.mark.parametrize(("kind", "quant"), [("mixtral_8x2", None), ("mixtral_8x2", "Q4_K_M"),
+                                             ("mistral_dense", "Q8_0")])
+def test_dry_run_records_the_launches_of_the_real_steps(tmp_path, kind, quant):
+    """The decode step of each bucket and a prefill, run for real under the interpreter, launch exactly the kernels
+    (constexprs, dtypes, alignments, integers) the dry run on the meta copy records; the model is untouched."""
+    net, _ = _model(tmp_path, kind, quant)
+    fuse_moe(net)
+    dec = CudaDecoder(net)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with recorded_launches() as real, torch.inference_mode():
+        cache = dec.new_cache(4, 64)
+        for b in BUCKETS[:3]:
+            dec._step(torch.zeros(b, 1, dtype=torch.long), torch.full((b, 1), -1), cache, True)
+        dec(torch.randint(3, 256, (1, 20)), torch.arange(20)[None], cache, last_only=True)
+    dry = decoder_launches(dec, BUCKETS[:3], 64, cache.dtype, prefill=(20,))
+    assert len(dry) > 10 and _keys(dry) == _keys(distinct(real))
+    after = net.state_dict()
+    assert all(torch.equal(v, after[k]) and after[k].device.type == "cpu" for k, v in before.items())
+
+
+_LOOKUP = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    import triton.runtime.jit as jit
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from levante.cuda import CudaDecoder, fuse_moe, pack_weights
+    from levante.cuda.precompile import _CompileOnly, dry_steps
+    from levante.loader import load
+
+    path, quant, cache_dir = sys.argv[1:4]
+    driver.set_active(_CompileOnly(GPUTarget("cuda", 90, 32)))
+    run = jit.JITFunction.run
+    compiled = []
+
+    def compile_only(self, *args, grid, warmup, **kwargs):  # the real launch's path, up to the launch itself
+        compiled.append(run(self, *args, grid=grid, warmup=True, **kwargs))
+
+    jit.JITFunction.run = compile_only
+    net = load(path, dtype="bfloat16").model
+    if quant != "none":
+        pack_weights(net)
+    net._apply(torch.clone)
+    fuse_moe(net)
+    before = set(os.listdir(cache_dir))
+    dry_steps(CudaDecoder(net), (1, 2), 64, torch.bfloat16, prefill=(20,))
+    print(json.dumps({"launches": len(compiled), "new": sorted(set(os.listdir(cache_dir)) - before)}))
+    """
+)
+
+
+@pytest.mark.parametrize(("kind", "quant"), [("mixtral_8x2", None), ("mistral_dense", "Q8_0")])
+def test_precompiled_kernels_are_the_ones_launches_look_up(tmp_path, monkeypatch, kind, quant):
+    """Records compiled by `compile_launches` (a pool of processes, for sm_90) fill Triton's cache with exactly
+    what the real JIT entry point then looks up for the same steps: no launch compiles anything more."""
+    import levante.cuda.precompile as precompile
+
+    net, path = _model(tmp_path, kind, quant)
+    fuse_moe(net)
+    dec = CudaDecoder(net)
+    records = decoder_launches(dec, (1, 2), 64, torch.bfloat16, prefill=(20,))
+    cache_dir = tmp_path / "triton-cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache_dir))
+    monkeypatch.setattr(precompile, "device_target", lambda device: H200)  # the decoder's device: an H200
+    report = precompile.precompile_decoder(dec, (1, 2), 64, torch.bfloat16, prefill=(20,), workers=2)
+    assert report["errors"] == [] and report["kernels"] == len(records) and report["workers"] == 2
+    assert len(os.listdir(cache_dir)) > 5
+    assert compile_launches(records, *H200)["kernels"] == 0  # this process had them compiled: nothing to do
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", _LOOKUP, str(path), quant or "none", str(cache_dir)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["launches"] >= len(records) and out["new"] == []
+
+
+def test_a_failed_precompile_is_logged_not_raised(caplog):
+    """Compiling ahead is an optimisation: when it cannot run (here: no CUDA device), warm-up goes on and the
+    kernels compile at their first launch."""
+    from levante.cuda.precompile import precompile_decoder
+
+    class NoDevice:
+        lm = torch.nn.Module()
+
+    with caplog.at_level("WARNING", logger="levante.cuda"):
+        assert precompile_decoder(NoDevice(), (1,), 8, torch.bfloat16) is None
+    assert "compile at first use" in caplog.text

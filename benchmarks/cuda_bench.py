@@ -44,8 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from levante import LLM  # noqa: E402
-from levante.cuda import CudaDecoder, PackedWeight, fuse_moe  # noqa: E402
-from levante.cuda.packed import LAYOUTS, _Parts  # noqa: E402
+from levante.cuda import CudaDecoder, fuse_moe  # noqa: E402
+from levante.cuda.packed import random_packed  # noqa: E402
 from levante.cuda.precompile import compile_launches, device_target, distinct, recorded_launches  # noqa: E402
 from levante.loader import LoadedModel, load  # noqa: E402
 from levante.quant.base import DenseWeight  # noqa: E402
@@ -62,7 +62,6 @@ SCHEMES = {  # weight role -> format
     "AWQ": dict(wq="AWQ4", wk="AWQ4", wv="AWQ4", wo="AWQ4", w1="AWQ4", w3="AWQ4", w2="AWQ4"),
     "INT8": dict(wq="INT8", wk="INT8", wv="INT8", wo="INT8", w1="INT8", w3="INT8", w2="INT8", lm_head="INT8"),
 }
-CODE_BITS = {"Q2_K": 2, "Q3_K": 3}
 
 
 def sync(dev: torch.device) -> None:
@@ -81,29 +80,6 @@ def copy_rate(dev: torch.device, nbytes: int) -> float:
         b.copy_(a)
     sync(dev)
     return 2 * nbytes * 10 / (time.perf_counter() - t)
-
-
-def random_packed(n: int, k: int, qtype: str, dev: torch.device) -> PackedWeight:
-    """A weight of `qtype`'s layout with random codes and scales, made on `dev`."""
-    g = torch.Generator(device=dev).manual_seed(n * 7 + k)
-
-    def ints(lo: int, hi: int, shape, dtype=torch.uint8):
-        return torch.randint(lo, hi, shape, generator=g, device=dev, dtype=torch.int16).to(dtype)
-
-    def scales(shape):
-        return (torch.rand(shape, generator=g, device=dev) * 1e-3 + 1e-4).half()
-
-    if qtype == "AWQ4":
-        return PackedWeight.from_awq(ints(0, 16, (n, k)), ints(0, 16, (n, k // 128)), scales((n, k // 128)), 128)
-    if qtype == "INT8":
-        return PackedWeight.from_int8(ints(-127, 128, (n, k), torch.int8), scales((n,)).float())
-    bits, off, gs, sg, has_sc, has_min = LAYOUTS[qtype]
-    signed = qtype in ("Q3_K", "Q6_K")
-    sc = (ints(-32, 32, (n, k // gs), torch.int8) if signed else ints(0, 64, (n, k // gs))) if has_sc else None
-    mins = -scales((n, k // sg)) if has_min else None
-    min_sc = ints(0, 64, (n, k // gs)) if has_min and has_sc else None
-    parts = _Parts(ints(0, 2 ** CODE_BITS.get(qtype, bits), (n, k)), scales((n, k // sg)), sc, mins, min_sc)
-    return PackedWeight(parts, qtype, bits, off, gs, sg, n, k)
 
 
 def quantize_randomly(net: torch.nn.Module, scheme: dict[str, str], dev: torch.device) -> None:
@@ -443,6 +419,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the script)")
     args = ap.parse_args()
+    began = time.perf_counter()
     dev = torch.device("cpu" if args.smoke else "cuda")
     spec = SMOKE if args.smoke else MIXTRAL_4L
     n_prompt, n_new, n_batch_new, wide = (24, 6, 4, 4) if args.smoke else (512, 128, 64, 32)
@@ -451,13 +428,18 @@ def main() -> None:
              f"(torch {torch.__version__})", ""]
     out_file = None if args.smoke else Path(args.out) / "cuda_bench.md"
 
+    took: list[str] = []  # each section's wall time, for planning the next run's time on the device
+
     def save() -> None:  # after every section: a failure later (or the device's time running out) keeps the rest
+        timing = ["", f"Sections' wall times (since start {time.perf_counter() - began:.0f} s): " + ", ".join(took)]
+        print(timing[-1], flush=True)
         if out_file is not None:
             out_file.parent.mkdir(parents=True, exist_ok=True)
-            out_file.write_text("\n".join(lines) + "\n")
+            out_file.write_text("\n".join(lines + timing) + "\n")
 
     def attempt(name: str, fn):
         """fn(), or None with the failure written into the results (one broken section does not lose the run)."""
+        t = time.perf_counter()
         try:
             return fn()
         except Exception as e:  # noqa: BLE001
@@ -465,6 +447,7 @@ def main() -> None:
             lines.append(f"- {name} FAILED: {type(e).__name__}: {str(e)[:300]}")
             return None
         finally:
+            took.append(f"{name} {time.perf_counter() - t:.0f} s")
             save()
 
     # correctness: a tiny model's greedy tokens on the GPU path equal the CPU model's; the kernels at full shape

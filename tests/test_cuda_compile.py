@@ -5,9 +5,13 @@ launches recorded under the interpreter, compiled in a subprocess).
 Workloads: the decoder on one-layer models with Mixtral-8x7B's and SmolLM2-135M's hidden sizes and heads (the sizes
 the fused kernels' blocks follow), bf16 (and float16, an F16 checkpoint's dtype on a GPU; float32, an explicit
 dtype="float32"), through prefill chunks of every tile tier and batch-1 / batch-3 decode steps; then every packed
-format's matmul and grouped-expert kernels at each tier (one row: the GEMV)."""
+format's matmul and grouped-expert kernels at each tier (one row: the GEMV); last, a Q4_K_M Mixtral-8x7B layer at
+its real sizes (decode buckets 1-8 and the warm-up's prefills), by levante.cuda.precompile's dry run on the meta
+device, where it launches what the small workloads do not compile the same way."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -137,6 +141,49 @@ def _packed_launches() -> list[dict]:
     return records
 
 
+MIXTRAL_8X7B = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, hidden_size=4096,
+                    intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8,
+                    num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768, rope_theta=1e6,
+                    rms_norm_eps=1e-5)
+Q4_K_M = dict(wq="Q4_K", wk="Q4_K", wv="Q6_K", wo="Q4_K", w1="Q4_K", w3="Q4_K", w2="Q6_K", lm_head="Q6_K")
+
+
+def _compile_key(r: dict) -> str:
+    """What Triton compiles a launch by: integers only by being 1, a multiple of 16, or 64-bit."""
+
+    def spec(a):
+        if isinstance(a, int) and not isinstance(a, bool):
+            return ["int", a == 1, a % 16 == 0, abs(a) >= 2**31]
+        return a
+
+    return json.dumps([r["module"], r["kernel"], [spec(a) for a in r["args"]], r["kwargs"]], sort_keys=True)
+
+
+def _full_size_launches(known: list[dict]) -> list[dict]:
+    """A Q4_K_M Mixtral-8x7B's launches at its real sizes (one layer; the head Q6_K, the router bf16): the decode
+    steps of buckets 1-8 and the prefills a GPU decoder's warm-up compiles, recorded by levante.cuda.precompile's
+    dry run on the meta device (nothing runs); those Triton would compile as one of `known` left out."""
+    from levante.config import ModelConfig, expected_shapes
+    from levante.cuda import CudaDecoder, fuse_moe
+    from levante.cuda.packed import random_packed
+    from levante.cuda.precompile import decoder_launches
+    from levante.model import build_model
+    from levante.quant.base import DenseWeight
+
+    cfg = ModelConfig.from_hf_dict(MIXTRAL_8X7B)
+    meta = torch.device("meta")
+    net = build_model(cfg, {n: torch.empty(s, dtype=torch.bfloat16, device=meta)
+                            for n, s in expected_shapes(cfg).items()}, dtype=torch.bfloat16)
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, DenseWeight) and name in Q4_K_M:
+                setattr(parent, name, random_packed(child.out_features, child.in_features, Q4_K_M[name], meta))
+    fuse_moe(net)
+    seen = {_compile_key(r) for r in known}
+    return [r for r in decoder_launches(CudaDecoder(net), (1, 2, 4, 8), 4096, torch.bfloat16)
+            if _compile_key(r) not in seen]
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("aot")
@@ -145,7 +192,9 @@ def report(tmp_path_factory) -> list[dict]:
                 ("mixtral_8x2", "float32")]
     records = [r for kind, dtype in decoders for r in _decoder_launches(tmp, kind, dtype)]
     records += _float32_store_launches() + _packed_launches()
-    return compile_records(records, tmp)
+    full = _full_size_launches(records)
+    assert len(full) > 10  # sizes the small workloads do not reach (a 14336-row GEMV's programs, 32 query heads' tiles)
+    return compile_records(records + full, tmp)
 
 
 def _name(r: dict) -> str:

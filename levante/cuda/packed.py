@@ -228,6 +228,33 @@ class _Gathered(PackedWeight):
             self.register_buffer(name, t[ids] if t.numel() else t, persistent=False)
 
 
+def random_packed(n: int, k: int, qtype: str, device: torch.device | str, seed: int | None = None) -> PackedWeight:
+    """An [n, k] weight of `qtype`'s packed layout (a GGUF type, "AWQ4" or "INT8") with random codes and scales,
+    made on `device` (meta: shapes only): a kernel's speed does not depend on the values (the GPU benchmark's
+    quantized models; the compile check's full-size dry runs); `seed` default: one of n and k."""
+    dev = torch.device(device)
+    g = None if dev.type == "meta" else torch.Generator(device=dev).manual_seed(n * 7 + k if seed is None else seed)
+
+    def ints(lo: int, hi: int, shape, dtype=torch.uint8):
+        return torch.randint(lo, hi, shape, generator=g, device=dev, dtype=torch.int16).to(dtype)
+
+    def scales(shape):
+        return (torch.rand(shape, generator=g, device=dev) * 1e-3 + 1e-4).half()
+
+    if qtype == "AWQ4":
+        return PackedWeight.from_awq(ints(0, 16, (n, k)), ints(0, 16, (n, k // 128)), scales((n, k // 128)), 128)
+    if qtype == "INT8":
+        return PackedWeight.from_int8(ints(-127, 128, (n, k), torch.int8), scales((n,)).float())
+    bits, off, gs, sg, has_sc, has_min = LAYOUTS[qtype]
+    code_bits = {"Q2_K": 2, "Q3_K": 3}.get(qtype, bits)  # their codes' planes hold a bit more than the code
+    signed = qtype in ("Q3_K", "Q6_K")
+    sc = (ints(-32, 32, (n, k // gs), torch.int8) if signed else ints(0, 64, (n, k // gs))) if has_sc else None
+    mins = -scales((n, k // sg)) if has_min else None
+    min_sc = ints(0, 64, (n, k // gs)) if has_min and has_sc else None
+    parts = _Parts(ints(0, 2**code_bits, (n, k)), scales((n, k // sg)), sc, mins, min_sc)
+    return PackedWeight(parts, qtype, bits, off, gs, sg, n, k)
+
+
 def _interpreting() -> bool:
     import os
 

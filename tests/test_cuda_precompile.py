@@ -134,6 +134,24 @@ def test_precompiled_kernels_are_the_ones_launches_look_up(tmp_path, monkeypatch
     assert out["launches"] >= len(records) and out["new"] == []
 
 
+def test_a_dry_run_leaves_other_threads_launches_alone():
+    """While one thread records launches instead of running them (a decoder's warm-up), another thread's kernels
+    (a server's running steps) still run and are not recorded."""
+    import threading
+
+    from levante.cuda.triton_fused import silu_mul
+
+    gate, up = torch.randn(2, 64), torch.randn(2, 64)
+    got = {}
+    with recorded_launches(run=False) as records:
+        silu_mul(gate, up)  # this thread: recorded, not run
+        worker = threading.Thread(target=lambda: got.setdefault("out", silu_mul(gate, up)))
+        worker.start()
+        worker.join()
+    assert len(records) == 1 and records[0]["kernel"] == "_silu_mul_kernel"
+    torch.testing.assert_close(got["out"], torch.nn.functional.silu(gate) * up)
+
+
 def test_a_failed_precompile_is_logged_not_raised(caplog):
     """Compiling ahead is an optimisation: when it cannot run (here: no CUDA device), warm-up goes on and the
     kernels compile at their first launch."""

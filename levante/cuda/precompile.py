@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -61,7 +62,8 @@ def recorded_launches(run: bool = True) -> Iterator[list[dict]]:
     """Every Triton launch inside the block, as a JSON-able record (module, kernel, args, kwargs: the constexprs and
     num_warps / num_stages), as a GPU would make it (IEEE, which levante picks differently under the interpreter:
     levante.cuda.triton_matmul.use_ieee, recorded for the kernel's first tensor as a GPU picks it); `run=False`:
-    recorded instead of run (their outputs keep whatever they held)."""
+    recorded instead of run (their outputs keep whatever they held). Only this thread's launches: another thread's
+    (a server's running steps) run as usual."""
     import triton.runtime.jit as jit
 
     from .triton_matmul import use_ieee
@@ -76,8 +78,12 @@ def recorded_launches(run: bool = True) -> Iterator[list[dict]]:
     records: list[dict] = []
     originals = {cls: cls.__dict__["run"] for cls in classes}
 
+    owner = threading.get_ident()
+
     def spying(original):
         def spy(self, *args, grid, warmup, **kwargs):
+            if threading.get_ident() != owner:
+                return original(self, *args, grid=grid, warmup=warmup, **kwargs)
             rec_kwargs = {k: launch_spec(v) for k, v in kwargs.items()}
             if "IEEE" in kwargs:
                 first = next(a for a in args if isinstance(a, Tensor))

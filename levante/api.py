@@ -123,7 +123,8 @@ class LLM:
         self.verbose = verbose
         self.spec = self._spec_config(speculative, draft_model, num_speculative_tokens, ngram, dtype, device)
         if self._decoder is not None:  # single-prompt generation's cache and graph, made now rather than on first use
-            self._decoder.warm_up(1, self.n_ctx, self.kv_dtype)
+            verify = range(2, self.spec.k + 2) if self.spec is not None else ()  # the speculative steps' lengths
+            self._decoder.warm_up(1, self.n_ctx, self.kv_dtype, verify=verify)
 
     @property
     def generation_model(self):

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -383,9 +383,11 @@ class ParallelDecoder:
                   slack: int = 0) -> ParallelCache:
         return self._lm._new_cache(batch_size, max_tokens, dtype, slack, self)
 
-    def warm_up(self, max_rows: int, max_tokens: int, dtype: torch.dtype | None = None) -> ParallelCache:
+    def warm_up(self, max_rows: int, max_tokens: int, dtype: torch.dtype | None = None, precompile: bool = True,
+                verify: Sequence[int] = ()) -> ParallelCache:
         """The cache for up to `max_rows` rows of `max_tokens`, allocated now on every rank (the steps run
-        eagerly: there are no graphs to capture)."""
+        eagerly: there are no graphs to capture; the ranks compile their kernels at first use: `precompile` and
+        `verify`, CudaDecoder.warm_up's, are not used)."""
         return self.new_cache(max_rows, max_tokens, dtype)
 
     def __call__(self, tokens: Tensor, positions: Tensor | None = None, cache: ParallelCache | None = None,

@@ -59,8 +59,9 @@ def test_meta_copy_keeps_shapes_and_the_model():
 @pytest.mark.parametrize(("kind", "quant"), [("mixtral_8x2", None), ("mixtral_8x2", "Q4_K_M"),
                                              ("mistral_dense", "Q8_0")])
 def test_dry_run_records_the_launches_of_the_real_steps(tmp_path, kind, quant):
-    """The decode step of each bucket and a prefill, run for real under the interpreter, launch exactly the kernels
-    (constexprs, dtypes, alignments, integers) the dry run on the meta copy records; the model is untouched."""
+    """The decode step of each bucket, a prefill and a speculative verification (every token's logits), run for real
+    under the interpreter, launch exactly the kernels (constexprs, dtypes, alignments, integers) the dry run on the
+    meta copy records; the model is untouched."""
     net, _ = _model(tmp_path, kind, quant)
     fuse_moe(net)
     dec = CudaDecoder(net)
@@ -70,7 +71,8 @@ def test_dry_run_records_the_launches_of_the_real_steps(tmp_path, kind, quant):
         for b in BUCKETS[:3]:
             dec._step(torch.zeros(b, 1, dtype=torch.long), torch.full((b, 1), -1), cache, True)
         dec(torch.randint(3, 256, (1, 20)), torch.arange(20)[None], cache, last_only=True)
-    dry = decoder_launches(dec, BUCKETS[:3], 64, cache.dtype, prefill=(20,))
+        dec(torch.randint(3, 256, (1, 5)), torch.arange(20, 25)[None], cache)  # a speculative verification
+    dry = decoder_launches(dec, BUCKETS[:3], 64, cache.dtype, prefill=(20,), verify=(5,))
     assert len(dry) > 10 and _keys(dry) == _keys(distinct(real))
     after = net.state_dict()
     assert all(torch.equal(v, after[k]) and after[k].device.type == "cpu" for k, v in before.items())

@@ -22,6 +22,8 @@ with the model's numbers but GPU-shaped work:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -183,17 +185,18 @@ class CudaDecoder(nn.Module):
         c.reset()
         return c
 
-    def warm_up(self, max_rows: int, max_tokens: int, dtype: torch.dtype | None = None,
-                precompile: bool = True) -> StaticCache:
+    def warm_up(self, max_rows: int, max_tokens: int, dtype: torch.dtype | None = None, precompile: bool = True,
+                verify: Sequence[int] = ()) -> StaticCache:
         """Allocate the cache for up to `max_rows` rows of `max_tokens` and capture the decode step of every bucket
         up to bucket_for(max_rows) now (Triton compiles, graphs), as vLLM does at start-up, so that the first
         generation does not pay for it. Generations that fit reuse both. `precompile`: first compile the kernels
-        of those steps and of prefills (levante.cuda.precompile.PREFILL_TOKENS) in a pool of processes."""
+        of those steps, of prefills (levante.cuda.precompile.PREFILL_TOKENS) and of speculative decoding's
+        verification calls of `verify` tokens in a pool of processes."""
         cache = self.new_cache(max_rows, max_tokens, dtype)
         if self.use_graphs:
             buckets = [b for b in BUCKETS if b <= cache.rows]
             if precompile:
-                self.precompiled = precompile_decoder(self, buckets, max_tokens, cache.dtype)
+                self.precompiled = precompile_decoder(self, buckets, max_tokens, cache.dtype, verify=verify)
             dev = self.model.device
             for b in buckets:
                 if b not in self._graphs:

@@ -134,10 +134,12 @@ def meta_copy(module: nn.Module) -> nn.Module:
 
 
 def dry_steps(decoder, buckets: Sequence[int], max_tokens: int, dtype: torch.dtype, slack: int = 0,
-              prefill: Sequence[int] = PREFILL_TOKENS) -> None:
+              prefill: Sequence[int] = PREFILL_TOKENS, verify: Sequence[int] = ()) -> None:
     """`decoder`'s (a CudaDecoder's) decode step for each batch bucket of `buckets`, over a cache of `max_tokens`
-    tokens per row (+ `slack`), and a one-row prefill of each length in `prefill` that fits, run on a meta copy of
-    its model: shapes only, nothing allocated; its Triton launches are whatever the caller makes them."""
+    tokens per row (+ `slack`), a one-row prefill of each length in `prefill` and a one-row call returning the
+    logits of every token (speculative decoding's verification) of each length in `verify` that fits, run on a
+    meta copy of its model: shapes only, nothing allocated; its Triton launches are whatever the caller makes
+    them."""
     dry = type(decoder)(meta_copy(decoder.lm), use_graphs=False, float32_inputs=decoder.float32_inputs)
     meta = torch.device("meta")
     cache = dry.new_cache(max(buckets), max_tokens, dtype, slack)
@@ -145,17 +147,17 @@ def dry_steps(decoder, buckets: Sequence[int], max_tokens: int, dtype: torch.dty
         for b in buckets:
             dry._step(torch.zeros(b, 1, dtype=torch.long, device=meta),
                       torch.full((b, 1), -1, dtype=torch.long, device=meta), cache, True)
-        for t in prefill:
+        for t, last_only in [(t, True) for t in prefill] + [(t, False) for t in verify]:
             if t <= max_tokens:
                 dry(torch.zeros(1, t, dtype=torch.long, device=meta), torch.arange(t, device=meta)[None], cache,
-                    last_only=True)
+                    last_only=last_only)
 
 
 def decoder_launches(decoder, buckets: Sequence[int], max_tokens: int, dtype: torch.dtype, slack: int = 0,
-                     prefill: Sequence[int] = PREFILL_TOKENS) -> list[dict]:
+                     prefill: Sequence[int] = PREFILL_TOKENS, verify: Sequence[int] = ()) -> list[dict]:
     """The distinct Triton launches of `dry_steps`, recorded, none run."""
     with recorded_launches(run=False) as records:
-        dry_steps(decoder, buckets, max_tokens, dtype, slack, prefill)
+        dry_steps(decoder, buckets, max_tokens, dtype, slack, prefill, verify)
     return distinct(records)
 
 
@@ -248,11 +250,12 @@ def compile_launches(records: list[dict], target: list, max_shared: int, workers
 
 
 def precompile_decoder(decoder, buckets: Sequence[int], max_tokens: int, dtype: torch.dtype, slack: int = 0,
-                       prefill: Sequence[int] = PREFILL_TOKENS, workers: int | None = None) -> dict | None:
+                       prefill: Sequence[int] = PREFILL_TOKENS, verify: Sequence[int] = (),
+                       workers: int | None = None) -> dict | None:
     """Compile, in parallel, the kernels `decoder`'s steps will launch (`decoder_launches`), for its CUDA device.
     Best effort: a failure is logged and the kernels compile at their first launch as before (returns None)."""
     try:
-        records = decoder_launches(decoder, buckets, max_tokens, dtype, slack, prefill)
+        records = decoder_launches(decoder, buckets, max_tokens, dtype, slack, prefill, verify)
         target, max_shared = device_target(decoder.model.device)
         report = compile_launches(records, target, max_shared, workers)
     except Exception as e:  # noqa: BLE001 - an optimisation: the launches compile one by one instead

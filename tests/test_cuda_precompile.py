@@ -154,6 +154,33 @@ def test_a_dry_run_leaves_other_threads_launches_alone():
     torch.testing.assert_close(got["out"], torch.nn.functional.silu(gate) * up)
 
 
+def test_compiling_past_its_time_is_stopped(tmp_path, monkeypatch):
+    """A compile that overruns its time (a hung compiler must not hold a warm-up) ends with TimeoutError, its
+    subprocess's whole process group killed."""
+    import subprocess
+    import time
+
+    from levante.cuda.triton_fused import silu_mul
+
+    with recorded_launches(run=False) as records:
+        silu_mul(torch.randn(2, 64), torch.randn(2, 64))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    started = []
+
+    class Spied(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(subprocess, "Popen", Spied)
+    t = time.perf_counter()
+    with pytest.raises(TimeoutError, match="compiling 1 kernels took over 0 s"):
+        compile_launches(records, *H200, workers=1, timeout=0.3)
+    assert time.perf_counter() - t < 10
+    with pytest.raises(ProcessLookupError):
+        os.killpg(started[0].pid, 0)  # no process of its group is left
+
+
 def test_a_failed_precompile_is_logged_not_raised(caplog):
     """Compiling ahead is an optimisation: when it cannot run (here: no CUDA device), warm-up goes on and the
     kernels compile at their first launch."""

@@ -19,6 +19,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -224,14 +225,18 @@ _COMPILED: set[str] = set()  # records this process has had compiled (per cache 
 
 
 def compile_launches(records: list[dict], target: list, max_shared: int, workers: int | None = None,
-                     timeout: float = 1800) -> dict:
+                     timeout: float | None = None) -> dict:
     """Compile the records this process has not had compiled yet into Triton's on-disk cache, in a subprocess (no
-    CUDA, no interpreter) with a pool of `workers` processes (default: one per CPU, MAX_WORKERS at most).
-    Returns {"kernels" (compiled now), "workers", "seconds", "errors"}."""
+    CUDA, no interpreter) with a pool of `workers` processes (default: one per CPU, MAX_WORKERS at most); past
+    `timeout` seconds (default: 60 + 10 per kernel a process compiles, several times what one takes) the
+    subprocess and its pool are killed and TimeoutError raised. Returns {"kernels" (compiled now), "workers",
+    "seconds", "errors"}."""
     cache = os.environ.get("TRITON_CACHE_DIR", "")
     keys = [json.dumps([cache, target, max_shared, r], sort_keys=True) for r in records]
     todo = [r for r, key in zip(records, keys, strict=True) if key not in _COMPILED]
     workers = max(1, min(workers or min(os.cpu_count() or 1, MAX_WORKERS), len(todo)))
+    if timeout is None:
+        timeout = 60 + 10 * -(-len(todo) // workers)
     t0 = time.perf_counter()
     errors: list[str] = []
     if todo:
@@ -240,10 +245,18 @@ def compile_launches(records: list[dict], target: list, max_shared: int, workers
             src.write_text(json.dumps({"target": list(target), "max_shared": max_shared, "records": todo}))
             env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
             code = "import sys; from levante.cuda.precompile import main; main(*sys.argv[1:])"
-            done = subprocess.run([sys.executable, "-c", code, str(src), str(dst), str(workers)], env=env,
-                                  capture_output=True, text=True, timeout=timeout)
-            if done.returncode:
-                raise RuntimeError(f"the compile processes failed: {done.stderr[-2000:]}")
+            # a session of its own: on a timeout, the subprocess and its pool's processes are killed together
+            proc = subprocess.Popen([sys.executable, "-c", code, str(src), str(dst), str(workers)], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+            try:
+                _, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                raise TimeoutError(f"compiling {len(todo)} kernels took over {timeout:.0f} s") from None
+            if proc.returncode:
+                raise RuntimeError(f"the compile processes failed: {stderr[-2000:]}")
             errors = json.loads(dst.read_text())
         _COMPILED.update(keys)
     return {"kernels": len(todo), "workers": workers, "seconds": time.perf_counter() - t0, "errors": errors}

@@ -244,6 +244,8 @@ def compile_launches(records: list[dict], target: list, max_shared: int, workers
             src, dst = Path(d) / "launches.json", Path(d) / "errors.json"
             src.write_text(json.dumps({"target": list(target), "max_shared": max_shared, "records": todo}))
             env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            # this levante, also where it was put on sys.path by hand (a script's own path)
+            env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
             code = "import sys; from levante.cuda.precompile import main; main(*sys.argv[1:])"
             # a session of its own: on a timeout, the subprocess and its pool's processes are killed together
             proc = subprocess.Popen([sys.executable, "-c", code, str(src), str(dst), str(workers)], env=env,

@@ -386,9 +386,18 @@ class ParallelDecoder:
     def warm_up(self, max_rows: int, max_tokens: int, dtype: torch.dtype | None = None, precompile: bool = True,
                 verify: Sequence[int] = ()) -> ParallelCache:
         """The cache for up to `max_rows` rows of `max_tokens`, allocated now on every rank (the steps run
-        eagerly: there are no graphs to capture; the ranks compile their kernels at first use: `precompile` and
-        `verify`, CudaDecoder.warm_up's, are not used)."""
-        return self.new_cache(max_rows, max_tokens, dtype)
+        eagerly: there are no graphs to capture). On a GPU (`precompile`), rank 0 compiles the kernels of its
+        shard's steps ahead, as CudaDecoder.warm_up does; the ranks of this machine, whose shards have its shapes,
+        find them in Triton's cache there (a rank of another machine compiles its own at first use)."""
+        cache = self.new_cache(max_rows, max_tokens, dtype)
+        if precompile and self.model.device.type == "cuda":
+            from .cuda.decoder import BUCKETS
+            from .cuda.precompile import precompile_decoder
+
+            buckets = [b for b in BUCKETS if b <= cache.local.rows]
+            self.local.precompiled = precompile_decoder(self.local, buckets, max_tokens, cache.local.dtype,
+                                                        verify=verify)
+        return cache
 
     def __call__(self, tokens: Tensor, positions: Tensor | None = None, cache: ParallelCache | None = None,
                  last_only: bool = False, rows: slice | None = None) -> Tensor:

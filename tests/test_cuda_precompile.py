@@ -78,6 +78,31 @@ def test_dry_run_records_the_launches_of_the_real_steps(tmp_path, kind, quant):
     assert all(torch.equal(v, after[k]) and after[k].device.type == "cpu" for k, v in before.items())
 
 
+def test_a_parallel_ranks_dry_run_runs_no_hook(tmp_path):
+    """A tensor-parallel rank's decoder (forward hooks: its all-reduces) records the launches of its real steps,
+    and the hooks never run in the dry run (a collective the other ranks would wait for)."""
+    net, _ = _model(tmp_path, "mixtral_8x2", None)
+    calls = []
+
+    def reduce(_module, _inputs, out):
+        calls.append(out.shape)
+        return out
+
+    for block in net.model.layers:
+        block.attn.register_forward_hook(reduce)
+        block.ffn.register_forward_hook(reduce)
+    fuse_moe(net)
+    dec = CudaDecoder(net)
+    with recorded_launches() as real, torch.inference_mode():
+        cache = dec.new_cache(2, 64)
+        for b in (1, 2):
+            dec._step(torch.zeros(b, 1, dtype=torch.long), torch.full((b, 1), -1), cache, True)
+        dec(torch.randint(3, 256, (1, 20)), torch.arange(20)[None], cache, last_only=True)
+    seen = len(calls)
+    dry = decoder_launches(dec, (1, 2), 64, cache.dtype, prefill=(20,))
+    assert seen == 12 and len(calls) == seen and _keys(dry) == _keys(distinct(real))
+
+
 _LOOKUP = textwrap.dedent(
     """
     import json, os, sys

@@ -193,10 +193,10 @@ class CudaDecoder(nn.Module):
         of those steps, of prefills (levante.cuda.precompile.PREFILL_TOKENS) and of speculative decoding's
         verification calls of `verify` tokens in a pool of processes."""
         cache = self.new_cache(max_rows, max_tokens, dtype)
+        buckets = [b for b in BUCKETS if b <= cache.rows]
+        if precompile and self.model.device.type == "cuda":
+            self.precompiled = precompile_decoder(self, buckets, max_tokens, cache.dtype, verify=verify)
         if self.use_graphs:
-            buckets = [b for b in BUCKETS if b <= cache.rows]
-            if precompile:
-                self.precompiled = precompile_decoder(self, buckets, max_tokens, cache.dtype, verify=verify)
             dev = self.model.device
             for b in buckets:
                 if b not in self._graphs:

@@ -115,9 +115,14 @@ def distinct(records: list[dict]) -> list[dict]:
     return out
 
 
+def _no_op_hook(_module: nn.Module, _inputs, _output) -> None:
+    return None
+
+
 def meta_copy(module: nn.Module) -> nn.Module:
     """A deep copy of `module` whose tensors are on the meta device (same shapes, strides, storage offsets and
-    dtypes, no memory): the model's steps run on it as shape computations."""
+    dtypes, no memory): the model's steps run on it as shape computations. Its modules' forward hooks (a parallel
+    rank's all-reduces: a collective the other ranks would wait for) are there but do nothing."""
 
     def tensor(t: Tensor, memo: dict) -> Tensor:
         n = t.untyped_storage().nbytes() // t.element_size()
@@ -126,10 +131,11 @@ def meta_copy(module: nn.Module) -> nn.Module:
     def parameter(p: nn.Parameter, memo: dict) -> nn.Parameter:
         return nn.Parameter(tensor(p, memo), requires_grad=False)
 
+    memo = {id(hook): _no_op_hook for m in module.modules() for hook in m._forward_hooks.values()}
     saved = torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__
     torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__ = tensor, parameter
     try:
-        return copy.deepcopy(module)
+        return copy.deepcopy(module, memo)
     finally:
         torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__ = saved
 

@@ -38,6 +38,9 @@ log = logging.getLogger("levante.cuda")
 # dot_launch) and of attention's query tiles, and 512 (the serving engine's prefill chunk); other lengths may meet a
 # variant of their own (Triton specializes integers divisible by 16) and compile it at first use
 PREFILL_TOKENS = (12, 20, 60, 100, 512)
+# the class attributes recorded_launches and meta_copy replace for a while: one thread at a time; the replacements
+# act for that thread only
+_PATCHING = threading.RLock()
 
 
 def launch_spec(v):
@@ -78,7 +81,6 @@ def recorded_launches(run: bool = True) -> Iterator[list[dict]]:
         pass
     records: list[dict] = []
     originals = {cls: cls.__dict__["run"] for cls in classes}
-
     owner = threading.get_ident()
 
     def spying(original):
@@ -95,13 +97,14 @@ def recorded_launches(run: bool = True) -> Iterator[list[dict]]:
 
         return spy
 
-    for cls, original in originals.items():
-        cls.run = spying(original)
-    try:
-        yield records
-    finally:
+    with _PATCHING:
         for cls, original in originals.items():
-            cls.run = original
+            cls.run = spying(original)
+        try:
+            yield records
+        finally:
+            for cls, original in originals.items():
+                cls.run = original
 
 
 def distinct(records: list[dict]) -> list[dict]:
@@ -124,20 +127,27 @@ def meta_copy(module: nn.Module) -> nn.Module:
     dtypes, no memory): the model's steps run on it as shape computations. Its modules' forward hooks (a parallel
     rank's all-reduces: a collective the other ranks would wait for) are there but do nothing."""
 
+    saved = torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__
+    owner = threading.get_ident()
+
     def tensor(t: Tensor, memo: dict) -> Tensor:
+        if threading.get_ident() != owner:  # another thread's deep copy: as usual
+            return saved[0](t, memo)
         n = t.untyped_storage().nbytes() // t.element_size()
         return torch.empty(n, dtype=t.dtype, device="meta").as_strided(t.shape, t.stride(), t.storage_offset())
 
     def parameter(p: nn.Parameter, memo: dict) -> nn.Parameter:
+        if threading.get_ident() != owner:
+            return saved[1](p, memo)
         return nn.Parameter(tensor(p, memo), requires_grad=False)
 
     memo = {id(hook): _no_op_hook for m in module.modules() for hook in m._forward_hooks.values()}
-    saved = torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__
-    torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__ = tensor, parameter
-    try:
-        return copy.deepcopy(module, memo)
-    finally:
-        torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__ = saved
+    with _PATCHING:
+        torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__ = tensor, parameter
+        try:
+            return copy.deepcopy(module, memo)
+        finally:
+            torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__ = saved
 
 
 def dry_steps(decoder, buckets: Sequence[int], max_tokens: int, dtype: torch.dtype, slack: int = 0,

@@ -24,9 +24,11 @@ H200 = (["cuda", 90, 32], 232448)
 
 
 def _model(tmp_path: Path, kind: str, quant: str | None):
-    """A bf16 model (packed weights of a GGUF `quant`) whose tensors own their memory, as on a GPU: on CPU some are
-    views of the memory-mapped file, at offsets that are not 16-byte aligned."""
-    src = save_hf(hf_model(kind, vocab_size=256, hidden_size=128, intermediate_size=128), tmp_path / "m")
+    """A bf16 model (packed weights of a GGUF `quant`; rows of 256 values for the K-quants' super-blocks) whose
+    tensors own their memory, as on a GPU: on CPU some are views of the memory-mapped file, at offsets that are not
+    16-byte aligned."""
+    d = 256 if quant == "Q4_K_M" else 128
+    src = save_hf(hf_model(kind, vocab_size=256, hidden_size=d, intermediate_size=d), tmp_path / "m")
     path = src
     if quant is not None:
         from levante.tools.quantize import quantize_model

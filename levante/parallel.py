@@ -390,13 +390,7 @@ class ParallelDecoder:
         shard's steps ahead, as CudaDecoder.warm_up does; the ranks of this machine, whose shards have its shapes,
         find them in Triton's cache there (a rank of another machine compiles its own at first use)."""
         cache = self.new_cache(max_rows, max_tokens, dtype)
-        if precompile and self.model.device.type == "cuda":
-            from .cuda.decoder import BUCKETS
-            from .cuda.precompile import precompile_decoder
-
-            buckets = [b for b in BUCKETS if b <= cache.local.rows]
-            self.local.precompiled = precompile_decoder(self.local, buckets, max_tokens, cache.local.dtype,
-                                                        verify=verify)
+        self.local.warm_up(max_rows, max_tokens, dtype, precompile, verify)  # keeps the cache just made
         return cache
 
     def __call__(self, tokens: Tensor, positions: Tensor | None = None, cache: ParallelCache | None = None,

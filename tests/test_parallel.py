@@ -89,6 +89,7 @@ def test_gpu_decoder_on_every_rank(tmp_path_factory, ep):
         eng = Engine(par.model.decoder(), tok, n_ctx=64, max_batch=2).start()
         try:
             assert isinstance(eng.cache.local, StaticCache)
+            assert eng.cache.local is eng.model.local._cache  # rank 0's warm-up kept the cache it was given
             reqs = [eng.submit(p, 6, greedy, stop_ids=set()) for p in prompts]  # the third waits for a row
             assert [[ev.token for ev in r] for r in reqs] == want
             again = eng.submit(prompts[0], 6, greedy, stop_ids=set())

@@ -11,8 +11,6 @@ device, where it launches what the small workloads do not compile the same way."
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from triton_aot import H200, compile_records, recording
@@ -148,17 +146,6 @@ MIXTRAL_8X7B = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", 
 Q4_K_M = dict(wq="Q4_K", wk="Q4_K", wv="Q6_K", wo="Q4_K", w1="Q4_K", w3="Q4_K", w2="Q6_K", lm_head="Q6_K")
 
 
-def _compile_key(r: dict) -> str:
-    """What Triton compiles a launch by: integers only by being 1, a multiple of 16, or 64-bit."""
-
-    def spec(a):
-        if isinstance(a, int) and not isinstance(a, bool):
-            return ["int", a == 1, a % 16 == 0, abs(a) >= 2**31]
-        return a
-
-    return json.dumps([r["module"], r["kernel"], [spec(a) for a in r["args"]], r["kwargs"]], sort_keys=True)
-
-
 def _full_size_launches(known: list[dict]) -> list[dict]:
     """A Q4_K_M Mixtral-8x7B's launches at its real sizes (one layer; the head Q6_K, the router bf16): the decode
     steps of buckets 1-8 and the prefills a GPU decoder's warm-up compiles, recorded by levante.cuda.precompile's
@@ -166,7 +153,7 @@ def _full_size_launches(known: list[dict]) -> list[dict]:
     from levante.config import ModelConfig, expected_shapes
     from levante.cuda import CudaDecoder, fuse_moe
     from levante.cuda.packed import random_packed
-    from levante.cuda.precompile import decoder_launches
+    from levante.cuda.precompile import compile_key, decoder_launches
     from levante.model import build_model
     from levante.quant.base import DenseWeight
 
@@ -179,9 +166,9 @@ def _full_size_launches(known: list[dict]) -> list[dict]:
             if isinstance(child, DenseWeight) and name in Q4_K_M:
                 setattr(parent, name, random_packed(child.out_features, child.in_features, Q4_K_M[name], meta))
     fuse_moe(net)
-    seen = {_compile_key(r) for r in known}
+    seen = {compile_key(r) for r in known}
     return [r for r in decoder_launches(CudaDecoder(net), (1, 2, 4, 8), 4096, torch.bfloat16)
-            if _compile_key(r) not in seen]
+            if compile_key(r) not in seen]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,14 @@ from fixtures import hf_model, save_hf
 
 from levante.cuda import CudaDecoder, fuse_moe, pack_weights
 from levante.cuda.decoder import BUCKETS
-from levante.cuda.precompile import compile_launches, decoder_launches, distinct, meta_copy, recorded_launches
+from levante.cuda.precompile import (
+    compile_key,
+    compile_launches,
+    decoder_launches,
+    distinct,
+    meta_copy,
+    recorded_launches,
+)
 from levante.loader import load
 
 H200 = (["cuda", 90, 32], 232448)
@@ -151,7 +158,8 @@ def test_precompiled_kernels_are_the_ones_launches_look_up(tmp_path, monkeypatch
     monkeypatch.setenv("TRITON_CACHE_DIR", str(cache_dir))
     monkeypatch.setattr(precompile, "device_target", lambda device: H200)  # the decoder's device: an H200
     report = precompile.precompile_decoder(dec, (1, 2), 64, torch.bfloat16, prefill=(20,), workers=2)
-    assert report["errors"] == [] and report["kernels"] == len(records) and report["workers"] == 2
+    kernels = {compile_key(r) for r in records}  # records that differ only in what Triton ignores: one kernel
+    assert report["errors"] == [] and report["kernels"] == len(kernels) < len(records) and report["workers"] == 2
     assert len(os.listdir(cache_dir)) > 5
     assert compile_launches(records, *H200)["kernels"] == 0  # this process had them compiled: nothing to do
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

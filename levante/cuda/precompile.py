@@ -3,8 +3,9 @@
 Triton compiles a kernel the first time it is launched with new constexprs, argument dtypes or alignments, in the
 launching thread, one after another. A GPU decoder's warm-up meets dozens of them (a decode step per batch bucket:
 GEMVs of 1 to 8 rows per weight format, the fused small ops, attention; prefills: the tiled kernels): a
-Mixtral-8x7B-shaped Q4_K_M model's batch-1 step and prefills launch 55 distinct ones, which Triton 3.6 compiles for
-sm_90 in 13 s one after another on a 2-core machine (8.6 s in 2 processes); a serving engine's buckets up to 32: 95.
+Mixtral-8x7B-shaped Q4_K_M model's batch-1 step and prefills launch 44 distinct ones, which Triton 3.6 compiles for
+sm_90 in 13.4 s one after another on a 2-core machine (8.0 s in 2 processes); a serving engine's buckets up to 32:
+72; the GPU benchmark's five weight formats, buckets up to 32: 172, 54.2 s one after another, 28.0 s in 2.
 `precompile_decoder` runs those steps on a copy of the model on the meta device (shapes, no values), with every
 Triton launch recorded instead of run (`recorded_launches`), and compiles the distinct launches in a pool of
 processes (`compile_launches`, in a subprocess: `main`) into Triton's on-disk cache, where the real launches find
@@ -35,9 +36,10 @@ from torch import Tensor, nn
 log = logging.getLogger("levante.cuda")
 
 # prompt lengths whose prefill is compiled ahead: one per tier of the tiled kernels' tiles (levante.cuda.triton_matmul
-# dot_launch) and of attention's query tiles, and 512 (the serving engine's prefill chunk); other lengths may meet a
-# variant of their own (Triton specializes integers divisible by 16) and compile it at first use
-PREFILL_TOKENS = (12, 20, 60, 100, 512)
+# dot_launch) and of attention's query tiles, each not a multiple of 8 (Triton specializes integers divisible by 16:
+# the tokens, and the experts' pairs, twice as many), as 7 in 8 prompts are, and 512 (the serving engine's prefill
+# chunk); other lengths' prefills may meet kernels of their own and compile them at first use
+PREFILL_TOKENS = (12, 20, 60, 100, 300, 512)
 # the class attributes recorded_launches and meta_copy replace for a while: one thread at a time; the replacements
 # act for that thread only
 _PATCHING = threading.RLock()
@@ -116,6 +118,19 @@ def distinct(records: list[dict]) -> list[dict]:
             seen.add(key)
             out.append(r)
     return out
+
+
+def compile_key(r: dict) -> str:
+    """A record without what Triton does not compile by: an integer's value beyond being 1, a multiple of 16, or
+    too wide for 32 bits (two records of one key are one kernel; where this errs, a kernel is compiled twice, or
+    at its first launch)."""
+
+    def spec(a):
+        if isinstance(a, int) and not isinstance(a, bool):
+            return ["int", a == 1, a % 16 == 0, not -(2**31) <= a < 2**31]
+        return a
+
+    return json.dumps([r["module"], r["kernel"], [spec(a) for a in r["args"]], r["kwargs"]], sort_keys=True)
 
 
 def _no_op_hook(_module: nn.Module, _inputs, _output) -> None:
@@ -248,8 +263,8 @@ def compile_launches(records: list[dict], target: list, max_shared: int, workers
     subprocess and its pool are killed and TimeoutError raised. Returns {"kernels" (compiled now), "workers",
     "seconds", "errors"}."""
     cache = os.environ.get("TRITON_CACHE_DIR", "")
-    keys = [json.dumps([cache, target, max_shared, r], sort_keys=True) for r in records]
-    todo = [r for r, key in zip(records, keys, strict=True) if key not in _COMPILED]
+    by_key = {json.dumps([cache, target, max_shared, compile_key(r)]): r for r in records}
+    todo = [r for key, r in by_key.items() if key not in _COMPILED]
     workers = max(1, min(workers or min(os.cpu_count() or 1, MAX_WORKERS), len(todo)))
     if timeout is None:
         timeout = 60 + 10 * -(-len(todo) // workers)
@@ -276,7 +291,7 @@ def compile_launches(records: list[dict], target: list, max_shared: int, workers
             if proc.returncode:
                 raise RuntimeError(f"the compile processes failed: {stderr[-2000:]}")
             errors = json.loads(dst.read_text())
-        _COMPILED.update(keys)
+        _COMPILED.update(by_key)
     return {"kernels": len(todo), "workers": workers, "seconds": time.perf_counter() - t0, "errors": errors}
 
 

@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from levante import LLM  # noqa: E402
 from levante.cuda import CudaDecoder, fuse_moe  # noqa: E402
-from levante.cuda.packed import random_packed  # noqa: E402
-from levante.cuda.precompile import compile_launches, device_target, distinct, recorded_launches  # noqa: E402
+from levante.cuda.packed import quantize_randomly, random_packed  # noqa: E402
+from levante.cuda.precompile import compile_launches, device_target, recorded_launches  # noqa: E402
 from levante.loader import LoadedModel, load  # noqa: E402
 from levante.quant.base import DenseWeight  # noqa: E402
 from levante.sampling import SamplingParams  # noqa: E402
@@ -80,14 +80,6 @@ def copy_rate(dev: torch.device, nbytes: int) -> float:
         b.copy_(a)
     sync(dev)
     return 2 * nbytes * 10 / (time.perf_counter() - t)
-
-
-def quantize_randomly(net: torch.nn.Module, scheme: dict[str, str], dev: torch.device) -> None:
-    """Every float weight whose role `scheme` names becomes a random packed weight of that format, on `dev`."""
-    for parent in list(net.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, DenseWeight) and name in scheme:
-                setattr(parent, name, random_packed(child.out_features, child.in_features, scheme[name], dev))
 
 
 def factor_randomly(net: torch.nn.Module, keep: float, dev: torch.device) -> None:
@@ -403,7 +395,7 @@ def kernel_sweep(dev: torch.device, spec: dict, rate: float, lines: list[str]) -
         with recorded_launches(run=False) as records:
             for *_, fn in todo:
                 fn()
-        done = compile_launches(distinct(records), *device_target(dev))
+        done = compile_launches(records, *device_target(dev))  # one per kernel
         print(f"kernel sweep: {done['kernels']} kernels compiled in {done['seconds']:.1f} s", flush=True)
     for i, head, nbytes, fn in todo:
         t = per_call(fn, dev, reps)

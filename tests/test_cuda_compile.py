@@ -152,19 +152,15 @@ def _full_size_launches(known: list[dict]) -> list[dict]:
     dry run on the meta device (nothing runs); those Triton would compile as one of `known` left out."""
     from levante.config import ModelConfig, expected_shapes
     from levante.cuda import CudaDecoder, fuse_moe
-    from levante.cuda.packed import random_packed
+    from levante.cuda.packed import quantize_randomly
     from levante.cuda.precompile import compile_key, decoder_launches
     from levante.model import build_model
-    from levante.quant.base import DenseWeight
 
     cfg = ModelConfig.from_hf_dict(MIXTRAL_8X7B)
     meta = torch.device("meta")
     net = build_model(cfg, {n: torch.empty(s, dtype=torch.bfloat16, device=meta)
                             for n, s in expected_shapes(cfg).items()}, dtype=torch.bfloat16)
-    for parent in list(net.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, DenseWeight) and name in Q4_K_M:
-                setattr(parent, name, random_packed(child.out_features, child.in_features, Q4_K_M[name], meta))
+    quantize_randomly(net, Q4_K_M, meta)
     fuse_moe(net)
     seen = {compile_key(r) for r in known}
     return [r for r in decoder_launches(CudaDecoder(net), (1, 2, 4, 8), 4096, torch.bfloat16)

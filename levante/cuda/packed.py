@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..quant.base import QuantWeight, tiled_linear
+from ..quant.base import DenseWeight, QuantWeight, tiled_linear
 from ..quant.ggml import GGML_TYPES, _bits, _f16, _k_scale_min, _nibbles, _q5_values
 
 # qtype -> (code bits, OFF, G, SG, sub-scales, min)
@@ -228,12 +228,12 @@ class _Gathered(PackedWeight):
             self.register_buffer(name, t[ids] if t.numel() else t, persistent=False)
 
 
-def random_packed(n: int, k: int, qtype: str, device: torch.device | str, seed: int | None = None) -> PackedWeight:
-    """An [n, k] weight of `qtype`'s packed layout (a GGUF type, "AWQ4" or "INT8") with random codes and scales,
-    made on `device` (meta: shapes only): a kernel's speed does not depend on the values (the GPU benchmark's
-    quantized models; the compile check's full-size dry runs); `seed` default: one of n and k."""
+def random_packed(n: int, k: int, qtype: str, device: torch.device | str) -> PackedWeight:
+    """An [n, k] weight of `qtype`'s packed layout (a GGUF type, "AWQ4" or "INT8") with random codes and scales
+    (seeded by n and k), made on `device` (meta: shapes only): a kernel's speed does not depend on the values (the
+    GPU benchmark's quantized models; the compile check's full-size dry runs)."""
     dev = torch.device(device)
-    g = None if dev.type == "meta" else torch.Generator(device=dev).manual_seed(n * 7 + k if seed is None else seed)
+    g = None if dev.type == "meta" else torch.Generator(device=dev).manual_seed(n * 7 + k)
 
     def ints(lo: int, hi: int, shape, dtype=torch.uint8):
         return torch.randint(lo, hi, shape, generator=g, device=dev, dtype=torch.int16).to(dtype)
@@ -253,6 +253,15 @@ def random_packed(n: int, k: int, qtype: str, device: torch.device | str, seed: 
     min_sc = ints(0, 64, (n, k // gs)) if has_min and has_sc else None
     parts = _Parts(ints(0, 2**code_bits, (n, k)), scales((n, k // sg)), sc, mins, min_sc)
     return PackedWeight(parts, qtype, bits, off, gs, sg, n, k)
+
+
+def quantize_randomly(net: nn.Module, scheme: dict[str, str], device: torch.device | str) -> None:
+    """Every float weight of `net` whose role (its attribute name: wq, w1, lm_head, ...) `scheme` names becomes a
+    `random_packed` weight of that format, on `device`."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, DenseWeight) and name in scheme:
+                setattr(parent, name, random_packed(child.out_features, child.in_features, scheme[name], device))
 
 
 def _interpreting() -> bool:

@@ -154,3 +154,30 @@ def _hf_experts(sd: dict, p: str, n_exp: int) -> dict:
             res[e] = {w: sd[p + f"block_sparse_moe.experts.{e}.{w}.weight"] for w in ("w1", "w2", "w3")}
         res["gate"] = sd[p + "block_sparse_moe.gate.weight"]
     return res
+
+
+# Mixtral-8x7B's shapes, one layer (what a GPU decoder launches does not depend on the layer count)
+MIXTRAL_8X7B = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, hidden_size=4096,
+                    intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8,
+                    num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768, rope_theta=1e6,
+                    rms_norm_eps=1e-5)
+# the weight types of a Q4_K_M GGUF of it (the router stays bf16)
+Q4_K_M = dict(wq="Q4_K", wk="Q4_K", wv="Q6_K", wo="Q4_K", w1="Q4_K", w3="Q4_K", w2="Q6_K", lm_head="Q6_K")
+
+
+def mixtral_8x7b_layer(scheme: dict | None = None):
+    """A one-layer Mixtral-8x7B on the meta device (shapes, no memory), bf16 or with random packed weights of
+    `scheme` ({weight name: GGUF type}), its experts fused: for levante.cuda.precompile's dry runs at real sizes."""
+    from levante.config import ModelConfig, expected_shapes
+    from levante.cuda import fuse_moe
+    from levante.cuda.packed import quantize_randomly
+    from levante.model import build_model
+
+    cfg = ModelConfig.from_hf_dict(MIXTRAL_8X7B)
+    meta = torch.device("meta")
+    net = build_model(cfg, {n: torch.empty(s, dtype=torch.bfloat16, device=meta)
+                            for n, s in expected_shapes(cfg).items()}, dtype=torch.bfloat16)
+    if scheme is not None:
+        quantize_randomly(net, scheme, meta)
+    fuse_moe(net)
+    return net.eval()

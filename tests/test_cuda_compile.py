@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import Q4_K_M, mixtral_8x7b_layer
 from triton_aot import H200, compile_records, recording
 
 from levante.cuda.triton_matmul import Launch
@@ -139,31 +140,15 @@ def _packed_launches() -> list[dict]:
     return records
 
 
-MIXTRAL_8X7B = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, hidden_size=4096,
-                    intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8,
-                    num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768, rope_theta=1e6,
-                    rms_norm_eps=1e-5)
-Q4_K_M = dict(wq="Q4_K", wk="Q4_K", wv="Q6_K", wo="Q4_K", w1="Q4_K", w3="Q4_K", w2="Q6_K", lm_head="Q6_K")
-
-
 def _full_size_launches(known: list[dict]) -> list[dict]:
     """A Q4_K_M Mixtral-8x7B's launches at its real sizes (one layer; the head Q6_K, the router bf16): the decode
     steps of buckets 1-8 and the prefills a GPU decoder's warm-up compiles, recorded by levante.cuda.precompile's
     dry run on the meta device (nothing runs); those Triton would compile as one of `known` left out."""
-    from levante.config import ModelConfig, expected_shapes
-    from levante.cuda import CudaDecoder, fuse_moe
-    from levante.cuda.packed import quantize_randomly
+    from levante.cuda import CudaDecoder
     from levante.cuda.precompile import compile_key, decoder_launches
-    from levante.model import build_model
 
-    cfg = ModelConfig.from_hf_dict(MIXTRAL_8X7B)
-    meta = torch.device("meta")
-    net = build_model(cfg, {n: torch.empty(s, dtype=torch.bfloat16, device=meta)
-                            for n, s in expected_shapes(cfg).items()}, dtype=torch.bfloat16)
-    quantize_randomly(net, Q4_K_M, meta)
-    fuse_moe(net)
     seen = {compile_key(r) for r in known}
-    return [r for r in decoder_launches(CudaDecoder(net), (1, 2, 4, 8), 4096, torch.bfloat16)
+    return [r for r in decoder_launches(CudaDecoder(mixtral_8x7b_layer(Q4_K_M)), (1, 2, 4, 8), 4096, torch.bfloat16)
             if compile_key(r) not in seen]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import hf_model, save_hf
+from fixtures import Q4_K_M, hf_model, mixtral_8x7b_layer, save_hf
 
 from levante.cuda import CudaDecoder, fuse_moe, pack_weights
 from levante.cuda.decoder import BUCKETS
@@ -63,6 +63,25 @@ def test_meta_copy_keeps_shapes_and_the_model():
             assert c.stride() == t.stride() and c.storage_offset() == t.storage_offset()
     assert net.weight.device.type == "cpu" and view.tail.data_ptr() == base.data_ptr() + 12
     assert isinstance(meta_copy(net).weight, torch.nn.Parameter)
+
+
+# every tier of the kernels' tiles lies below 140 tokens; past it, a sample up to the 512-token chunk
+LENGTHS = [*range(1, 140), 200, 255, 256, 257, 300, 511, 512]
+AWQ = dict.fromkeys(("wq", "wk", "wv", "wo", "w1", "w3", "w2"), "AWQ4")
+
+
+@pytest.mark.parametrize("scheme", [None, Q4_K_M, AWQ], ids=["bf16", "Q4_K_M", "AWQ"])
+def test_every_prompt_length_finds_its_kernels_compiled(scheme):
+    """A one-row prefill of any length up to a chunk, in a context of 4096 tokens or of 40, launches only kernels
+    the warm-up's dry run (its PREFILL_TOKENS) has compiled: a Mixtral-8x7B layer at its real sizes (what the tiles
+    and GEMVs choose depends on them)."""
+    dec = CudaDecoder(mixtral_8x7b_layer(scheme))
+    for n_ctx in (4096, 40):
+        warm = {compile_key(r) for r in decoder_launches(dec, [1], n_ctx, torch.bfloat16)}
+        for length in (t for t in LENGTHS if t <= n_ctx):
+            launched = decoder_launches(dec, [1], n_ctx, torch.bfloat16, prefill=(length,))
+            missing = sorted({r["kernel"] for r in launched if compile_key(r) not in warm})
+            assert not missing, f"a prompt of {length} tokens (n_ctx {n_ctx}) compiles {missing} at first use"
 
 
 @pytest.mark.parametrize(("kind", "quant"), [("mixtral_8x2", None), ("mixtral_8x2", "Q4_K_M"),

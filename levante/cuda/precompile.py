@@ -35,11 +35,14 @@ from torch import Tensor, nn
 
 log = logging.getLogger("levante.cuda")
 
-# prompt lengths whose prefill is compiled ahead: one per tier of the tiled kernels' tiles (levante.cuda.triton_matmul
-# dot_launch) and of attention's query tiles, each not a multiple of 8 (Triton specializes integers divisible by 16:
-# the tokens, and the experts' pairs, twice as many), as 7 in 8 prompts are, and 512 (the serving engine's prefill
-# chunk); other lengths' prefills may meet kernels of their own and compile them at first use
-PREFILL_TOKENS = (12, 20, 60, 100, 300, 512)
+# one-row prefills whose kernels are compiled ahead: the first length of each tier, so that together they launch
+# every kernel a prompt of up to 512 tokens (a chunk: longer prompts are prefilled 512 at a time) will, also where
+# the context is shorter than a later tier: GEMVs of 2, 3-4 and 5-8 rows, the tiled kernels' row tiers (levante.cuda.
+# triton_matmul dot_launch: 9, 17, 33, 97, 129) and attention's 16- and 64-query tiles, for a count of queries that
+# is a multiple of 16 (16, 32) and one that is not (Triton specializes such integers; the tiled GEMMs' rows and the
+# experts' pairs are marked do_not_specialize instead: their sm_90 code is the same either way). Checked for every
+# length by tests/test_cuda_precompile.py.
+PREFILL_TOKENS = (2, 3, 5, 9, 16, 17, 32, 33, 97, 129)
 # the class attributes recorded_launches and meta_copy replace for a while: one thread at a time; the replacements
 # act for that thread only
 _PATCHING = threading.RLock()
@@ -93,8 +96,11 @@ def recorded_launches(run: bool = True) -> Iterator[list[dict]]:
             if "IEEE" in kwargs:
                 first = next(a for a in args if isinstance(a, Tensor))
                 rec_kwargs["IEEE"] = use_ieee(first.dtype, interpreted=False)
-            records.append({"module": self.fn.__module__, "kernel": self.fn.__name__,
-                            "args": [launch_spec(a) for a in args], "kwargs": rec_kwargs})
+            rec = {"module": self.fn.__module__, "kernel": self.fn.__name__,
+                   "args": [launch_spec(a) for a in args], "kwargs": rec_kwargs}
+            if unspecialized := _unspecialized(self):
+                rec["unspecialized"] = unspecialized
+            records.append(rec)
             return original(self, *args, grid=grid, warmup=warmup, **kwargs) if run else None
 
         return spy
@@ -109,6 +115,15 @@ def recorded_launches(run: bool = True) -> Iterator[list[dict]]:
                 cls.run = original
 
 
+def _unspecialized(kernel) -> list[int]:
+    """The positions of a kernel's arguments marked do_not_specialize (a JITFunction keeps the list, the
+    interpreter's InterpretedFunction the decorator's keywords)."""
+    marked = getattr(kernel, "do_not_specialize", None)
+    if marked is None:
+        marked = getattr(kernel, "kwargs", {}).get("do_not_specialize") or []
+    return [i for i, name in enumerate(kernel.arg_names) if i in marked or name in marked]
+
+
 def distinct(records: list[dict]) -> list[dict]:
     """The records without repeats, in their order."""
     seen, out = set(), []
@@ -121,16 +136,19 @@ def distinct(records: list[dict]) -> list[dict]:
 
 
 def compile_key(r: dict) -> str:
-    """A record without what Triton does not compile by: an integer's value beyond being 1, a multiple of 16, or
-    too wide for 32 bits (two records of one key are one kernel; where this errs, a kernel is compiled twice, or
-    at its first launch)."""
+    """A record without what Triton does not compile by: an integer's value beyond being 1, a multiple of 16
+    (neither for an argument marked do_not_specialize), or too wide for 32 bits (two records of one key are one
+    kernel; where this errs, a kernel is compiled twice, or at its first launch)."""
+    unspecialized = set(r.get("unspecialized", ()))
 
-    def spec(a):
+    def spec(i, a):
         if isinstance(a, int) and not isinstance(a, bool):
-            return ["int", a == 1, a % 16 == 0, not -(2**31) <= a < 2**31]
+            wide = not -(2**31) <= a < 2**31
+            return ["int", wide] if i in unspecialized else ["int", a == 1, a % 16 == 0, wide]
         return a
 
-    return json.dumps([r["module"], r["kernel"], [spec(a) for a in r["args"]], r["kwargs"]], sort_keys=True)
+    args = [spec(i, a) for i, a in enumerate(r["args"])]
+    return json.dumps([r["module"], r["kernel"], args, r["kwargs"]], sort_keys=True)
 
 
 def _no_op_hook(_module: nn.Module, _inputs, _output) -> None:

@@ -641,7 +641,8 @@ def use_ieee(dtype: torch.dtype, interpreted: bool | None = None) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreted)
 
 
-@triton.jit
+# M (the tokens) unspecialized: one kernel for every prompt length; sm_90 code is the same for M % 16 == 0
+@triton.jit(do_not_specialize=["M"])
 def _packed_matmul_kernel(
     x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base,
     M, N, K, stride_xm, stride_ym,

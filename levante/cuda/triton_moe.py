@@ -34,7 +34,8 @@ from .triton_matmul import (
 )
 
 
-@triton.jit
+# n_pairs unspecialized: one kernel for every prompt length (sm_90 code is the same for n_pairs % 16 == 0)
+@triton.jit(do_not_specialize=["n_pairs"])
 def _moe_kernel(
     a_ptr, c_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, topw_ptr,
     w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base,
@@ -70,7 +71,7 @@ def _moe_kernel(
     tl.store(c_ptr + pairs[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=c_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs"])
 def _moe_gemv_kernel(
     a_ptr, c_ptr, expert_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, topw_ptr,
     w_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, dm_ptr, mc_ptr, base,

@@ -16,10 +16,10 @@ from .chat import apply_chat, chat_plan
 from .errors import ContextLengthError
 from .generate import TokenEvent, generate_stream
 from .grammar import Grammar, GrammarCompiler, compiler_for, grammar_of
-from .loader import LoadedModel, load
+from .loader import LoadedModel, eager_attention, load
 from .model import CausalLM, check_token_ids
 from .sampling import SamplingParams
-from .speculative import MAX_TOKENS, SpecConfig
+from .speculative import MAX_TOKENS, SpecConfig, cache_size
 from .toolcalls import ChatOutput
 
 DEFAULT_N_CTX = 4096
@@ -121,10 +121,14 @@ class LLM:
         self.seed = seed
         self.model_name = model_alias or self.loaded.path.name
         self.verbose = verbose
-        self.spec = self._spec_config(speculative, draft_model, num_speculative_tokens, ngram, dtype, device)
-        if self._decoder is not None:  # single-prompt generation's cache and graph, made now rather than on first use
+        self.spec = self._spec_config(speculative, draft_model, num_speculative_tokens, ngram, dtype, device,
+                                      cache_type)
+        if self._decoder is not None:
+            # single-prompt generation's cache and graph, made now rather than on first use; sized for speculative
+            # decoding too (this LLM's, or as another's draft), whose one-row caches then fit it as they are
             verify = range(2, self.spec.k + 2) if self.spec is not None else ()  # the speculative steps' lengths
-            self._decoder.warm_up(1, self.n_ctx, self.kv_dtype, verify=verify)
+            max_tokens, slack = cache_size(self.n_ctx)
+            self._decoder.warm_up(1, max_tokens, self.kv_dtype, verify=verify, slack=slack)
 
     @property
     def generation_model(self):
@@ -136,7 +140,7 @@ class LLM:
         cache apart from this LLM's; the engine warms it up for its batch), else the model itself."""
         return self.model if self._decoder is None else gpu_decoder(self.model)
 
-    def _spec_config(self, method, draft, k, ngram, dtype, device) -> SpecConfig | None:
+    def _spec_config(self, method, draft, k, ngram, dtype, device, cache_type) -> SpecConfig | None:
         if draft is not None:
             method = method or "draft"
         if method is None:
@@ -153,11 +157,11 @@ class LLM:
         if draft is None:
             raise ValueError("speculative='draft' needs draft_model")
         d = draft if isinstance(draft, LLM) else LLM(draft, n_ctx=self.n_ctx, n_threads=self.n_threads, dtype=dtype,
-                                                    device=device)
+                                                    device=device, cache_type=cache_type)
         if d.config.vocab_size != self.config.vocab_size or d.tokenizer.pieces[:1000] != self.tokenizer.pieces[:1000]:
             raise ValueError(f"the draft model {d.model_name} does not share the target's vocabulary "
                              f"({d.config.vocab_size} vs {self.config.vocab_size} tokens)")
-        return SpecConfig("draft", k, ngram, d.model)
+        return SpecConfig("draft", k, ngram, d.generation_model)  # on a GPU its decoder: static cache, graphs
 
     def close(self) -> None:
         """Stop a parallel model's worker processes (also done when the LLM is collected, and at exit)."""
@@ -218,7 +222,7 @@ class LLM:
         check_token_ids(t, self.config.vocab_size)
         device = self.model.model.device
         out = []
-        with torch.inference_mode(), self.using_threads():
+        with torch.inference_mode(), self.using_threads(), eager_attention(device):
             cache = self.model.new_cache(1, t.numel(), self.kv_dtype)
             for s in range(0, t.numel(), self.n_batch):
                 out.append(self.model(t[None, s : s + self.n_batch].to(device), cache=cache)[0].cpu())
@@ -257,7 +261,7 @@ class LLM:
         vecs: list[torch.Tensor | None] = [None] * len(ids)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
         device = self.model.model.device
-        with torch.inference_mode(), self.using_threads():
+        with torch.inference_mode(), self.using_threads(), eager_attention(device):
             for s in range(0, len(order), max(1, batch_size)):
                 rows = order[s : s + batch_size]
                 L = max(len(ids[i]) for i in rows)

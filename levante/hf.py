@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .loader import LoadedModel, load, resolve_path
+from .loader import LoadedModel, eager_attention, load, resolve_path
 from .model import CausalLM, check_token_ids
 from .quant.base import DenseWeight, QuantWeight
 
@@ -522,7 +522,7 @@ class HFModel(nn.Module):
         ids, mask = self._inputs(input_ids, attention_mask)
         dev = self.device
         pos = None if mask is None or bool(mask.all()) else _positions(mask).to(dev)
-        with torch.inference_mode():
+        with torch.inference_mode(), eager_attention(dev):
             logits = self.net(ids.to(dev), pos)
         return SimpleNamespace(logits=logits.float())
 

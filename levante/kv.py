@@ -16,6 +16,9 @@ class RowCache:
     lengths: list[int]
     rolling: bool
     window: int | None
+    # the tag of whoever filled it last, for users that take turns at one cache (a GPU decoder has one: the
+    # speculative drafts of a server's requests)
+    owner: object = None
 
     @property
     def write_limit(self) -> int:

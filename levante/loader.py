@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,17 @@ def load(
         net.to(dev)
     tok = _tokenizer_for(path, ckpt)
     return LoadedModel(net, ckpt.config, tok, path, ckpt.format, torch_dtype, ckpt.info)
+
+
+def eager_attention(device: torch.device) -> AbstractContextManager:
+    """The context to run a model's own modules in (not levante.cuda's decoder: embeddings, logits of every
+    position, a transformers-style forward, a parallel rank's steps): on a GPU, SDPA without its cuDNN backend,
+    which builds a plan for every new key length (levante.cuda.planless_attention); nothing elsewhere."""
+    if device.type != "cuda":
+        return nullcontext()
+    from .cuda import planless_attention
+
+    return planless_attention()
 
 
 def _convert_with_progress(weights: dict, dtype: torch.dtype, name: str) -> dict:

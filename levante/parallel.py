@@ -37,7 +37,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .errors import LevanteError, WorkerError
-from .loader import LoadedModel, load, resolve_device, resolve_dtype
+from .loader import LoadedModel, eager_attention, load, resolve_device, resolve_dtype
 from .model import KVCache
 from .shard import Shard
 
@@ -115,7 +115,7 @@ def serve_rank(group: Group, net: torch.nn.Module) -> None:
     decoders: dict[int, torch.nn.Module] = {}
     header = torch.zeros(_HEADER, dtype=torch.long, device=group.device)
     body = net.model
-    with torch.inference_mode(), _eager_attention(group.device):
+    with torch.inference_mode(), eager_attention(group.device):
         while True:
             group.broadcast(header)
             op, a, b, c, d, e, f, g = header.tolist()
@@ -152,16 +152,6 @@ def _rank_decoder(net: torch.nn.Module) -> torch.nn.Module:
 
     to_device(net, net.model.device)
     return CudaDecoder(net)
-
-
-def _eager_attention(device: torch.device) -> AbstractContextManager:
-    """On a GPU, SDPA without cuDNN's plan per key length (levante.cuda.planless_attention): the ranks run the
-    model's modules eagerly."""
-    if device.type != "cuda":
-        return nullcontext()
-    from .cuda import planless_attention
-
-    return planless_attention()
 
 
 def _cache_op(group: Group, cache: KVCache, method: int, x: int, y: int) -> None:
@@ -263,7 +253,7 @@ class ParallelLM:
             local = cache.local if cache is not None else None
             if decoder is not None:
                 return decoder.local(tokens, positions, local, last_only, rows)
-            with _eager_attention(dev):
+            with eager_attention(dev):
                 return self.local.model(tokens, positions, local, rows)
 
     def close(self) -> None:
@@ -384,13 +374,13 @@ class ParallelDecoder:
         return self._lm._new_cache(batch_size, max_tokens, dtype, slack, self)
 
     def warm_up(self, max_rows: int, max_tokens: int, dtype: torch.dtype | None = None, precompile: bool = True,
-                verify: Sequence[int] = ()) -> ParallelCache:
+                verify: Sequence[int] = (), slack: int = 0) -> ParallelCache:
         """The cache for up to `max_rows` rows of `max_tokens`, allocated now on every rank (the steps run
         eagerly: there are no graphs to capture). On a GPU (`precompile`), rank 0 compiles the kernels of its
         shard's steps ahead, as CudaDecoder.warm_up does; the ranks of this machine, whose shards have its shapes,
         find them in Triton's cache there (a rank of another machine compiles its own at first use)."""
-        cache = self.new_cache(max_rows, max_tokens, dtype)
-        self.local.warm_up(max_rows, max_tokens, dtype, precompile, verify)  # keeps the cache just made
+        cache = self.new_cache(max_rows, max_tokens, dtype, slack)
+        self.local.warm_up(max_rows, max_tokens, dtype, precompile, verify, slack)  # keeps the cache just made
         return cache
 
     def __call__(self, tokens: Tensor, positions: Tensor | None = None, cache: ParallelCache | None = None,

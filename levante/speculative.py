@@ -33,6 +33,12 @@ from .sampling import SamplingParams, distribution, greedy_choice, token_logprob
 MAX_TOKENS = 16  # upper bound of K (the cache slack of sliding-window models is sized for it)
 
 
+def cache_size(n_ctx: int) -> tuple[int, int]:
+    """(max_tokens, slack) of a one-row cache that every speculative generation within `n_ctx` tokens fits, the
+    target's (`speculative_stream`) and a draft's: a GPU decoder warmed up for it keeps one cache and graph."""
+    return n_ctx + MAX_TOKENS + 1, MAX_TOKENS + 1
+
+
 @dataclass
 class SpecStats:
     """Counters of one generation (or a server's lifetime)."""
@@ -126,11 +132,20 @@ class DraftModel:
     def reset(self) -> None:
         self.cache, self.cached = None, []
 
+    def _holds(self) -> bool:
+        """Whether the cache still holds this proposer's tokens: a GPU decoder (`model`) has one cache, which
+        another request's draft may have filled since (it is then asked for again, and refilled)."""
+        if self.cache is not None and self.cache.owner is not self:
+            self.reset()
+        return self.cache is not None
+
     def _feed(self, history: Sequence[int]) -> Tensor:
         """Bring the cache to history[:-1] + feed the last token; the next-token logits [V]."""
         device = self.model.model.device
-        if self.cache is None:
-            self.cache = self.model.new_cache(1, self.n_ctx + MAX_TOKENS + 1, self.kv_dtype, slack=MAX_TOKENS + 1)
+        if not self._holds():
+            max_tokens, slack = cache_size(self.n_ctx)
+            self.cache = self.model.new_cache(1, max_tokens, self.kv_dtype, slack=slack)
+            self.cache.owner = self
         common = 0
         limit = min(len(self.cached), len(history) - 1)
         while common < limit and self.cached[common] == history[common]:
@@ -168,7 +183,7 @@ class DraftModel:
         common = 0
         while common < min(len(self.cached), len(history)) and self.cached[common] == history[common]:
             common += 1
-        if common < len(self.cached) and self.cache is not None:
+        if common < len(self.cached) and self._holds():
             self.cache.truncate(0, common)
             self.cached = self.cached[:common]
 
@@ -334,7 +349,7 @@ class SpecConfig:
     method: str  # "prompt_lookup" | "draft"
     k: int = 8
     ngram: int = 3
-    draft: object | None = None  # the draft's CausalLM
+    draft: object | None = None  # the draft's CausalLM, or its GPU decoder (levante.cuda.CudaDecoder)
     last: SpecStats | None = None  # the counters of the latest generation
 
     def speculator(self, n_ctx: int, kv_dtype: torch.dtype | None = None) -> Speculator:
@@ -356,8 +371,8 @@ def speculative_stream(model, row, prompt: list[int], spec: Speculator, stop_ids
     proposals; a step without proposals is a plain decode step."""
     device = model.model.device if hasattr(model, "model") else torch.device("cpu")
     if cache is None:
-        cache = model.new_cache(1, min(n_ctx, len(prompt) + row.limit) + MAX_TOKENS + 1, kv_dtype,
-                                slack=MAX_TOKENS + 1)
+        max_tokens, slack = cache_size(min(n_ctx, len(prompt) + row.limit))
+        cache = model.new_cache(1, max_tokens, kv_dtype, slack=slack)
     tokens = torch.tensor([prompt], device=device)
     logits = None
     for s in range(0, len(prompt), prefill_chunk):

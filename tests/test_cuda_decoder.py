@@ -5,6 +5,8 @@ runs no op that would read device values back)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from fixtures import hf_model, save_hf
@@ -77,17 +79,45 @@ def test_planless_attention_turns_off_cudnn_sdpa_only_inside():
     """The tensor-parallel ranks' eager attention on a GPU: no cuDNN SDPA (a plan per key length) inside the
     context, the process's setting back after it; the other backends stay on."""
     from levante.cuda import planless_attention
-    from levante.parallel import _eager_attention
+    from levante.loader import eager_attention
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
     with planless_attention():
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
-    with _eager_attention(torch.device("cuda")):
+    with eager_attention(torch.device("cuda")):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
-    with _eager_attention(torch.device("cpu")):
+    with eager_attention(torch.device("cpu")):
         assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_the_module_path_runs_inside_eager_attention(tmp_path, monkeypatch):
+    """What runs a model's own modules instead of the decoder (LLM.logits: perplexity; LLM.embed: the embeddings
+    endpoint; a transformers-style forward) runs them inside `eager_attention` for the model's device: no cuDNN
+    plan per key length on a GPU."""
+    import levante.api as api
+    import levante.hf as hf
+    from levante.api import LLM
+
+    entered: list[torch.device] = []
+
+    @contextmanager
+    def recording(device):
+        entered.append(device)
+        yield
+        entered.append(None)
+
+    monkeypatch.setattr(api, "eager_attention", recording)
+    monkeypatch.setattr(hf, "eager_attention", recording)
+    path = save_hf(hf_model("mistral_dense", vocab_size=32000), tmp_path / "m", tokenizer=True)
+    llm = LLM(str(path), n_ctx=64)
+    forwards: list[bool] = []
+    llm.model.model.register_forward_hook(lambda *_: forwards.append(len(entered) % 2 == 1))
+    llm.logits([1, 5, 6])
+    llm.embed(["one two", "three"])
+    hf.AutoModelForCausalLM.from_pretrained(str(path))(torch.tensor([[1, 5, 6]]))
+    assert entered[::2] == [torch.device("cpu")] * 3 and forwards[:2] == [True, True]
 
 
 def _tokens(model, tok, prompts, **kw):
@@ -430,3 +460,45 @@ def test_a_decode_step_reads_nothing_back(tmp_path, monkeypatch, kind):
             torch.arange(4)[torch.arange(4) > 1].sum().item()
             torch.arange(2).tolist()
         assert len(reads.seen) == 3
+
+
+def test_speculating_llm_keeps_its_decoders_warm_caches(tmp_path, monkeypatch):
+    """An LLM speculating with a draft model on GPU decoders (here on CPU): the draft runs its own decoder (static
+    cache and graphs on a GPU, not the module's SDPA path), and neither decoder makes a new cache (nor, on a GPU,
+    captures a new graph) for a generation: their warm-ups sized them for speculation. The tokens are those of
+    generation without it."""
+    import levante.api as api
+    from levante.api import LLM
+
+    monkeypatch.setattr(api, "gpu_decoder", CudaDecoder)  # what an LLM on a GPU makes
+    path = save_hf(hf_model("mixtral_8x2", vocab_size=32000), tmp_path / "m", tokenizer=True)
+    prompt = "one two three one two three one two"
+    want = LLM(str(path), n_ctx=96)(prompt, max_tokens=10, temperature=0)["choices"][0]["text"]
+    llm = LLM(str(path), n_ctx=96, draft_model=str(path), num_speculative_tokens=3)
+    draft = llm.spec.draft
+    assert isinstance(draft, CudaDecoder)
+    caches = llm._decoder._cache, draft._cache
+    for _ in range(2):
+        assert llm(prompt, max_tokens=10, temperature=0)["choices"][0]["text"] == want
+        assert llm.speculative_stats()["accepted"] > 0  # the draft is the model itself: it is right every time
+        assert (llm._decoder._cache, draft._cache) == caches
+
+
+def test_drafts_taking_turns_at_one_decoder(tmp_path):
+    """Two requests' drafts on one GPU decoder (one cache between them): each proposes what it would alone; a
+    draft whose cache another filled since refills it."""
+    from levante.speculative import DraftModel
+
+    lm = load(save_hf(hf_model("mixtral_8x2"), tmp_path / "m"))
+    fuse_moe(lm.model)
+    shared, alone = CudaDecoder(lm.model), CudaDecoder(lm.model)
+    a, b = DraftModel(shared, 64), DraftModel(shared, 64)
+    history_a, history_b = [5, 6, 7, 8, 9], [30, 31, 32]
+    with torch.inference_mode():
+        first = a.propose(history_a, 3, GREEDY, None)[0]
+        other = b.propose(history_b, 3, GREEDY, None)[0]
+        history_a += first[:2]
+        a.sync(history_a)
+        again = a.propose(history_a, 3, GREEDY, None)[0]
+        assert other == DraftModel(alone, 64).propose(history_b, 3, GREEDY, None)[0]
+        assert again == DraftModel(alone, 64).propose(history_a, 3, GREEDY, None)[0]

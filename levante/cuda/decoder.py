@@ -186,16 +186,16 @@ class CudaDecoder(nn.Module):
         return c
 
     def warm_up(self, max_rows: int, max_tokens: int, dtype: torch.dtype | None = None, precompile: bool = True,
-                verify: Sequence[int] = ()) -> StaticCache:
-        """Allocate the cache for up to `max_rows` rows of `max_tokens` and capture the decode step of every bucket
-        up to bucket_for(max_rows) now (Triton compiles, graphs), as vLLM does at start-up, so that the first
-        generation does not pay for it. Generations that fit reuse both. `precompile`: first compile the kernels
-        of those steps, of prefills (levante.cuda.precompile.PREFILL_TOKENS) and of speculative decoding's
-        verification calls of `verify` tokens in a pool of processes."""
-        cache = self.new_cache(max_rows, max_tokens, dtype)
+                verify: Sequence[int] = (), slack: int = 0) -> StaticCache:
+        """Allocate the cache for up to `max_rows` rows of `max_tokens` (+ `slack`, `new_cache`'s) and capture the
+        decode step of every bucket up to bucket_for(max_rows) now (Triton compiles, graphs), as vLLM does at
+        start-up, so that the first generation does not pay for it. Generations that fit reuse both. `precompile`:
+        first compile the kernels of those steps, of prefills (levante.cuda.precompile.PREFILL_TOKENS) and of
+        speculative decoding's verification calls of `verify` tokens in a pool of processes."""
+        cache = self.new_cache(max_rows, max_tokens, dtype, slack)
         buckets = [b for b in BUCKETS if b <= cache.rows]
         if precompile and self.model.device.type == "cuda":
-            self.precompiled = precompile_decoder(self, buckets, max_tokens, cache.dtype, verify=verify)
+            self.precompiled = precompile_decoder(self, buckets, max_tokens, cache.dtype, slack, verify=verify)
         if self.use_graphs:
             dev = self.model.device
             for b in buckets:

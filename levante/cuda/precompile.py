@@ -3,9 +3,9 @@
 Triton compiles a kernel the first time it is launched with new constexprs, argument dtypes or alignments, in the
 launching thread, one after another. A GPU decoder's warm-up meets dozens of them (a decode step per batch bucket:
 GEMVs of 1 to 8 rows per weight format, the fused small ops, attention; prefills: the tiled kernels): a
-Mixtral-8x7B-shaped Q4_K_M model's batch-1 step and prefills launch 44 distinct ones, which Triton 3.6 compiles for
-sm_90 in 13.4 s one after another on a 2-core machine (8.0 s in 2 processes); a serving engine's buckets up to 32:
-72; the GPU benchmark's five weight formats, buckets up to 32: 172, 54.2 s one after another, 28.0 s in 2.
+Mixtral-8x7B-shaped Q4_K_M model's batch-1 step and prefills of every length up to a chunk launch 50 distinct ones,
+which Triton 3.6 compiles for sm_90 in 18.2 s one after another on a 2-core machine (10.7 s in 2 processes); a
+serving engine's buckets up to 32: 62; the GPU benchmark's five weight formats, buckets up to 32: 144 (27.6 s in 2).
 `precompile_decoder` runs those steps on a copy of the model on the meta device (shapes, no values), with every
 Triton launch recorded instead of run (`recorded_launches`), and compiles the distinct launches in a pool of
 processes (`compile_launches`, in a subprocess: `main`) into Triton's on-disk cache, where the real launches find

@@ -1,13 +1,15 @@
 """Every Triton kernel levante launches compiles for the H200 (sm_90), with the constexprs and launch options a GPU
 run uses, and fits it: shared memory within a block's limit, no register spills. No GPU needed (tests/triton_aot.py:
-launches recorded under the interpreter, compiled in a subprocess).
+launches recorded, not all of them run, and compiled in a subprocess).
 
 Workloads: the decoder on one-layer models with Mixtral-8x7B's and SmolLM2-135M's hidden sizes and heads (the sizes
 the fused kernels' blocks follow), bf16 (and float16, an F16 checkpoint's dtype on a GPU; float32, an explicit
-dtype="float32"), through prefill chunks of every tile tier and batch-1 / batch-3 decode steps; then every packed
-format's matmul and grouped-expert kernels at each tier (one row: the GEMV); last, a Q4_K_M Mixtral-8x7B layer at
-its real sizes (decode buckets 1-8 and the warm-up's prefills), by levante.cuda.precompile's dry run on the meta
-device, where it launches what the small workloads do not compile the same way."""
+dtype="float32"), through prefill chunks of every tile tier and a batch-1 decode step (recorded by levante.cuda
+.precompile's dry run on the meta device), a batch of 3 rows' prefill and decode step (run under the interpreter);
+then every packed format's matmul and grouped-expert kernels at each tier (one row: the GEMV; recorded without
+running them: nothing reads their outputs); last, a Q4_K_M Mixtral-8x7B layer at its real sizes (decode buckets 1-8
+and the warm-up's prefills), by levante.cuda.precompile's dry run on the meta device, where it launches what the
+small workloads do not compile the same way."""
 
 from __future__ import annotations
 
@@ -34,23 +36,21 @@ def _decoder_launches(tmp_path, kind: str, dtype: str) -> list[dict]:
     from fixtures import hf_model, save_hf
 
     from levante.cuda import CudaDecoder, fuse_moe
+    from levante.cuda.precompile import decoder_launches
     from levante.loader import load
 
     hf = hf_model(kind, vocab_size=256, num_hidden_layers=1, max_position_embeddings=1024, **SHAPES[kind])
     net = load(save_hf(hf, tmp_path / f"{kind}-{dtype}"), dtype=dtype).model
     fuse_moe(net)
     dec = CudaDecoder(net)
-    with recording() as records, torch.inference_mode():
-        cache = dec.new_cache(1, 1024)
-        start = 0
-        for n in (12, 20, 60, 100, 140, 1):  # attention's two query tiles, MoE's five tile tiers, then decode
-            ids = torch.randint(3, 256, (1, n))
-            dec(ids, torch.arange(start, start + n)[None], cache)
-            start += n
-        batch = dec.new_cache(3, 64)
-        dec(torch.randint(3, 256, (3, 4)), torch.arange(4).expand(3, 4), batch)
-        dec(torch.randint(3, 256, (3, 1)), torch.full((3, 1), 4), batch)
-    return records
+    # one-row prefills of attention's two query tiles and MoE's five tile tiers, then a decode step: levante.cuda
+    # .precompile's dry run on the meta device (what the real steps launch: test_cuda_precompile)
+    records = decoder_launches(dec, (1,), 1024, dec.model.dtype, prefill=(12, 20, 60, 100, 140))
+    with recording() as batched, torch.inference_mode():  # a batch of 3 rows in a short cache, run
+        cache = dec.new_cache(3, 64)
+        dec(torch.randint(3, 256, (3, 4)), torch.arange(4).expand(3, 4), cache)
+        dec(torch.randint(3, 256, (3, 1)), torch.full((3, 1), 4), cache)
+    return records + batched
 
 
 def _float32_store_launches() -> list[dict]:
@@ -62,7 +62,7 @@ def _float32_store_launches() -> list[dict]:
 
     bf16, f32 = torch.bfloat16, torch.float32
     x, w = torch.randn(1, 4096).to(bf16), torch.ones(4096, dtype=bf16)
-    with recording() as records:
+    with recording(run=False) as records:  # recorded, not run: nothing reads their outputs
         for delta in (None, torch.randn(1, 4096).to(bf16), torch.randn(1, 2, 4096).to(bf16)):
             add_rms_norm(x, delta, w, 1e-5, f32)
         router(torch.randn(1, 4096), torch.randn(8, 4096).to(bf16), 2, bf16)
@@ -102,7 +102,8 @@ def _packed_launches() -> list[dict]:
     cases += [("Q4_K", m, dt, dt) for m in TIERS for dt in (torch.float16, torch.float32)]
     # the decoder's GEMV inputs of a bf16 model: float32, holding bf16 values (one row, and eight)
     cases += [(q, m, torch.float32, torch.bfloat16) for q in (*LAYOUTS, "AWQ4", "INT8") for m in (1, 5)]
-    with recording() as records:
+    # recorded, not run (the launches are those of running them, a 30th of the time: nothing reads the outputs)
+    with recording(run=False) as records:
         for qtype, m, dt, out in cases:
             w = weight(qtype, 0)
             packed_matmul(torch.randn(m, 256).to(dt), w, out_dtype=out)

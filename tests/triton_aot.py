@@ -3,7 +3,7 @@
 The tests run every kernel under TRITON_INTERPRET=1, which checks its arithmetic but not that it compiles for a GPU,
 nor what it costs there (shared memory per block, registers, spills). `recording()` notes each launch made under
 the interpreter (the kernel, its arguments' types and alignment, the constexprs and launch options as a GPU run
-would have them); `compile_records` compiles each distinct one in a subprocess without the interpreter (where
+would have them); `compile_records` compiles each distinct kernel in a subprocess without the interpreter (where
 `@triton.jit` gives real JIT functions) through the kernel's own `JITFunction.run` under a compile-only driver
 (levante.cuda.precompile.compile_launch, what a GPU decoder's warm-up compiles ahead with), and reads the registers
 and spills from the ptxas Triton ships (-v).
@@ -20,25 +20,30 @@ import subprocess
 import sys
 from pathlib import Path
 
-from levante.cuda.precompile import compile_launch, distinct, recorded_launches
+from levante.cuda.precompile import compile_key, compile_launch, recorded_launches
 
 ROOT = Path(__file__).resolve().parents[1]
 H200 = dict(arch=90, warp_size=32, max_shared=232448, max_regs=255)  # bytes of shared memory a block may opt into
 
 
-def recording():
-    """Every Triton launch inside the block, as a JSON-able record, run as well (levante.cuda.precompile's
-    recorder: IEEE, which the interpreter picks differently, recorded as a GPU picks it)."""
-    return recorded_launches(run=True)
+def recording(run: bool = True):
+    """Every Triton launch inside the block, as a JSON-able record, run as well unless `run=False`
+    (levante.cuda.precompile's recorder: IEEE, which the interpreter picks differently, recorded as a GPU picks
+    it)."""
+    return recorded_launches(run=run)
 
 
 def compile_records(records: list[dict], workdir: Path) -> list[dict]:
-    """Each distinct record compiled for the H200 (in a subprocess without the interpreter): the record plus
+    """One record of each kernel (levante.cuda.precompile.compile_key: records that differ only in integers Triton
+    does not specialize on are one) compiled for the H200 (in a subprocess without the interpreter): the record plus
     `stages` (the most pipeline stages, from the launch's own down to one, whose shared memory fits: what
     levante.cuda.triton_matmul.run falls back to), `shared`, `regs`, `spill` (bytes of stack per thread, 0 when
     nothing spills), or `error` (the compiler's message)."""
     src, dst = workdir / "records.json", workdir / "report.json"
-    src.write_text(json.dumps(distinct(records)))
+    kernels: dict[str, dict] = {}
+    for r in records:
+        kernels.setdefault(compile_key(r), r)
+    src.write_text(json.dumps(list(kernels.values())))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 # transformers 5 GenerationConfig._get_default_generation_params (the ones levante implements)
+# the tokens (prompt + new) a GPU decoder's warm-up sizes its cache for, as an LLM's default n_ctx: a longer
+# generation makes a bigger cache (and captures its graph) then
+WARM_TOKENS = 4096
 GENERATION_DEFAULTS: dict[str, Any] = {
     "max_length": None, "max_new_tokens": None, "do_sample": False, "temperature": 1.0, "top_k": 50,
     "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0, "num_return_sequences": 1, "num_beams": 1,
@@ -456,11 +459,12 @@ class HFModel(nn.Module):
             f"{cls.__name__}.from_pretrained", kwargs, ("trust_remote_code", "low_cpu_mem_usage", "attn_implementation")
         )
         want = dtype if dtype is not None else torch_dtype
-        loaded = load(path_or_repo, dtype=want, head=cls._head, device="cpu")
         bits = 8 if load_in_8bit else 4 if load_in_4bit else 0
-        if bits:
-            quantize_model(loaded.model, bits)
         dev = _device(device_map)
+        if not bits:  # straight onto the device: a GPU's weights stream from the mapped files, its dtype 16-bit
+            return cls(load(path_or_repo, dtype=want, head=cls._head, device=dev))
+        loaded = load(path_or_repo, dtype=want, head=cls._head, device="cpu")
+        quantize_model(loaded.model, bits)  # on the host, then moved
         if dev != "cpu":
             from .loader import resolve_device
 
@@ -474,13 +478,16 @@ class HFModel(nn.Module):
         return cls(loaded, {8: "int8", 4: "q4_0"}.get(bits))
 
     def _generation_net(self) -> nn.Module:
-        """What `generate` runs: on a GPU levante.cuda's decoder (static cache, CUDA graphs), made once."""
+        """What `generate` runs: on a GPU levante.cuda's decoder (static cache, CUDA graphs), made once and warmed
+        up as an LLM's (its kernels compiled in parallel, a cache of WARM_TOKENS and the batch-1 step captured)."""
         if self.net.model.device.type != "cuda" or not isinstance(self.net, CausalLM):
             return self.net
         if "_decoder" not in self.__dict__:
             from .cuda import CudaDecoder
 
-            self.__dict__["_decoder"] = CudaDecoder(self.net)
+            decoder = CudaDecoder(self.net)
+            decoder.warm_up(1, min(self.loaded.config.max_position_embeddings, WARM_TOKENS))
+            self.__dict__["_decoder"] = decoder
         return self.__dict__["_decoder"]
 
     # --- nn.Module-ish ----------------------------------------------------------------------------

@@ -233,6 +233,47 @@ def test_load_in_8bit_and_4bit(tmp_path, kind):
         assert q4.net.model.layers[0].ffn.gate.qtype == "F32"
 
 
+def test_from_pretrained_loads_straight_onto_its_device(mixtral, monkeypatch):
+    """Without load_in_8bit / 4bit the weights go straight to the device map's device (levante.loader.load: on a GPU
+    streamed from the mapped files, in a 16-bit dtype by default), not through a host copy first; quantizing on
+    load happens on the host."""
+    import levante.hf as hf
+
+    seen = []
+    real_load = hf.load
+    monkeypatch.setattr(hf, "load", lambda *a, **k: seen.append(k["device"]) or real_load(*a, **dict(k, device="cpu")))
+    AutoModelForCausalLM.from_pretrained(mixtral[0], device_map="cuda:1")
+    AutoModelForCausalLM.from_pretrained(mixtral[0], device_map={"": "cpu"})
+    AutoModelForCausalLM.from_pretrained(mixtral[0], device_map="cpu", load_in_8bit=True)
+    assert seen == ["cuda:1", "cpu", "cpu"]
+
+
+@pytest.mark.gpu
+def test_generate_on_a_gpu(tmp_path):
+    """On CUDA: from_pretrained of a Q4_K_M GGUF keeps its weights packed in a 16-bit model; generate runs the CUDA
+    decoder, warmed up once (kernels compiled ahead), with LLM's tokens on the same GPU."""
+    from levante import LLM
+    from levante.cuda import CudaDecoder, PackedWeight
+    from levante.generate import generate
+    from levante.sampling import SamplingParams
+    from levante.tools.quantize import quantize_model
+
+    src = save_hf(hf_model("mixtral_8x2", vocab_size=32000, hidden_size=256, intermediate_size=256), tmp_path / "m",
+                  tokenizer=True)
+    path = quantize_model(src, tmp_path / "m.Q4_K_M.gguf", "Q4_K_M", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cuda")
+    assert model.dtype == torch.bfloat16 and isinstance(model.net.model.layers[0].attn.wq, PackedWeight)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    decoder = model._generation_net()
+    assert isinstance(decoder, CudaDecoder) and decoder.precompiled is not None and decoder._graphs
+    llm = LLM(str(path), device="cuda")
+    with torch.inference_mode():
+        want = generate(llm.generation_model, llm.tokenizer, [ids[0].tolist()], 8, SamplingParams.greedy(),
+                        stop_token_ids=set())[0].tokens
+    assert out[0, 5:].tolist() == want
+
+
 def test_int8_weight_matmul_paths():
     from levante.quant.int8 import Int8Weight
 

@@ -195,9 +195,9 @@ def test_packed_quantized_model(tmp_path):
     lm = load(quantize_model(src, tmp_path / "m.Q4_K_M.gguf", "Q4_K_M", progress=False))
     with torch.inference_mode():
         assert pack_weights(lm.model.model.layers) > 0  # the layers (the 32000-row head is slow to interpret)
-        want = _tokens(lm.model, lm.tokenizer, PROMPTS)
+        want = _tokens(lm.model, lm.tokenizer, PROMPTS[:2])  # two rows of different lengths (interpreting is slow)
         fuse_moe(lm.model)
-        got = _tokens(CudaDecoder(lm.model), lm.tokenizer, PROMPTS)
+        got = _tokens(CudaDecoder(lm.model), lm.tokenizer, PROMPTS[:2])
     assert got == want
 
 

@@ -14,15 +14,13 @@ import torch
 
 from .chat import apply_chat, chat_plan
 from .errors import ContextLengthError
-from .generate import TokenEvent, generate_stream
+from .generate import DEFAULT_N_CTX, TokenEvent, generate_stream
 from .grammar import Grammar, GrammarCompiler, compiler_for, grammar_of
 from .loader import LoadedModel, eager_attention, load
 from .model import CausalLM, check_token_ids
 from .sampling import SamplingParams
 from .speculative import MAX_TOKENS, SpecConfig, cache_size
 from .toolcalls import ChatOutput
-
-DEFAULT_N_CTX = 4096
 
 
 def physical_cores() -> int:

@@ -23,6 +23,8 @@ from .grammar import GrammarError, mask_logits
 from .sampling import SamplingParams, make_generator, sample, token_logprobs
 from .speculative import speculative_stream
 
+DEFAULT_N_CTX = 4096  # the context an LLM (and a GPU decoder's warm-up) takes when none is given
+
 __all__ = ["TokenEvent", "GenerationResult", "generate_stream", "generate"]
 
 

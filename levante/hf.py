@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .generate import DEFAULT_N_CTX
 from .loader import LoadedModel, eager_attention, load, resolve_path
 from .model import CausalLM, check_token_ids
 from .quant.base import DenseWeight, QuantWeight
@@ -42,9 +43,6 @@ __all__ = [
 ]
 
 # transformers 5 GenerationConfig._get_default_generation_params (the ones levante implements)
-# the tokens (prompt + new) a GPU decoder's warm-up sizes its cache for, as an LLM's default n_ctx: a longer
-# generation makes a bigger cache (and captures its graph) then
-WARM_TOKENS = 4096
 GENERATION_DEFAULTS: dict[str, Any] = {
     "max_length": None, "max_new_tokens": None, "do_sample": False, "temperature": 1.0, "top_k": 50,
     "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0, "num_return_sequences": 1, "num_beams": 1,
@@ -479,14 +477,15 @@ class HFModel(nn.Module):
 
     def _generation_net(self) -> nn.Module:
         """What `generate` runs: on a GPU levante.cuda's decoder (static cache, CUDA graphs), made once and warmed
-        up as an LLM's (its kernels compiled in parallel, a cache of WARM_TOKENS and the batch-1 step captured)."""
+        up as an LLM's (its kernels compiled in parallel, a cache of an LLM's default n_ctx, DEFAULT_N_CTX tokens,
+        and the batch-1 step captured; a longer generation makes a bigger cache then)."""
         if self.net.model.device.type != "cuda" or not isinstance(self.net, CausalLM):
             return self.net
         if "_decoder" not in self.__dict__:
             from .cuda import CudaDecoder
 
             decoder = CudaDecoder(self.net)
-            decoder.warm_up(1, min(self.loaded.config.max_position_embeddings, WARM_TOKENS))
+            decoder.warm_up(1, min(self.loaded.config.max_position_embeddings, DEFAULT_N_CTX))
             self.__dict__["_decoder"] = decoder
         return self.__dict__["_decoder"]
 

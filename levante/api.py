@@ -359,7 +359,7 @@ class LLM:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         constraints = [self.grammar_compiler().constraint(g) for _ in ids] if g is not None else None
         spec = self.spec.speculator(self.n_ctx, self.kv_dtype) if self.spec is not None and len(ids) == 1 else None
-        net = self._decoder if self._decoder is not None and spec is None else self.model
+        net = self.generation_model  # speculation too: the target verifies on the decoder (static cache, graphs)
         events = generate_stream(net, self.tokenizer, ids, n, params, stops, None, logprobs, self.n_ctx,
                                  self.n_batch, fresh_text, self.kv_dtype, constraints, spec)
         if spec is not None:

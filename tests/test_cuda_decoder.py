@@ -463,10 +463,10 @@ def test_a_decode_step_reads_nothing_back(tmp_path, monkeypatch, kind):
 
 
 def test_speculating_llm_keeps_its_decoders_warm_caches(tmp_path, monkeypatch):
-    """An LLM speculating with a draft model on GPU decoders (here on CPU): the draft runs its own decoder (static
-    cache and graphs on a GPU, not the module's SDPA path), and neither decoder makes a new cache (nor, on a GPU,
-    captures a new graph) for a generation: their warm-ups sized them for speculation. The tokens are those of
-    generation without it."""
+    """An LLM speculating with a draft model on GPU decoders (here on CPU): the target and the draft run their own
+    decoders (static cache and graphs on a GPU, not the module's SDPA path), and neither decoder makes a new cache
+    (nor, on a GPU, captures a new graph) for a generation: their warm-ups sized them for speculation. The tokens
+    are those of generation without it."""
     import levante.api as api
     from levante.api import LLM
 
@@ -482,6 +482,7 @@ def test_speculating_llm_keeps_its_decoders_warm_caches(tmp_path, monkeypatch):
         assert llm(prompt, max_tokens=10, temperature=0)["choices"][0]["text"] == want
         assert llm.speculative_stats()["accepted"] > 0  # the draft is the model itself: it is right every time
         assert (llm._decoder._cache, draft._cache) == caches
+        assert llm._decoder._cache.lengths[0] > 10  # the target verified on its decoder, not the module path
 
 
 def test_drafts_taking_turns_at_one_decoder(tmp_path):

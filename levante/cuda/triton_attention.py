@@ -123,12 +123,13 @@ def _attention_kernel(
              mask=t_ok[:, None] & d_ok)
 
 
-@triton.jit
+# the slice count is an argument, not a constexpr: every batch bucket's decode step (1 to 32 rows: 32 to 1 slices)
+# runs one compiled kernel instead of one per bucket (a division by a variable once per program is all it costs)
+@triton.jit(do_not_specialize=["splits"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, start_ptr,
-    H, scale, window, ring, sq_b, sq_h, sk_b, sk_h, sk_s, D,
-    SPLITS: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-    IEEE: tl.constexpr,
+    H, scale, window, ring, sq_b, sq_h, sk_b, sk_h, sk_s, D, splits,
+    GROUP: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
 ):
     bk = tl.program_id(0)  # row * Hkv + kv head
     split = tl.program_id(1)
@@ -146,7 +147,7 @@ def _decode_split_kernel(
     lo = hi * 0
     if window > 0:
         lo = tl.maximum(pos - window + 1, 0)
-    chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), SPLITS), BN) * BN
+    chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), splits), BN) * BN
     s_lo = lo + split * chunk
     s_hi = tl.minimum(s_lo + chunk, hi)
     m_i = tl.full((BG,), float("-inf"), dtype=tl.float32)
@@ -160,35 +161,38 @@ def _decode_split_kernel(
         k, v = kv_block(k_base, v_base, rs, s_ok, ring, sk_s, rd, d_ok)
         scores = tl.where(s_ok[None, :], qk(q, k, IEEE) * scale, float("-inf"))
         m_i, l_i, acc = softmax_step(m_i, l_i, acc, scores, v, q, IEEE)
-    part = (b * H + heads) * SPLITS + split  # [BG]
+    part = (b * H + heads) * splits + split  # [BG]
     tl.store(m_ptr + part, m_i, mask=g_ok)
     tl.store(l_ptr + part, l_i, mask=g_ok)
     tl.store(acc_ptr + part[:, None] * BD + rd[None, :], acc, mask=g_ok[:, None])
 
 
-@triton.jit
-def _decode_merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, H, so_b, so_h, D,
-                         SPLITS: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, LOW: tl.constexpr):
+@triton.jit(do_not_specialize=["splits"])
+def _decode_merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, H, so_b, so_h, D, splits,
+                         BS: tl.constexpr, BD: tl.constexpr, LOW: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     rs = tl.arange(0, BS)
-    s_ok = rs < SPLITS
+    s_ok = rs < splits
     rd = tl.arange(0, BD)
-    m = tl.load(m_ptr + bh * SPLITS + rs, mask=s_ok, other=float("-inf"))
-    l_s = tl.load(l_ptr + bh * SPLITS + rs, mask=s_ok, other=0.0)
+    m = tl.load(m_ptr + bh * splits + rs, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(l_ptr + bh * splits + rs, mask=s_ok, other=0.0)
     top = tl.max(m, 0)
     w = tl.exp(m - tl.where(top == float("-inf"), 0.0, top))  # a slice that saw nothing: weight 0
     total = tl.sum(l_s * w, 0)
-    acc = tl.load(acc_ptr + (bh * SPLITS + rs)[:, None] * BD + rd[None, :], mask=s_ok[:, None], other=0.0)
+    acc = tl.load(acc_ptr + (bh * splits + rs)[:, None] * BD + rd[None, :], mask=s_ok[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(o_ptr + b * so_b + h * so_h + rd, as_output(out, o_ptr, LOW), mask=rd < D)
 
 
+MAX_SPLITS = 64
+
+
 def decode_splits(rows: int, n_kv: int, keys: int, block: int = 32) -> int:
     """Key slices per (row, kv head) for a decode step: enough programs to fill a GPU (~256), no slice shorter
-    than one key block, at most 64."""
-    return max(1, min(64, -(-256 // (rows * n_kv)), -(-keys // block)))
+    than one key block, at most MAX_SPLITS."""
+    return max(1, min(MAX_SPLITS, -(-256 // (rows * n_kv)), -(-keys // block)))
 
 
 def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, window: int | None = None,
@@ -220,11 +224,12 @@ def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, 
         acc = torch.empty(B * H * n, BD, dtype=torch.float32, device=q.device)
         _decode_split_kernel[(B * Hkv, n)](
             q, k_cache, v_cache, m, lsum, acc, start, H, scale if scale is not None else D ** -0.5, window, ring,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), D,
-            SPLITS=n, GROUP=H // Hkv, BG=max(16, triton.next_power_of_2(H // Hkv)), BD=BD, BN=BN,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), D, n,
+            GROUP=H // Hkv, BG=max(16, triton.next_power_of_2(H // Hkv)), BD=BD, BN=BN,
             IEEE=use_ieee(q.dtype))
-        _decode_merge_kernel[(B * H,)](m, lsum, acc, out, H, out.stride(0), out.stride(1), D,
-                                       SPLITS=n, BS=max(2, triton.next_power_of_2(n)), BD=BD, LOW=low)
+        # the slices' block is the most decode_splits picks, whatever the bucket's count: one kernel for all
+        _decode_merge_kernel[(B * H,)](m, lsum, acc, out, H, out.stride(0), out.stride(1), D, n,
+                                       BS=max(MAX_SPLITS, triton.next_power_of_2(n)), BD=BD, LOW=low)
         return out
     BM = 16 if T <= 16 else 64
     grid = (triton.cdiv(T, BM), B * H)

@@ -67,21 +67,27 @@ def test_meta_copy_keeps_shapes_and_the_model():
 
 # every tier of the kernels' tiles lies below 140 tokens; past it, a sample up to the 512-token chunk
 LENGTHS = [*range(1, 140), 200, 255, 256, 257, 300, 511, 512]
+# several prompts at once (an LLM given a list): rows x the longest prompt's tokens (1: the decode step's path)
+BATCHES = [(rows, t) for rows in (2, 3, 4, 5, 7, 8, 9, 16, 33, 100) for t in (1, 2, 5, 9, 16, 17, 33, 100, 512)]
 AWQ = dict.fromkeys(("wq", "wk", "wv", "wo", "w1", "w3", "w2"), "AWQ4")
 
 
 @pytest.mark.parametrize("scheme", [None, Q4_K_M, AWQ], ids=["bf16", "Q4_K_M", "AWQ"])
-def test_every_prompt_length_finds_its_kernels_compiled(scheme):
-    """A one-row prefill of any length up to a chunk, in a context of 4096 tokens or of 40, launches only kernels
-    the warm-up's dry run (its PREFILL_TOKENS) has compiled: a Mixtral-8x7B layer at its real sizes (what the tiles
-    and GEMVs choose depends on them)."""
+def test_every_prompt_and_batch_finds_its_kernels_compiled(scheme):
+    """What the warm-up's dry run compiles (every bucket's decode step, WARM_PREFILLS) is all that a one-row prefill
+    of any length up to a chunk, a prefill of several prompts and a decode step of any batch launch, in a context
+    of 4096 tokens or of 40: a Mixtral-8x7B layer at its real sizes (what the tiles and GEMVs choose depends on
+    them)."""
     dec = CudaDecoder(mixtral_8x7b_layer(scheme))
     for n_ctx in (4096, 40):
-        warm = {compile_key(r) for r in decoder_launches(dec, [1], n_ctx, torch.bfloat16)}
-        for length in (t for t in LENGTHS if t <= n_ctx):
-            launched = decoder_launches(dec, [1], n_ctx, torch.bfloat16, prefill=(length,))
+        warm = {compile_key(r) for r in decoder_launches(dec, BUCKETS, n_ctx, torch.bfloat16)}  # as warm_up's
+        shapes = [(1, t) for t in LENGTHS] + BATCHES
+        for rows, t in (s for s in shapes if s[1] <= n_ctx):
+            launched = decoder_launches(dec, (), n_ctx, torch.bfloat16, prefill=[(rows, t)])
             missing = sorted({r["kernel"] for r in launched if compile_key(r) not in warm})
-            assert not missing, f"a prompt of {length} tokens (n_ctx {n_ctx}) compiles {missing} at first use"
+            assert not missing, f"{rows} prompt(s) of {t} tokens (n_ctx {n_ctx}) compile {missing} at first use"
+        launched = decoder_launches(dec, (512, 768), n_ctx, torch.bfloat16, prefill=())  # past the last bucket
+        assert {compile_key(r) for r in launched} <= warm
 
 
 @pytest.mark.parametrize(("kind", "quant"), [("mixtral_8x2", None), ("mixtral_8x2", "Q4_K_M"),

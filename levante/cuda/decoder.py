@@ -190,12 +190,13 @@ class CudaDecoder(nn.Module):
         """Allocate the cache for up to `max_rows` rows of `max_tokens` (+ `slack`, `new_cache`'s) and capture the
         decode step of every bucket up to bucket_for(max_rows) now (Triton compiles, graphs), as vLLM does at
         start-up, so that the first generation does not pay for it. Generations that fit reuse both. `precompile`:
-        first compile the kernels of those steps, of prefills (levante.cuda.precompile.PREFILL_TOKENS) and of
-        speculative decoding's verification calls of `verify` tokens in a pool of processes."""
+        first compile, in a pool of processes, the kernels of every bucket's decode step (also those not captured
+        now: a bigger batch then only captures its graph), of prefills (levante.cuda.precompile.WARM_PREFILLS: one
+        prompt of any length, or several) and of speculative decoding's verification calls of `verify` tokens."""
         cache = self.new_cache(max_rows, max_tokens, dtype, slack)
         buckets = [b for b in BUCKETS if b <= cache.rows]
         if precompile and self.model.device.type == "cuda":
-            self.precompiled = precompile_decoder(self, buckets, max_tokens, cache.dtype, slack, verify=verify)
+            self.precompiled = precompile_decoder(self, BUCKETS, max_tokens, cache.dtype, slack, verify=verify)
         if self.use_graphs:
             dev = self.model.device
             for b in buckets:

@@ -2,10 +2,10 @@
 
 Triton compiles a kernel the first time it is launched with new constexprs, argument dtypes or alignments, in the
 launching thread, one after another. A GPU decoder's warm-up meets dozens of them (a decode step per batch bucket:
-GEMVs of 1 to 8 rows per weight format, the fused small ops, attention; prefills: the tiled kernels): a
-Mixtral-8x7B-shaped Q4_K_M model's batch-1 step and prefills of every length up to a chunk launch 50 distinct ones,
-which Triton 3.6 compiles for sm_90 in 18.2 s one after another on a 2-core machine (10.7 s in 2 processes); a
-serving engine's buckets up to 32: 62; the GPU benchmark's five weight formats, buckets up to 32: 144 (27.6 s in 2).
+GEMVs of 1 to 8 rows per weight format, the fused small ops, attention; prefills: the tiled kernels): for a
+Mixtral-8x7B-shaped Q4_K_M model, the decode steps of every bucket and prefills of one prompt of any length up to a
+chunk or of several prompts launch 56 distinct ones, which Triton 3.6 compiles for sm_90 in 20.9 s one after
+another on a 2-core machine (11.1 s in 2 processes); the GPU benchmark's five weight formats: 140 (26.2 s in 2).
 `precompile_decoder` runs those steps on a copy of the model on the meta device (shapes, no values), with every
 Triton launch recorded instead of run (`recorded_launches`), and compiles the distinct launches in a pool of
 processes (`compile_launches`, in a subprocess: `main`) into Triton's on-disk cache, where the real launches find
@@ -43,6 +43,11 @@ log = logging.getLogger("levante.cuda")
 # experts' pairs are marked do_not_specialize instead: their sm_90 code is the same either way). Checked for every
 # length by tests/test_cuda_precompile.py.
 PREFILL_TOKENS = (2, 3, 5, 9, 16, 17, 32, 33, 97, 129)
+# prefills of several prompts at once (an LLM given a list), as (rows, tokens): what one-row prefills and the decode
+# buckets do not launch is the LM head's GEMV over the rows' last tokens with 16-bit inputs (2, 3-4, 5-8 rows; a
+# decode step stores them as float32). Checked for batches of up to 100 prompts by tests/test_cuda_precompile.py.
+BATCH_PREFILLS = ((2, 9), (3, 9), (5, 9))
+WARM_PREFILLS = PREFILL_TOKENS + BATCH_PREFILLS
 # the class attributes recorded_launches and meta_copy replace for a while: one thread at a time; the replacements
 # act for that thread only
 _PATCHING = threading.RLock()
@@ -183,28 +188,32 @@ def meta_copy(module: nn.Module) -> nn.Module:
             torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__ = saved
 
 
+Prefill = int | tuple[int, int]  # a one-row prefill's tokens, or (rows, tokens)
+
+
 def dry_steps(decoder, buckets: Sequence[int], max_tokens: int, dtype: torch.dtype, slack: int = 0,
-              prefill: Sequence[int] = PREFILL_TOKENS, verify: Sequence[int] = ()) -> None:
+              prefill: Sequence[Prefill] = WARM_PREFILLS, verify: Sequence[int] = ()) -> None:
     """`decoder`'s (a CudaDecoder's) decode step for each batch bucket of `buckets`, over a cache of `max_tokens`
-    tokens per row (+ `slack`), a one-row prefill of each length in `prefill` and a one-row call returning the
-    logits of every token (speculative decoding's verification) of each length in `verify` that fits, run on a
-    meta copy of its model: shapes only, nothing allocated; its Triton launches are whatever the caller makes
-    them."""
+    tokens per row (+ `slack`), a prefill of each shape in `prefill` (a one-row prefill's length, or (rows,
+    tokens)) and a one-row call returning the logits of every token (speculative decoding's verification) of each
+    length in `verify` that fits, run on a meta copy of its model: shapes only, nothing allocated; its Triton
+    launches are whatever the caller makes them."""
     dry = type(decoder)(meta_copy(decoder.lm), use_graphs=False, float32_inputs=decoder.float32_inputs)
     meta = torch.device("meta")
-    cache = dry.new_cache(max(buckets), max_tokens, dtype, slack)
+    shapes = [((1, p) if isinstance(p, int) else tuple(p), True) for p in prefill] + [((1, t), False) for t in verify]
+    cache = dry.new_cache(max([*buckets, *(rows for (rows, _), _ in shapes)]), max_tokens, dtype, slack)
     with torch.inference_mode():
         for b in buckets:
             dry._step(torch.zeros(b, 1, dtype=torch.long, device=meta),
                       torch.full((b, 1), -1, dtype=torch.long, device=meta), cache, True)
-        for t, last_only in [(t, True) for t in prefill] + [(t, False) for t in verify]:
+        for (rows, t), last_only in shapes:
             if t <= max_tokens:
-                dry(torch.zeros(1, t, dtype=torch.long, device=meta), torch.arange(t, device=meta)[None], cache,
-                    last_only=last_only)
+                dry(torch.zeros(rows, t, dtype=torch.long, device=meta),
+                    torch.arange(t, device=meta).expand(rows, t), cache, last_only=last_only)
 
 
 def decoder_launches(decoder, buckets: Sequence[int], max_tokens: int, dtype: torch.dtype, slack: int = 0,
-                     prefill: Sequence[int] = PREFILL_TOKENS, verify: Sequence[int] = ()) -> list[dict]:
+                     prefill: Sequence[Prefill] = WARM_PREFILLS, verify: Sequence[int] = ()) -> list[dict]:
     """The distinct Triton launches of `dry_steps`, recorded, none run."""
     with recorded_launches(run=False) as records:
         dry_steps(decoder, buckets, max_tokens, dtype, slack, prefill, verify)
@@ -314,7 +323,7 @@ def compile_launches(records: list[dict], target: list, max_shared: int, workers
 
 
 def precompile_decoder(decoder, buckets: Sequence[int], max_tokens: int, dtype: torch.dtype, slack: int = 0,
-                       prefill: Sequence[int] = PREFILL_TOKENS, verify: Sequence[int] = (),
+                       prefill: Sequence[Prefill] = WARM_PREFILLS, verify: Sequence[int] = (),
                        workers: int | None = None) -> dict | None:
     """Compile, in parallel, the kernels `decoder`'s steps will launch (`decoder_launches`), for its CUDA device.
     Best effort: a failure is logged and the kernels compile at their first launch as before (returns None)."""

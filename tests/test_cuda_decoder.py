@@ -12,7 +12,7 @@ import torch
 from fixtures import hf_model, save_hf
 
 from levante.cuda import CudaDecoder, StaticCache, bucket_for, fuse_moe, pack_weights
-from levante.errors import ContextLengthError
+from levante.errors import ContextLengthError, DeviceMemoryError
 from levante.generate import generate
 from levante.loader import load
 from levante.sampling import SamplingParams
@@ -29,7 +29,6 @@ def test_memory_refused_with_a_clear_error(tmp_path, monkeypatch):
     """A KV cache larger than the device's free memory, or weights that do not fit: DeviceMemoryError naming what
     and what to lower, before or instead of torch's out-of-memory traceback."""
     from levante.cuda import to_device
-    from levante.errors import DeviceMemoryError
 
     lm = load(save_hf(hf_model("mixtral_8x2"), tmp_path / "m"))
     cfg = lm.model.cfg
@@ -248,6 +247,36 @@ def test_cache_is_reused_while_it_fits(tmp_path):
             dec(torch.tensor([[1]]), None, bigger, rows=slice(8, 9))
 
 
+def test_warm_cache_outlasts_a_bigger_batch(tmp_path, monkeypatch):
+    """An LLM's warm one-row cache (and, on a GPU, its captured graph) stays while a list of prompts gets a cache
+    of its own: a single prompt after a batch finds it again, a batch after a single prompt its own; a bigger
+    batch replaces the batch's cache, not the warm one, unless the device lacks memory for both."""
+    import levante.cuda.decoder as decoder
+
+    lm = load(save_hf(hf_model("mistral_dense"), tmp_path / "m"))
+    dec = CudaDecoder(lm.model)
+    warm = dec.warm_up(1, 40, slack=4)
+    batch = dec.new_cache(3, 20)
+    assert batch is not warm and batch.rows == 4 and warm.rows == 1
+    assert dec.new_cache(1, 30, slack=4) is warm and dec.new_cache(2, 20) is batch
+    bigger = dec.new_cache(5, 20)
+    assert bigger.rows == 8 and dec.new_cache(1, 40) is warm and dec.new_cache(3, 10) is bigger
+    assert dec.warm_up(1, 40, slack=4) is warm  # again: nothing new
+    with torch.inference_mode():  # the caches serve their rows as before
+        ids = torch.randint(3, 200, (3, 6))
+        want = dec(ids, None, dec.new_cache(3, 20))
+        dec(ids[:1], None, dec.new_cache(1, 20))
+        assert torch.equal(dec(ids, None, dec.new_cache(3, 20)), want)
+    # a device with room for a cache twice the latest and no more: a new batch's takes the warm one's place
+    held = [2 * bigger.nbytes]
+    monkeypatch.setattr(decoder, "free_bytes", lambda device: held[0] - sum(
+        c.nbytes for c in {id(c): c for c in (dec._warm, dec._cache) if c is not None}.values()))
+    wide = dec.new_cache(9, 20)
+    assert wide.rows == 16 and wide.nbytes == held[0] and dec._warm is None and dec._cache is wide
+    with pytest.raises(DeviceMemoryError, match="KV cache"):
+        dec.new_cache(17, 20)  # more than the device has, even alone
+
+
 @pytest.mark.gpu
 def test_gpu_graphs_equal_eager_without_host_sync(tmp_path):
     """On CUDA: LLM generation runs the decoder (graphs), equals the CPU model, and a decode step never syncs."""
@@ -261,7 +290,7 @@ def test_gpu_graphs_equal_eager_without_host_sync(tmp_path):
     for p in ("Hello there", "A longer prompt about the sea and the wind"):
         want = cpu(p, max_tokens=12, temperature=0)["choices"][0]["text"]
         assert gpu(p, max_tokens=12, temperature=0)["choices"][0]["text"] == want
-    assert gpu._decoder._graphs  # the decode steps were captured
+    assert gpu._decoder._warm.graphs  # the decode steps were captured
     sampled = gpu("Hello there", max_tokens=8, temperature=1.0, seed=3)  # seeded draws: CPU generators, GPU logits
     assert sampled["usage"]["completion_tokens"] >= 1
     dec = gpu._decoder

@@ -6,6 +6,7 @@ with the model's numbers but GPU-shaped work:
 - the cache is preallocated, [rows, kv heads, capacity + 1, head_dim] per layer, slot = position (or a ring
   buffer of the window for sliding-window models; the extra slot takes the writes of left-padding tokens), and
   reused across calls while it is big enough, so its addresses, and the graphs captured over them, stay valid;
+  the warm-up's cache stays beside a bigger batch's, so an LLM alternating single prompts and lists keeps both;
 - attention is `cache_attention` (no mask tensor, no per-length planning: the lengths are data); the residual
   adds and norms, RoPE with the cache writes, and the feed-forward's activation are one kernel each
   (levante.cuda.triton_fused), so a layer is ~13 kernels rather than ~40;
@@ -100,6 +101,13 @@ class StaticCache(RowCache):
         self.rows, self.capacity, self.max_tokens, self.slack, self.dtype = rows, capacity, max_tokens, slack, dtype
         self.active = rows  # rows in use by the current generation
         self.lengths = [0] * rows
+        self.graphs: dict[int, tuple] = {}  # batch bucket -> its decode step captured over these buffers
+        self.nbytes = nbytes
+
+    def fits(self, rows: int, max_tokens: int, dtype: torch.dtype, slack: int = 0) -> bool:
+        """Whether `rows` (a bucket) of `max_tokens` (+ `slack`) positions of `dtype` fit this cache as it is."""
+        return (self.rows >= rows and self.max_tokens >= max_tokens + slack and self.slack >= slack
+                and self.dtype == dtype)
 
     @property
     def batch_size(self) -> int:
@@ -157,8 +165,10 @@ class CudaDecoder(nn.Module):
         # generation launches the next step before reading this one's tokens back (levante.generate): on a GPU the
         # host's streaming overlaps the step; on CPU it would only add a wasted last step
         self.pipelined = self.model.device.type == "cuda"
-        self._cache: StaticCache | None = None
-        self._graphs: dict[int, tuple] = {}
+        # the warm-up's cache (one row of the whole context for an LLM; the engine's batch) stays while a bigger
+        # batch's cache comes and goes, so that alternating calls do not reallocate caches and recapture graphs
+        self._warm: StaticCache | None = None
+        self._cache: StaticCache | None = None  # the latest other one
         # decode steps store the activations that only packed weights read as float32 (their values unchanged):
         # Triton 3.6's one-row GEMV then reads x without converting it, 8.3 -> 6.5 lane-instructions per Q4_K weight
         self.float32_inputs = float32_inputs
@@ -171,15 +181,22 @@ class CudaDecoder(nn.Module):
 
     def new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype | None = None,
                   slack: int = 0) -> StaticCache:
-        """The decoder's cache, for `batch_size` rows of up to `max_tokens` tokens: the one it has when it is big
-        enough (no reset needed: a query never sees a slot beyond its own position), else a bigger one."""
+        """A cache for `batch_size` rows of up to `max_tokens` tokens: the warm-up's or the latest one when it is
+        big enough (no clearing needed: a query never sees a slot beyond its own position; their graphs stay
+        valid), else a new one in place of the latest (the warm-up's too when the device lacks memory for both)."""
         dtype = dtype or self.model.dtype
         rows = bucket_for(batch_size)
-        c = self._cache
-        if c is None or c.rows < rows or c.max_tokens < max_tokens + slack or c.slack < slack or c.dtype != dtype:
-            self._cache = c = None
-            self._graphs.clear()
-            c = StaticCache(self.cfg, rows, max_tokens + slack, dtype, self.model.device, slack=slack)
+        c = next((c for c in (self._warm, self._cache) if c is not None and c.fits(rows, max_tokens, dtype, slack)),
+                 None)
+        if c is None:
+            self._cache = None  # freed before its successor is allocated
+            try:
+                c = StaticCache(self.cfg, rows, max_tokens + slack, dtype, self.model.device, slack=slack)
+            except DeviceMemoryError:
+                if self._warm is None:
+                    raise
+                self._warm = None
+                c = StaticCache(self.cfg, rows, max_tokens + slack, dtype, self.model.device, slack=slack)
             self._cache = c
         c.active = batch_size
         c.reset()
@@ -193,14 +210,17 @@ class CudaDecoder(nn.Module):
         first compile, in a pool of processes, the kernels of every bucket's decode step (also those not captured
         now: a bigger batch then only captures its graph), of prefills (levante.cuda.precompile.WARM_PREFILLS: one
         prompt of any length, or several) and of speculative decoding's verification calls of `verify` tokens."""
-        cache = self.new_cache(max_rows, max_tokens, dtype, slack)
+        dtype = dtype or self.model.dtype
+        if self._warm is not None and not self._warm.fits(bucket_for(max_rows), max_tokens, dtype, slack):
+            self._warm = None  # replaced: not held beside its successor
+        cache = self._warm = self.new_cache(max_rows, max_tokens, dtype, slack)
         buckets = [b for b in BUCKETS if b <= cache.rows]
         if precompile and self.model.device.type == "cuda":
             self.precompiled = precompile_decoder(self, BUCKETS, max_tokens, cache.dtype, slack, verify=verify)
         if self.use_graphs:
             dev = self.model.device
             for b in buckets:
-                if b not in self._graphs:
+                if b not in cache.graphs:
                     with torch.inference_mode():
                         self._capture(b, cache)
             torch.cuda.synchronize(dev)
@@ -247,7 +267,7 @@ class CudaDecoder(nn.Module):
             pos = torch.full((b, 1), -1, dtype=positions.dtype, device=positions.device)
             tok[:B], pos[:B] = tokens, positions
             return self._step(tok, pos, cache, True)[:B]
-        graph = self._graphs.get(b)
+        graph = cache.graphs.get(b)
         if graph is None:
             graph = self._capture(b, cache)
         g, tok, pos, out = graph
@@ -272,8 +292,8 @@ class CudaDecoder(nn.Module):
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             out = self._step(tok, pos, cache, True)
-        self._graphs[b] = (g, tok, pos, out)
-        return self._graphs[b]
+        cache.graphs[b] = (g, tok, pos, out)
+        return cache.graphs[b]
 
     def _step(self, tokens: Tensor, positions: Tensor, cache: StaticCache, last_only: bool, row0: int = 0) -> Tensor:
         """The model's forward over cache rows row0.., device ops only (capturable): per layer, the residual add

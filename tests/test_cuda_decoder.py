@@ -290,7 +290,11 @@ def test_gpu_graphs_equal_eager_without_host_sync(tmp_path):
     for p in ("Hello there", "A longer prompt about the sea and the wind"):
         want = cpu(p, max_tokens=12, temperature=0)["choices"][0]["text"]
         assert gpu(p, max_tokens=12, temperature=0)["choices"][0]["text"] == want
-    assert gpu._decoder._warm.graphs  # the decode steps were captured
+    warm = gpu._decoder._warm
+    step = warm.graphs[1]  # the batch-1 decode step was captured (at start-up)
+    assert len(gpu(["Hello there", "The sea"], max_tokens=4, temperature=0)["choices"]) == 2  # a cache of its own
+    gpu("Hello there", max_tokens=4, temperature=0)
+    assert gpu._decoder._warm is warm and warm.graphs[1] is step  # a batch in between: nothing recaptured
     sampled = gpu("Hello there", max_tokens=8, temperature=1.0, seed=3)  # seeded draws: CPU generators, GPU logits
     assert sampled["usage"]["completion_tokens"] >= 1
     dec = gpu._decoder

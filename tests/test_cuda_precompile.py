@@ -30,12 +30,13 @@ from levante.loader import load
 H200 = (["cuda", 90, 32], 232448)
 
 
-def _model(tmp_path: Path, kind: str, quant: str | None):
+def _model(tmp_path: Path, kind: str, quant: str | None, layers: int = 2):
     """A bf16 model (packed weights of a GGUF `quant`; rows of 256 values for the K-quants' super-blocks) whose
     tensors own their memory, as on a GPU: on CPU some are views of the memory-mapped file, at offsets that are not
     16-byte aligned."""
     d = 256 if quant == "Q4_K_M" else 128
-    src = save_hf(hf_model(kind, vocab_size=256, hidden_size=d, intermediate_size=d), tmp_path / "m")
+    src = save_hf(hf_model(kind, vocab_size=256, hidden_size=d, intermediate_size=d, num_hidden_layers=layers),
+                  tmp_path / "m")
     path = src
     if quant is not None:
         from levante.tools.quantize import quantize_model
@@ -95,8 +96,8 @@ def test_every_prompt_and_batch_finds_its_kernels_compiled(scheme):
 def test_dry_run_records_the_launches_of_the_real_steps(tmp_path, kind, quant):
     """The decode step of each bucket, a prefill and a speculative verification (every token's logits), run for real
     under the interpreter, launch exactly the kernels (constexprs, dtypes, alignments, integers) the dry run on the
-    meta copy records; the model is untouched."""
-    net, _ = _model(tmp_path, kind, quant)
+    meta copy records; the model is untouched. One layer: every layer launches the same kernels."""
+    net, _ = _model(tmp_path, kind, quant, layers=1)
     fuse_moe(net)
     dec = CudaDecoder(net)
     before = {k: v.clone() for k, v in net.state_dict().items()}

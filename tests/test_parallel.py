@@ -66,11 +66,13 @@ def test_gpu_decoder_on_every_rank(tmp_path_factory, ep):
     """The GPU path of a parallel model (`ParallelLM.decoder()`: a CudaDecoder on each rank over its shard, with
     its static cache, Triton attention and fused MoE, the all-reduces run as hooks; here under the Triton
     interpreter): greedy tokens equal the single process's, batched with left padding and bucketed decode steps,
-    pipelined as on a GPU, and through the serving engine (rows joining and leaving, prefix reuse)."""
+    pipelined as on a GPU, with speculation, and through the serving engine (rows joining and leaving, prefix
+    reuse)."""
     from levante.cuda import StaticCache
     from levante.engine import Engine
     from levante.generate import generate
     from levante.sampling import SamplingParams
+    from levante.speculative import PromptLookup, Speculator
 
     greedy = SamplingParams.greedy()
     d = _dir(tmp_path_factory, "mixtral_8x2")
@@ -86,6 +88,13 @@ def test_gpu_decoder_on_every_rank(tmp_path_factory, ep):
             assert got == want
             dec.pipelined = True  # each step sent before the last one's tokens are read back
             assert [r.tokens for r in generate(dec, tok, prompts, 6, greedy, stop_token_ids=set())] == want
+            # speculation (an LLM's on a GPU): multi-token verifications and take-backs on every rank's cache
+            loop = tok.encode("one two three four one two three four one two")
+            spec = Speculator(PromptLookup(2), 3)
+            solo = [r.tokens for r in generate(base.model, tok, [loop], 8, greedy, stop_token_ids=set())]
+            assert [r.tokens for r in generate(dec, tok, [loop], 8, greedy, stop_token_ids=set(),
+                                               speculator=spec)] == solo
+            assert spec.stats.verifications > 0
         eng = Engine(par.model.decoder(), tok, n_ctx=64, max_batch=2).start()
         try:
             assert isinstance(eng.cache.local, StaticCache)

@@ -266,7 +266,7 @@ def test_generate_on_a_gpu(tmp_path):
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     decoder = model._generation_net()
-    assert isinstance(decoder, CudaDecoder) and decoder.precompiled is not None and decoder._graphs
+    assert isinstance(decoder, CudaDecoder) and decoder.precompiled is not None and decoder._warm.graphs
     llm = LLM(str(path), device="cuda")
     with torch.inference_mode():
         want = generate(llm.generation_model, llm.tokenizer, [ids[0].tolist()], 8, SamplingParams.greedy(),

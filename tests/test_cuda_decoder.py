@@ -13,7 +13,7 @@ from fixtures import hf_model, save_hf
 
 from levante.cuda import CudaDecoder, StaticCache, bucket_for, fuse_moe, pack_weights
 from levante.errors import ContextLengthError, DeviceMemoryError
-from levante.generate import generate
+from levante.generate import _prefill_positions, generate
 from levante.loader import load
 from levante.sampling import SamplingParams
 
@@ -167,6 +167,30 @@ def test_ring_buffer_for_a_sliding_window(tmp_path, monkeypatch, chunk):
     cache.truncate(0, 17)
     with pytest.raises(ValueError, match="take back 4 steps"):
         cache.truncate(0, 13)
+
+
+def test_prompts_of_several_lengths_prefill_packed(tmp_path, monkeypatch):
+    """A left-padded prefill of prompts of 7, 2 and 4 tokens runs the feed-forward (the MoE's routing and experts)
+    and the projections over the 13 real tokens as one [1, 13] batch, not 3 x 7; each real token's logits are
+    those of its prompt alone, the padding's zeros, and the last-token logits are each row's last token's."""
+    from levante.cuda import decoder
+
+    lm = load(save_hf(hf_model("mixtral_8x2", vocab_size=32000, num_hidden_layers=1), tmp_path / "m"))
+    fuse_moe(lm.model)
+    dec = CudaDecoder(lm.model)
+    seen: list[tuple] = []
+    ffn = decoder.feed_forward
+    monkeypatch.setattr(decoder, "feed_forward", lambda f, h, *a: (seen.append(tuple(h.shape[:-1])), ffn(f, h, *a))[1])
+    tokens, positions = _prefill_positions(PROMPTS, 7)
+    with torch.inference_mode():
+        logits = dec(tokens, positions, dec.new_cache(3, 16))
+        last = dec(tokens, positions, dec.new_cache(3, 16), last_only=True)
+        assert seen == [(1, 13)] * 2
+        for i, p in enumerate(PROMPTS):
+            alone = dec(torch.tensor([p]), torch.arange(len(p))[None], dec.new_cache(1, 16))[0]
+            torch.testing.assert_close(logits[i, 7 - len(p) :], alone, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(last[i, 0], alone[-1], rtol=1e-4, atol=1e-4)
+            assert not logits[i, : 7 - len(p)].any()
 
 
 def test_bf16_logits_close_to_the_model(tmp_path):

@@ -25,6 +25,7 @@ from levante.cuda.precompile import (
     meta_copy,
     recorded_launches,
 )
+from levante.generate import _prefill_positions
 from levante.loader import load
 
 H200 = (["cuda", 90, 32], 232448)
@@ -70,6 +71,9 @@ def test_meta_copy_keeps_shapes_and_the_model():
 LENGTHS = [*range(1, 140), 200, 255, 256, 257, 300, 511, 512]
 # several prompts at once (an LLM given a list): rows x the longest prompt's tokens (1: the decode step's path)
 BATCHES = [(rows, t) for rows in (2, 3, 4, 5, 7, 8, 9, 16, 33, 100) for t in (1, 2, 5, 9, 16, 17, 33, 100, 512)]
+# prompts of several lengths, left-padded and run packed: (rows, the longest's tokens, real tokens of the chunk)
+PACKED = [(rows, t, real) for rows in (2, 3, 5, 8, 9, 33) for t in (2, 9, 33, 512)
+          for real in (1, 2, 3, 5, 8, 9, 17, 100, 129, 1000) if real < rows * t]
 AWQ = dict.fromkeys(("wq", "wk", "wv", "wo", "w1", "w3", "w2"), "AWQ4")
 
 
@@ -77,16 +81,16 @@ AWQ = dict.fromkeys(("wq", "wk", "wv", "wo", "w1", "w3", "w2"), "AWQ4")
 def test_every_prompt_and_batch_finds_its_kernels_compiled(scheme):
     """What the warm-up's dry run compiles (every bucket's decode step, WARM_PREFILLS) is all that a one-row prefill
     of any length up to a chunk, a prefill of several prompts and a decode step of any batch launch, in a context
-    of 4096 tokens or of 40: a Mixtral-8x7B layer at its real sizes (what the tiles and GEMVs choose depends on
-    them)."""
+    of 4096 tokens or of 40 (prompts of several lengths too, run packed): a Mixtral-8x7B layer at its real sizes
+    (what the tiles and GEMVs choose depends on them)."""
     dec = CudaDecoder(mixtral_8x7b_layer(scheme))
     for n_ctx in (4096, 40):
         warm = {compile_key(r) for r in decoder_launches(dec, BUCKETS, n_ctx, torch.bfloat16)}  # as warm_up's
-        shapes = [(1, t) for t in LENGTHS] + BATCHES
-        for rows, t in (s for s in shapes if s[1] <= n_ctx):
-            launched = decoder_launches(dec, (), n_ctx, torch.bfloat16, prefill=[(rows, t)])
+        shapes = [(1, t) for t in LENGTHS] + BATCHES + PACKED
+        for shape in (s for s in shapes if s[1] <= n_ctx):
+            launched = decoder_launches(dec, (), n_ctx, torch.bfloat16, prefill=[shape])
             missing = sorted({r["kernel"] for r in launched if compile_key(r) not in warm})
-            assert not missing, f"{rows} prompt(s) of {t} tokens (n_ctx {n_ctx}) compile {missing} at first use"
+            assert not missing, f"prefill {shape} (rows, tokens[, real]; n_ctx {n_ctx}) compiles {missing} at first use"
         launched = decoder_launches(dec, (512, 768), n_ctx, torch.bfloat16, prefill=())  # past the last bucket
         assert {compile_key(r) for r in launched} <= warm
 
@@ -94,9 +98,10 @@ def test_every_prompt_and_batch_finds_its_kernels_compiled(scheme):
 @pytest.mark.parametrize(("kind", "quant"), [("mixtral_8x2", None), ("mixtral_8x2", "Q4_K_M"),
                                              ("mistral_dense", "Q8_0")])
 def test_dry_run_records_the_launches_of_the_real_steps(tmp_path, kind, quant):
-    """The decode step of each bucket, a prefill and a speculative verification (every token's logits), run for real
-    under the interpreter, launch exactly the kernels (constexprs, dtypes, alignments, integers) the dry run on the
-    meta copy records; the model is untouched. One layer: every layer launches the same kernels."""
+    """The decode step of each bucket, a prefill, a speculative verification (every token's logits) and a packed
+    prefill of two prompts, run for real under the interpreter, launch exactly the kernels (constexprs, dtypes,
+    alignments, integers) the dry run on the meta copy records; the model is untouched. One layer: every layer
+    launches the same kernels."""
     net, _ = _model(tmp_path, kind, quant, layers=1)
     fuse_moe(net)
     dec = CudaDecoder(net)
@@ -107,7 +112,9 @@ def test_dry_run_records_the_launches_of_the_real_steps(tmp_path, kind, quant):
             dec._step(torch.zeros(b, 1, dtype=torch.long), torch.full((b, 1), -1), cache, True)
         dec(torch.randint(3, 256, (1, 20)), torch.arange(20)[None], cache, last_only=True)
         dec(torch.randint(3, 256, (1, 5)), torch.arange(20, 25)[None], cache)  # a speculative verification
-    dry = decoder_launches(dec, BUCKETS[:3], 64, cache.dtype, prefill=(20,), verify=(5,))
+        tokens, positions = _prefill_positions([list(range(3, 23)), [3, 4, 5, 6, 7]], 20)
+        dec(tokens, positions, cache, last_only=True)  # prompts of two lengths: run packed, 25 tokens
+    dry = decoder_launches(dec, BUCKETS[:3], 64, cache.dtype, prefill=(20, (2, 20, 25)), verify=(5,))
     assert len(dry) > 10 and _keys(dry) == _keys(distinct(real))
     after = net.state_dict()
     assert all(torch.equal(v, after[k]) and after[k].device.type == "cpu" for k, v in before.items())

@@ -10,6 +10,8 @@ with the model's numbers but GPU-shaped work:
 - attention is `cache_attention` (no mask tensor, no per-length planning: the lengths are data); the residual
   adds and norms, RoPE with the cache writes, and the feed-forward's activation are one kernel each
   (levante.cuda.triton_fused), so a layer is ~13 kernels rather than ~40;
+- prompts of several lengths (left-padded rows) prefill packed, as vLLM runs them: the projections, norms and the
+  feed-forward see only the real tokens, attention and the cache writes keep the padded layout;
 - in steps of up to GEMV_ROWS tokens of a 16-bit model, the activations that only packed weights read (the norms'
   outputs, the attention's, the feed-forward's activation) are stored as float32, holding the same values: the
   GEMV's products are float32 either way, and the GPU's Triton (3.6) multiplies float32 x without converting it
@@ -165,6 +167,8 @@ class CudaDecoder(nn.Module):
         # generation launches the next step before reading this one's tokens back (levante.generate): on a GPU the
         # host's streaming overlaps the step; on CPU it would only add a wasted last step
         self.pipelined = self.model.device.type == "cuda"
+        # a serving engine prefills several new rows in one call, each at its own positions (slot = position here)
+        self.batched_prefill = True
         # the warm-up's cache (one row of the whole context for an LLM; the engine's batch) stays while a bigger
         # batch's cache comes and goes, so that alternating calls do not reallocate caches and recapture graphs
         self._warm: StaticCache | None = None
@@ -250,10 +254,14 @@ class CudaDecoder(nn.Module):
             return self._decode(tokens, positions, cache)
         n = cache.write_limit
         if T > n:  # a ring buffer: chunks it can hold without overwriting keys their first queries see
-            parts = [self._step(tokens[:, i : i + n], positions[:, i : i + n], cache, last_only, row0)
+            parts = [self._prefill(tokens[:, i : i + n], positions[:, i : i + n], cache, last_only, row0)
                      for i in range(0, T, n)]
             return parts[-1] if last_only else torch.cat(parts, dim=1)
-        return self._step(tokens, positions, cache, last_only, row0)
+        return self._prefill(tokens, positions, cache, last_only, row0)
+
+    def _prefill(self, tokens: Tensor, positions: Tensor, cache: StaticCache, last_only: bool, row0: int) -> Tensor:
+        """Several tokens per row: left-padded rows run packed (`real_tokens`)."""
+        return self._step(tokens, positions, cache, last_only, row0, real_tokens(positions))
 
     def _decode(self, tokens: Tensor, positions: Tensor, cache: StaticCache) -> Tensor:
         """One token per row, for the batch's bucket; the padding rows (position -1) see nothing and write only
@@ -295,15 +303,21 @@ class CudaDecoder(nn.Module):
         cache.graphs[b] = (g, tok, pos, out)
         return cache.graphs[b]
 
-    def _step(self, tokens: Tensor, positions: Tensor, cache: StaticCache, last_only: bool, row0: int = 0) -> Tensor:
+    def _step(self, tokens: Tensor, positions: Tensor, cache: StaticCache, last_only: bool, row0: int = 0,
+              keep: Tensor | None = None) -> Tensor:
         """The model's forward over cache rows row0.., device ops only (capturable): per layer, the residual add
         and norm, RoPE and the cache writes, and the feed-forward's small ops are one kernel each
-        (levante.cuda.triton_fused)."""
+        (levante.cuda.triton_fused). `keep` (the flat indices of the real tokens of a left-padded [B, T], see
+        `real_tokens`): the step runs packed, as vLLM runs prompts of several lengths: the projections, norms and
+        the feed-forward (the MoE's routing and experts included) see only those N tokens ([1, N, ...]); RoPE, the
+        cache writes and attention keep the padded layout (their padding costs next to nothing: it writes the dump
+        slot, and a query block of padding sees no key)."""
         net = self.model
         cfg = net.cfg
         B, T = tokens.shape
+        n = B * T if keep is None else keep.numel()
         dt = net.dtype
-        wide = self.float32_inputs and dt != torch.float32 and use_gemv(B * T, packed=True)
+        wide = self.float32_inputs and dt != torch.float32 and use_gemv(n, packed=True)
         if self._readers is None:
             self._readers = packed_readers(net, self.lm.lm_head, dt)
         layers_in, head_in = self._readers
@@ -311,7 +325,7 @@ class CudaDecoder(nn.Module):
         def store(packed_only: bool) -> torch.dtype | None:
             return torch.float32 if wide and packed_only else None
 
-        x = net.embed.rows(tokens, dt)
+        x = net.embed.rows(tokens if keep is None else tokens.reshape(-1).index_select(0, keep)[None], dt)
         start = (positions[:, -1] - (T - 1)).to(torch.int32)  # left padding: a row's real positions end the chunk
         ring = cache.capacity if cache.rolling else 0
         delta = None  # the previous block's output: added to x by the next norm's kernel
@@ -321,23 +335,56 @@ class CudaDecoder(nn.Module):
             x, h = add_rms_norm(x, delta, layer.attn_norm.weight, layer.attn_norm.eps, store(qkv_in))
             qkv = fused_qkv(a)
             if qkv is not None:  # one matmul
-                q, k, v = linear(qkv, h, dt).split([a.wq.out_features, a.wk.out_features, a.wv.out_features], dim=-1)
+                q, k, v = spread(linear(qkv, h, dt), keep, B, T).split(
+                    [a.wq.out_features, a.wk.out_features, a.wv.out_features], dim=-1)
             else:
-                q, k, v = (linear(w, h, dt) for w in (a.wq, a.wk, a.wv))
+                q, k, v = (spread(linear(w, h, dt), keep, B, T) for w in (a.wq, a.wk, a.wv))
             ck, cv = cache.k[i][row0 : row0 + B], cache.v[i][row0 : row0 + B]
             # RoPE (angles made in the kernel) and the k / v writes; padding tokens write the dump slot
             q = rope_and_cache(q, k, v, positions, net.rotary.inv_freq, ck, cv, a.n_heads, a.n_kv, cache.capacity, ring)
             # [B, H, T, D] over a [B, T, H, D] buffer
-            o = cache_attention(q, ck, cv, start, cfg.sliding_window, ring=ring, store=store(wo_in))
-            o = run_hooks(a, h, linear(a.wo, o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim), dt))
+            # packed: attention stores 16-bit values as a padded prefill does (the kernel it compiled), and only the
+            # real rows are widened for a GEMV (the same values)
+            o = cache_attention(q, ck, cv, start, cfg.sliding_window, ring=ring,
+                                store=store(wo_in) if keep is None else None)
+            o = gather(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim), keep).to(store(wo_in) or o.dtype)
+            o = run_hooks(a, h, linear(a.wo, o, dt))
             x, h = add_rms_norm(x, o, layer.ffn_norm.weight, layer.ffn_norm.eps, store(ffn_in))
             delta = feed_forward(layer.ffn, h, dt, store(act))
-        if last_only:
+        if last_only and keep is None:
             x, delta = x[:, -1:], delta[:, -1:]
-        _, h = add_rms_norm(x, delta, net.norm.weight, net.norm.eps, store(head_in))
+        elif last_only:  # each row's last column (a row that is all padding in this chunk: any token, unused)
+            ends = torch.searchsorted(keep, torch.arange(1, B + 1, device=keep.device) * T - 1).clamp_(max=n - 1)
+            x, delta = x[0, ends][:, None], delta[0, ends][:, None]
+        # the head's rows (packed: B last tokens, maybe more than the N <= GEMV_ROWS the layers saw) choose its kernel
+        head_store = store(head_in) if use_gemv(x.shape[0] * x.shape[1], packed=True) else None
+        _, h = add_rms_norm(x, delta, net.norm.weight, net.norm.eps, head_store)
         if self.lm.lm_head is None:  # a parallel model's worker rank: rank 0 alone computes the logits
-            return h
-        return linear(self.lm.lm_head, h, dt).float()
+            return h if last_only else spread(h, keep, B, T)
+        out = linear(self.lm.lm_head, h, dt).float()
+        return out if last_only else spread(out, keep, B, T)
+
+
+def real_tokens(positions: Tensor) -> Tensor | None:
+    """The flat indices of the real tokens (position >= 0) of several left-padded rows [B, T] when some are
+    padding (one read back from the device, before the step), else None: one row (a prompt, a speculative
+    verification: never padded, and no read back), no padding, or the meta device (a dry run: values unknown)."""
+    if positions.shape[0] == 1 or positions.device.type == "meta":
+        return None
+    keep = (positions.reshape(-1) >= 0).nonzero().squeeze(1)
+    return None if keep.numel() == positions.numel() else keep
+
+
+def gather(t: Tensor, keep: Tensor | None) -> Tensor:
+    """t [B, T, F] of a padded step as [1, N, F], its `keep` tokens' rows (t itself without keep)."""
+    return t if keep is None else t.reshape(-1, t.shape[-1]).index_select(0, keep)[None]
+
+
+def spread(t: Tensor, keep: Tensor | None, B: int, T: int) -> Tensor:
+    """t [1, N, F] of a packed step back in the padded layout [B, T, F], zeros at the padding (t without keep)."""
+    if keep is None:
+        return t
+    return t.new_zeros(B * T, t.shape[-1]).index_copy_(0, keep, t.reshape(-1, t.shape[-1])).view(B, T, -1)
 
 
 def run_hooks(module: nn.Module, h: Tensor, out: Tensor) -> Tensor:

@@ -188,28 +188,33 @@ def meta_copy(module: nn.Module) -> nn.Module:
             torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__ = saved
 
 
-Prefill = int | tuple[int, int]  # a one-row prefill's tokens, or (rows, tokens)
+# a one-row prefill's tokens, (rows, tokens), or (rows, tokens, real): left-padded rows run packed, `real` tokens
+Prefill = int | tuple[int, int] | tuple[int, int, int]
 
 
 def dry_steps(decoder, buckets: Sequence[int], max_tokens: int, dtype: torch.dtype, slack: int = 0,
               prefill: Sequence[Prefill] = WARM_PREFILLS, verify: Sequence[int] = ()) -> None:
     """`decoder`'s (a CudaDecoder's) decode step for each batch bucket of `buckets`, over a cache of `max_tokens`
-    tokens per row (+ `slack`), a prefill of each shape in `prefill` (a one-row prefill's length, or (rows,
-    tokens)) and a one-row call returning the logits of every token (speculative decoding's verification) of each
-    length in `verify` that fits, run on a meta copy of its model: shapes only, nothing allocated; its Triton
-    launches are whatever the caller makes them."""
+    tokens per row (+ `slack`), a prefill of each shape in `prefill` (a one-row prefill's length, (rows, tokens),
+    or (rows, tokens, real tokens): left-padded rows, run packed) and a one-row call returning the logits of every
+    token (speculative decoding's verification) of each length in `verify` that fits, run on a meta copy of its
+    model: shapes only, nothing allocated; its Triton launches are whatever the caller makes them."""
     dry = type(decoder)(meta_copy(decoder.lm), use_graphs=False, float32_inputs=decoder.float32_inputs)
     meta = torch.device("meta")
     shapes = [((1, p) if isinstance(p, int) else tuple(p), True) for p in prefill] + [((1, t), False) for t in verify]
-    cache = dry.new_cache(max([*buckets, *(rows for (rows, _), _ in shapes)]), max_tokens, dtype, slack)
+    cache = dry.new_cache(max([*buckets, *(shape[0] for shape, _ in shapes)]), max_tokens, dtype, slack)
     with torch.inference_mode():
         for b in buckets:
             dry._step(torch.zeros(b, 1, dtype=torch.long, device=meta),
                       torch.full((b, 1), -1, dtype=torch.long, device=meta), cache, True)
-        for (rows, t), last_only in shapes:
+        for (rows, t, *real), last_only in shapes:
             if t <= max_tokens:
-                dry(torch.zeros(rows, t, dtype=torch.long, device=meta),
-                    torch.arange(t, device=meta).expand(rows, t), cache, last_only=last_only)
+                tokens = torch.zeros(rows, t, dtype=torch.long, device=meta)
+                positions = torch.arange(t, device=meta).expand(rows, t)
+                if real:  # the indices real_tokens would find: their count is all the step's shapes depend on
+                    dry._step(tokens, positions, cache, last_only, keep=torch.arange(real[0], device=meta))
+                else:
+                    dry(tokens, positions, cache, last_only=last_only)
 
 
 def decoder_launches(decoder, buckets: Sequence[int], max_tokens: int, dtype: torch.dtype, slack: int = 0,

@@ -4,7 +4,8 @@ Each running request owns one row ("slot") of a shared `KVCache`. Active rows ar
 (rows [0, n_active)), so every decode step is one model call over a slice of the cache, with rows
 of different lengths advancing together. Between decode steps the scheduler drops finished or
 cancelled requests (their row is swapped behind the active ones and kept) and admits waiting ones
-(prefill of the new row alone, in chunks).
+(prefill in chunks: a new row alone, or, on a model that packs prompts of several lengths (the GPU decoder),
+the new rows whose prompts fit the chunk together in one call).
 
 Prefix cache: a finished request's row keeps its tokens. A new request whose prompt starts with
 the same tokens (a shared system prompt, the earlier turns of a conversation) takes that row,
@@ -212,6 +213,9 @@ class Engine:
             model.warm_up(max_batch, self.cache.capacity, kv_dtype)
         self.slots = [_Slot() for _ in range(max_batch)]
         self.n_active = 0
+        # new rows prefill together (each at its own position, left-padded, run packed) on a model whose cache puts
+        # a token at the slot of its position: the GPU decoder's static cache; the CPU cache shares write slots
+        self.batched_prefill = getattr(model, "batched_prefill", False)
         # the request whose prompt is being prefilled (row, prompt tokens in the cache): it sits in the row after
         # the active ones and joins them when its prompt is in
         self._filling: tuple[int, int] | None = None
@@ -384,13 +388,15 @@ class Engine:
     def _admit(self) -> None:
         """Prefill at most `prefill_chunk` prompt tokens, then return to the decode step: a long prompt is fed a
         chunk per scheduler step (chunked prefill), so the running streams keep going while it is read. Short
-        prompts are admitted together while the budget lasts."""
+        prompts are admitted while the budget lasts: one by one, or (`batched_prefill`) those whose rest fits the
+        budget in one call, as vLLM batches the prompts of the requests it schedules together."""
         budget = self.prefill_chunk
         if self._filling is not None:
             budget -= self._fill_guarded(budget)
             if self._filling is not None:
                 return
-        while self.n_active < self.max_batch and budget > 0:
+        group: list[int] = []  # started rows (n_active..) whose prompts are prefilled together
+        while self.n_active + len(group) < self.max_batch and budget > 0:
             with self._cv:
                 if not self.waiting:
                     break
@@ -400,18 +406,56 @@ class Engine:
             if req.cancelled:
                 req._put(_DONE)
                 continue
-            row = self.n_active
+            row = self.n_active + len(group)
             try:
-                self._start(req)
+                self._start(req, row)
             except WorkerError as e:  # the model is gone, not just this request
                 self._fail_start(row, req, e)
                 raise
             except Exception as e:  # its own set-up: only this request fails
                 self._fail_start(row, req, e)
                 continue
+            rest = len(req.prompt) - self._filling[1]
+            if self.batched_prefill and rest <= budget:
+                self._filling = None
+                group.append(row)
+                budget -= rest
+                continue
+            self._prefill_rows(group)  # first: the filling row then follows the active ones
+            group = []
             budget -= self._fill_guarded(budget)
             if self._filling is not None:
                 break
+        self._prefill_rows(group)
+
+    def _prefill_rows(self, rows: list[int]) -> None:
+        """Prefill the rest of the prompts of the requests started in `rows` (n_active.., in order) in one call,
+        left-padded, each row at its own positions (after its reused prefix); they join the active rows and their
+        first tokens are sampled. A failure fails those requests only (WorkerError: the engine too)."""
+        if not rows:
+            return
+        slots = [self.slots[r] for r in rows]
+        rests = [s.req.prompt[len(s.tokens) :] for s in slots]
+        T = max(map(len, rests))
+        tokens = torch.zeros(len(rows), T, dtype=torch.long)
+        positions = torch.full((len(rows), T), -1, dtype=torch.long)
+        for i, (s, rest) in enumerate(zip(slots, rests, strict=True)):
+            tokens[i, T - len(rest) :] = torch.tensor(rest)
+            positions[i, T - len(rest) :] = torch.arange(len(s.tokens), len(s.req.prompt))
+        try:
+            logits = self.model(tokens.to(self.device), positions.to(self.device), self.cache, last_only=True,
+                                rows=slice(rows[0], rows[-1] + 1))
+        except Exception as e:
+            for r, s in zip(rows, slots, strict=True):
+                self._fail_start(r, s.req, e)
+            if isinstance(e, WorkerError):
+                raise
+            return
+        for r, s in zip(rows, slots, strict=True):
+            s.tokens = list(s.req.prompt)
+            self.cache.lengths[r] = len(s.tokens)
+        self.n_active += len(rows)
+        self._emit(rows, logits[:, -1])
 
     def _fill_guarded(self, budget: int) -> int:
         """`_fill`, with a failure ending only the filling request (a WorkerError ends the engine too)."""
@@ -428,12 +472,12 @@ class Engine:
             self._fail_start(row, req, e)
             return budget
 
-    def _best_free_row(self, prompt: list[int]) -> tuple[int, int]:
-        """The free row sharing the longest prefix with `prompt` (at most len(prompt) - 1 tokens)."""
-        best, best_n = self.n_active, 0
+    def _best_free_row(self, prompt: list[int], first: int) -> tuple[int, int]:
+        """The free row (`first`..) sharing the longest prefix with `prompt` (at most len(prompt) - 1 tokens)."""
+        best, best_n = first, 0
         if not self.prefix_cache:
             return best, 0
-        for r in range(self.n_active, self.max_batch):
+        for r in range(first, self.max_batch):
             toks = self.slots[r].tokens
             if self.cache.rolling and self.cache.lengths[r] > self.cache.capacity:
                 continue
@@ -445,10 +489,10 @@ class Engine:
                 best, best_n = r, n
         return best, best_n
 
-    def _start(self, req: Request) -> None:
-        """Give `req` the free row with the longest common prefix, moved to the row after the active ones."""
-        r, common = self._best_free_row(req.prompt)
-        row = self.n_active
+    def _start(self, req: Request, row: int) -> None:
+        """Give `req` the free row with the longest common prefix, moved to `row` (the first free one: after the
+        active ones and those started before it)."""
+        r, common = self._best_free_row(req.prompt, row)
         if r != row:
             self._swap(r, row)
         if common:

@@ -378,6 +378,58 @@ def test_serving_engine_on_the_decoder(tmp_path, pipelined):
     assert got_sampled == want_sampled
 
 
+def test_serving_engine_prefills_new_rows_together(tmp_path):
+    """Requests waiting together are prefilled in one packed call: three rows of three lengths, then a pair of which
+    one continues the prefix it reuses from a finished row (its positions start there); every request gets solo
+    generation's tokens. A failing group prefill fails its own requests only; the engine keeps serving."""
+    from levante.engine import Engine
+    from levante.errors import EngineError
+
+    lm = load(save_hf(hf_model("mixtral_8x2", vocab_size=32000, num_hidden_layers=1), tmp_path / "m",
+                      tokenizer=True))
+    tok = lm.tokenizer
+    system = tok.encode("You are a helpful assistant. " * 4)
+    first = [system + tok.encode("Question one", add_bos=False), tok.encode("The quick brown fox"),
+             tok.encode("Hello")]
+    second = [system + tok.encode("Question two", add_bos=False), tok.encode("Once upon a time there")]
+    with torch.inference_mode():
+        want = [generate(lm.model, tok, [p], 5, GREEDY, stop_token_ids=set())[0].tokens for p in first + second]
+    fuse_moe(lm.model)
+    dec = CudaDecoder(lm.model)
+    calls: list[tuple] = []
+    fail = []
+
+    def spy(_module, args):
+        calls.append(tuple(args[0].shape))
+        if fail and args[0].shape[0] > 1 and args[0].shape[1] > 1:
+            raise RuntimeError("injected")
+
+    dec.register_forward_pre_hook(spy)
+    eng = Engine(dec, tok, n_ctx=128, max_batch=4)
+    try:
+        reqs = [eng.submit(p, 5, GREEDY, stop_ids=set()) for p in first]
+        eng.start()
+        got = [[ev.token for ev in r] for r in reqs]
+        with eng._cv:  # both wait before the scheduler takes either
+            reqs = [eng.submit(p, 5, GREEDY, stop_ids=set()) for p in second]
+        got += [[ev.token for ev in r] for r in reqs]
+        assert reqs[0].cached_tokens >= len(system)
+        fail.append(True)
+        with eng._cv:
+            failing = [eng.submit(tok.encode(t), 5, GREEDY, stop_ids=set()) for t in ("Lorem ipsum", "Sit amet")]
+        for r in failing:
+            with pytest.raises(EngineError):
+                list(r)
+        again = eng.submit(second[1], 5, GREEDY, stop_ids=set())
+        assert [ev.token for ev in again] == want[-1]
+    finally:
+        eng.shutdown()
+    assert got == want
+    prefills = [c for c in calls if c[1] > 1]
+    rests = [len(p) - r.cached_tokens for p, r in zip(second, reqs, strict=True)]
+    assert prefills[:2] == [(3, len(first[0])), (2, max(rests))] and min(rests) < max(rests)
+
+
 def test_low_rank_model(tmp_path):
     """A low-rank Mixtral as `levante compress` writes it (experts as float factors of per-matrix ranks, a few
     matrices kept full) on the fused path: the model's tokens."""

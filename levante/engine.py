@@ -214,7 +214,8 @@ class Engine:
         self.slots = [_Slot() for _ in range(max_batch)]
         self.n_active = 0
         # new rows prefill together (each at its own position, left-padded, run packed) on a model whose cache puts
-        # a token at the slot of its position: the GPU decoder's static cache; the CPU cache shares write slots
+        # a token at the slot of its position: the GPU decoder's static cache (the CPU cache shares write slots; a
+        # parallel decoder's ranks would each need the rows' lengths this engine sets on its own cache)
         self.batched_prefill = getattr(model, "batched_prefill", False)
         # the request whose prompt is being prefilled (row, prompt tokens in the cache): it sits in the row after
         # the active ones and joins them when its prompt is in

@@ -4,10 +4,10 @@ launches recorded, not all of them run, and compiled in a subprocess).
 
 Workloads: the decoder on one-layer models with Mixtral-8x7B's and SmolLM2-135M's hidden sizes and heads (the sizes
 the fused kernels' blocks follow), bf16 (and float16, an F16 checkpoint's dtype on a GPU; float32, an explicit
-dtype="float32"), through prefill chunks of every tile tier and a batch-1 decode step (recorded by levante.cuda
-.precompile's dry run on the meta device), a batch of 3 rows' prefill and decode step (run under the interpreter);
-then every packed format's matmul and grouped-expert kernels at each tier (one row: the GEMV; recorded without
-running them: nothing reads their outputs); last, a Q4_K_M Mixtral-8x7B layer at its real sizes (decode buckets 1-8
+dtype="float32"), through prefill chunks of every tile tier, a batch of 3 rows' prefill (padded and packed) and
+decode steps of 1 and 3 rows (recorded by levante.cuda.precompile's dry run on the meta device); then every packed
+format's matmul and grouped-expert kernels at each tier (one row: the GEMV; recorded without running them: nothing
+reads their outputs); last, a Q4_K_M Mixtral-8x7B layer at its real sizes (decode buckets 1-8
 and the warm-up's prefills), by levante.cuda.precompile's dry run on the meta device, where it launches what the
 small workloads do not compile the same way."""
 
@@ -43,14 +43,10 @@ def _decoder_launches(tmp_path, kind: str, dtype: str) -> list[dict]:
     net = load(save_hf(hf, tmp_path / f"{kind}-{dtype}"), dtype=dtype).model
     fuse_moe(net)
     dec = CudaDecoder(net)
-    # one-row prefills of attention's two query tiles and MoE's five tile tiers, then a decode step: levante.cuda
-    # .precompile's dry run on the meta device (what the real steps launch: test_cuda_precompile)
-    records = decoder_launches(dec, (1,), 1024, dec.model.dtype, prefill=(12, 20, 60, 100, 140))
-    with recording() as batched, torch.inference_mode():  # a batch of 3 rows in a short cache, run
-        cache = dec.new_cache(3, 64)
-        dec(torch.randint(3, 256, (3, 4)), torch.arange(4).expand(3, 4), cache)
-        dec(torch.randint(3, 256, (3, 1)), torch.full((3, 1), 4), cache)
-    return records + batched
+    # one-row prefills of attention's two query tiles and MoE's five tile tiers, a prefill of 3 rows (and packed: 7
+    # of their 12 tokens real), decode steps of 1 and 3 rows (bucket 4): levante.cuda.precompile's dry run on the
+    # meta device (what the real steps launch: test_cuda_precompile)
+    return decoder_launches(dec, (1, 4), 1024, dec.model.dtype, prefill=(12, 20, 60, 100, 140, (3, 4), (3, 4, 7)))
 
 
 def _float32_store_launches() -> list[dict]:

@@ -319,7 +319,9 @@ def test_gpu_graphs_equal_eager_without_host_sync(tmp_path):
         assert gpu(p, max_tokens=12, temperature=0)["choices"][0]["text"] == want
     warm = gpu._decoder._warm
     step = warm.graphs[1]  # the batch-1 decode step was captured (at start-up)
-    assert len(gpu(["Hello there", "The sea"], max_tokens=4, temperature=0)["choices"]) == 2  # a cache of its own
+    pair = ["Hello there, how are you", "The sea"]  # two lengths: a packed prefill; a cache of its own
+    want = [c["text"] for c in cpu(pair, max_tokens=4, temperature=0)["choices"]]
+    assert [c["text"] for c in gpu(pair, max_tokens=4, temperature=0)["choices"]] == want
     gpu("Hello there", max_tokens=4, temperature=0)
     assert gpu._decoder._warm is warm and warm.graphs[1] is step  # a batch in between: nothing recaptured
     sampled = gpu("Hello there", max_tokens=8, temperature=1.0, seed=3)  # seeded draws: CPU generators, GPU logits
@@ -343,10 +345,12 @@ def test_serving_engine_on_the_decoder(tmp_path, pipelined):
     bucketed decode steps whose padding row is a free row holding a finished request's prefix (which it must not
     touch: request E reuses it). Every request gets solo generation's tokens; also pipelined (the GPU's order:
     each step launched before the last one's tokens are read back, thrown away and taken back from the cache
-    whenever the rows changed), with a seeded sampled request among them."""
+    whenever the rows changed), with a seeded sampled request among them. One layer (two-layer decoders: the ring
+    buffer's, the speculative engine's and the parallel tests)."""
     from levante.engine import Engine
 
-    lm = load(save_hf(hf_model("mixtral_8x2", vocab_size=32000), tmp_path / "m", tokenizer=True))
+    lm = load(save_hf(hf_model("mixtral_8x2", vocab_size=32000, num_hidden_layers=1), tmp_path / "m",
+                      tokenizer=True))
     tok = lm.tokenizer
     system = tok.encode("You are a helpful assistant. " * 4)
     prompts = [system + tok.encode("Question one", add_bos=False)]  # A: short, finishes first

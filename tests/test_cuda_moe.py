@@ -96,9 +96,13 @@ def test_one_token_by_the_other_kernel(monkeypatch, kind, mode):
     assert (got - want).abs().max() <= tol * want.abs().max()
 
 
-@pytest.mark.parametrize("kind", ["f32", "q4_k_m"])
-@pytest.mark.parametrize("m", [1, 6, 70])
-@pytest.mark.parametrize("mode", ["packed", "all", "none"])
+# the LEVANTE_GEMV modes that pick different kernels: packed experts run the GEMV unless "none", float ones only with
+# "all" (1 and 6 tokens: 1 and 6 pairs per expert of a rank's two); 70 tokens run the tiled kernel whatever the mode
+SHARD_CASES = [(kind, m, mode) for kind, modes in (("f32", ("all", "none")), ("q4_k_m", ("packed", "none")))
+               for m in (1, 6) for mode in modes] + [("f32", 70, "packed"), ("q4_k_m", 70, "packed")]
+
+
+@pytest.mark.parametrize(("kind", "m", "mode"), SHARD_CASES)
 def test_expert_parallel_shard(monkeypatch, kind, m, mode):
     """An expert-parallel rank's MoE (experts 1 and 3 of 4): fused, it equals the module's partial output (zero
     for pairs of the other rank's experts), by either kernel; the two ranks' outputs sum to the whole layer."""

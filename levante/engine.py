@@ -214,8 +214,8 @@ class Engine:
         self.slots = [_Slot() for _ in range(max_batch)]
         self.n_active = 0
         # new rows prefill together (each at its own position, left-padded, run packed) on a model whose cache puts
-        # a token at the slot of its position: the GPU decoder's static cache (the CPU cache shares write slots; a
-        # parallel decoder's ranks would each need the rows' lengths this engine sets on its own cache)
+        # a token at the slot of its position: the GPU decoder's static cache, also on every rank of a parallel one
+        # (the CPU cache shares write slots between rows)
         self.batched_prefill = getattr(model, "batched_prefill", False)
         # the request whose prompt is being prefilled (row, prompt tokens in the cache): it sits in the row after
         # the active ones and joins them when its prompt is in
@@ -454,7 +454,7 @@ class Engine:
             return
         for r, s in zip(rows, slots, strict=True):
             s.tokens = list(s.req.prompt)
-            self.cache.lengths[r] = len(s.tokens)
+            self.cache.hold(r, len(s.tokens))
         self.n_active += len(rows)
         self._emit(rows, logits[:, -1])
 

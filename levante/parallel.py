@@ -55,7 +55,7 @@ log = logging.getLogger("levante.parallel")
 _HEADER = 8
 _FORWARD, _NEW_CACHE, _CACHE, _FREE, _STOP, _STATUS, _DECODER = 1, 2, 3, 4, 5, 6, 7
 _POSITIONS, _LAST_ONLY = 1, 2  # a forward command's flags
-_RESET, _TRUNCATE, _COPY, _SWAP, _SELECT = 1, 2, 3, 4, 5
+_RESET, _TRUNCATE, _COPY, _SWAP, _SELECT, _HOLD = 1, 2, 3, 4, 5, 6
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 _TIMEOUT = datetime.timedelta(hours=2)  # a collective may wait this long for a slow peer (a long prefill)
 _JOIN_TIMEOUT = datetime.timedelta(minutes=5)  # for every rank to start and connect
@@ -163,6 +163,8 @@ def _cache_op(group: Group, cache: KVCache, method: int, x: int, y: int) -> None
         cache.copy_row(x, y)
     elif method == _SWAP:
         cache.swap_rows(x, y)
+    elif method == _HOLD:
+        cache.hold(x, y)
     elif method == _SELECT:
         keep = torch.empty(x, dtype=torch.long, device=group.device)
         group.broadcast(keep)
@@ -363,6 +365,7 @@ class ParallelDecoder:
             self.local = _rank_decoder(lm.local)
         self.model = lm.model  # device, dtype, cfg
         self.pipelined = self.local.pipelined
+        self.batched_prefill = self.local.batched_prefill  # the ranks' static caches: `hold` reaches each
         weakref.finalize(self, lm._freed.append, (self.id, 1))
 
     @property
@@ -425,6 +428,10 @@ class ParallelCache:
     def swap_rows(self, a: int, b: int) -> None:
         self._do(_SWAP, a, b)
         self.local.swap_rows(a, b)
+
+    def hold(self, row: int, n_steps: int) -> None:  # a GPU decoder's static cache
+        self._do(_HOLD, row, n_steps)
+        self.local.hold(row, n_steps)
 
     def select_rows(self, keep: Tensor) -> None:
         keep = keep.to(self._lm.group.device, torch.long).contiguous()

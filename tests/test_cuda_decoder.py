@@ -172,7 +172,8 @@ def test_ring_buffer_for_a_sliding_window(tmp_path, monkeypatch, chunk):
 def test_prompts_of_several_lengths_prefill_packed(tmp_path, monkeypatch):
     """A left-padded prefill of prompts of 7, 2 and 4 tokens runs the feed-forward (the MoE's routing and experts)
     and the projections over the 13 real tokens as one [1, 13] batch, not 3 x 7; each real token's logits are
-    those of its prompt alone, the padding's zeros, and the last-token logits are each row's last token's."""
+    those of its prompt alone, the padding's zeros, and the last-token logits are each row's last token's; with
+    `pack_prompts` off (the benchmark's comparison) the padded step gives the same real logits."""
     from levante.cuda import decoder
 
     lm = load(save_hf(hf_model("mixtral_8x2", vocab_size=32000, num_hidden_layers=1), tmp_path / "m"))
@@ -186,9 +187,13 @@ def test_prompts_of_several_lengths_prefill_packed(tmp_path, monkeypatch):
         logits = dec(tokens, positions, dec.new_cache(3, 16))
         last = dec(tokens, positions, dec.new_cache(3, 16), last_only=True)
         assert seen == [(1, 13)] * 2
+        dec.pack_prompts = False  # the benchmark's comparison: the padding computed too
+        padded = dec(tokens, positions, dec.new_cache(3, 16))
+        assert seen[-1] == (3, 7)
         for i, p in enumerate(PROMPTS):
             alone = dec(torch.tensor([p]), torch.arange(len(p))[None], dec.new_cache(1, 16))[0]
             torch.testing.assert_close(logits[i, 7 - len(p) :], alone, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(padded[i, 7 - len(p) :], alone, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(last[i, 0], alone[-1], rtol=1e-4, atol=1e-4)
             assert not logits[i, : 7 - len(p)].any()
 

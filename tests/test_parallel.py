@@ -67,7 +67,7 @@ def test_gpu_decoder_on_every_rank(tmp_path_factory, ep):
     its static cache, Triton attention and fused MoE, the all-reduces run as hooks; here under the Triton
     interpreter): greedy tokens equal the single process's, batched with left padding and bucketed decode steps,
     pipelined as on a GPU, with speculation, and through the serving engine (rows joining and leaving, prefix
-    reuse)."""
+    reuse, two requests prefilled together)."""
     from levante.cuda import StaticCache
     from levante.engine import Engine
     from levante.generate import generate
@@ -99,8 +99,12 @@ def test_gpu_decoder_on_every_rank(tmp_path_factory, ep):
         try:
             assert isinstance(eng.cache.local, StaticCache)
             assert eng.cache.local is eng.model.local._cache  # rank 0's warm-up kept the cache it was given
-            reqs = [eng.submit(p, 6, greedy, stop_ids=set()) for p in prompts]  # the third waits for a row
+            calls = []
+            eng.model.local.register_forward_pre_hook(lambda _m, args: calls.append(tuple(args[0].shape)))
+            with eng._cv:  # the first two wait together: one packed prefill on every rank; the third waits for a row
+                reqs = [eng.submit(p, 6, greedy, stop_ids=set()) for p in prompts]
             assert [[ev.token for ev in r] for r in reqs] == want
+            assert calls[0] == (2, max(len(p) for p in prompts[:2]))
             again = eng.submit(prompts[0], 6, greedy, stop_ids=set())
             assert [ev.token for ev in again] == want[0] and again.cached_tokens > 0
         finally:

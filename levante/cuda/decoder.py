@@ -80,8 +80,9 @@ class StaticCache(RowCache):
     row that wrapped can give back at most that many (`truncate`), as levante.model.KVCache's rolling buffer.
 
     `lengths`: positions held per row, kept by the calls that let the decoder place the tokens (positions=None,
-    the serving engine's way); `truncate` / `reset` / `swap_rows` are the engine's KVCache operations. Slots past
-    a row's length may hold stale keys: no query sees a slot beyond its own position, so they need no clearing.
+    the serving engine's way), or set by `hold` after a call at explicit positions; `truncate` / `reset` /
+    `swap_rows` are the engine's KVCache operations. Slots past a row's length may hold stale keys: no query sees a
+    slot beyond its own position, so they need no clearing.
     """
 
     def __init__(self, cfg, rows: int, max_tokens: int, dtype: torch.dtype, device: torch.device,
@@ -130,6 +131,11 @@ class StaticCache(RowCache):
         self.check_take_back(row, n_steps)
         self.lengths[row] = min(self.lengths[row], n_steps)
 
+    def hold(self, row: int, n_steps: int) -> None:
+        """Row `row` now holds positions 0..n_steps-1, written by a call at explicit positions (the serving engine's
+        prefill of several rows at once)."""
+        self.lengths[row] = n_steps
+
 
 def fused_qkv(attn: nn.Module) -> QuantWeight | None:
     """q, k and v of an attention module as one weight (float of one dtype, or packed of one format), made once
@@ -169,6 +175,8 @@ class CudaDecoder(nn.Module):
         self.pipelined = self.model.device.type == "cuda"
         # a serving engine prefills several new rows in one call, each at its own positions (slot = position here)
         self.batched_prefill = True
+        # left-padded rows prefill packed (`real_tokens`); False: padding computed too (the benchmark's comparison)
+        self.pack_prompts = True
         # the warm-up's cache (one row of the whole context for an LLM; the engine's batch) stays while a bigger
         # batch's cache comes and goes, so that alternating calls do not reallocate caches and recapture graphs
         self._warm: StaticCache | None = None
@@ -261,7 +269,8 @@ class CudaDecoder(nn.Module):
 
     def _prefill(self, tokens: Tensor, positions: Tensor, cache: StaticCache, last_only: bool, row0: int) -> Tensor:
         """Several tokens per row: left-padded rows run packed (`real_tokens`)."""
-        return self._step(tokens, positions, cache, last_only, row0, real_tokens(positions))
+        keep = real_tokens(positions) if self.pack_prompts else None
+        return self._step(tokens, positions, cache, last_only, row0, keep)
 
     def _decode(self, tokens: Tensor, positions: Tensor, cache: StaticCache) -> Tensor:
         """One token per row, for the batch's bucket; the padding rows (position -1) see nothing and write only

@@ -220,6 +220,8 @@ class Engine:
         # the request whose prompt is being prefilled (row, prompt tokens in the cache): it sits in the row after
         # the active ones and joins them when its prompt is in
         self._filling: tuple[int, int] | None = None
+        # rows started in this scheduler step (after the active ones), prefilled together at its end (batched_prefill)
+        self._group: list[int] = []
         # a pipelining model (the GPU decoder): the next decode step, launched before the last one's tokens were
         # read back: (its logits, the request ids of rows 0.. it was launched for)
         self._ahead: tuple[torch.Tensor, list[int]] | None = None
@@ -337,26 +339,20 @@ class Engine:
         req._put(e)
 
     def _fail_all(self, err: BaseException | None, include_waiting: bool = False) -> None:
+        """End every request holding a row (active, being filled, or started for a prefill together) with `err`."""
         self._ahead = None
-        if self._filling is not None:
-            row, _ = self._filling
-            self._filling = None
-            if self.slots[row].req is not None:
-                self._fail(self.slots[row].req, err)
-            self.slots[row] = _Slot()
-            if self.dead is None:
-                self.cache.reset(row)
-        for i in range(self.n_active):
-            s = self.slots[i]
-            if s.req is not None:
-                self._fail(s.req, err)
+        rows = [*range(self.n_active), *self._group, *([self._filling[0]] if self._filling is not None else [])]
+        self._filling, self._group, self.n_active = None, [], 0
+        for i in rows:  # every request ends before any cache call, which may find the model gone
+            if self.slots[i].req is not None:
+                self._fail(self.slots[i].req, err)
             self.slots[i] = _Slot()
+        for i in rows:
             if self.dead is None:  # a lost model's cache is gone with it
                 try:
                     self.cache.reset(i)
                 except WorkerError as e:
                     self.dead = e
-        self.n_active = 0
         if include_waiting:
             with self._cv:
                 while self.waiting:
@@ -396,8 +392,7 @@ class Engine:
             budget -= self._fill_guarded(budget)
             if self._filling is not None:
                 return
-        group: list[int] = []  # started rows (n_active..) whose prompts are prefilled together
-        while self.n_active + len(group) < self.max_batch and budget > 0:
+        while self.n_active + len(self._group) < self.max_batch and budget > 0:
             with self._cv:
                 if not self.waiting:
                     break
@@ -407,7 +402,7 @@ class Engine:
             if req.cancelled:
                 req._put(_DONE)
                 continue
-            row = self.n_active + len(group)
+            row = self.n_active + len(self._group)
             try:
                 self._start(req, row)
             except WorkerError as e:  # the model is gone, not just this request
@@ -419,42 +414,47 @@ class Engine:
             rest = len(req.prompt) - self._filling[1]
             if self.batched_prefill and rest <= budget:
                 self._filling = None
-                group.append(row)
+                self._group.append(row)
                 budget -= rest
                 continue
-            self._prefill_rows(group)  # first: the filling row then follows the active ones
-            group = []
+            self._prefill_group()  # first: the filling row then follows the active ones
             budget -= self._fill_guarded(budget)
             if self._filling is not None:
                 break
-        self._prefill_rows(group)
+        self._prefill_group()
 
-    def _prefill_rows(self, rows: list[int]) -> None:
-        """Prefill the rest of the prompts of the requests started in `rows` (n_active.., in order) in one call,
-        left-padded, each row at its own positions (after its reused prefix); they join the active rows and their
-        first tokens are sampled. A failure fails those requests only (WorkerError: the engine too)."""
+    def _prefill_group(self) -> None:
+        """Prefill the rest of the prompts of the requests started in `_group` (rows n_active.., in order) in one
+        call, left-padded, each row at its own positions (after its reused prefix); they join the active rows and
+        their first tokens are sampled. A failure fails those requests only (WorkerError: the engine too)."""
+        rows = self._group
         if not rows:
             return
         slots = [self.slots[r] for r in rows]
-        rests = [s.req.prompt[len(s.tokens) :] for s in slots]
-        T = max(map(len, rests))
-        tokens = torch.zeros(len(rows), T, dtype=torch.long)
-        positions = torch.full((len(rows), T), -1, dtype=torch.long)
-        for i, (s, rest) in enumerate(zip(slots, rests, strict=True)):
-            tokens[i, T - len(rest) :] = torch.tensor(rest)
-            positions[i, T - len(rest) :] = torch.arange(len(s.tokens), len(s.req.prompt))
         try:
+            rests = [s.req.prompt[len(s.tokens) :] for s in slots]
+            T = max(map(len, rests))
+            tokens = torch.zeros(len(rows), T, dtype=torch.long)
+            positions = torch.full((len(rows), T), -1, dtype=torch.long)
+            for i, (s, rest) in enumerate(zip(slots, rests, strict=True)):
+                tokens[i, T - len(rest) :] = torch.tensor(rest)
+                positions[i, T - len(rest) :] = torch.arange(len(s.tokens), len(s.req.prompt))
             logits = self.model(tokens.to(self.device), positions.to(self.device), self.cache, last_only=True,
                                 rows=slice(rows[0], rows[-1] + 1))
-        except Exception as e:
             for r, s in zip(rows, slots, strict=True):
-                self._fail_start(r, s.req, e)
-            if isinstance(e, WorkerError):
-                raise
+                s.tokens = list(s.req.prompt)
+                self.cache.hold(r, len(s.tokens))
+        except WorkerError:
+            raise  # the engine ends: _fail_all ends the group's requests too
+        except Exception as e:  # the group's own prefill: only its requests fail
+            for s in slots:
+                self._fail(s.req, e)
+                s.req, s.row, s.pending, s.tokens = None, None, None, []
+            self._group = []
+            for r in rows:  # forget the half-written rows (a WorkerError here ends the engine: nothing left to fail)
+                self.cache.reset(r)
             return
-        for r, s in zip(rows, slots, strict=True):
-            s.tokens = list(s.req.prompt)
-            self.cache.hold(r, len(s.tokens))
+        self._group = []
         self.n_active += len(rows)
         self._emit(rows, logits[:, -1])
 

@@ -390,9 +390,12 @@ def test_serving_engine_on_the_decoder(tmp_path, pipelined):
 def test_serving_engine_prefills_new_rows_together(tmp_path):
     """Requests waiting together are prefilled in one packed call: three rows of three lengths, then a pair of which
     one continues the prefix it reuses from a finished row (its positions start there); every request gets solo
-    generation's tokens. A failing group prefill fails its own requests only; the engine keeps serving."""
+    generation's tokens. A group prefill failing in the model call or after it fails its own requests only (none
+    is left waiting), and the engine keeps serving; a lost parallel rank (WorkerError) ends both and the engine."""
+    import threading
+
     from levante.engine import Engine
-    from levante.errors import EngineError
+    from levante.errors import EngineError, WorkerError
 
     lm = load(save_hf(hf_model("mixtral_8x2", vocab_size=32000, num_hidden_layers=1), tmp_path / "m",
                       tokenizer=True))
@@ -411,7 +414,7 @@ def test_serving_engine_prefills_new_rows_together(tmp_path):
     def spy(_module, args):
         calls.append(tuple(args[0].shape))
         if fail and args[0].shape[0] > 1 and args[0].shape[1] > 1:
-            raise RuntimeError("injected")
+            raise fail[0]
 
     dec.register_forward_pre_hook(spy)
     eng = Engine(dec, tok, n_ctx=128, max_batch=4)
@@ -423,14 +426,35 @@ def test_serving_engine_prefills_new_rows_together(tmp_path):
             reqs = [eng.submit(p, 5, GREEDY, stop_ids=set()) for p in second]
         got += [[ev.token for ev in r] for r in reqs]
         assert reqs[0].cached_tokens >= len(system)
-        fail.append(True)
-        with eng._cv:
-            failing = [eng.submit(tok.encode(t), 5, GREEDY, stop_ids=set()) for t in ("Lorem ipsum", "Sit amet")]
-        for r in failing:
-            with pytest.raises(EngineError):
-                list(r)
+        def fails(texts: tuple[str, str], error: type) -> None:  # a pair prefilled together: both end, none hangs
+            with eng._cv:
+                failing = [eng.submit(tok.encode(t), 5, GREEDY, stop_ids=set()) for t in texts]
+            ended: list[BaseException] = []
+
+            def read(r) -> None:
+                try:
+                    list(r)
+                except BaseException as e:  # noqa: BLE001 - the request's own error, checked below
+                    ended.append(e)
+
+            readers = [threading.Thread(target=read, args=(r,), daemon=True) for r in failing]
+            for t in readers:
+                t.start()
+            for t in readers:
+                t.join(timeout=120)
+            assert len(ended) == 2 and all(isinstance(e, error) for e in ended), ended  # a lost request: none
+
+        fail.append(RuntimeError("injected"))  # the model call
+        fails(("Lorem ipsum", "Sit amet"), EngineError)
+        fail.clear()
+        eng.cache.hold = lambda *_: (_ for _ in ()).throw(RuntimeError("injected after the call"))
+        fails(("Dolor sit", "Consectetur"), EngineError)
+        del eng.cache.hold
         again = eng.submit(second[1], 5, GREEDY, stop_ids=set())
         assert [ev.token for ev in again] == want[-1]
+        fail.append(WorkerError("rank 1 died"))  # a parallel rank lost: the group's requests get it, the engine ends
+        fails(("Adipiscing elit", "Sed do"), WorkerError)
+        assert eng.dead is not None
     finally:
         eng.shutdown()
     assert got == want

@@ -21,9 +21,11 @@ is reported) and a warm one; decode tok/s = (new tokens - 1) / (time after the f
 active bytes a batch-1 step reads (attention, router, 2 of 8 experts per layer, the head) over the
 device-to-device copy rate measured here.
 Batch 32 x 64 new tokens (the LLM's first call with 32 prompts, which captures its bucket's graph, and the
-next); prefill 512 vs transformers; the serving engine with 32 concurrent clients vs 1; the
-profile of one decode step; `torch.cuda.set_sync_debug_mode("error")` around a captured step; last, the batch-1
-kernels one by one (GEMV vs tiled, a few launch configurations) as fractions of the copy rate.
+next); prefill 512 vs transformers; the serving engine with 32 concurrent clients vs 1, and with each new request
+prefilled alone vs those admitted together in one packed call; a prefill of 32 prompts of 16..512 tokens, packed
+(only the real tokens through the projections and the MoE) vs padded; the profile of one decode step;
+`torch.cuda.set_sync_debug_mode("error")` around a captured step; last, the batch-1 kernels one by one (GEMV vs
+tiled, a few launch configurations) as fractions of the copy rate.
 Writes OUT/cuda_bench.md (on CUDA; --smoke prints only).
 """
 
@@ -168,12 +170,15 @@ def step_ms(net: torch.nn.Module, float32_inputs: bool, reps: int) -> float:
     return (time.perf_counter() - t) / reps * 1e3
 
 
-def engine_rate(llm: LLM, prompts: list[list[int]], n: int) -> float:
-    """Total new tokens per second of the serving engine with one concurrent client per prompt."""
+def engine_rate(llm: LLM, prompts: list[list[int]], n: int, batched_prefill: bool = True) -> float:
+    """Total new tokens per second of the serving engine with one concurrent client per prompt (`batched_prefill`
+    False: each new request prefilled alone, as before the engine prefilled them together)."""
     from levante.engine import Engine
 
     clients = len(prompts)
-    eng = Engine(llm.serving_model(), llm.tokenizer, n_ctx=llm.n_ctx, max_batch=clients).start()
+    eng = Engine(llm.serving_model(), llm.tokenizer, n_ctx=llm.n_ctx, max_batch=clients)
+    eng.batched_prefill = eng.batched_prefill and batched_prefill
+    eng.start()
     try:
         for b in (1, 2, 4, 8, 16, 32):  # warm: Triton compiles, each bucket's graph is captured
             reqs = [eng.submit([7 + i, 8, 9], 3, SamplingParams.greedy(), stop_ids=set()) for i in range(b)]
@@ -195,6 +200,33 @@ def engine_rate(llm: LLM, prompts: list[list[int]], n: int) -> float:
         return sum(counts) / (time.perf_counter() - t)
     finally:
         eng.shutdown()
+
+
+def packed_prefill_ms(llm: LLM, prompts: list[list[int]], reps: int) -> tuple[float, float]:
+    """ms of one left-padded prefill of `prompts` (last-token logits) by the LLM's decoder, packed (only the real
+    tokens through the projections and the MoE) and padded (CudaDecoder.pack_prompts off), each warmed up first."""
+    from levante.generate import _prefill_positions
+
+    dec = llm._decoder
+    dev = llm.model.model.device
+    tokens, positions = _prefill_positions(prompts, max(map(len, prompts)))
+    tokens, positions = tokens.to(dev), positions.to(dev)
+    cache = dec.new_cache(len(prompts), tokens.shape[1] + 1)
+    out = []
+    try:
+        for pack in (True, False):
+            dec.pack_prompts = pack
+            with torch.inference_mode():
+                dec(tokens, positions, cache, last_only=True)
+                sync(dev)
+                t = time.perf_counter()
+                for _ in range(reps):
+                    dec(tokens, positions, cache, last_only=True)
+                sync(dev)
+            out.append((time.perf_counter() - t) / reps * 1e3)
+    finally:
+        dec.pack_prompts = True
+    return out[0], out[1]
 
 
 def profile_step(llm: LLM, lines: list[str]) -> None:
@@ -557,12 +589,18 @@ def main() -> None:
             rates.append((count - wide) / after)
         return rates[0], rates[1]
 
-    def engine_rates() -> tuple[float, float]:
+    def engine_rates() -> tuple[float, float, float]:
         short = [torch.randint(3, spec["vocab_size"], (128,)).tolist() for _ in range(wide)]
-        return engine_rate(llm, short[:1], n_batch_new), engine_rate(llm, short, n_batch_new)
+        return (engine_rate(llm, short[:1], n_batch_new), engine_rate(llm, short, n_batch_new),
+                engine_rate(llm, short, n_batch_new, batched_prefill=False))
 
+    # prompts of lengths spread evenly up to n_prompt: packed, the projections and MoE see ~half the padded tokens
+    mixed = [torch.randint(3, spec["vocab_size"], (max(1, n_prompt * (i + 1) // wide),)).tolist()
+             for i in range(wide)]
     wide_rates = attempt("batch", batch_rates) if llm is not None else None
     engine = attempt("engine", engine_rates) if llm is not None else None
+    packing = attempt("packed prefill", lambda: packed_prefill_ms(llm, mixed, 5 if dev.type == "cuda" else 1)
+                      ) if llm is not None else None
 
     def row(what: str, a: float | None, b: float | None, goal: str, unit: str = "tok/s", x: str = "x") -> str:
         if a is None or b is None:
@@ -593,7 +631,12 @@ def main() -> None:
     lines.append(row("low-rank (half the expert parameters, 1 of 8 experts full) decode vs bf16", get(lr, "first"),
                      get(bf, "first"), goal or "bytes ratio"))
     lines += [row(f"prefill {n_prompt} vs transformers", get(bf, "prefill"), peer and peer[0], ">= 1x"),
-              row(f"engine, {wide} concurrent clients vs 1", engine and engine[1], engine and engine[0], ">= 10x")]
+              row(f"engine, {wide} concurrent clients vs 1", engine and engine[1], engine and engine[0], ">= 10x"),
+              row(f"engine, {wide} clients of 128 tokens: new requests prefilled together vs one by one",
+                  engine and engine[1], engine and engine[2], "> 1x"),
+              row(f"prefill of {wide} prompts of {len(mixed[0])}..{len(mixed[-1])} tokens: padded vs packed "
+                  f"({sum(map(len, mixed))} of {wide * len(mixed[-1])} tokens real)", packing and packing[1],
+                  packing and packing[0], "> 1x", "ms")]
     save()
     if llm is not None:
         attempt("profile", lambda: profile_step(llm, lines))

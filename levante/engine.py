@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from .errors import ContextLengthError, EngineError, OverloadedError, WorkerError
-from .generate import TokenEvent, _Row, launch_then_read
+from .generate import TokenEvent, _prefill_positions, _Row, launch_then_read
 from .grammar import mask_logits
 from .sampling import SamplingParams, sample, token_logprobs
 from .speculative import MAX_TOKENS, SpecConfig, Speculator, verify
@@ -433,12 +433,7 @@ class Engine:
         slots = [self.slots[r] for r in rows]
         try:
             rests = [s.req.prompt[len(s.tokens) :] for s in slots]
-            T = max(map(len, rests))
-            tokens = torch.zeros(len(rows), T, dtype=torch.long)
-            positions = torch.full((len(rows), T), -1, dtype=torch.long)
-            for i, (s, rest) in enumerate(zip(slots, rests, strict=True)):
-                tokens[i, T - len(rest) :] = torch.tensor(rest)
-                positions[i, T - len(rest) :] = torch.arange(len(s.tokens), len(s.req.prompt))
+            tokens, positions = _prefill_positions(rests, max(map(len, rests)), [len(s.tokens) for s in slots])
             logits = self.model(tokens.to(self.device), positions.to(self.device), self.cache, last_only=True,
                                 rows=slice(rows[0], rows[-1] + 1))
             for r, s in zip(rows, slots, strict=True):

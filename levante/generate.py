@@ -141,14 +141,18 @@ class _Row:
                           finish_reason=finish, stop_token=tok in stop_ids)
 
 
-def _prefill_positions(prompts: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _prefill_positions(prompts: list[list[int]], length: int, starts: list[int] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and positions [B, length] of `prompts` left-padded to `length` (padding: position -1); row i's
+    positions start at starts[i] (default 0: after the tokens its cache row already holds)."""
     B = len(prompts)
     tokens = torch.zeros((B, length), dtype=torch.long)
     positions = torch.full((B, length), -1, dtype=torch.long)
     for i, p in enumerate(prompts):
         pad = length - len(p)
+        start = starts[i] if starts is not None else 0
         tokens[i, pad:] = torch.tensor(p, dtype=torch.long)
-        positions[i, pad:] = torch.arange(len(p))
+        positions[i, pad:] = torch.arange(start, start + len(p))
     return tokens, positions
 
 

@@ -153,6 +153,18 @@ def run_variant(name: str, loaded: LoadedModel, ids: list[int], n_new: int, limi
     return res
 
 
+def ms_per_call(fn, dev: torch.device, reps: int) -> float:
+    """Milliseconds per call of fn, called once first (compiles, captures), then `reps` times."""
+    with torch.inference_mode():
+        fn()
+        sync(dev)
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(dev)
+    return (time.perf_counter() - t) / reps * 1e3
+
+
 def step_ms(net: torch.nn.Module, float32_inputs: bool, reps: int) -> float:
     """Milliseconds of one batch-1 decode step at position 600 (captured in a graph on CUDA), with the packed
     weights' inputs stored as float32 or as the model's 16-bit dtype."""
@@ -160,14 +172,7 @@ def step_ms(net: torch.nn.Module, float32_inputs: bool, reps: int) -> float:
     dec = CudaDecoder(net, float32_inputs=float32_inputs)
     cache = dec.new_cache(1, 1024)
     tok, pos = torch.tensor([[5]], device=dev), torch.tensor([[600]], device=dev)
-    with torch.inference_mode():
-        dec(tok, pos, cache)  # compiles, captures
-        sync(dev)
-        t = time.perf_counter()
-        for _ in range(reps):
-            dec(tok, pos, cache)
-        sync(dev)
-    return (time.perf_counter() - t) / reps * 1e3
+    return ms_per_call(lambda: dec(tok, pos, cache), dev, reps)
 
 
 def engine_rate(llm: LLM, prompts: list[list[int]], n: int, batched_prefill: bool = True) -> float:
@@ -216,14 +221,7 @@ def packed_prefill_ms(llm: LLM, prompts: list[list[int]], reps: int) -> tuple[fl
     try:
         for pack in (True, False):
             dec.pack_prompts = pack
-            with torch.inference_mode():
-                dec(tokens, positions, cache, last_only=True)
-                sync(dev)
-                t = time.perf_counter()
-                for _ in range(reps):
-                    dec(tokens, positions, cache, last_only=True)
-                sync(dev)
-            out.append((time.perf_counter() - t) / reps * 1e3)
+            out.append(ms_per_call(lambda: dec(tokens, positions, cache, last_only=True), dev, reps))
     finally:
         dec.pack_prompts = True
     return out[0], out[1]

@@ -8,7 +8,12 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 # the clang-format of the pinned PyPI package (test extra), whatever else is on PATH
 CLANG_FORMAT := $(PYTHON) -c "import sys, clang_format; sys.argv[0] = 'clang-format'; clang_format.clang_format()"
 
-.PHONY: install demo test-deps llama-cpp test lint
+# The lent GPU machine's Triton, kept beside the installed one (not imported by the tests): tests/test_cuda_compile.py
+# compiles every kernel with it too, since the GPU runs what its own version compiles (tests/triton_aot.py).
+GPU_TRITON := 3.6.0
+GPU_TRITON_DIR ?= $(HOME)/.cache/levante-triton/$(GPU_TRITON)
+
+.PHONY: install demo test-deps llama-cpp gpu-triton test lint
 
 install:
 	$(PIP) install -q $(TORCH)
@@ -25,7 +30,11 @@ test-deps: install
 	$(PIP) install -q -e ".[test]"
 	# AutoAWQ's own packing code is the AWQ oracle; --no-deps: its dependencies need CUDA kernels.
 	$(PIP) install -q --no-deps autoawq==0.2.9
-	$(MAKE) llama-cpp
+	$(MAKE) llama-cpp gpu-triton
+
+gpu-triton:
+	@test -f $(GPU_TRITON_DIR)/triton/__init__.py || \
+	  $(PIP) install -q --no-deps --target $(GPU_TRITON_DIR) triton==$(GPU_TRITON)
 
 # llama-cpp-python is the end-to-end oracle. It compiles llama.cpp (~10 min on 2 cores), so the
 # wheel is built once and kept in $(WHEELS); later runs install it in seconds. It is built for this CPU's
@@ -41,6 +50,7 @@ llama-cpp:
 
 # Under `make test` a compiler warning in levante/csrc is an error too (also for the build `install` does).
 test: export LEVANTE_EXT_WERROR = 1
+test: export LEVANTE_GPU_TRITON = $(GPU_TRITON_DIR)
 test: test-deps lint
 	$(PYTHON) -m pytest -q
 

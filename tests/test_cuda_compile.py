@@ -1,6 +1,8 @@
 """Every Triton kernel levante launches compiles for the H200 (sm_90), with the constexprs and launch options a GPU
-run uses, and fits it: shared memory within a block's limit, no register spills. No GPU needed (tests/triton_aot.py:
-launches recorded, not all of them run, and compiled in a subprocess).
+run uses, and fits it: shared memory within a block's limit, no register spills; by the Triton the tests import and
+by the GPU machine's own (Triton 3.6: what it runs; its code differs, e.g. the router's float32 gate tile spilled
+there only). No GPU needed (tests/triton_aot.py: launches recorded, not all of them run, and compiled in a
+subprocess). The SASS counts (instructions per weight) are checked on the first's code.
 
 Workloads: the decoder on one-layer models with Mixtral-8x7B's and SmolLM2-135M's hidden sizes and heads (the sizes
 the fused kernels' blocks follow), bf16 (and float16, an F16 checkpoint's dtype on a GPU; float32, an explicit
@@ -16,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures import Q4_K_M, mixtral_8x7b_layer
-from triton_aot import H200, compile_records, recording
+from triton_aot import GPU_TRITON, GPU_TRITON_DIR, H200, compile_records, recording
 
 from levante.cuda.triton_matmul import Launch
 
@@ -150,8 +152,8 @@ def _full_size_launches(known: list[dict]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("aot")
+def records(tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("records")
     # float16: an F16 checkpoint's dtype on a GPU (bfloat16 for the others); float32: an explicit dtype="float32"
     decoders = [("mixtral_8x2", "bfloat16"), ("llama_tied", "bfloat16"), ("llama_tied", "float16"),
                 ("mixtral_8x2", "float32")]
@@ -159,7 +161,24 @@ def report(tmp_path_factory) -> list[dict]:
     records += _float32_store_launches() + _packed_launches()
     full = _full_size_launches(records)
     assert len(full) > 10  # sizes the small workloads do not reach (a 14336-row GEMV's programs, 32 query heads' tiles)
-    return compile_records(records + full, tmp)
+    return records + full
+
+
+@pytest.fixture(scope="module")
+def report(records, tmp_path_factory) -> list[dict]:
+    """Compiled by the installed Triton, with each kernel's SASS."""
+    return compile_records(records, tmp_path_factory.mktemp("aot"))[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_report(records, tmp_path_factory) -> list[dict]:
+    """Compiled by the GPU machine's Triton (registers and spills; no SASS: its counts are the installed one's)."""
+    version, compiled = compile_records(records, tmp_path_factory.mktemp("aot-gpu"), GPU_TRITON_DIR, sass=False)
+    assert version == GPU_TRITON
+    return compiled
+
+
+REPORTS = {"installed": "report", "gpu_machine": "gpu_report"}
 
 
 def _name(r: dict) -> str:
@@ -171,7 +190,9 @@ def _name(r: dict) -> str:
     return f"{r['kernel']} {dtype}{fmt} {tile}"
 
 
-def test_every_kernel_compiles_for_the_h200(report):
+@pytest.mark.parametrize("triton", REPORTS)
+def test_every_kernel_compiles_for_the_h200(triton, request):
+    report = request.getfixturevalue(REPORTS[triton])
     kernels = {r["kernel"] for r in report}
     assert {"_packed_gemv_kernel", "_packed_matmul_kernel", "_moe_gemv_kernel", "_moe_kernel", "_attention_kernel",
             "_decode_split_kernel", "_decode_merge_kernel", "_add_rms_norm_kernel", "_rope_cache_kernel",
@@ -180,9 +201,11 @@ def test_every_kernel_compiles_for_the_h200(report):
     assert not failed, "\n".join(failed)
 
 
-def test_launches_fit_the_h200(report):
+@pytest.mark.parametrize("triton", REPORTS)
+def test_launches_fit_the_h200(triton, request):
     """No launch spills registers, and every launch runs with its own pipeline stages (levante.cuda.triton_matmul
     .run would retry with fewer), whatever the activations' dtype."""
+    report = request.getfixturevalue(REPORTS[triton])
     rows = [r for r in report if "error" not in r]
     too_big = [_name(r) for r in rows if r["shared"] > H200["max_shared"]]
     assert not too_big, too_big

@@ -231,8 +231,9 @@ def router(x: Tensor, gate: Tensor, top_k: int, dtype: torch.dtype | None = None
     w = torch.empty(M, top_k, dtype=dtype or x.dtype, device=x.device)
     ids = torch.empty(M, top_k, dtype=torch.long, device=x.device)
     BE = max(2, triton.next_power_of_2(E))
-    # no wider than D: a float16 gate of 200 columns (rows not 16-byte aligned) spilled at 1024 on sm_90
-    BD = max(16, min(1024, 8192 // BE, triton.next_power_of_2(D)))
+    # a gate tile [BE, BD] of 16 KB at most (a float32 one of 32 KB spilled on sm_90 with the GPU's Triton 3.6), no
+    # wider than D (a float16 gate of 200 columns, rows not 16-byte aligned, spilled at 1024)
+    BD = max(16, min(1024, 16384 // (BE * gate.element_size()), triton.next_power_of_2(D)))
     _router_kernel[(M,)](x, gate.contiguous(), w, ids, E, D, K=top_k, BE=BE, BD=BD,
                          BK=max(2, triton.next_power_of_2(top_k)))
     return w, ids

@@ -1,6 +1,7 @@
 """levante.cuda.precompile: a dry run of a decoder's steps on a meta copy of its model records the Triton launches
 the real steps make, and the kernels compiled from those records are the ones a real launch looks up in Triton's
-cache (checked through Triton's own JIT entry point, for an sm_90 target, without a GPU)."""
+cache (checked through Triton's own JIT entry point, for an sm_90 target, without a GPU), with the installed Triton
+and with the GPU machine's (tests/triton_aot.py's GPU_TRITON)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 from fixtures import Q4_K_M, hf_model, mixtral_8x7b_layer, save_hf
+from triton_aot import GPU_TRITON, GPU_TRITON_DIR
 
 from levante.cuda import CudaDecoder, fuse_moe, pack_weights
 from levante.cuda.decoder import BUCKETS
@@ -149,6 +152,7 @@ _LOOKUP = textwrap.dedent(
     """
     import json, os, sys
     import torch
+    import triton
     import triton.runtime.jit as jit
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
@@ -172,17 +176,25 @@ _LOOKUP = textwrap.dedent(
     fuse_moe(net)
     before = set(os.listdir(cache_dir))
     dry_steps(CudaDecoder(net), (1, 2), 64, torch.bfloat16, prefill=(20,))
-    print(json.dumps({"launches": len(compiled), "new": sorted(set(os.listdir(cache_dir)) - before)}))
+    print(json.dumps({"launches": len(compiled), "new": sorted(set(os.listdir(cache_dir)) - before),
+                      "triton": triton.__version__}))
     """
 )
 
 
+@pytest.mark.parametrize("version", ["installed", "gpu_machine"])
 @pytest.mark.parametrize(("kind", "quant"), [("mixtral_8x2", None), ("mistral_dense", "Q8_0")])
-def test_precompiled_kernels_are_the_ones_launches_look_up(tmp_path, monkeypatch, kind, quant):
+def test_precompiled_kernels_are_the_ones_launches_look_up(tmp_path, monkeypatch, kind, quant, version):
     """Records compiled by `compile_launches` (a pool of processes, for sm_90) fill Triton's cache with exactly
-    what the real JIT entry point then looks up for the same steps: no launch compiles anything more."""
+    what the real JIT entry point then looks up for the same steps: no launch compiles anything more. Both
+    subprocesses (the compile pool and the lookup) run the installed Triton or the GPU machine's (the cache key
+    is computed by the version's own code)."""
     import levante.cuda.precompile as precompile
 
+    if version == "gpu_machine":
+        if not (GPU_TRITON_DIR / "triton" / "__init__.py").is_file():
+            raise FileNotFoundError(f"no Triton in {GPU_TRITON_DIR}: `make test-deps` installs the GPU machine's there")
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(GPU_TRITON_DIR), os.environ.get("PYTHONPATH", "")]))
     net, path = _model(tmp_path, kind, quant)
     fuse_moe(net)
     dec = CudaDecoder(net)
@@ -201,6 +213,7 @@ def test_precompiled_kernels_are_the_ones_launches_look_up(tmp_path, monkeypatch
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["triton"] == (GPU_TRITON if version == "gpu_machine" else triton.__version__)
     assert out["launches"] >= len(records) and out["new"] == []
 
 

@@ -172,13 +172,23 @@ def report(records, tmp_path_factory) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def gpu_report(records, tmp_path_factory) -> list[dict]:
-    """Compiled by the GPU machine's Triton (registers and spills; no SASS: its counts are the installed one's)."""
-    version, compiled = compile_records(records, tmp_path_factory.mktemp("aot-gpu"), GPU_TRITON_DIR, sass=False)
+    """Compiled by the GPU machine's Triton: registers and spills, and the SASS of the GEMVs on float32 x (what the
+    decoder gives packed weights on a GPU, `packed_readers`)."""
+    version, compiled = compile_records(records, tmp_path_factory.mktemp("aot-gpu"), GPU_TRITON_DIR,
+                                        sass=lambda r: _is_gemv(r) and _x_dtype(r) == "float32")
     assert version == GPU_TRITON
     return compiled
 
 
 REPORTS = {"installed": "report", "gpu_machine": "gpu_report"}
+
+
+def _x_dtype(r: dict) -> str:
+    return next(a["dtype"] for a in r["args"] if isinstance(a, dict))
+
+
+def _is_gemv(r: dict) -> bool:
+    return r["kernel"] in ("_packed_gemv_kernel", "_moe_gemv_kernel")
 
 
 def _name(r: dict) -> str:
@@ -219,7 +229,8 @@ def test_launches_fit_the_h200(triton, request):
     assert not spills, "\n".join(spills)
 
 
-def test_decode_gemv_instructions_per_weight(report):
+@pytest.mark.parametrize("triton", REPORTS)
+def test_decode_gemv_instructions_per_weight(triton, request):
     """The packed weights' decode GEMV is bound by instruction issue, not by HBM: an H200 issues ~33 T
     lane-instructions/s (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz) and its HBM delivers ~8.5 T Q4_K weights/s
     (4.8 TB/s, 0.5625 bytes each), so a loop of ~4 lane-instructions per weight would keep up with it. Reading the
@@ -230,8 +241,11 @@ def test_decode_gemv_instructions_per_weight(report):
     cost 6.4 R. Loading the next slices' codes, scales (and one row's x) before multiplying one (Launch.ahead)
     changes the count by -0.2 to +0.3 for one row, -0.9 to +0.5 for 2 and 4. No loop converts codes from int to
     float (I2F / I2FP: 16 per clock and SM, a quarter of the integer rate; one per weight capped Q4_K near half the
-    HBM rate): only the sub-scales are, once per run of 16 or 32 values."""
-    rows = [r for r in report if "error" not in r and r["kernel"] in ("_packed_gemv_kernel", "_moe_gemv_kernel")]
+    HBM rate): only the sub-scales are, once per run of 16 or 32 values. The GPU machine's Triton 3.6 converts a
+    bf16 x once per weight in the one-row loop (Q4_K 8.3), so there the bounds hold for the float32 x the decoder
+    gives packed weights (Q4_K 6.5 / 9.5 / 11.8 / 17.0)."""
+    report = request.getfixturevalue(REPORTS[triton])
+    rows = [r for r in report if "error" not in r and _is_gemv(r) and "loop" in r]
     assert len(rows) >= 20 and {r["kwargs"]["R"] for r in rows} == {1, 2, 4, 8}
     slow, converting = {}, {}
     for r in rows:

@@ -9,7 +9,7 @@ would have them); `compile_records` compiles each distinct kernel in a subproces
 and spills from the ptxas Triton ships (-v). The records are compiled by the Triton the tests import (CI's) and by
 the lent GPU machine's (`GPU_TRITON`, installed beside it by `make test-deps`): the GPU runs what its own compiles.
 
-    python tests/triton_aot.py RECORDS.json REPORT.json [--no-sass]     # the subprocess: compile the records
+    python tests/triton_aot.py RECORDS.json REPORT.json     # the subprocess: compile the records
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from levante.cuda.precompile import compile_key, compile_launch, recorded_launches
@@ -39,26 +40,28 @@ def recording(run: bool = True):
 
 
 def compile_records(records: list[dict], workdir: Path, triton_dir: Path | None = None,
-                    sass: bool = True) -> tuple[str, list[dict]]:
+                    sass: bool | Callable[[dict], bool] = True) -> tuple[str, list[dict]]:
     """One record of each kernel (levante.cuda.precompile.compile_key: records that differ only in integers Triton
     does not specialize on are one) compiled for the H200 (in a subprocess without the interpreter, by the Triton in
     `triton_dir`, default the one installed): the record plus `stages` (the most pipeline stages, from the launch's
     own down to one, whose shared memory fits: what levante.cuda.triton_matmul.run falls back to), `shared`,
-    `regs`, `spill` (bytes of stack per thread, 0 when nothing spills), with `sass` the hottest loop's `loop` and
-    `conversions` (`_resources`), or `error` (the compiler's message). Returns (the Triton version, the report)."""
+    `regs`, `spill` (bytes of stack per thread, 0 when nothing spills), with `sass` (for every record, or those
+    it returns True for) the hottest loop's `loop` and `conversions` (`_resources`), or `error` (the compiler's
+    message). Returns (the Triton version, the report)."""
     if triton_dir is not None and not (triton_dir / "triton" / "__init__.py").is_file():
         raise FileNotFoundError(f"no Triton in {triton_dir}: `make test-deps` installs the GPU machine's there")
     src, dst = workdir / "records.json", workdir / "report.json"
     kernels: dict[str, dict] = {}
     for r in records:
         kernels.setdefault(compile_key(r), r)
-    src.write_text(json.dumps(list(kernels.values())))
+    chosen = list(kernels.values())
+    src.write_text(json.dumps({"records": chosen, "sass": [sass(r) if callable(sass) else sass for r in chosen]}))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([*([str(triton_dir)] if triton_dir else []), str(ROOT),
                                          env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, __file__, str(src), str(dst), *([] if sass else ["--no-sass"])], env=env,
-                          capture_output=True, text=True, timeout=1200)
+    done = subprocess.run([sys.executable, __file__, str(src), str(dst)], env=env, capture_output=True, text=True,
+                          timeout=1200)
     if done.returncode:
         raise RuntimeError(f"the compile subprocess failed:\n{done.stderr[-4000:]}")
     out = json.loads(dst.read_text())
@@ -136,18 +139,18 @@ def _compile_or_error(job: tuple[int, dict, Path, bool]) -> dict:
         return dict(rec, error=f"{type(e).__name__}: {str(e)[:2000]}")
 
 
-def main(src: str, dst: str, *flags: str) -> None:
+def main(src: str, dst: str) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     import triton
 
     workdir = Path(dst).parent
-    records = json.loads(Path(src).read_text())
-    for i in range(len(records)):
+    job = json.loads(Path(src).read_text())
+    for i in range(len(job["records"])):
         (workdir / str(i)).mkdir(exist_ok=True)
-    sass = "--no-sass" not in flags
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        report = list(pool.map(_compile_or_error, [(i, r, workdir, sass) for i, r in enumerate(records)]))
+        report = list(pool.map(_compile_or_error, [(i, r, workdir, sass) for i, (r, sass) in
+                                                   enumerate(zip(job["records"], job["sass"], strict=True))]))
     Path(dst).write_text(json.dumps({"triton": triton.__version__, "report": report}))
 
 

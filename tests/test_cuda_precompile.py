@@ -16,7 +16,7 @@ import pytest
 import torch
 import triton
 from fixtures import Q4_K_M, hf_model, mixtral_8x7b_layer, save_hf
-from triton_aot import GPU_TRITON, GPU_TRITON_DIR
+from triton_aot import GPU_TRITON, GPU_TRITON_DIR, triton_path
 
 from levante.cuda import CudaDecoder, fuse_moe, pack_weights
 from levante.cuda.decoder import BUCKETS
@@ -192,9 +192,8 @@ def test_precompiled_kernels_are_the_ones_launches_look_up(tmp_path, monkeypatch
     import levante.cuda.precompile as precompile
 
     if version == "gpu_machine":
-        if not (GPU_TRITON_DIR / "triton" / "__init__.py").is_file():
-            raise FileNotFoundError(f"no Triton in {GPU_TRITON_DIR}: `make test-deps` installs the GPU machine's there")
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(GPU_TRITON_DIR), os.environ.get("PYTHONPATH", "")]))
+        first = triton_path(GPU_TRITON_DIR)
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([first, os.environ.get("PYTHONPATH", "")]))
     net, path = _model(tmp_path, kind, quant)
     fuse_moe(net)
     dec = CudaDecoder(net)

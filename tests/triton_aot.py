@@ -32,6 +32,14 @@ GPU_TRITON = "3.6.0"
 GPU_TRITON_DIR = Path(os.environ.get("LEVANTE_GPU_TRITON", Path.home() / ".cache" / "levante-triton" / GPU_TRITON))
 
 
+def triton_path(triton_dir: Path) -> str:
+    """`triton_dir` as a PYTHONPATH entry, checked to hold a Triton (a clear error where `make test-deps` has not
+    run)."""
+    if not (triton_dir / "triton" / "__init__.py").is_file():
+        raise FileNotFoundError(f"no Triton in {triton_dir}: `make test-deps` installs the GPU machine's there")
+    return str(triton_dir)
+
+
 def recording(run: bool = True):
     """Every Triton launch inside the block, as a JSON-able record, run as well unless `run=False`
     (levante.cuda.precompile's recorder: IEEE, which the interpreter picks differently, recorded as a GPU picks
@@ -48,8 +56,7 @@ def compile_records(records: list[dict], workdir: Path, triton_dir: Path | None 
     `regs`, `spill` (bytes of stack per thread, 0 when nothing spills), with `sass` (for every record, or those
     it returns True for) the hottest loop's `loop` and `conversions` (`_resources`), or `error` (the compiler's
     message). Returns (the Triton version, the report)."""
-    if triton_dir is not None and not (triton_dir / "triton" / "__init__.py").is_file():
-        raise FileNotFoundError(f"no Triton in {triton_dir}: `make test-deps` installs the GPU machine's there")
+    first = [triton_path(triton_dir)] if triton_dir is not None else []
     src, dst = workdir / "records.json", workdir / "report.json"
     kernels: dict[str, dict] = {}
     for r in records:
@@ -57,8 +64,7 @@ def compile_records(records: list[dict], workdir: Path, triton_dir: Path | None 
     chosen = list(kernels.values())
     src.write_text(json.dumps({"records": chosen, "sass": [sass(r) if callable(sass) else sass for r in chosen]}))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([*([str(triton_dir)] if triton_dir else []), str(ROOT),
-                                         env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([*first, str(ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     done = subprocess.run([sys.executable, __file__, str(src), str(dst)], env=env, capture_output=True, text=True,
                           timeout=1200)

@@ -442,12 +442,9 @@ class Engine:
         except WorkerError:
             raise  # the engine ends: _fail_all ends the group's requests too
         except Exception as e:  # the group's own prefill: only its requests fail
-            for s in slots:
-                self._fail(s.req, e)
-                s.req, s.row, s.pending, s.tokens = None, None, None, []
+            for r, s in zip(rows, slots, strict=True):
+                self._fail_start(r, s.req, e)  # a WorkerError in its reset: _fail_all ends the rest of the group
             self._group = []
-            for r in rows:  # forget the half-written rows (a WorkerError here ends the engine: nothing left to fail)
-                self.cache.reset(r)
             return
         self._group = []
         self.n_active += len(rows)

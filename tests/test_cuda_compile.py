@@ -195,7 +195,7 @@ def _name(r: dict) -> str:
     kw = r["kwargs"]
     tile = Launch(kw.get("BM", kw.get("R", 1)), kw.get("BN", 0), kw.get("BK", 0), kw.get("num_warps", 4),
                   kw.get("num_stages", 3), gemv="R" in kw, ahead=kw.get("AHEAD", 0))
-    dtype = next(a["dtype"] for a in r["args"] if isinstance(a, dict))
+    dtype = _x_dtype(r)
     fmt = f" bits {kw['BITS']} g {kw['G']}" if "BITS" in kw else ""
     return f"{r['kernel']} {dtype}{fmt} {tile}"
 
@@ -221,7 +221,7 @@ def test_launches_fit_the_h200(triton, request):
     assert not too_big, too_big
     for r in rows:
         print(f"{_name(r)}: stages {r['stages']}, shared {r['shared']}, regs {r['regs']}, spill {r['spill']}")
-    dtypes = [next(a for a in r["args"] if isinstance(a, dict))["dtype"] for r in rows]
+    dtypes = [_x_dtype(r) for r in rows]
     assert min(dtypes.count(d) for d in ("bfloat16", "float16", "float32")) > 30
     fell_back = [_name(r) for r in rows if r["stages"] != r["kwargs"].get("num_stages", 3)]
     assert not fell_back, fell_back

@@ -44,6 +44,7 @@ from .generate import TokenEvent, _prefill_positions, _Row, launch_then_read
 from .grammar import mask_logits
 from .sampling import SamplingParams, sample, token_logprobs
 from .speculative import MAX_TOKENS, SpecConfig, Speculator, verify
+from .transfer import host_tensor, to_device
 
 log = logging.getLogger("levante.engine")
 _DONE = object()
@@ -434,8 +435,8 @@ class Engine:
         try:
             rests = [s.req.prompt[len(s.tokens) :] for s in slots]
             tokens, positions = _prefill_positions(rests, max(map(len, rests)), [len(s.tokens) for s in slots])
-            logits = self.model(tokens.to(self.device), positions.to(self.device), self.cache, last_only=True,
-                                rows=slice(rows[0], rows[-1] + 1))
+            logits = self.model(to_device(tokens, self.device), to_device(positions, self.device), self.cache,
+                                last_only=True, rows=slice(rows[0], rows[-1] + 1))
             for r, s in zip(rows, slots, strict=True):
                 s.tokens = list(s.req.prompt)
                 self.cache.hold(r, len(s.tokens))
@@ -516,7 +517,7 @@ class Engine:
             self.cache.truncate(row, done)
             return 0
         n = min(budget, len(req.prompt) - done)
-        toks = torch.tensor([req.prompt[done : done + n]], device=self.device)
+        toks = host_tensor([req.prompt[done : done + n]], self.device, torch.long)
         logits = self.model(toks, cache=self.cache, last_only=True, rows=slice(row, row + 1))
         done += n
         slot.tokens = req.prompt[:done]
@@ -541,7 +542,7 @@ class Engine:
             return
         logits = self._take_ahead(rows)
         if logits is None:
-            toks = torch.tensor([[self.slots[i].pending] for i in rows], device=self.device)
+            toks = host_tensor([[self.slots[i].pending] for i in rows], self.device, torch.long)
             logits = self.model(toks, cache=self.cache, last_only=True, rows=slice(0, self.n_active))[:, -1]
         for i in rows:
             self.slots[i].tokens.append(self.slots[i].pending)
@@ -584,7 +585,7 @@ class Engine:
         drafts = drafts[: max(k, 0)]
         qs = qs[: len(drafts)] if qs is not None else None
         t1 = time.perf_counter()
-        logits = self.model(torch.tensor([[s.pending, *drafts]], device=self.device), cache=self.cache,
+        logits = self.model(host_tensor([[s.pending, *drafts]], self.device, torch.long), cache=self.cache,
                             rows=slice(0, 1))[0]
         t2 = time.perf_counter()
         try:
@@ -644,13 +645,14 @@ class Engine:
               launch: bool = False) -> None:
         """Sample one token for each of `rows` (or take `chosen`, drawn from the already masked `logits`) and send
         the events. `launch` (a decode step of rows 0.. on a pipelining model): start the next step before reading
-        the tokens back, unless a row needs them on the host first (grammar, penalties, logprobs)."""
+        the tokens back, unless a row wants logprobs (read from these logits after sampling: the next step's graph
+        writes its logits over them). Grammars and penalties pipeline: they need the new tokens on the host only
+        for the next sampling."""
         slots = [self.slots[i] for i in rows]
         if chosen is None:
             if any(s.row.constraint is not None for s in slots):  # every constrained row's mask in one op
                 logits = mask_logits(logits.contiguous(), [s.row.constraint for s in slots])
-            launch = launch and not any(s.row.constraint is not None or s.row.params.uses_history
-                                        or s.req.logprobs is not None for s in slots)
+            launch = launch and not any(s.req.logprobs is not None for s in slots)
             chosen = self._sample(slots, logits, launch)
         want_lp = [s.req.logprobs for s in slots]
         lps = tops = None

@@ -22,6 +22,7 @@ from .errors import ContextLengthError
 from .grammar import GrammarError, mask_logits
 from .sampling import SamplingParams, make_generator, sample, token_logprobs
 from .speculative import speculative_stream
+from .transfer import host_tensor, to_device
 
 DEFAULT_N_CTX = 4096  # the context an LLM (and a GPU decoder's warm-up) takes when none is given
 
@@ -252,7 +253,7 @@ def generate_stream(
         device = model.model.device if hasattr(model, "model") else torch.device("cpu")
         cache = model.new_cache(len(rows), total_steps, kv_dtype)
         tokens, positions = _prefill_positions(prompts, length)
-        tokens, positions = tokens.to(device), positions.to(device)
+        tokens, positions = to_device(tokens, device), to_device(positions, device)
         logits = None
         for s in range(0, length, prefill_chunk):
             e = min(s + prefill_chunk, length)
@@ -261,11 +262,11 @@ def generate_stream(
 
         active = rows
         # A pipelining model (the GPU decoder) gets the next step launched before this step's tokens are read
-        # back, so the GPU computes while the host streams text; rows whose sampling needs the newest token on the
-        # host (grammars, penalties) or logprobs turn it off.
-        pipelined = getattr(model, "pipelined", False) and logprobs is None and not any(
-            r.constraint is not None or r.params.uses_history for r in rows)
-        pos = torch.tensor([len(r.history) for r in rows], dtype=torch.long, device=device)[:, None]
+        # back, so the GPU computes while the host streams text (and fills the grammars' masks and the penalties'
+        # windows for the next sampling, which needs the newest token only then); logprobs turn it off (they read
+        # this step's logits back).
+        pipelined = getattr(model, "pipelined", False) and logprobs is None
+        pos = host_tensor([len(r.history) for r in rows], device, torch.long)[:, None]
         while True:
             if any(r.constraint is not None for r in active):
                 logits = mask_logits(logits.contiguous(), [r.constraint for r in active])
@@ -292,7 +293,7 @@ def generate_stream(
             if not still:
                 return
             if len(still) < len(active):
-                keep = torch.tensor(still, dtype=torch.long, device=device)
+                keep = host_tensor(still, device, torch.long)
                 _compact_cache(cache, keep)
                 chosen = chosen.index_select(0, keep.to(chosen.device))
                 pos = pos.index_select(0, keep)

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .errors import LevanteError
 from .tokenizer import CONTROL, UNKNOWN, Tokenizer
+from .transfer import host_tensor, to_device
 
 KINDS = ("json_schema", "json_object", "regex", "gbnf", "structural_tag")
 CACHE_SIZE = 64  # compiled grammars kept per compiler
@@ -267,17 +268,17 @@ def mask_logits(logits: Tensor, constraints: list[Constraint | None]) -> Tensor:
         constraints[i].fill(bitmask, i)
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
         xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
-    else:
-        allowed = _unpack(bitmask[rows], V).to(logits.device)
-        sub = logits[rows]
-        logits[rows] = sub.masked_fill(~allowed, float("-inf"))
+    else:  # the packed masks go to the device (a 32nd of the bool mask's bytes) in a copy that does not wait
+        idx = host_tensor(rows, logits.device, torch.long)
+        allowed = _unpack(to_device(bitmask[rows], logits.device), V)
+        logits.index_copy_(0, idx, logits.index_select(0, idx).masked_fill(~allowed, float("-inf")))
     return logits
 
 
 def _unpack(bitmask: Tensor, V: int) -> Tensor:
-    """bool [B, V] from xgrammar's packed int32 bitmask [B, ceil(V / 32)]."""
+    """bool [B, V] from xgrammar's packed int32 bitmask [B, ceil(V / 32)] (on its device)."""
     bits = bitmask.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(32, dtype=torch.int64)
+    shifts = torch.arange(32, dtype=torch.int64, device=bitmask.device)
     return ((bits[..., None] >> shifts) & 1).reshape(bitmask.shape[0], -1)[:, :V].bool()
 
 

@@ -141,6 +141,45 @@ def test_generation_equals_the_model(tmp_path, kind, chunk):
     assert len(want[0]) == 5 and len(want[1]) == 6  # the rows did finish apart
 
 
+def test_pipelined_generation_with_grammars_and_penalties(tmp_path, monkeypatch):
+    """Generation pipelines on the decoder (each step launched before the last one's tokens are read back) also for
+    rows with a grammar or penalties: their masks and windows need the new tokens only at the next sampling. The
+    tokens equal the model's, unpipelined: a greedy row with penalties, a seeded sampled row with penalties, a
+    greedy row under a regex; and the steps were launched ahead."""
+    pytest.importorskip("xgrammar")
+    from levante import generate as gen
+    from levante.grammar import Grammar, GrammarCompiler
+
+    lm = load(save_hf(hf_model("mixtral_8x2", vocab_size=32000, num_hidden_layers=1), tmp_path / "m",
+                      tokenizer=True))
+    tok = lm.tokenizer
+    params = [SamplingParams.greedy(repeat_penalty=1.5, frequency_penalty=0.5),
+              SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.3, seed=4),
+              SamplingParams.greedy()]
+    compiler = GrammarCompiler(tok, lm.model.cfg.vocab_size)
+
+    def tokens(model) -> list[list[int]]:
+        with torch.inference_mode():
+            return [r.tokens for r in generate(model, tok, PROMPTS, 8, params, stop_token_ids=set(),
+                                               constraints=[None, None, compiler.constraint(Grammar.regex("[a-c]+"))])]
+
+    want = tokens(lm.model)
+    dec = CudaDecoder(lm.model)
+    fuse_moe(lm.model)
+    dec.pipelined = True
+    launched: list[int] = []
+
+    def counting(chosen, launch):
+        launched.append(chosen.shape[0])
+        return gen_launch(chosen, launch)
+
+    gen_launch = gen.launch_then_read
+    monkeypatch.setattr(gen, "launch_then_read", counting)
+    assert tokens(dec) == want
+    assert len(launched) >= 7 and launched[0] == 3
+    assert set(tok.decode(want[2])) <= set("abc")
+
+
 @pytest.mark.parametrize("chunk", [3, 512])
 def test_ring_buffer_for_a_sliding_window(tmp_path, monkeypatch, chunk):
     """A sliding-window model whose context outgrows window + RING_CHUNK keeps a ring buffer (6 + 2 slots instead
@@ -345,13 +384,14 @@ def test_gpu_graphs_equal_eager_without_host_sync(tmp_path):
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
-def test_serving_engine_on_the_decoder(tmp_path, pipelined):
+def test_serving_engine_on_the_decoder(tmp_path, monkeypatch, pipelined):
     """The continuous-batching engine over the decoder's static cache: rows joining and leaving, prefix reuse, and
     bucketed decode steps whose padding row is a free row holding a finished request's prefix (which it must not
     touch: request E reuses it). Every request gets solo generation's tokens; also pipelined (the GPU's order:
     each step launched before the last one's tokens are read back, thrown away and taken back from the cache
-    whenever the rows changed), with a seeded sampled request among them. One layer (two-layer decoders: the ring
-    buffer's, the speculative engine's and the parallel tests)."""
+    whenever the rows changed), with a seeded sampled request with penalties among them (pipelined too). One layer
+    (two-layer decoders: the ring buffer's, the speculative engine's and the parallel tests)."""
+    from levante import engine
     from levante.engine import Engine
 
     lm = load(save_hf(hf_model("mixtral_8x2", vocab_size=32000, num_hidden_layers=1), tmp_path / "m",
@@ -365,7 +405,7 @@ def test_serving_engine_on_the_decoder(tmp_path, pipelined):
     with torch.inference_mode():
         want = [r.tokens for p, n in zip(prompts, lens)
                 for r in generate(lm.model, tok, [p], n, GREEDY, stop_token_ids=set())]
-    seeded = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=5)
+    seeded = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.3, seed=5)
     with torch.inference_mode():
         want_sampled = generate(lm.model, tok, [prompts[1]], 8, seeded, stop_token_ids=set())[0].tokens
     dec = CudaDecoder(lm.model)
@@ -377,9 +417,12 @@ def test_serving_engine_on_the_decoder(tmp_path, pipelined):
         reqs = [eng.submit(p, n, GREEDY, stop_ids=set()) for p, n in zip(prompts[:4], lens[:4])]
         got = [[ev.token for ev in r] for r in reqs]  # after A: 3 rows run as bucket 4, A's row the padding
         last = eng.submit(prompts[4], lens[4], GREEDY, stop_ids=set())
-        sampled = eng.submit(prompts[1], 8, seeded, stop_ids=set())
         got.append([ev.token for ev in last])
+        read, launched = engine.launch_then_read, []
+        monkeypatch.setattr(engine, "launch_then_read", lambda c, f: launched.append(1) or read(c, f))
+        sampled = eng.submit(prompts[1], 8, seeded, stop_ids=set())
         got_sampled = [ev.token for ev in sampled]
+        assert len(launched) == (7 if pipelined else 0)  # each decode step's sampling launched the next step
         assert last.cached_tokens >= len(system)
     finally:
         eng.shutdown()

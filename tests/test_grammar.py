@@ -74,6 +74,19 @@ def test_json_schema_masks_and_completion(tok):
     assert not compiler.constraint(g).accept(CHARS.index("x"))  # a token the grammar does not allow
 
 
+def test_masks_of_other_logits_take_the_device_path(tok):
+    """Logits that xgrammar's CPU kernel does not take (bf16 here; on a GPU, all) get the same masks: the packed
+    masks are unpacked where the logits are, and only the constrained rows change."""
+    compiler = GrammarCompiler(tok)
+    g = Grammar.json_schema({"type": "object", "properties": {"k": {"enum": ["ab", "b"]}}, "required": ["k"]})
+    cs = [_walk(compiler, g, '{"k": "'), None, _walk(compiler, g, "{")]
+    ref = torch.randn(3, tok.vocab_size)
+    want = mask_logits(ref.clone(), cs)
+    got = mask_logits(ref.bfloat16(), cs)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and torch.equal(got[1], ref[1].bfloat16())
+    assert (~torch.isfinite(want[0])).sum() > 0 and (~torch.isfinite(want[2])).sum() > 0
+
+
 def test_json_grammars_never_allow_raw_control_bytes(tok):
     """Compact JSON holds no raw control byte; xgrammar's length-bounded strings would let a form feed in."""
     compiler = GrammarCompiler(tok)

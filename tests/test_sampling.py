@@ -8,10 +8,13 @@ from levante.sampling import (
     apply_logit_bias,
     apply_penalties,
     apply_temperature,
+    distribution,
+    draw,
     make_generator,
     min_p_filter,
     sample,
     token_logprobs,
+    top_k_candidates,
     top_k_filter,
     top_p_filter,
     typical_filter,
@@ -199,3 +202,138 @@ def test_invalid_params_raise(kw, field):
 def test_greedy_helper():
     g = SamplingParams.greedy(seed=3)
     assert g.temperature == 0 and g.is_greedy and g.repeat_penalty == 1.0 and g.seed == 3
+
+
+def test_draw_is_the_inverse_transform():
+    """Uniforms evenly spread over [0, 1) pick each token in proportion to its probability (rows not normalised);
+    a token of probability 0 is never picked, not at u = 0 nor at the largest u below 1, not even last in a row."""
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.4, 0.2, 0.3], [2.0, 0.0, 0.0, 6.0, 0.0, 0.0]], dtype=torch.float64)
+    n = 10000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    for r in range(2):
+        got = draw(probs[r].expand(n, -1), u)
+        freq = torch.bincount(got, minlength=6).double() / n
+        assert torch.allclose(freq, probs[r] / probs[r].sum(), atol=2 / n), (r, freq)
+    edges = torch.tensor([0.0, 1 - 2**-53], dtype=torch.float64)
+    assert draw(probs[:1].expand(2, -1), edges).tolist() == [1, 5]
+    assert draw(probs[1:].expand(2, -1), edges).tolist() == [0, 3]
+
+
+def test_sample_draws_from_distribution():
+    """`sample` draws each sampled row from `distribution` (which speculative decoding accepts against): with the
+    same generators, its tokens are `draw`'s at the uniforms those generators give, greedy rows their argmax."""
+    lg = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 3
+    params = [SamplingParams(top_k=20), SamplingParams.greedy(), SamplingParams(top_p=0.8, min_p=0.0),
+              SamplingParams(temperature=1.5, typical_p=0.9, repeat_penalty=1.3)]
+    hist = [[1, 2, 3], [4], [5, 5], [int(lg[3].argmax()), 7]]
+    for seed in range(5):
+        got = sample(lg, params, [make_generator(seed + i) for i in range(4)], history=hist)
+        u = torch.cat([torch.rand(1, generator=make_generator(seed + i), dtype=torch.float64) for i in (0, 2, 3)])
+        want = draw(distribution(lg, params, hist)[[0, 2, 3]], u)
+        assert got[[0, 2, 3]].tolist() == want.tolist()
+        assert got[1] == distribution(lg, params, hist)[1].argmax()
+
+
+def test_top_k_candidates_are_what_top_k_keeps():
+    """Per-row k, ties at the k-th value (the lower ids kept, as the stable sort of top_k_filter keeps them), -inf
+    logits among the kept: the candidates are exactly top_k_filter's survivors, in ascending id order."""
+    g = torch.Generator().manual_seed(3)
+    lg = torch.randint(-3, 4, (4, 60), generator=g).float()  # many equal logits
+    lg[2, 10:] = float("-inf")  # fewer finite logits than k
+    ks = [1, 7, 15, 12]
+    vals, ids = top_k_candidates(lg, ks)
+    want = top_k_filter(lg, ks)
+    for r, k in enumerate(ks):
+        got = ids[r, :k].tolist()
+        assert got == sorted(set(got)) and len(got) == k, r  # k distinct ids, ascending
+        assert {i for i in got if lg[r, i] > float("-inf")} == kept(want[r : r + 1])[0], r
+        assert torch.equal(vals[r, :k], lg[r, ids[r, :k]]) and (vals[r, k:] == float("-inf")).all()
+    assert vals.shape == (4, 15) and kept(want[2:3])[0] == set(range(10))
+
+
+@pytest.mark.parametrize("top_k", [5, 40])
+def test_candidates_give_the_whole_rows_distribution(monkeypatch, top_k):
+    """The chain after top-k on its candidates gives the distribution (and the draws) of the chain on whole rows:
+    top-p, min-p, typical, temperature, with equal logits and rows of different k."""
+    from levante import sampling
+
+    g = torch.Generator().manual_seed(0)
+    lg = (torch.randn(4, 400, generator=g) * 2).round(decimals=1)  # equal logits at the k-th place too
+    params = [SamplingParams(top_k=top_k), SamplingParams(top_k=3, top_p=0.7, min_p=0.0, temperature=1.3),
+              SamplingParams(top_k=top_k, typical_p=0.8, top_p=1.0, min_p=0.1), SamplingParams.greedy()]
+    cand = distribution(lg, params)
+    picks = [sample(lg, params, [make_generator(s) for _ in range(4)]) for s in range(20)]
+    monkeypatch.setattr(sampling, "CANDIDATES", 10**9)  # whole rows
+    whole = distribution(lg, params)
+    assert torch.allclose(cand, whole, rtol=0, atol=1e-12) and (cand[:3] > 0).sum(-1).min() > 1
+    assert all(torch.equal(p, sample(lg, params, [make_generator(s) for _ in range(4)]))
+               for s, p in enumerate(picks))
+
+
+class _NoReadBack(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on an op that reads a tensor's values back to the host (on a GPU: the host waits for the device)."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert func not in self.READS, f"{func} reads the logits' values back"
+        return func(*args, **(kwargs or {}))
+
+
+def test_sampling_chain_reads_nothing_back():
+    """The whole chain, every filter on in some row (penalties and logit bias included), greedy and sampled rows,
+    seeded or not, decides on the host and draws on the logits' device: nothing is read back (on a GPU each read
+    stopped the host until the decode step had run, so it could not queue the next one)."""
+    lg = torch.randn(5, 200)
+    params = [SamplingParams(), SamplingParams.greedy(logit_bias={3: 2.0}), SamplingParams(top_k=0, top_p=1.0,
+              min_p=0.0, typical_p=0.5, frequency_penalty=0.5, presence_penalty=0.2),
+              SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0),
+              SamplingParams(temperature=0.7, top_k=5, seed=3)]
+    gens = [make_generator(1), None, make_generator(2), None, make_generator(3)]
+    hist = [[1, 2, 2], [3], [4, 5, 4], [], [199, 0]]
+    with _NoReadBack():
+        out = sample(lg, params, gens, history=hist)
+        sample(lg, SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0))
+        distribution(lg, params, hist)
+    assert out.shape == (5,) and out[1] == apply_logit_bias(lg[1:2], params[1]).argmax()
+
+
+def test_penalties_for_the_batch_equal_row_by_row():
+    """The batch's penalties from one flat index list equal each row's own (llama.cpp's definition, row by row),
+    rows of every kind side by side: off, a window, the whole history, ids out of the vocabulary ignored."""
+    g = torch.Generator().manual_seed(1)
+    lg = torch.randn(5, 40, generator=g) * 3
+    params = [SamplingParams(repeat_penalty=1.3, repeat_last_n=4), SamplingParams(repeat_penalty=1.0),
+              SamplingParams(repeat_penalty=0.8, frequency_penalty=0.4, presence_penalty=-0.3, repeat_last_n=-1),
+              SamplingParams(repeat_penalty=1.5, repeat_last_n=0), SamplingParams(frequency_penalty=1.0)]
+    hist = [torch.randint(-2, 45, (30,), generator=g).tolist() for _ in range(5)]
+    got = apply_penalties(lg, hist, params)
+    for i, p in enumerate(params):
+        row = lg[i].clone()
+        if p.uses_history:
+            window = hist[i] if p.repeat_last_n == -1 else hist[i][-p.repeat_last_n:]
+            counts = torch.bincount(torch.tensor([t for t in window if 0 <= t < 40]), minlength=40).float()
+            seen = counts > 0
+            row = torch.where(seen, torch.where(row > 0, row / p.repeat_penalty, row * p.repeat_penalty), row)
+            row = row - counts * p.frequency_penalty - seen.float() * p.presence_penalty
+        assert torch.equal(got[i], row), i
+
+
+@pytest.mark.gpu
+def test_sampling_on_the_gpu_waits_for_nothing():
+    """On CUDA, the chain (penalties, filters, seeded draws) runs under sync-debug mode "error" and draws what the
+    CPU draws with the same generators."""
+    lg = torch.randn(8, 32000) * 4
+    params = [SamplingParams()] * 4 + [SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                                                      repeat_penalty=1.0)] * 3 + [SamplingParams.greedy()]
+    hist = [[1, 2, 3, 2]] * 8
+    want = sample(lg, params, [make_generator(i) for i in range(8)], history=hist)
+    gpu = lg.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = sample(gpu, params, [make_generator(i) for i in range(8)], history=hist)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert got.cpu().tolist() == want.tolist()

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..errors import ContextLengthError, DeviceMemoryError
 from ..kv import RowCache
 from ..quant.base import DenseWeight, QuantWeight
+from ..transfer import host_tensor
 from .moe import FusedMoE
 from .packed import PackedWeight
 from .precompile import precompile_decoder
@@ -255,7 +256,7 @@ class CudaDecoder(nn.Module):
             if max(held) + T > cache.max_tokens:
                 raise ContextLengthError(f"context overflow: {max(held)} cached + {T} new tokens > n_ctx "
                                          f"{cache.max_tokens}")
-            positions = torch.tensor(held, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
+            positions = host_tensor(held, tokens.device, torch.long)[:, None] + torch.arange(T, device=tokens.device)
             for r in range(row0, row0 + B):
                 cache.lengths[r] += T
         if T == 1 and row0 == 0:

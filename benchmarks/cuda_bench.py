@@ -21,9 +21,11 @@ is reported) and a warm one; decode tok/s = (new tokens - 1) / (time after the f
 active bytes a batch-1 step reads (attention, router, 2 of 8 experts per layer, the head) over the
 device-to-device copy rate measured here.
 Batch 32 x 64 new tokens (the LLM's first call with 32 prompts, which captures its bucket's graph, and the
-next); prefill 512 vs transformers; the serving engine with 32 concurrent clients vs 1, and with each new request
-prefilled alone vs those admitted together in one packed call; a prefill of 32 prompts of 16..512 tokens, packed
-(only the real tokens through the projections and the MoE) vs padded; the profile of one decode step;
+next); prefill 512 vs transformers; the serving engine with 32 concurrent clients vs 1, with each new request
+prefilled alone vs those admitted together in one packed call, and with the clients sampling (the server's
+defaults, llama.cpp's) vs greedy; `sample()` of 32 rows per kind of request, and under sync-debug mode; a
+prefill of 32 prompts of 16..512 tokens, packed (only the real tokens through the projections and the MoE) vs
+padded; the profile of one decode step;
 `torch.cuda.set_sync_debug_mode("error")` around a captured step; last, the batch-1 kernels one by one (GEMV vs
 tiled, a few launch configurations) as fractions of the copy rate.
 Writes OUT/cuda_bench.md (on CUDA; --smoke prints only).
@@ -52,13 +54,20 @@ from levante.cuda.packed import quantize_randomly, random_packed  # noqa: E402
 from levante.cuda.precompile import compile_launches, device_target, recorded_launches  # noqa: E402
 from levante.loader import LoadedModel, load  # noqa: E402
 from levante.quant.base import DenseWeight  # noqa: E402
-from levante.sampling import SamplingParams  # noqa: E402
+from levante.sampling import SamplingParams, make_generator, sample  # noqa: E402
 
 MIXTRAL_4L = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
                   num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
                   max_position_embeddings=4096, rope_theta=1e6)
 SMOKE = dict(MIXTRAL_4L, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
+GREEDY = SamplingParams.greedy()
+SAMPLERS = {  # what sampled requests ask for: the OpenAI server's defaults, and llama.cpp's (SamplingParams())
+    "greedy": GREEDY,
+    "server defaults (temperature 1)": SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                                                      repeat_penalty=1.0),
+    "llama.cpp defaults": SamplingParams(),
+}
 SCHEMES = {  # weight role -> format
     "Q4_K_M": dict(wq="Q4_K", wk="Q4_K", wv="Q6_K", wo="Q4_K", w1="Q4_K", w3="Q4_K", w2="Q6_K", lm_head="Q6_K"),
     "Q8_0": dict(wq="Q8_0", wk="Q8_0", wv="Q8_0", wo="Q8_0", w1="Q8_0", w3="Q8_0", w2="Q8_0", lm_head="Q8_0"),
@@ -175,9 +184,11 @@ def step_ms(net: torch.nn.Module, float32_inputs: bool, reps: int) -> float:
     return ms_per_call(lambda: dec(tok, pos, cache), dev, reps)
 
 
-def engine_rate(llm: LLM, prompts: list[list[int]], n: int, batched_prefill: bool = True) -> float:
-    """Total new tokens per second of the serving engine with one concurrent client per prompt (`batched_prefill`
-    False: each new request prefilled alone, as before the engine prefilled them together)."""
+def engine_rate(llm: LLM, prompts: list[list[int]], n: int, batched_prefill: bool = True,
+                params: SamplingParams = GREEDY) -> float:
+    """Total new tokens per second of the serving engine with one concurrent client per prompt, each sampling by
+    `params` (`batched_prefill` False: each new request prefilled alone, as before the engine prefilled them
+    together)."""
     from levante.engine import Engine
 
     clients = len(prompts)
@@ -186,7 +197,7 @@ def engine_rate(llm: LLM, prompts: list[list[int]], n: int, batched_prefill: boo
     eng.start()
     try:
         for b in (1, 2, 4, 8, 16, 32):  # warm: Triton compiles, each bucket's graph is captured
-            reqs = [eng.submit([7 + i, 8, 9], 3, SamplingParams.greedy(), stop_ids=set()) for i in range(b)]
+            reqs = [eng.submit([7 + i, 8, 9], 3, GREEDY, stop_ids=set()) for i in range(b)]
             for r in reqs:
                 list(r)
             if b >= clients:
@@ -194,7 +205,7 @@ def engine_rate(llm: LLM, prompts: list[list[int]], n: int, batched_prefill: boo
         counts = [0] * clients
 
         def client(i: int) -> None:
-            counts[i] = sum(1 for _ in eng.submit(prompts[i], n, SamplingParams.greedy(), stop_ids=set()))
+            counts[i] = sum(1 for _ in eng.submit(prompts[i], n, replace(params, seed=i), stop_ids=set()))
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         t = time.perf_counter()
@@ -205,6 +216,28 @@ def engine_rate(llm: LLM, prompts: list[list[int]], n: int, batched_prefill: boo
         return sum(counts) / (time.perf_counter() - t)
     finally:
         eng.shutdown()
+
+
+def sampling_costs(dev: torch.device, rows: int, vocab: int, reps: int, lines: list[str]) -> None:
+    """ms per `sample()` call on logits [rows, vocab] on the device (each row its own seeded generator and a history
+    of 600 tokens), for greedy rows and two kinds of sampled ones; then the llama.cpp defaults' whole chain under
+    sync-debug mode "error" (nothing in it may wait for the device)."""
+    logits = torch.randn(rows, vocab, device=dev)
+    hist = [torch.randint(0, vocab, (600,)).tolist() for _ in range(rows)]
+    gens = [make_generator(i) for i in range(rows)]
+    costs = {what: ms_per_call(lambda p=p: sample(logits, [p] * rows, gens, history=hist), dev, reps)
+             for what, p in SAMPLERS.items()}
+    lines += ["", f"`sample()` of {rows} rows x {vocab}: " + ", ".join(f"{w} {ms:.3f} ms" for w, ms in costs.items())
+              + "."]
+    if dev.type == "cuda":
+        sync(dev)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            sample(logits, [SAMPLERS["llama.cpp defaults"]] * rows, gens, history=hist)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        lines.append("The llama.cpp defaults' chain (penalties, top-k, top-p, min-p, temperature, seeded draws) ran "
+                     "under `set_sync_debug_mode(\"error\")`: no host sync.")
 
 
 def packed_prefill_ms(llm: LLM, prompts: list[list[int]], reps: int) -> tuple[float, float]:
@@ -587,16 +620,19 @@ def main() -> None:
             rates.append((count - wide) / after)
         return rates[0], rates[1]
 
-    def engine_rates() -> tuple[float, float, float]:
+    def engine_rates() -> tuple[float, ...]:
         short = [torch.randint(3, spec["vocab_size"], (128,)).tolist() for _ in range(wide)]
         return (engine_rate(llm, short[:1], n_batch_new), engine_rate(llm, short, n_batch_new),
-                engine_rate(llm, short, n_batch_new, batched_prefill=False))
+                engine_rate(llm, short, n_batch_new, batched_prefill=False),
+                *(engine_rate(llm, short, n_batch_new, params=p) for w, p in SAMPLERS.items() if w != "greedy"))
 
     # prompts of lengths spread evenly up to n_prompt: packed, the projections and MoE see ~half the padded tokens
     mixed = [torch.randint(3, spec["vocab_size"], (max(1, n_prompt * (i + 1) // wide),)).tolist()
              for i in range(wide)]
     wide_rates = attempt("batch", batch_rates) if llm is not None else None
     engine = attempt("engine", engine_rates) if llm is not None else None
+    attempt("sampling", lambda: sampling_costs(dev, wide, spec["vocab_size"], 20 if dev.type == "cuda" else 1,
+                                               lines))
     packing = attempt("packed prefill", lambda: packed_prefill_ms(llm, mixed, 5 if dev.type == "cuda" else 1)
                       ) if llm is not None else None
 
@@ -632,6 +668,8 @@ def main() -> None:
               row(f"engine, {wide} concurrent clients vs 1", engine and engine[1], engine and engine[0], ">= 10x"),
               row(f"engine, {wide} clients of 128 tokens: new requests prefilled together vs one by one",
                   engine and engine[1], engine and engine[2], "> 1x"),
+              *(row(f"engine, {wide} clients sampling with the {w} vs greedy", engine and engine[3 + i],
+                    engine and engine[1], ">= 0.9x") for i, w in enumerate(list(SAMPLERS)[1:])),
               row(f"prefill of {wide} prompts of {len(mixed[0])}..{len(mixed[-1])} tokens: padded vs packed "
                   f"({sum(map(len, mixed))} of {wide * len(mixed[-1])} tokens real)", packing and packing[1],
                   packing and packing[0], "> 1x", "ms")]

@@ -12,7 +12,7 @@ ROOT = Path(levante.__file__).resolve().parent
 
 # lowest first; a module may import its own layer and the ones below. Prefixes cover subpackages.
 LAYERS: list[tuple[str, ...]] = [
-    ("levante.errors",),
+    ("levante.errors", "levante.transfer"),
     ("levante.config", "levante.rope", "levante.kv", "levante.tokenizer", "levante.sampling", "levante.shard"),
     # structured output, tool calls, chat formats; weight formats and kernels
     ("levante.grammar", "levante.toolcalls", "levante.chat", "levante.quant", "levante.cuda"),

@@ -338,7 +338,7 @@ def _filtered(sub: Tensor, rp: list[SamplingParams]) -> tuple[Tensor, Tensor | N
     """The truncation filters and temperature (sampled rows only): (the logits [n, V], None), or, when every row's
     top-k keeps at most V / CANDIDATES tokens, (the logits of its survivors [n, k], their token ids [n, k]):
     the filters after top-k then see only those, as llama.cpp's candidate list does (the sorts of top-p and typical
-    take k values instead of V: llama.cpp's defaults cost 4.9 -> 0.3 ms a token at V = 32000 on 2 cores)."""
+    take k values instead of V: `sample` with llama.cpp's defaults, one row of 32000, 2 cores: 4.7 -> 0.9 ms)."""
     ks = [p.top_k for p in rp]
     ids = None
     if min(ks) > 0 and max(ks) <= sub.shape[1] // CANDIDATES:

@@ -394,10 +394,9 @@ def sample(
         if len(gens) != B:
             raise ValueError(f"got {len(gens)} generators for a batch of {B}")
 
-    out = logits.argmax(-1)
     rnd = [i for i, p in enumerate(rows) if not p.is_greedy]
     if not rnd:
-        return out
+        return logits.argmax(-1)
     idx = None if len(rnd) == B else host_tensor(rnd, logits.device, torch.long)
     sub = logits if idx is None else logits.index_select(0, idx)
     filtered, ids = _filtered(sub, [rows[i] for i in rnd])
@@ -405,7 +404,7 @@ def sample(
     drawn = draw(probs, uniforms([gens[i] for i in rnd], probs.device))
     if ids is not None:  # a place among the candidates -> its token
         drawn = ids.gather(1, drawn[:, None])[:, 0]
-    return drawn if idx is None else out.index_copy(0, idx, drawn)
+    return drawn if idx is None else logits.argmax(-1).index_copy(0, idx, drawn)  # the greedy rows: argmax
 
 
 def uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> Tensor:

@@ -128,9 +128,12 @@ def test_cache_after_rejections_equals_one_built_without_speculation(models, nam
     assert cache.lengths == plain.lengths
     assert torch.equal(cache.pos, plain.pos)
     live = cache.pos[0] >= 0
+    # a Q4_0 model's k / v of tokens fed together (the prompt, verifications) and one by one round apart by up to
+    # 0.67 of (1e-5, 1e-4): too close to that bound (one full CI run failed it); a stale or missing entry is O(1)
+    loose = kv_dtype is not None or "Q4_0" in name
     for a, b in zip(cache.k + cache.v, plain.k + plain.v):
-        assert torch.allclose(a[0][:, live].float(), b[0][:, live].float(), atol=1e-3 if kv_dtype else 1e-5,
-                              rtol=1e-3 if kv_dtype else 1e-4)
+        assert torch.allclose(a[0][:, live].float(), b[0][:, live].float(), atol=1e-3 if loose else 1e-5,
+                              rtol=1e-3 if loose else 1e-4)
 
 
 SETTINGS = [SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0),

@@ -2,10 +2,10 @@
 
 `torch.tensor(values, device="cuda")`, or `.to("cuda")` of ordinary (pageable) host memory, synchronizes with the
 stream: the host waits until every kernel queued before the copy has run. A decode step's small inputs (positions,
-the rows' sampling settings and random numbers, penalty counts, grammar masks) would each stop the host that
-way, so it could not queue the next step while the GPU runs the current one. These go through pinned memory with
-a non-blocking copy instead, as vLLM's input buffers do: the host queues the copy and goes on; the caching host
-allocator keeps the pinned block until the copy has run. Elsewhere (CPU) they are plain tensors.
+the rows' sampling settings and random numbers, the penalties' token windows, grammar masks) would each stop the
+host that way, so it could not queue the next step while the GPU runs the current one. These go through pinned
+memory with a non-blocking copy instead, as vLLM's input buffers do: the host queues the copy and goes on; the
+caching host allocator keeps the pinned block until the copy has run. Elsewhere (CPU) they are plain tensors.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ the host, not from the logits. Only the chosen ids are read back, by the caller.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -185,40 +186,39 @@ def _mask_sorted(logits: Tensor, order: Tensor, remove_sorted: Tensor) -> Tensor
 
 
 # ----------------------------------------------------------------------------- chain stages
-_NO_PENALTIES = SamplingParams(repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0)  # a row's, off
-
-
 def apply_penalties(
     logits: Tensor,
     history: Sequence[Sequence[int]],
     params: SamplingParams | Sequence[SamplingParams],
 ) -> Tensor:
     """Repeat / frequency / presence penalties over each row's last `repeat_last_n` history tokens, for the batch at
-    once: the windows' token counts from one list of flat indices (built on the host, copied without waiting)."""
+    once and only where they apply: the windows' distinct tokens are counted on the host, and their logits are
+    read, penalised and written back through one list of flat indices (copied without waiting), as llama.cpp
+    touches only the window's tokens, instead of computing [B, V] counts and masks."""
     logits = _check(logits)
     B, V = logits.shape
     if len(history) != B:
         raise ValueError(f"got {len(history)} histories for a batch of {B}")
-    rows = _rows(params, B)
+    out = logits.clone()
     flat: list[int] = []
-    for i, p in enumerate(rows):
-        if p.uses_history:
-            hist = list(history[i])
-            window = hist if p.repeat_last_n == -1 else hist[-p.repeat_last_n :]
-            flat += [i * V + t for t in window if 0 <= t < V]
+    terms: list[list[float]] = [[], [], [], []]  # per index: count, repeat, frequency, presence
+    for i, p in enumerate(_rows(params, B)):
+        if not p.uses_history:
+            continue
+        window = history[i] if p.repeat_last_n == -1 else history[i][-p.repeat_last_n :]
+        counts = Counter(t for t in map(int, window) if 0 <= t < V)
+        flat += [i * V + t for t in counts]
+        n = len(counts)
+        for dst, values in zip(terms, (counts.values(), [p.repeat_penalty] * n, [p.frequency_penalty] * n,
+                                       [p.presence_penalty] * n)):
+            dst += values
     if not flat:
-        return logits.clone()
-    dev = logits.device
-    idx = host_tensor(flat, dev, torch.long)
-    counts = torch.zeros(B * V, dtype=logits.dtype, device=dev).index_add_(
-        0, idx, torch.ones(len(flat), dtype=logits.dtype, device=dev)).view(B, V)
-    used = [p if p.uses_history else _NO_PENALTIES for p in rows]
-    repeat = _per_row([p.repeat_penalty for p in used], B, dev, logits.dtype)
-    freq = _per_row([p.frequency_penalty for p in used], B, dev, logits.dtype)
-    pres = _per_row([p.presence_penalty for p in used], B, dev, logits.dtype)
-    seen = counts > 0
-    penalised = torch.where(logits > 0, logits / repeat, logits * repeat)
-    return torch.where(seen, penalised, logits) - counts * freq - seen.to(logits.dtype) * pres
+        return out
+    idx = host_tensor(flat, logits.device, torch.long)
+    count, repeat, freq, pres = host_tensor(terms, logits.device, logits.dtype)
+    x = out.view(-1).index_select(0, idx)
+    out.view(-1).index_copy_(0, idx, torch.where(x > 0, x / repeat, x * repeat) - count * freq - pres)
+    return out
 
 
 def apply_logit_bias(logits: Tensor, params: SamplingParams | Sequence[SamplingParams]) -> Tensor:

@@ -359,10 +359,18 @@ def top_k_candidates(logits: Tensor, k: Sequence[int]) -> tuple[Tensor, Tensor]:
     logits [B, max k], their ids [B, max k]) in ascending id order, so the filters after it (whose sorts are stable)
     and the draw see them in the order they have in the whole row; a row with fewer than max k: -inf past its k.
     Found without sorting the row: its k-th largest logit (torch.topk), every token above it, and the first of
-    the tokens equal to it."""
+    the tokens equal to it. On the host, where reading values costs nothing, topk's own ids are taken when no row
+    has a tie at its k-th value (the tie rule then has nothing to decide), skipping the rule's passes over the
+    rows (32 x 32000, 2 cores: 4.5-7 -> ~1.5 ms)."""
     B, V = logits.shape
     dev, kmax = logits.device, max(k)
     kt = _per_row(list(k), B, dev, torch.long)
+    past = torch.arange(kmax, device=dev) >= kt
+    if dev.type == "cpu" and kmax < V:
+        vals, ids = torch.topk(logits, kmax + 1, dim=-1)
+        if not (vals.gather(1, kt - 1) == vals.gather(1, kt)).any():
+            ids = ids[:, :kmax].masked_fill(past, V).sort(-1).values.masked_fill(past, 0)  # ascending, own k first
+            return logits.gather(1, ids).masked_fill(past, NEG_INF), ids
     kth = torch.topk(logits, kmax, dim=-1).values.gather(1, kt - 1)
     above = logits > kth
     tie = logits == kth
@@ -371,8 +379,7 @@ def top_k_candidates(logits: Tensor, k: Sequence[int]) -> tuple[Tensor, Tensor]:
     slot = torch.where(keep, keep.cumsum(-1) - 1, kmax)
     ids = torch.zeros(B, kmax + 1, dtype=torch.long, device=dev).scatter_(
         1, slot, torch.arange(V, device=dev).expand(B, V))[:, :kmax]
-    kept = logits.gather(1, ids).masked_fill(torch.arange(kmax, device=dev) >= kt, NEG_INF)
-    return kept, ids
+    return logits.gather(1, ids).masked_fill(past, NEG_INF), ids
 
 
 def sample(

@@ -235,12 +235,15 @@ def test_sample_draws_from_distribution():
 
 
 def test_top_k_candidates_are_what_top_k_keeps():
-    """Per-row k, ties at the k-th value (the lower ids kept, as the stable sort of top_k_filter keeps them), -inf
-    logits among the kept: the candidates are exactly top_k_filter's survivors, in ascending id order."""
+    """Per-row k, ties at the k-th value (the lower ids kept, as the stable sort of top_k_filter keeps them; -0.0
+    equals 0.0), -inf logits among the kept: the candidates are exactly top_k_filter's survivors, in ascending id
+    order."""
     g = torch.Generator().manual_seed(3)
-    lg = torch.randint(-3, 4, (4, 60), generator=g).float()  # many equal logits
+    lg = torch.randint(-3, 4, (5, 60), generator=g).float()  # many equal logits
     lg[2, 10:] = float("-inf")  # fewer finite logits than k
-    ks = [1, 7, 15, 12]
+    lg[4] = torch.where(torch.arange(60) % 3 == 0, -0.0, torch.where(torch.arange(60) % 3 == 1, 0.0, -1.0))
+    lg[4, 50] = 5.0
+    ks = [1, 7, 15, 12, 9]
     vals, ids = top_k_candidates(lg, ks)
     want = top_k_filter(lg, ks)
     for r, k in enumerate(ks):
@@ -248,7 +251,16 @@ def test_top_k_candidates_are_what_top_k_keeps():
         assert got == sorted(set(got)) and len(got) == k, r  # k distinct ids, ascending
         assert {i for i in got if lg[r, i] > float("-inf")} == kept(want[r : r + 1])[0], r
         assert torch.equal(vals[r, :k], lg[r, ids[r, :k]]) and (vals[r, k:] == float("-inf")).all()
-    assert vals.shape == (4, 15) and kept(want[2:3])[0] == set(range(10))
+    assert vals.shape == (5, 15) and kept(want[2:3])[0] == set(range(10))
+    assert ids[4, :9].tolist() == [0, 1, 3, 4, 6, 7, 9, 10, 50]  # the zeros of either sign, lower ids first
+    # without ties at the k-th value (on the host: topk's own ids, the tie rule skipped), the same survivors
+    lg = torch.randn(3, 500, generator=g)
+    ks = [1, 40, 62]
+    vals, ids = top_k_candidates(lg, ks)
+    want = top_k_filter(lg, ks)
+    for r, k in enumerate(ks):
+        assert ids[r, :k].tolist() == sorted(kept(want[r : r + 1])[0]) and (ids[r, k:] == 0).all(), r
+        assert torch.equal(vals[r, :k], lg[r, ids[r, :k]]) and (vals[r, k:] == float("-inf")).all()
 
 
 @pytest.mark.parametrize("top_k", [5, 40])

@@ -86,13 +86,7 @@ class Request:
         return self._cancel.is_set()
 
     def _put(self, item) -> None:
-        if self._aq is not None and self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._aq.put_nowait, item)
-            except RuntimeError:  # event loop closed: nobody is listening any more
-                self._cancel.set()
-        else:
-            self._q.put(item)
+        deliver([(self, item)])
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
@@ -112,6 +106,29 @@ class Request:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+
+def deliver(items: list[tuple[Request, Any]]) -> None:
+    """Hand each request its items, in order: a thread's through its queue; a coroutine's through its event loop,
+    with one wake-up per loop for all of them. `call_soon_threadsafe` writes to the loop's self-pipe; once per
+    streamed token it was ~18 us of the engine thread's time per token (a server's step of 32 rows: ~0.6 ms)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Request, Any]]] = {}
+    for req, item in items:
+        if req._aq is not None and req._loop is not None:
+            by_loop.setdefault(req._loop, []).append((req, item))
+        else:
+            req._q.put(item)
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # event loop closed: nobody is listening any more
+            for req, _ in batch:
+                req._cancel.set()
+
+
+def _put_all(batch: list[tuple[Request, Any]]) -> None:  # on the event loop
+    for req, item in batch:
+        req._aq.put_nowait(item)
 
 
 @dataclass
@@ -660,6 +677,8 @@ class Engine:
             ok = [c if isinstance(c, int) else 0 for c in chosen]
             lps, tops = token_logprobs(logits, torch.tensor(ok), max(n or 0 for n in want_lp))
         now = time.perf_counter()
+        out: list[tuple[Request, Any]] = []  # delivered together after the loop
+        first: list[float] = []  # times to first token
         for j, s in enumerate(slots):
             req = s.req
             try:
@@ -672,18 +691,19 @@ class Engine:
                 self._fail(req, e)
                 s.req, s.row, s.pending = None, None, None
                 continue
-            with self.metrics.lock:
-                if req.first_token_at is None:
-                    self.metrics.observe_ttft(now - req.submitted)
-                self.metrics.completion_tokens += 1
             if req.first_token_at is None:
                 req.first_token_at = now
-            req._put(ev)
+                first.append(now - req.submitted)
+            out.append((req, ev))
             if ev.finish_reason is not None:
-                req._put(_DONE)
+                out.append((req, _DONE))
                 s.req = None
             else:
                 s.pending = chosen[j]
+        deliver(out)
         self._drop_finished()
         with self.metrics.lock:
+            for ttft in first:
+                self.metrics.observe_ttft(ttft)
+            self.metrics.completion_tokens += len(out) - sum(item is _DONE for _, item in out)
             self.metrics.batch_size = self.n_active

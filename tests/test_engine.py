@@ -1,5 +1,6 @@
 """Continuous batching engine: concurrent requests equal solo generation; prefix cache; cancellation."""
 
+import asyncio
 import threading
 import time
 
@@ -35,6 +36,36 @@ def test_concurrent_requests_equal_solo(llm):
             assert got == _solo(llm, p, n).tokens
     finally:
         eng.shutdown()
+
+
+def test_a_steps_events_reach_an_event_loop_in_one_wake_up(llm):
+    """Requests iterated on an event loop (the server's) get all of a step's events through one
+    call_soon_threadsafe (a self-pipe write each), not one per token, and in order: the tokens generated alone."""
+    eng = Engine(llm.model, llm.tokenizer, n_ctx=256, max_batch=3)
+    loop = asyncio.new_event_loop()
+    calls = []
+    wake = loop.call_soon_threadsafe
+
+    def counted(cb, *args, **kw):
+        calls.append(cb)
+        return wake(cb, *args, **kw)
+
+    loop.call_soon_threadsafe = counted
+    prompts = [llm.tokenize(t) for t in ["Hello", "The quick brown fox", "Once upon a time there"]]
+    n = 10
+
+    async def tokens() -> list[list[int]]:
+        reqs = [eng.submit(p, n, SamplingParams.greedy(), stop_ids=set(), loop=loop) for p in prompts]
+        eng.start()  # all three queued: admitted together
+        return [[ev.token async for ev in r.events()] for r in reqs]
+
+    try:
+        got = loop.run_until_complete(tokens())
+    finally:
+        eng.shutdown()
+        loop.close()
+    assert got == [_solo(llm, p, n).tokens for p in prompts]
+    assert len(calls) <= n + len(prompts)  # 3 x (10 tokens + the end) = 33 wake-ups when each event had its own
 
 
 def test_sampled_requests_equal_solo_with_seed(llm):

@@ -326,8 +326,10 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 def _biased(logits: Tensor, rows: list[SamplingParams], history: Sequence[Sequence[int]] | None) -> Tensor:
-    """The chain's first stages: penalties (with a history) and logit bias (a new tensor)."""
-    logits = apply_penalties(logits, history, rows) if history is not None else logits.clone()
+    """The chain's first stages: penalties (with a history) and logit bias, each a new tensor; the logits themselves
+    when no row has either (the chain after them only reads them: no copy of [B, V] for a greedy batch's argmax)."""
+    if history is not None and any(p.uses_history for p in rows):
+        logits = apply_penalties(logits, history, rows)
     if any(p.logit_bias for p in rows):
         logits = apply_logit_bias(logits, rows)
     return logits

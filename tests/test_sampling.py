@@ -349,3 +349,17 @@ def test_sampling_on_the_gpu_waits_for_nothing():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert got.cpu().tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("params", [SamplingParams.greedy(), SamplingParams(), SamplingParams(top_k=0, top_p=0.9),
+                                    SamplingParams(logit_bias={1: 5.0}, typical_p=0.5, top_k=0)])
+def test_the_chain_leaves_the_callers_logits_as_they_were(params):
+    """The chain reads the logits it is given (a greedy batch's are not even copied) and writes only tensors of its
+    own: the caller's logits (a captured graph's output buffer) stay as they were."""
+    g = torch.Generator().manual_seed(5)
+    lg = torch.randn(3, 64, generator=g)
+    before = lg.clone()
+    hist = [[1, 2, 3, 3], [5], [7, 7, 1]]
+    sample(lg, params, [make_generator(i) for i in range(3)], history=hist)
+    distribution(lg, params, hist)
+    assert torch.equal(lg, before)

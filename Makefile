@@ -13,7 +13,7 @@ CLANG_FORMAT := $(PYTHON) -c "import sys, clang_format; sys.argv[0] = 'clang-for
 GPU_TRITON := 3.6.0
 GPU_TRITON_DIR ?= $(HOME)/.cache/levante-triton/$(GPU_TRITON)
 
-.PHONY: install demo test-deps llama-cpp gpu-triton test lint
+.PHONY: install demo test-deps llama-cpp gpu-triton gpu-files test lint
 
 install:
 	$(PIP) install -q $(TORCH)
@@ -31,6 +31,15 @@ test-deps: install
 	# AutoAWQ's own packing code is the AWQ oracle; --no-deps: its dependencies need CUDA kernels.
 	$(PIP) install -q --no-deps autoawq==0.2.9
 	$(MAKE) llama-cpp gpu-triton
+
+# What a benchmark run on the lent GPU machine carries (`.gpu`, ignored): the wheels its image lacks for
+# benchmarks/cuda_bench.py's server section (Python 3.12, manylinux) and the Mixtral tokenizer.
+gpu-files:
+	$(PIP) download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .gpu/wheels "fastapi>=0.110,<1" "uvicorn>=0.29,<1" "pydantic>=2.5,<3"
+	$(PYTHON) -c "import mistral_common, os, shutil; shutil.copy(os.path.join(os.path.dirname(mistral_common.__file__), \
+	  'data', 'tokenizer.model.v1'), '.gpu/tokenizer.model')"
 
 gpu-triton:
 	@test -f $(GPU_TRITON_DIR)/triton/__init__.py || \

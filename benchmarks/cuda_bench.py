@@ -2,7 +2,12 @@
 
     python benchmarks/cuda_bench.py --tokenizer tokenizer.model [--out benchmarks/results]
     (on the lent GPU machine: --out "$OUT", the only folder whose files come back; the results are saved after
-    every section, so a run cut off by its time limit still returns what it measured)
+    every section, so a run cut off by its time limit still returns what it measured. Its image lacks fastapi,
+    uvicorn and pydantic, which the server section needs: `make gpu-files` puts their wheels (Python 3.12) and the
+    Mixtral tokenizer into .gpu/; carry `.gpu` and run
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site && \
+        python3 benchmarks/cuda_bench.py --tokenizer .gpu/tokenizer.model --out "$OUT")
     TRITON_INTERPRET=1 python benchmarks/cuda_bench.py --smoke --tokenizer ...   # the script itself, on CPU
 
 Model: a random Mixtral with Mixtral-8x7B's shapes (hidden 4096, ffn 14336, 32 / 8 heads, 8 experts top-2, vocab
@@ -21,7 +26,8 @@ is reported) and a warm one; decode tok/s = (new tokens - 1) / (time after the f
 active bytes a batch-1 step reads (attention, router, 2 of 8 experts per layer, the head) over the
 device-to-device copy rate measured here.
 Batch 32 x 64 new tokens (the LLM's first call with 32 prompts, which captures its bucket's graph, and the
-next); prefill 512 vs transformers; the serving engine with 32 concurrent clients vs 1, with each new request
+next); prefill 512 vs transformers; the OpenAI server (HTTP, streamed) with 32 concurrent clients vs 1; the
+serving engine with 32 concurrent clients vs 1, with each new request
 prefilled alone vs those admitted together in one packed call, and with the clients sampling (the server's
 defaults, llama.cpp's) vs greedy; `sample()` of 32 rows per kind of request, and under sync-debug mode; a
 prefill of 32 prompts of 16..512 tokens, packed (only the real tokens through the projections and the MoE) vs
@@ -34,7 +40,10 @@ Writes OUT/cuda_bench.md (on CUDA; --smoke prints only).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -216,6 +225,41 @@ def engine_rate(llm: LLM, prompts: list[list[int]], n: int, batched_prefill: boo
         return sum(counts) / (time.perf_counter() - t)
     finally:
         eng.shutdown()
+
+
+def server_rates(llm: LLM, clients: int, n: int) -> tuple[float, float]:
+    """Total streamed tokens per second of levante's OpenAI server over this LLM (uvicorn in this process, its
+    engine warmed up at start-up) with `clients` concurrent streaming /v1/completions clients and with one, each
+    client getting n greedy tokens (EOS biased out): the issue's server target, HTTP and SSE included. The clients
+    run in a process of their own (benchmarks/serve_load.py --url) so that they do not hold this one's GIL."""
+    import uvicorn
+
+    from levante.server import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(llm, model_alias="bench", max_batch=clients)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start (see its log above)")
+        time.sleep(0.05)
+    try:
+        rates = []
+        for c in (clients, 1):
+            cmd = [sys.executable, str(Path(__file__).with_name("serve_load.py")), "--url", f"http://127.0.0.1:{port}",
+                   "--clients", str(c), "--max-tokens", str(n), "--suppress", *map(str, sorted(llm.tokenizer.eos_ids))]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if done.returncode:
+                raise RuntimeError(f"the clients failed: {done.stderr[-400:]}")
+            rates.append(json.loads(done.stdout.splitlines()[-1])["tok_s"])
+        return rates[0], rates[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
 
 
 def sampling_costs(dev: torch.device, rows: int, vocab: int, reps: int, lines: list[str]) -> None:
@@ -631,6 +675,7 @@ def main() -> None:
              for i in range(wide)]
     wide_rates = attempt("batch", batch_rates) if llm is not None else None
     engine = attempt("engine", engine_rates) if llm is not None else None
+    served = attempt("server", lambda: server_rates(llm, wide, n_batch_new)) if llm is not None else None
     attempt("sampling", lambda: sampling_costs(dev, wide, spec["vocab_size"], 20 if dev.type == "cuda" else 1,
                                                lines))
     packing = attempt("packed prefill", lambda: packed_prefill_ms(llm, mixed, 5 if dev.type == "cuda" else 1)
@@ -666,6 +711,8 @@ def main() -> None:
                      get(bf, "first"), goal or "bytes ratio"))
     lines += [row(f"prefill {n_prompt} vs transformers", get(bf, "prefill"), peer and peer[0], ">= 1x"),
               row(f"engine, {wide} concurrent clients vs 1", engine and engine[1], engine and engine[0], ">= 10x"),
+              row(f"server (HTTP, streamed), {wide} concurrent clients vs 1", served and served[0],
+                  served and served[1], ">= 10x"),
               row(f"engine, {wide} clients of 128 tokens: new requests prefilled together vs one by one",
                   engine and engine[1], engine and engine[2], "> 1x"),
               *(row(f"engine, {wide} clients sampling with the {w} vs greedy", engine and engine[3 + i],

@@ -153,7 +153,15 @@ def main() -> int:
     ap.add_argument("--prefix-tokens", type=int, default=1000)
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "serve_load.md"))
+    ap.add_argument("--url", default=None, help="only the clients, against this running server (model alias "
+                    "'bench'): after one warm-up request, prints the load's result as one line of JSON")
+    ap.add_argument("--suppress", type=int, nargs="*", default=[], help="with --url: token ids biased out (EOS)")
     args = ap.parse_args()
+    if args.url:
+        bias = {str(t): -100 for t in args.suppress}
+        asyncio.run(load(args.url, 1, 2, bias))
+        print(json.dumps(asyncio.run(load(args.url, args.clients, args.max_tokens, bias))))
+        return 0
 
     sys.path.insert(0, str(ROOT.parent))
     from levante.loader import default_model_path, read_checkpoint

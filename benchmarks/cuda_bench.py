@@ -243,16 +243,18 @@ def server_rates(llm: LLM, clients: int, n: int) -> tuple[float, float]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    deadline = time.perf_counter() + 300  # the engine's warm-up finds its kernels compiled: seconds
     while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the server did not start (see its log above)")
+        if not thread.is_alive() or time.perf_counter() > deadline:
+            server.should_exit = True
+            raise RuntimeError("the server did not start within 300 s (see its log above)")
         time.sleep(0.05)
     try:
         rates = []
         for c in (clients, 1):
             cmd = [sys.executable, str(Path(__file__).with_name("serve_load.py")), "--url", f"http://127.0.0.1:{port}",
                    "--clients", str(c), "--max-tokens", str(n), "--suppress", *map(str, sorted(llm.tokenizer.eos_ids))]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)  # a hang costs device time
             if done.returncode:
                 raise RuntimeError(f"the clients failed: {done.stderr[-400:]}")
             rates.append(json.loads(done.stdout.splitlines()[-1])["tok_s"])

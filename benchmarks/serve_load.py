@@ -165,9 +165,10 @@ def main() -> int:
 
     sys.path.insert(0, str(ROOT.parent))
     from levante.loader import default_model_path, read_checkpoint
+    from levante.tokenizer import load_tokenizer
 
     model = Path(args.model) if args.model else default_model_path()
-    tok = read_checkpoint(model).tokenizer
+    tok = read_checkpoint(model).tokenizer or load_tokenizer(model)  # a GGUF's own, or a directory's file
     bias = {str(t): -100 for t in sorted(tok.eos_ids)}
     prefix_text = make_prefix(tok, args.prefix_tokens)
     RESULTS.mkdir(parents=True, exist_ok=True)

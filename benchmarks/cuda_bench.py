@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -233,12 +232,11 @@ def server_rates(llm: LLM, clients: int, n: int) -> tuple[float, float]:
     client getting n greedy tokens (EOS biased out): the issue's server target, HTTP and SSE included. The clients
     run in a process of their own (benchmarks/serve_load.py --url) so that they do not hold this one's GIL."""
     import uvicorn
+    from serve_load import free_port  # this script's folder is on sys.path
 
     from levante.server import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app = create_app(llm, model_alias="bench", max_batch=clients)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -705,5 +705,5 @@ class Engine:
         with self.metrics.lock:
             for ttft in first:
                 self.metrics.observe_ttft(ttft)
-            self.metrics.completion_tokens += len(out) - sum(item is _DONE for _, item in out)
+            self.metrics.completion_tokens += sum(item is not _DONE for _, item in out)
             self.metrics.batch_size = self.n_active

@@ -370,10 +370,12 @@ def top_k_candidates(logits: Tensor, k: Sequence[int]) -> tuple[Tensor, Tensor]:
     past = torch.arange(kmax, device=dev) >= kt
     if dev.type == "cpu" and kmax < V:
         vals, ids = torch.topk(logits, kmax + 1, dim=-1)
-        if not (vals.gather(1, kt - 1) == vals.gather(1, kt)).any():
+        kth = vals.gather(1, kt - 1)
+        if not (kth == vals.gather(1, kt)).any():
             ids = ids[:, :kmax].masked_fill(past, V).sort(-1).values.masked_fill(past, 0)  # ascending, own k first
             return logits.gather(1, ids).masked_fill(past, NEG_INF), ids
-    kth = torch.topk(logits, kmax, dim=-1).values.gather(1, kt - 1)
+    else:
+        kth = torch.topk(logits, kmax, dim=-1).values.gather(1, kt - 1)
     above = logits > kth
     tie = logits == kth
     keep = above | (tie & (tie.cumsum(-1) <= kt - above.sum(-1, keepdim=True)))

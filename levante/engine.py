@@ -452,8 +452,9 @@ class Engine:
         try:
             rests = [s.req.prompt[len(s.tokens) :] for s in slots]
             tokens, positions = _prefill_positions(rests, max(map(len, rests)), [len(s.tokens) for s in slots])
-            logits = self.model(to_device(tokens, self.device), to_device(positions, self.device), self.cache,
-                                last_only=True, rows=slice(rows[0], rows[-1] + 1))
+            # positions stay on the host: a GPU decoder finds the real tokens of the padded rows there (no sync)
+            logits = self.model(to_device(tokens, self.device), positions, self.cache, last_only=True,
+                                rows=slice(rows[0], rows[-1] + 1))
             for r, s in zip(rows, slots, strict=True):
                 s.tokens = list(s.req.prompt)
                 self.cache.hold(r, len(s.tokens))

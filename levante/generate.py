@@ -253,7 +253,7 @@ def generate_stream(
         device = model.model.device if hasattr(model, "model") else torch.device("cpu")
         cache = model.new_cache(len(rows), total_steps, kv_dtype)
         tokens, positions = _prefill_positions(prompts, length)
-        tokens, positions = to_device(tokens, device), to_device(positions, device)
+        tokens = to_device(tokens, device)  # positions stay on the host (see the engine's `_prefill_group`)
         logits = None
         for s in range(0, length, prefill_chunk):
             e = min(s + prefill_chunk, length)

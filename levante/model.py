@@ -23,6 +23,7 @@ from .kv import RowCache
 from .quant.base import DenseWeight, QuantWeight, as_weight
 from .quant.kernels import GEMV_MAX_ROWS, decode_ext, ffn_raw, fused_matmul, ggml_raw
 from .rope import apply_rotary, inv_freq
+from .transfer import to_device
 
 _SMALL = GEMV_MAX_ROWS  # token rows up to which the fused C++ decode ops are used (above: tile dequant + MKL)
 _EMPTY = torch.empty(0)
@@ -477,6 +478,8 @@ class Transformer(nn.Module):
             else:
                 start = torch.zeros(B, 1, dtype=torch.long, device=tokens.device)
             positions = start + torch.arange(T, device=tokens.device)
+        elif positions.device != tokens.device:  # given on the host (the engine's and generate's prompts)
+            positions = to_device(positions, tokens.device)
         plan = _Plan(cache, positions, self.cfg.sliding_window, rows, self.dtype)
         x = self.embed.rows(tokens, self.dtype)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)

@@ -212,7 +212,8 @@ def test_prompts_of_several_lengths_prefill_packed(tmp_path, monkeypatch):
     """A left-padded prefill of prompts of 7, 2 and 4 tokens runs the feed-forward (the MoE's routing and experts)
     and the projections over the 13 real tokens as one [1, 13] batch, not 3 x 7; each real token's logits are
     those of its prompt alone, the padding's zeros, and the last-token logits are each row's last token's; with
-    `pack_prompts` off (the benchmark's comparison) the padded step gives the same real logits."""
+    `pack_prompts` off (the benchmark's comparison) the padded step gives the same real logits. The real tokens
+    are found in the positions as given on the host (on a GPU, reading them back from the device is a sync)."""
     from levante.cuda import decoder
 
     lm = load(save_hf(hf_model("mixtral_8x2", vocab_size=32000, num_hidden_layers=1), tmp_path / "m"))
@@ -221,11 +222,15 @@ def test_prompts_of_several_lengths_prefill_packed(tmp_path, monkeypatch):
     seen: list[tuple] = []
     ffn = decoder.feed_forward
     monkeypatch.setattr(decoder, "feed_forward", lambda f, h, *a: (seen.append(tuple(h.shape[:-1])), ffn(f, h, *a))[1])
+    found_in: list = []
+    real = decoder.real_tokens
+    monkeypatch.setattr(decoder, "real_tokens", lambda p, host=None: found_in.append(host) or real(p, host))
     tokens, positions = _prefill_positions(PROMPTS, 7)
     with torch.inference_mode():
         logits = dec(tokens, positions, dec.new_cache(3, 16))
         last = dec(tokens, positions, dec.new_cache(3, 16), last_only=True)
         assert seen == [(1, 13)] * 2
+        assert len(found_in) == 2 and all(h is positions for h in found_in)
         dec.pack_prompts = False  # the benchmark's comparison: the padding computed too
         padded = dec(tokens, positions, dec.new_cache(3, 16))
         assert seen[-1] == (3, 7)
@@ -375,10 +380,15 @@ def test_gpu_graphs_equal_eager_without_host_sync(tmp_path):
     tok = torch.tensor([[5], [6]], device="cuda")
     pos = torch.tensor([[3], [7]], device="cuda")
     dec(tok, pos, cache)  # captures bucket 2
+    # a packed prefill of two left-padded rows, positions given on the host as the engine gives them
+    ids, host = _prefill_positions([[5, 6, 7, 8], [9, 10]], 4)
+    ids, fresh = ids.cuda(), dec.new_cache(2, 64)
+    dec(ids, host, fresh, last_only=True)  # its kernels compiled
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         dec(tok, pos, cache)
+        dec(ids, host, fresh, last_only=True)  # the same tokens at the same positions again
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -430,13 +440,15 @@ def test_serving_engine_on_the_decoder(tmp_path, monkeypatch, pipelined):
     assert got_sampled == want_sampled
 
 
-def test_serving_engine_prefills_new_rows_together(tmp_path):
+def test_serving_engine_prefills_new_rows_together(tmp_path, monkeypatch):
     """Requests waiting together are prefilled in one packed call: three rows of three lengths, then a pair of which
-    one continues the prefix it reuses from a finished row (its positions start there); every request gets solo
+    one continues the prefix it reuses from a finished row (its positions start there), their positions handed to
+    the decoder as laid out on the host (it finds the real tokens there); every request gets solo
     generation's tokens. A group prefill failing in the model call or after it fails its own requests only (none
     is left waiting), and the engine keeps serving; a lost parallel rank (WorkerError) ends both and the engine."""
     import threading
 
+    from levante import engine
     from levante.engine import Engine
     from levante.errors import EngineError, WorkerError
 
@@ -456,11 +468,16 @@ def test_serving_engine_prefills_new_rows_together(tmp_path):
 
     def spy(_module, args):
         calls.append(tuple(args[0].shape))
+        if args[0].shape[0] > 1 and args[0].shape[1] > 1:  # a group prefill: positions as laid out on the host
+            assert args[1].device.type == "cpu" and not any(args[1] is u for u in uploaded)
         if fail and args[0].shape[0] > 1 and args[0].shape[1] > 1:
             raise fail[0]
 
     dec.register_forward_pre_hook(spy)
     eng = Engine(dec, tok, n_ctx=128, max_batch=4)
+    uploaded: list[torch.Tensor] = []  # what the engine copies to the device: never a prefill's positions
+    upload = engine.to_device
+    monkeypatch.setattr(engine, "to_device", lambda t, d: uploaded.append(upload(t, d)) or uploaded[-1])
     try:
         reqs = [eng.submit(p, 5, GREEDY, stop_ids=set()) for p in first]
         eng.start()
@@ -608,7 +625,8 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        masks = [i for i in (args[1] if name.startswith("index") and len(args) > 1 else [])
+        indices = args[1] if name.startswith("index") and len(args) > 1 else []  # index_select's: the dim
+        masks = [i for i in (indices if isinstance(indices, (list, tuple)) else [])
                  if isinstance(i, torch.Tensor) and i.dtype == torch.bool]
         if name in self.SYNCING or masks or (name == "repeat_interleave" and kwargs.get("output_size") is None):
             self.seen.append(str(func))

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..errors import ContextLengthError, DeviceMemoryError
 from ..kv import RowCache
 from ..quant.base import DenseWeight, QuantWeight
-from ..transfer import host_tensor
+from ..transfer import to_device
 from .moe import FusedMoE
 from .packed import PackedWeight
 from .precompile import precompile_decoder
@@ -242,11 +242,16 @@ class CudaDecoder(nn.Module):
     def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: StaticCache | None = None,
                 last_only: bool = False, rows: slice | None = None) -> Tensor:
         """Logits [B, T or 1, vocab] (float32) of tokens [B, T] at positions [B, T] (-1: padding) in cache rows
-        `rows` (default 0..B-1); positions=None: each row's next ones, after its `lengths`."""
+        `rows` (default 0..B-1); positions=None: each row's next ones, after its `lengths`. Positions may be on the
+        host (as a batch's prompts are laid out): they go to the device without waiting for it, and left-padded
+        rows find their real tokens there rather than by reading the positions back (`real_tokens`)."""
         if cache is None or not isinstance(cache, StaticCache):
             return self.lm(tokens, positions, cache, last_only, rows)
         if tokens.ndim == 1:
             tokens = tokens[None]
+        host = None
+        if positions is not None and positions.device.type == "cpu":
+            host, positions = positions, to_device(positions, tokens.device)
         B, T = tokens.shape
         row0 = 0 if rows is None else rows.indices(cache.rows)[0]
         if row0 + B > cache.rows:
@@ -256,21 +261,25 @@ class CudaDecoder(nn.Module):
             if max(held) + T > cache.max_tokens:
                 raise ContextLengthError(f"context overflow: {max(held)} cached + {T} new tokens > n_ctx "
                                          f"{cache.max_tokens}")
-            positions = host_tensor(held, tokens.device, torch.long)[:, None] + torch.arange(T, device=tokens.device)
+            host = torch.tensor(held, dtype=torch.long)[:, None] + torch.arange(T)
+            positions = to_device(host, tokens.device)
             for r in range(row0, row0 + B):
                 cache.lengths[r] += T
         if T == 1 and row0 == 0:
             return self._decode(tokens, positions, cache)
         n = cache.write_limit
         if T > n:  # a ring buffer: chunks it can hold without overwriting keys their first queries see
-            parts = [self._prefill(tokens[:, i : i + n], positions[:, i : i + n], cache, last_only, row0)
+            parts = [self._prefill(tokens[:, i : i + n], positions[:, i : i + n], cache, last_only, row0,
+                                   None if host is None else host[:, i : i + n])
                      for i in range(0, T, n)]
             return parts[-1] if last_only else torch.cat(parts, dim=1)
-        return self._prefill(tokens, positions, cache, last_only, row0)
+        return self._prefill(tokens, positions, cache, last_only, row0, host)
 
-    def _prefill(self, tokens: Tensor, positions: Tensor, cache: StaticCache, last_only: bool, row0: int) -> Tensor:
-        """Several tokens per row: left-padded rows run packed (`real_tokens`)."""
-        keep = real_tokens(positions) if self.pack_prompts else None
+    def _prefill(self, tokens: Tensor, positions: Tensor, cache: StaticCache, last_only: bool, row0: int,
+                 host: Tensor | None = None) -> Tensor:
+        """Several tokens per row: left-padded rows run packed (`real_tokens`, from `host`, the positions' host
+        copy, where the caller gave one)."""
+        keep = real_tokens(positions, host) if self.pack_prompts else None
         return self._step(tokens, positions, cache, last_only, row0, keep)
 
     def _decode(self, tokens: Tensor, positions: Tensor, cache: StaticCache) -> Tensor:
@@ -375,14 +384,19 @@ class CudaDecoder(nn.Module):
         return out if last_only else spread(out, keep, B, T)
 
 
-def real_tokens(positions: Tensor) -> Tensor | None:
-    """The flat indices of the real tokens (position >= 0) of several left-padded rows [B, T] when some are
-    padding (one read back from the device, before the step), else None: one row (a prompt, a speculative
-    verification: never padded, and no read back), no padding, or the meta device (a dry run: values unknown)."""
+def real_tokens(positions: Tensor, host: Tensor | None = None) -> Tensor | None:
+    """The flat indices, on positions' device, of the real tokens (position >= 0) of several left-padded rows
+    [B, T] when some are padding, else None: one row (a prompt, a speculative verification: never padded), no
+    padding, or the meta device (a dry run: values unknown). They are found in `host`, the positions' host copy,
+    where given (the engine's and generate's prompts); else in the positions themselves, which on a GPU reads
+    them back (a sync: the host waits for every step queued before)."""
     if positions.shape[0] == 1 or positions.device.type == "meta":
         return None
-    keep = (positions.reshape(-1) >= 0).nonzero().squeeze(1)
-    return None if keep.numel() == positions.numel() else keep
+    found = host if host is not None else positions
+    keep = (found.reshape(-1) >= 0).nonzero().squeeze(1)
+    if keep.numel() == positions.numel():
+        return None
+    return to_device(keep, positions.device) if keep.device != positions.device else keep
 
 
 def gather(t: Tensor, keep: Tensor | None) -> Tensor:

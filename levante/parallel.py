@@ -49,6 +49,7 @@ from .errors import LevanteError, WorkerError
 from .loader import LoadedModel, eager_attention, load, resolve_device, resolve_dtype
 from .model import KVCache
 from .shard import Shard
+from .transfer import to_device
 
 log = logging.getLogger("levante.parallel")
 
@@ -249,12 +250,13 @@ class ParallelLM:
                        flags, 0 if decoder is None else decoder.id + 1)
             tokens = tokens.to(dev, torch.long).contiguous()
             self.group.broadcast(tokens)
+            host = positions if positions is not None and positions.device.type == "cpu" else None
             if positions is not None:
-                positions = positions.to(dev, torch.long).contiguous()
+                positions = to_device(positions.long(), dev).contiguous()
                 self.group.broadcast(positions)
             local = cache.local if cache is not None else None
-            if decoder is not None:
-                return decoder.local(tokens, positions, local, last_only, rows)
+            if decoder is not None:  # given the host's positions, it finds a padded prefill's real tokens there
+                return decoder.local(tokens, positions if host is None else host.long(), local, last_only, rows)
             with eager_attention(dev):
                 return self.local.model(tokens, positions, local, rows)
 

@@ -386,6 +386,27 @@ def top_k_candidates(logits: Tensor, k: Sequence[int]) -> tuple[Tensor, Tensor]:
     return logits.gather(1, ids).masked_fill(past, NEG_INF), ids
 
 
+ARGMAX_BLOCK = 128
+
+
+def argmax_rows(logits: Tensor) -> Tensor:
+    """logits.argmax(-1) of [B, V], the same ids (the first of equal maxima, the first NaN before any number). On
+    the host by blocks: each block's maximum (a vectorised reduction), the first block holding the row's, then
+    the first place in it that holds it; torch's own CPU argmax is a scalar loop, ~7x slower over 32 x 32000 (2
+    cores: 0.85 -> 0.12 ms). Elsewhere torch's."""
+    B, V = logits.shape
+    n = V // ARGMAX_BLOCK * ARGMAX_BLOCK
+    if logits.device.type != "cpu" or n == 0:
+        return logits.argmax(-1)
+    maxima = logits[:, :n].reshape(B, -1, ARGMAX_BLOCK).amax(-1)  # a NaN's block: NaN
+    if n < V:
+        maxima = torch.cat([maxima, logits[:, n:].amax(-1, keepdim=True)], dim=1)
+    start = maxima.argmax(-1) * ARGMAX_BLOCK
+    # the short last block's columns past V repeat its last one: they come after it, so never first
+    cols = (start[:, None] + torch.arange(ARGMAX_BLOCK)).clamp_(max=V - 1)
+    return start + logits.gather(1, cols).argmax(-1)
+
+
 def sample(
     logits: Tensor,
     params: SamplingParams | Sequence[SamplingParams],
@@ -410,14 +431,14 @@ def sample(
 
     rnd = [i for i, p in enumerate(rows) if not p.is_greedy]
     if not rnd:
-        return logits.argmax(-1)
+        return argmax_rows(logits)
     idx = None if len(rnd) == B else host_tensor(rnd, logits.device, torch.long)
     sub = logits if idx is None else logits.index_select(0, idx)
     probs, ids = _probabilities(sub, [rows[i] for i in rnd])
     drawn = draw(probs, uniforms([gens[i] for i in rnd], probs.device))
     if ids is not None:  # a place among the candidates -> its token
         drawn = ids.gather(1, drawn[:, None])[:, 0]
-    return drawn if idx is None else logits.argmax(-1).index_copy(0, idx, drawn)  # the greedy rows: argmax
+    return drawn if idx is None else argmax_rows(logits).index_copy(0, idx, drawn)  # the greedy rows: argmax
 
 
 def uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> Tensor:
@@ -462,7 +483,7 @@ def distribution(
     greedy = [i for i, p in enumerate(rows) if p.is_greedy]
     if greedy:
         g = host_tensor(greedy, logits.device, torch.long)
-        probs[g, logits[g].argmax(-1)] = 1.0
+        probs[g, argmax_rows(logits[g])] = 1.0
     rnd = [i for i, p in enumerate(rows) if not p.is_greedy]
     if rnd:
         idx = host_tensor(rnd, logits.device, torch.long)
@@ -480,7 +501,7 @@ def greedy_choice(
     """The token a greedy row picks: the argmax after penalties and logit bias (what `distribution` puts its
     one-hot at, without building it)."""
     logits = _check(logits)
-    return _biased(logits, _rows(params, logits.shape[0]), history).argmax(-1).tolist()
+    return argmax_rows(_biased(logits, _rows(params, logits.shape[0]), history)).tolist()
 
 
 def token_logprobs(logits: Tensor, chosen, top_n: int = 0):

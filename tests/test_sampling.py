@@ -8,6 +8,7 @@ from levante.sampling import (
     apply_logit_bias,
     apply_penalties,
     apply_temperature,
+    argmax_rows,
     distribution,
     draw,
     make_generator,
@@ -128,6 +129,28 @@ def test_greedy_is_argmax_and_uses_penalties():
     lg2 = lg[:1].clone()
     lg2[0, top] = lg2[0].max() + 1.0
     assert sample(lg2, p, history=[[top, top]]).item() != top
+
+
+def test_argmax_rows_equals_torch_argmax():
+    """The host's block-wise argmax gives torch's ids: the first of equal maxima (-0.0 and 0.0 equal), the first
+    NaN before any number, rows all -inf, widths under, at and past whole blocks."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(600):
+        B = int(torch.randint(1, 5, (1,), generator=g))
+        V = int(torch.randint(1, 700, (1,), generator=g)) if trial % 50 else 32000
+        x = torch.randint(-3, 3, (B, V), generator=g).float()
+        r = torch.rand(B, V, generator=g)
+        if trial % 3 == 0:
+            x[r < 0.02] = float("nan")
+        x[(r > 0.05) & (r < 0.1)] = float("-inf")
+        x[(r > 0.1) & (r < 0.3)] = -0.0 if trial % 2 else 0.0
+        if trial % 5 == 0:
+            x[(r > 0.3) & (r < 0.32)] = float("inf")
+        if trial % 7 == 0:
+            x[0] = float("-inf")
+        assert torch.equal(argmax_rows(x), x.argmax(-1)), (trial, B, V)
+    x = torch.randn(3, 32000)
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
 
 
 def test_temperature():

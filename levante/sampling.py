@@ -392,8 +392,8 @@ ARGMAX_BLOCK = 128
 def argmax_rows(logits: Tensor) -> Tensor:
     """logits.argmax(-1) of [B, V], the same ids (the first of equal maxima, the first NaN before any number). On
     the host by blocks: each block's maximum (a vectorised reduction), the first block holding the row's, then
-    the first place in it that holds it; torch's own CPU argmax is a scalar loop, ~7x slower over 32 x 32000 (2
-    cores: 0.85 -> 0.12 ms). Elsewhere torch's."""
+    the first place in it that holds it; torch's own CPU argmax is a scalar loop, ~7x slower over 32 x 32000 (one
+    thread: 0.85 -> 0.12 ms). Elsewhere torch's."""
     B, V = logits.shape
     n = V // ARGMAX_BLOCK * ARGMAX_BLOCK
     if logits.device.type != "cpu" or n == 0:

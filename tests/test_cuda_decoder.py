@@ -635,10 +635,12 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("kind", ["dense", "gemv", "mixed_low_rank", "expert_parallel"])
 def test_a_decode_step_reads_nothing_back(tmp_path, monkeypatch, kind):
-    """CI's stand-in for the gpu test's sync check: a decode step (batch 1 and a bucketed 3) runs no op that reads
+    """CI's stand-in for the gpu test's sync check: a decode step (batch 1 and a bucketed 3), and a packed prefill
+    of left-padded rows past the search for its real tokens (done in the host's positions), run no op that reads
     device values on the host, whatever the layers hold: float experts (by the tiled kernel, or by the GEMV as
     packed ones are), factored and full ones, an expert-parallel rank's half (the detector itself is checked on
     ops that do read back)."""
+    from levante.cuda import decoder
     from levante.model import MoE
     from levante.quant.lowrank import LowRankWeight, svd_factors
 
@@ -662,6 +664,13 @@ def test_a_decode_step_reads_nothing_back(tmp_path, monkeypatch, kind):
             with _HostReads() as reads:
                 dec(torch.randint(3, 300, (rows, 1)), torch.full((rows, 1), 5), cache)
             assert reads.seen == []
+        tokens, positions = _prefill_positions(PROMPTS, 7)
+        keep = decoder.real_tokens(positions, positions)  # the host's part: the rest must not read back
+        monkeypatch.setattr(decoder, "real_tokens", lambda p, host=None: keep)
+        cache = dec.new_cache(3, 32)
+        with _HostReads() as reads:
+            dec(tokens, positions, cache, last_only=True)
+        assert reads.seen == []
         with _HostReads() as reads:
             torch.arange(4)[torch.arange(4) > 1].sum().item()
             torch.arange(2).tolist()

@@ -396,7 +396,7 @@ def real_tokens(positions: Tensor, host: Tensor | None = None) -> Tensor | None:
     keep = (found.reshape(-1) >= 0).nonzero().squeeze(1)
     if keep.numel() == positions.numel():
         return None
-    return to_device(keep, positions.device) if keep.device != positions.device else keep
+    return to_device(keep, positions.device)
 
 
 def gather(t: Tensor, keep: Tensor | None) -> Tensor:
